@@ -1,0 +1,154 @@
+"""The build-cache flow: the phases of a takeoff-cache build, in order."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from takeoff_cache import commit
+from takeoff_cache.errors import BadTilesError, TakeoffCacheError
+from takeoff_cache.layout import MANIFEST_NAME
+from takeoff_cache.report import BuildReport
+from takeoff_cache.workdir import resolve_work_dir
+from tasks import build as t
+
+
+class _Phases:
+    def __init__(self, report: BuildReport) -> None:
+        self.report = report
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.report.phases[name] = round(time.perf_counter() - start, 4)
+
+
+@flow(name="build-cache", validate_parameters=False, persist_result=False, log_prints=False)
+def build_cache(
+    corpus: str | None = None,
+    bbox: list[float] | str | None = None,
+    zoom_levels: list[int] | str | None = None,
+    sector_class: str | None = None,
+    backbones: str | None = None,
+    cache_root: str | None = None,
+    key: str | None = None,
+    trust: str | None = None,
+    precision: str = "fp32",
+    calibration: str | None = None,
+    takeoff_origin: list[float] | str | None = None,
+    flight_id: str | None = None,
+    work_dir: str | None = None,
+    backend: str = "auto",
+    coverage: str = "strict",
+    expires_in_s: float | None = None,
+) -> dict[str, Any]:
+    """Build (or confirm) the signed takeoff cache for one request; return the build report."""
+    started = time.perf_counter()
+    report = BuildReport()
+    phase = _Phases(report)
+    raw = {
+        "corpus": corpus,
+        "bbox": bbox,
+        "zoom_levels": zoom_levels,
+        "sector_class": sector_class,
+        "backbones": backbones,
+        "cache_root": cache_root,
+        "key": key,
+        "trust": trust,
+        "precision": precision,
+        "calibration": calibration,
+        "takeoff_origin": takeoff_origin,
+        "flight_id": flight_id,
+    }
+    held = None
+    staging: Path | None = None
+    committed = False
+    try:
+        with phase("validate"):
+            if coverage not in ("strict", "lenient"):
+                from takeoff_cache.errors import InvalidRequestError
+
+                raise InvalidRequestError(f"coverage: must be strict or lenient; got {coverage!r}")
+            validated = t.validate(raw, backend)
+            work = resolve_work_dir(work_dir)
+        root = validated.request.cache_root
+        with phase("lock"):
+            held = t.lock(validated)
+        with phase("select"):
+            selection = t.select(validated)
+        report.tiles = len(selection.tiles)
+        if not selection.tiles:
+            report.failure_reason = (
+                "no tiles of the corpus intersect the bbox at zoom levels "
+                f"{list(validated.request.zoom_levels)}: download tiles for this area first"
+            )
+            return _finish(report, started, cache_root)
+        with phase("identity"):
+            build_id = t.build_identity(validated, selection.fingerprint)
+        report.manifest_hash = build_id
+        with phase("noop"):
+            previous, is_noop = t.noop_check(validated, build_id)
+        if is_noop:
+            report.outcome = "idempotent_no_op"
+            report.descriptors_reused = len(selection.tiles)
+            report.engines_reused = len(validated.backbones)
+            report.manifest_path = str(root / MANIFEST_NAME)
+            return _finish(report, started, cache_root)
+        staging = commit.prepare_staging(root)
+        with phase("engines"):
+            records, described, staged = t.engines(validated, work, staging)
+        report.engines_built = sum(r.built for r in records)
+        report.engines_reused = len(records) - report.engines_built
+        with phase("descriptors"):
+            embedded, index_described, index_staged = t.descriptors_phase(
+                validated, selection, records, work, staging
+            )
+        report.descriptors_generated = embedded.generated
+        report.descriptors_reused = embedded.reused
+        described += index_described
+        staged += index_staged
+        new_paths = {a.path for a in described}
+        with phase("manifest"):
+            manifest_bytes = t.manifest(validated, build_id, selection, described, expires_in_s)
+        with phase("coverage"):
+            offending = t.coverage_check(validated, new_paths, previous, coverage == "strict")
+        report.warnings += [f"coverage: {p} is not listed in the manifest" for p in offending]
+        with phase("commit"):
+            committed = True  # from here on, a failure is settled by commit.recover
+            t.commit_cache(validated, manifest_bytes, staged, previous, new_paths)
+        report.outcome = "success"
+        report.manifest_path = str(root / MANIFEST_NAME)
+        return _finish(report, started, cache_root)
+    except BadTilesError as exc:
+        report.failure_reason = str(exc)
+        return _finish(report, started, cache_root)
+    except TakeoffCacheError as exc:
+        report.failure_reason = str(exc)
+        _finish(report, started, cache_root)
+        raise
+    finally:
+        if held is not None:
+            if staging is not None:
+                if committed:
+                    commit.recover(validated.request.cache_root, validated.trusted)
+                else:
+                    commit.discard_staging(validated.request.cache_root)
+            held.release()
+
+
+def _finish(report: BuildReport, started: float, cache_root: str | None) -> dict[str, Any]:
+    report.elapsed_s = round(time.perf_counter() - started, 4)
+    # A lost UI artifact must not change the build's outcome.
+    with contextlib.suppress(Exception):
+        t.publish_report(report, os.path.abspath(cache_root or "."))
+    return report.to_json()

@@ -1,0 +1,181 @@
+"""Tile corpora (MBTiles files and XYZ folders) and the select phase.
+
+The selection is every tile that intersects the bbox at the requested zoom
+levels, sorted by ``(z, x, y)``, each with the SHA-256 of its bytes; the
+corpus fingerprint is the SHA-256 over that sorted list, so it changes when
+any selected tile's bytes change and for nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import sqlite3
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import CorpusError
+from .tilemath import tile_range, tms_row
+
+_XYZ_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+@dataclass(frozen=True, order=True)
+class Tile:
+    z: int
+    x: int
+    y: int
+    sha256: str
+
+    @property
+    def zxy(self) -> str:
+        return f"{self.z}/{self.x}/{self.y}"
+
+
+@dataclass(frozen=True)
+class TileSelection:
+    tiles: tuple[Tile, ...]
+    fingerprint: str
+
+
+class Corpus(ABC):
+    """Read access to the tiles of one corpus, addressed by XYZ (north-origin) rows."""
+
+    path: Path
+
+    @abstractmethod
+    def iter_range(
+        self, z: int, x0: int, x1: int, y0: int, y1: int
+    ) -> Iterator[tuple[int, int, bytes]]:
+        """Yield ``(x, y, bytes)`` for every stored tile in the inclusive ranges."""
+
+    @abstractmethod
+    def read(self, z: int, x: int, y: int) -> bytes:
+        """Return one tile's bytes; :class:`CorpusError` if it is gone."""
+
+    def close(self) -> None:  # noqa: B027 - only MBTiles holds a resource
+        pass
+
+    def __enter__(self) -> Corpus:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class MBTilesCorpus(Corpus):
+    """An MBTiles file; ``tiles`` may be a table or a view over ``map``/``images``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            # Read-only and immutable=0: another process may be adding tiles.
+            self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+            names = {
+                row[0]
+                for row in self._db.execute(
+                    "SELECT name FROM sqlite_master WHERE type IN ('table', 'view')"
+                )
+            }
+        except sqlite3.DatabaseError as exc:
+            raise CorpusError(f"corpus: {path} is not an MBTiles (SQLite) file: {exc}") from exc
+        if "tiles" not in names:
+            self._db.close()
+            raise CorpusError(f"corpus: {path} has no 'tiles' table or view; not an MBTiles file")
+
+    def iter_range(
+        self, z: int, x0: int, x1: int, y0: int, y1: int
+    ) -> Iterator[tuple[int, int, bytes]]:
+        # MBTiles rows are TMS (south-origin): flip the y range for the query.
+        rows = self._query(
+            "SELECT tile_column, tile_row, tile_data FROM tiles WHERE zoom_level = ?"
+            " AND tile_column BETWEEN ? AND ? AND tile_row BETWEEN ? AND ?",
+            (z, x0, x1, tms_row(z, y1), tms_row(z, y0)),
+        )
+        for column, row, data in rows:
+            yield int(column), tms_row(z, int(row)), bytes(data) if data is not None else b""
+
+    def read(self, z: int, x: int, y: int) -> bytes:
+        rows = list(
+            self._query(
+                "SELECT tile_data FROM tiles"
+                " WHERE zoom_level = ? AND tile_column = ? AND tile_row = ?",
+                (z, x, tms_row(z, y)),
+            )
+        )
+        if not rows:
+            raise CorpusError(f"corpus: tile {z}/{x}/{y} is no longer in {self.path}")
+        data = rows[0][0]
+        return bytes(data) if data is not None else b""
+
+    def _query(self, sql: str, args: tuple[int, ...]) -> Iterator[tuple[Any, ...]]:
+        try:
+            yield from self._db.execute(sql, args)
+        except sqlite3.DatabaseError as exc:
+            raise CorpusError(f"corpus: cannot read tiles from {self.path}: {exc}") from exc
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class XYZCorpus(Corpus):
+    """A folder laid out as ``z/x/y.<ext>`` (jpg, jpeg, png or webp)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        if not any(p.is_dir() and p.name.isdigit() for p in path.iterdir()):
+            raise CorpusError(f"corpus: {path} has no zoom folders (expected z/x/y.jpg)")
+
+    def iter_range(
+        self, z: int, x0: int, x1: int, y0: int, y1: int
+    ) -> Iterator[tuple[int, int, bytes]]:
+        zdir = self.path / str(z)
+        if not zdir.is_dir():
+            return
+        for xdir in zdir.iterdir():
+            if not (xdir.name.isdigit() and x0 <= int(xdir.name) <= x1):
+                continue
+            for file in xdir.iterdir():
+                m = re.fullmatch(r"(\d+)(\.\w+)", file.name)
+                if m and m.group(2).lower() in _XYZ_SUFFIXES and y0 <= int(m.group(1)) <= y1:
+                    yield int(xdir.name), int(m.group(1)), file.read_bytes()
+
+    def read(self, z: int, x: int, y: int) -> bytes:
+        for suffix in _XYZ_SUFFIXES:
+            file = self.path / str(z) / str(x) / f"{y}{suffix}"
+            if file.is_file():
+                return file.read_bytes()
+        raise CorpusError(f"corpus: tile {z}/{x}/{y} is no longer in {self.path}")
+
+
+def open_corpus(path: Path) -> Corpus:
+    if not path.exists():
+        raise CorpusError(f"corpus: {path} does not exist")
+    if path.is_dir():
+        return XYZCorpus(path)
+    return MBTilesCorpus(path)
+
+
+def fingerprint(tiles: tuple[Tile, ...]) -> str:
+    digest = hashlib.sha256()
+    for t in tiles:
+        digest.update(f"{t.z}/{t.x}/{t.y} {t.sha256}\n".encode())
+    return digest.hexdigest()
+
+
+def select_tiles(
+    corpus_path: Path, bbox: tuple[float, float, float, float], zoom_levels: tuple[int, ...]
+) -> TileSelection:
+    """Select, hash and sort the tiles covering ``bbox`` at ``zoom_levels``."""
+    tiles: list[Tile] = []
+    with open_corpus(corpus_path) as corpus:
+        for z in zoom_levels:
+            x0, x1, y0, y1 = tile_range(bbox, z)
+            for x, y, data in corpus.iter_range(z, x0, x1, y0, y1):
+                tiles.append(Tile(z, x, y, hashlib.sha256(data).hexdigest()))
+    tiles.sort()
+    selected = tuple(tiles)
+    return TileSelection(selected, fingerprint(selected))

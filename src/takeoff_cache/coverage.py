@@ -1,0 +1,33 @@
+"""The coverage phase: nothing may fly that the new manifest does not vouch for.
+
+Files only the previous manifest lists are accounted for (commit deletes
+them); any other file, or anything that is not a regular file, is a
+violation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import CoverageError
+from .layout import walk_cache
+
+_SHOWN = 20
+
+
+def check_coverage(cache_root: Path, new_paths: set[str], old_paths: set[str]) -> list[str]:
+    """Return the offending paths (empty when covered)."""
+    entries = walk_cache(cache_root)
+    unlisted = [p for p in entries.files if p not in new_paths and p not in old_paths]
+    return sorted(unlisted + [f"{p} (not a regular file)" for p in entries.others])
+
+
+def enforce(cache_root: Path, offending: list[str]) -> None:
+    if offending:
+        shown = ", ".join(offending[:_SHOWN])
+        more = f" and {len(offending) - _SHOWN} more" if len(offending) > _SHOWN else ""
+        raise CoverageError(
+            f"coverage: {len(offending)} file(s) in {cache_root} are not listed in the manifest:"
+            f" {shown}{more}; remove them or build with --coverage lenient",
+            offending,
+        )

@@ -1,0 +1,283 @@
+"""Demo backbones: ONNX graphs with analytic (untrained) weights.
+
+They stand in for trained networks so the whole pipeline runs without
+downloading weights: a GIST-like place-recognition descriptor (Gabor energy
+on a spatial grid plus coarse colour) and a Harris/gradient local-feature
+network. Both are built from closed-form kernels, so the same arguments give
+byte-identical ``.onnx`` files (no timestamps, fixed names), and the model
+hash in a cache manifest is reproducible.
+
+Inputs are ``(N, 3, size, size)`` float32 already normalised with the
+ImageNet mean/std, as the pipeline feeds every backbone; the graphs undo that
+normalisation inside their first 1x1 convolution.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+from numpy.typing import NDArray
+from onnx import TensorProto, helper, numpy_helper
+
+PRODUCER = "takeoff-cache-demo"
+OPSET = 17
+# IR 8 is what opset 17 shipped with; every ONNX Runtime since 1.13 loads it.
+IR_VERSION = 8
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+# ITU-R BT.601 luma weights.
+_LUMA = (0.299, 0.587, 0.114)
+
+# Place recognition: 3 pyramid levels x 6 orientations of Gabor energy on a
+# 4 x 4 grid, plus mean colour on the same grid.
+VPR_LEVELS = 3
+VPR_ORIENTATIONS = 6
+VPR_GRID = 4
+VPR_DIM = (VPR_LEVELS * VPR_ORIENTATIONS + 3) * VPR_GRID * VPR_GRID
+# Gabor carrier wavelength and envelope width in pixels of the level it filters.
+_GABOR_WAVELENGTH = 4.0
+_GABOR_SIGMA = 2.0
+# Floors that keep Sqrt and Log finite on flat (e.g. all-black) images.
+_ENERGY_EPS = 1e-6
+_LOG_EPS = 1e-3
+# Colour block weight relative to the texture block (tuned on the demo corpus).
+_COLOUR_WEIGHT = 1.0
+
+KEYPOINT_STRIDE = 4
+KEYPOINT_CHANNELS = 16
+_HARRIS_K = 0.04
+
+F32 = NDArray[np.float32]
+
+
+# --------------------------------------------------------------------------- kernels
+def _luma_conv() -> tuple[F32, F32]:
+    """1x1 conv turning a normalised RGB image back into luma in [0, 1]."""
+    w = np.array([[[[l * s]] for l, s in zip(_LUMA, STD, strict=True)]], dtype=np.float32)
+    b = np.array([sum(l * m for l, m in zip(_LUMA, MEAN, strict=True))], dtype=np.float32)
+    return w, b
+
+
+def _gabor_bank(orientations: int, wavelength: float, sigma: float) -> F32:
+    """Quadrature Gabor pairs, shape ``(2 * orientations, 1, k, k)``.
+
+    Channel ``2o`` is the even (cosine) filter of orientation ``o`` and
+    ``2o + 1`` the odd (sine) one; the sum of their squares is a phase-free
+    energy, which is what makes the descriptor tolerate small shifts.
+    """
+    half = math.ceil(2.5 * sigma)
+    r = np.arange(-half, half + 1, dtype=np.float64)
+    yy, xx = np.meshgrid(r, r, indexing="ij")
+    envelope = np.exp(-(xx**2 + yy**2) / (2.0 * sigma**2))
+    bank = np.empty((2 * orientations, 1, r.size, r.size), dtype=np.float64)
+    for o in range(orientations):
+        theta = math.pi * o / orientations
+        phase = 2.0 * math.pi * (xx * math.cos(theta) + yy * math.sin(theta)) / wavelength
+        even = envelope * np.cos(phase)
+        # The truncated cosine has a small DC term: remove it, so flat regions
+        # (and the luma offset) give exactly zero response.
+        even -= envelope * (even.sum() / envelope.sum())
+        odd = envelope * np.sin(phase)
+        bank[2 * o, 0] = even / envelope.sum()
+        bank[2 * o + 1, 0] = odd / envelope.sum()
+    return bank.astype(np.float32)
+
+
+def _pair_sum(orientations: int) -> F32:
+    """1x1 conv adding each even/odd pair of squared responses."""
+    w = np.zeros((orientations, 2 * orientations, 1, 1), dtype=np.float32)
+    for o in range(orientations):
+        w[o, 2 * o] = w[o, 2 * o + 1] = 1.0
+    return w
+
+
+def _gaussian(sigma: float) -> F32:
+    half = math.ceil(2.5 * sigma)
+    r = np.arange(-half, half + 1, dtype=np.float64)
+    g = np.exp(-(r**2) / (2.0 * sigma**2))
+    k = np.outer(g, g)
+    return (k / k.sum()).astype(np.float32)
+
+
+def _oriented_derivatives(orientations: int, sigma: float) -> F32:
+    """First derivatives of a Gaussian along ``orientations`` directions over 360 deg."""
+    half = math.ceil(2.5 * sigma)
+    r = np.arange(-half, half + 1, dtype=np.float64)
+    yy, xx = np.meshgrid(r, r, indexing="ij")
+    g = np.exp(-(xx**2 + yy**2) / (2.0 * sigma**2))
+    out = np.empty((orientations, 1, r.size, r.size), dtype=np.float64)
+    for o in range(orientations):
+        theta = 2.0 * math.pi * o / orientations
+        along = xx * math.cos(theta) + yy * math.sin(theta)
+        d = -along * g
+        out[o, 0] = d / np.abs(d).sum()
+    return out.astype(np.float32)
+
+
+# --------------------------------------------------------------------------- graph kit
+class _Graph:
+    """Collects nodes and initializers with deterministic, readable names."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self._n = 0
+
+    def const(self, name: str, value: NDArray[np.float32] | NDArray[np.int64]) -> str:
+        self.inits.append(numpy_helper.from_array(value, name=name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], output: str | None = None,
+           **attrs: object) -> str:
+        self._n += 1
+        out = output or f"{op_type.lower()}_{self._n}"
+        self.nodes.append(
+            helper.make_node(op_type, inputs, [out], name=f"{op_type}_{self._n}", **attrs)
+        )
+        return out
+
+    def conv(self, x: str, name: str, weight: F32, bias: F32 | None = None, *,
+             stride: int = 1, group: int = 1) -> str:
+        k = weight.shape[-1]
+        inputs = [x, self.const(f"{name}.weight", weight)]
+        if bias is not None:
+            inputs.append(self.const(f"{name}.bias", bias))
+        return self.op("Conv", inputs, kernel_shape=[k, k], strides=[stride, stride],
+                       pads=[k // 2] * 4, group=group)
+
+    def avg_pool(self, x: str, k: int) -> str:
+        return self.op("AveragePool", [x], kernel_shape=[k, k], strides=[k, k])
+
+
+def _image_input(size: int) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, size, size])
+
+
+def _save(path: Path, graph: _Graph, name: str, size: int,
+          outputs: list[onnx.ValueInfoProto], doc: str) -> None:
+    g = helper.make_graph(graph.nodes, name, [_image_input(size)], outputs, graph.inits,
+                          doc_string=doc)
+    model = helper.make_model(
+        g,
+        producer_name=PRODUCER,
+        producer_version="1",
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        ir_version=IR_VERSION,
+    )
+    onnx.checker.check_model(model, full_check=True)
+    data = model.SerializeToString(deterministic=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------- models
+def build_vpr_model(path: Path, size: int = 128) -> None:
+    """Write the place-recognition backbone: ``image`` (N,3,size,size) -> ``descriptor`` (N,D).
+
+    ``D = VPR_DIM`` (336). The descriptor is not L2-normalised; the pipeline does that.
+    ``size`` must be a multiple of 32 (three stride-2 levels, then a 4 x 4 grid).
+    """
+    step = 2**VPR_LEVELS * VPR_GRID
+    if size < step or size % step:
+        raise ValueError(f"size must be a positive multiple of {step}, got {size}")
+    g = _Graph()
+    luma_w, luma_b = _luma_conv()
+    luma = g.conv("image", "luma", luma_w, luma_b)
+    bank = _gabor_bank(VPR_ORIENTATIONS, _GABOR_WAVELENGTH, _GABOR_SIGMA)
+    pairs = _pair_sum(VPR_ORIENTATIONS)
+    eps = np.full(VPR_ORIENTATIONS, _ENERGY_EPS, dtype=np.float32)
+    log_eps = g.const("log_eps", np.array(_LOG_EPS, dtype=np.float32))
+    levels: list[str] = []
+    level_in, res = luma, size
+    for lv in range(VPR_LEVELS):
+        if lv:
+            # A pyramid instead of ever larger kernels: the same 11x11 bank on
+            # a half-size image is an octave coarser at a quarter of the cost.
+            level_in, res = g.avg_pool(level_in, 2), res // 2
+        # Stride 2 is safe because the energy (not the raw response) is pooled.
+        resp = g.conv(level_in, f"gabor{lv}", bank, stride=2)
+        energy = g.op("Sqrt", [g.conv(g.op("Mul", [resp, resp]), f"pairs{lv}", pairs, eps)])
+        pooled = g.avg_pool(energy, res // 2 // VPR_GRID)
+        # Log energy minus its mean over the level: invariant to image contrast
+        # and centred, so cosine similarity compares layouts, not brightness.
+        log_e = g.op("Log", [g.op("Add", [pooled, log_eps])])
+        mean = g.op("ReduceMean", [log_e], axes=[1, 2, 3], keepdims=1)
+        levels.append(g.op("Sub", [log_e, mean]))
+    texture = g.op("Flatten", [g.op("Concat", levels, axis=1)], axis=1)
+    # Mean colour per cell, left in normalised units: centred near zero already.
+    colour = g.op("Flatten", [g.avg_pool("image", size // VPR_GRID)], axis=1)
+    colour = g.op("Mul", [colour, g.const("colour_weight",
+                                          np.array(_COLOUR_WEIGHT, dtype=np.float32))])
+    g.op("Concat", [texture, colour], "descriptor", axis=1)
+    out = helper.make_tensor_value_info("descriptor", TensorProto.FLOAT, ["N", VPR_DIM])
+    _save(path, g, "takeoff_cache_demo_vpr", size, [out],
+          "GIST-like demo descriptor: Gabor energy on a 4x4 grid + mean colour.")
+
+
+def build_keypoints_model(path: Path, size: int = 128) -> None:
+    """Write the local-feature backbone: ``image`` -> ``scores`` (N,1,size/4,size/4) and
+    ``features`` (N,16,size/4,size/4).
+
+    ``scores`` is the Harris corner response max-pooled over 4x4 cells;
+    ``features`` is a SIFT-like histogram of rectified gradients in 8
+    directions at 2 scales per cell, L2-normalised over channels.
+    """
+    if size < 2 * KEYPOINT_STRIDE or size % KEYPOINT_STRIDE:
+        raise ValueError(f"size must be a multiple of {KEYPOINT_STRIDE}, got {size}")
+    g = _Graph()
+    luma_w, luma_b = _luma_conv()
+    luma = g.conv("image", "luma", luma_w, luma_b)
+
+    sobel_x = np.array([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]], dtype=np.float32) / 8.0
+    sobel = np.stack([sobel_x, sobel_x.T])[:, None]
+    grad = g.conv(luma, "sobel", sobel)
+    gx = g.op("Slice", [grad, g.const("ch0", np.array([0], np.int64)),
+                        g.const("ch1", np.array([1], np.int64)),
+                        g.const("axis1", np.array([1], np.int64))])
+    gy = g.op("Slice", [grad, "ch1", g.const("ch2", np.array([2], np.int64)), "axis1"])
+    products = g.op("Concat", [g.op("Mul", [gx, gx]), g.op("Mul", [gy, gy]),
+                               g.op("Mul", [gx, gy])], axis=1)
+    window = np.repeat(_gaussian(1.5)[None, None], 3, axis=0)
+    tensor = g.conv(products, "window", window, group=3)
+    sxx = g.op("Slice", [tensor, "ch0", "ch1", "axis1"])
+    syy = g.op("Slice", [tensor, "ch1", "ch2", "axis1"])
+    sxy = g.op("Slice", [tensor, "ch2", g.const("ch3", np.array([3], np.int64)), "axis1"])
+    det = g.op("Sub", [g.op("Mul", [sxx, syy]), g.op("Mul", [sxy, sxy])])
+    trace = g.op("Add", [sxx, syy])
+    k = g.const("harris_k", np.array(_HARRIS_K, dtype=np.float32))
+    harris = g.op("Sub", [det, g.op("Mul", [k, g.op("Mul", [trace, trace])])])
+    g.op("MaxPool", [harris], "scores", kernel_shape=[KEYPOINT_STRIDE] * 2,
+         strides=[KEYPOINT_STRIDE] * 2)
+
+    # Rectified oriented derivatives: ReLU keeps one sign, and the 8 directions
+    # cover 360 degrees, so each channel is one bin of a gradient histogram.
+    bins = KEYPOINT_CHANNELS // 2
+    fine = g.op("Relu", [g.conv(luma, "deriv_fine", _oriented_derivatives(bins, 1.0),
+                                stride=2)])
+    coarse_in = g.avg_pool(luma, 2)
+    coarse = g.op("Relu", [g.conv(coarse_in, "deriv_coarse", _oriented_derivatives(bins, 1.0))])
+    hist = g.avg_pool(g.op("Concat", [fine, coarse], axis=1), KEYPOINT_STRIDE // 2)
+    norm = g.op("Sqrt", [g.op("Add", [g.op("ReduceSumSquare", [hist], axes=[1], keepdims=1),
+                                      g.const("feat_eps", np.array(1e-6, np.float32))])])
+    g.op("Div", [hist, norm], "features")
+    cells = size // KEYPOINT_STRIDE
+    outputs = [
+        helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 1, cells, cells]),
+        helper.make_tensor_value_info("features", TensorProto.FLOAT,
+                                      ["N", KEYPOINT_CHANNELS, cells, cells]),
+    ]
+    _save(path, g, "takeoff_cache_demo_keypoints", size, outputs,
+          "Demo local features: Harris scores and rectified-gradient histograms per 4x4 cell.")

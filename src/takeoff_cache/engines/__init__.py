@@ -1,0 +1,82 @@
+"""Engine backends: compile an ONNX backbone for this host and run it.
+
+Two real implementations share :class:`Backend`: ONNX Runtime (any host) and
+TensorRT (NVIDIA hosts). :func:`get_backend` picks one.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..backbones import Backbone
+from ..errors import EngineError, InvalidRequestError
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+class Runner(ABC):
+    """A loaded engine: normalized float32 NCHW batch in, first requested output out."""
+
+    @abstractmethod
+    def run(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+class Backend(ABC):
+    name: str
+    suffix: str  # engine file extension
+
+    @property
+    @abstractmethod
+    def version(self) -> str: ...
+
+    @abstractmethod
+    def host_identity(self) -> dict[str, Any]:
+        """Everything about this host that makes an engine built here valid only here."""
+
+    @abstractmethod
+    def host_tag(self) -> str:
+        """A short readable host label for file names."""
+
+    @abstractmethod
+    def build_options(self, precision: str) -> dict[str, Any]:
+        """Options that change the compiled engine; part of the engine key."""
+
+    @abstractmethod
+    def compile(
+        self,
+        backbone: Backbone,
+        precision: str,
+        calibration: Path | None,
+        out_path: Path,
+        work_dir: Path,
+    ) -> None:
+        """Write the engine for ``backbone`` to ``out_path`` (the caller renames it into place)."""
+
+    @abstractmethod
+    def load(self, engine_path: Path, backbone: Backbone, output: str) -> Runner: ...
+
+
+def tensorrt_available() -> bool:
+    from .tensorrt import TensorRTBackend
+
+    usable: bool = TensorRTBackend.usable()
+    return usable
+
+
+def get_backend(name: str) -> Backend:
+    if name not in BACKENDS:
+        raise InvalidRequestError(f"backend: must be one of {', '.join(BACKENDS)}; got {name!r}")
+    if name == "tensorrt" or (name == "auto" and tensorrt_available()):
+        from .tensorrt import TensorRTBackend
+
+        if not TensorRTBackend.usable():
+            raise EngineError("backend: tensorrt needs a CUDA device and the tensorrt package")
+        return TensorRTBackend()
+    from .onnxruntime import OnnxRuntimeBackend
+
+    return OnnxRuntimeBackend()

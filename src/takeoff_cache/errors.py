@@ -1,0 +1,98 @@
+"""Every error the library raises, one class per cause, each tied to one exit code.
+
+Errors also inherit the built-in a caller would naturally catch, so code that
+knows nothing of takeoff-cache still handles them sensibly.
+"""
+
+from __future__ import annotations
+
+
+class TakeoffCacheError(Exception):
+    """Base of all takeoff-cache errors."""
+
+    exit_code = 1
+
+
+class InvalidRequestError(TakeoffCacheError, ValueError):
+    """The build request, a backbones file or a command-line value is invalid."""
+
+    exit_code = 2
+
+
+class CorpusError(InvalidRequestError):
+    """The tile corpus is missing or cannot be read as MBTiles or an XYZ folder."""
+
+
+class BackboneError(InvalidRequestError):
+    """A backbones file entry or its ONNX model is invalid."""
+
+
+class LockHeldError(TakeoffCacheError, BlockingIOError):
+    """Another build holds the cache's lock."""
+
+    exit_code = 4
+
+
+class CoverageError(TakeoffCacheError):
+    """Files in the cache root are not listed in the new manifest."""
+
+    exit_code = 5
+
+    def __init__(self, message: str, paths: list[str]) -> None:
+        super().__init__(message)
+        self.paths = paths
+
+
+class SigningKeyError(TakeoffCacheError, ValueError):
+    """A signing key or trust store is unusable: missing, unsafe, untrusted, wrong passphrase."""
+
+    exit_code = 6
+
+
+class SigningError(TakeoffCacheError):
+    """Signing the manifest failed."""
+
+    exit_code = 6
+
+
+class VerificationError(TakeoffCacheError):
+    """A manifest or cache failed verification; ``problems`` lists every finding."""
+
+    exit_code = 7
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems if problems is not None else [message]
+
+
+class EngineError(TakeoffCacheError, RuntimeError):
+    """An engine could not be compiled or loaded."""
+
+    exit_code = 8
+
+
+class DescriptorError(TakeoffCacheError, RuntimeError):
+    """Descriptors could not be computed or the index could not be written."""
+
+    exit_code = 8
+
+
+class CacheIOError(TakeoffCacheError, OSError):
+    """Reading or writing the cache failed at the operating-system level (disk full, I/O error)."""
+
+    exit_code = 1
+
+
+class BadTilesError(DescriptorError):
+    """Some selected tiles cannot be decoded; the build ends ``failure`` listing them."""
+
+    exit_code = 3
+
+    def __init__(self, tiles: list[str]) -> None:
+        shown = ", ".join(tiles[:20])
+        more = f" and {len(tiles) - 20} more" if len(tiles) > 20 else ""
+        super().__init__(
+            f"{len(tiles)} tile(s) cannot be decoded: {shown}{more};"
+            " re-download them or remove them from the corpus"
+        )
+        self.tiles = tiles

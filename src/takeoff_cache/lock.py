@@ -1,0 +1,53 @@
+"""The lock phase: one build per cache root, enforced by a kernel ``flock``.
+
+The kernel drops the lock when its process dies, so a killed build never
+leaves a cache locked; ``fallback_to_soft=False`` refuses to degrade to a
+lock file whose mere existence blocks forever.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from .errors import CacheIOError, LockHeldError
+from .layout import LOCK_NAME
+
+
+class BuildLock:
+    def __init__(self, cache_root: Path) -> None:
+        self.path = cache_root / LOCK_NAME
+        # thread_local=False: Prefect may run the releasing task on another thread.
+        # preserve_lock_file: unlinking a flock file lets two processes lock two inodes.
+        self._lock = FileLock(
+            str(self.path),
+            timeout=0,
+            thread_local=False,
+            is_singleton=False,
+            fallback_to_soft=False,
+            preserve_lock_file=True,
+        )
+
+    def acquire(self) -> BuildLock:
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            raise LockHeldError(
+                f"lock: another build holds {self.path}; wait for it to finish"
+            ) from None
+        except OSError as exc:
+            raise CacheIOError(f"lock: cannot open {self.path}: {exc.strerror}") from exc
+        return self
+
+    def release(self) -> None:
+        if self._lock.is_locked:
+            self._lock.release()
+
+    @property
+    def held(self) -> bool:
+        return self._lock.is_locked
+
+
+def acquire(cache_root: Path) -> BuildLock:
+    return BuildLock(cache_root).acquire()

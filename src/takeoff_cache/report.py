@@ -1,0 +1,76 @@
+"""The build report every run produces, whatever its end."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+PHASES = (
+    "validate",
+    "lock",
+    "select",
+    "identity",
+    "noop",
+    "engines",
+    "descriptors",
+    "manifest",
+    "coverage",
+    "commit",
+)
+
+
+@dataclass
+class BuildReport:
+    outcome: str = "failure"  # success | failure | idempotent_no_op
+    engines_built: int = 0
+    engines_reused: int = 0
+    descriptors_generated: int = 0
+    descriptors_reused: int = 0
+    tiles: int = 0
+    manifest_hash: str | None = None
+    manifest_path: str | None = None
+    failure_reason: str | None = None
+    elapsed_s: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), sort_keys=False)
+
+    def markdown(self) -> str:
+        rows = [f"| {k} | {v} |" for k, v in self.to_json().items() if k != "phases"]
+        phases = " · ".join(f"{k} {v:.2f}s" for k, v in self.phases.items())
+        return "\n".join(
+            [
+                "# takeoff-cache build report",
+                "",
+                "| field | value |",
+                "|---|---|",
+                *rows,
+                "",
+                f"**phases:** {phases}",
+                "",
+            ]
+        )
+
+    def text(self) -> str:
+        lines = [f"outcome:               {self.outcome}"]
+        if self.failure_reason:
+            lines.append(f"failure_reason:        {self.failure_reason}")
+        lines += [
+            f"tiles:                 {self.tiles}",
+            f"engines_built:         {self.engines_built}",
+            f"engines_reused:        {self.engines_reused}",
+            f"descriptors_generated: {self.descriptors_generated}",
+            f"descriptors_reused:    {self.descriptors_reused}",
+            f"manifest_hash:         {self.manifest_hash}",
+            f"manifest_path:         {self.manifest_path}",
+            f"elapsed_s:             {self.elapsed_s:.2f}",
+            "phases:                " + ", ".join(f"{k} {v:.2f}s" for k, v in self.phases.items()),
+        ]
+        lines += [f"warning:               {w}" for w in self.warnings]
+        return "\n".join(lines)

@@ -1,0 +1,75 @@
+"""The validate phase: every input checked before anything is written.
+
+The signing key is loaded and checked against the trust store here, so an
+untrusted key stops the build with zero files written.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .backbones import Backbone, load_backbones
+from .corpus import open_corpus
+from .engines import Backend, get_backend
+from .errors import CorpusError, InvalidRequestError
+from .fsutil import sha256_file
+from .keys import Signer, TrustedKey, check_trusted, load_signer, load_trust_store
+from .request import BuildRequest, parse_request
+
+
+@dataclass(frozen=True)
+class ValidatedRequest:
+    request: BuildRequest
+    backbones: tuple[Backbone, ...]
+    calibration_sha256: str | None
+    backend: Backend
+    host: dict[str, Any]
+    signer: Signer
+    trusted: tuple[TrustedKey, ...]
+
+
+def check_corpus(path: Path) -> None:
+    try:
+        open_corpus(path).close()
+    except sqlite3.Error as exc:
+        raise CorpusError(f"corpus: {path} cannot be read: {exc}") from exc
+
+
+def check_engine_inputs(
+    request: BuildRequest, backend_name: str
+) -> tuple[tuple[Backbone, ...], str | None, Backend]:
+    """What compile-engines needs: backbones, calibration and a backend."""
+    backbones = load_backbones(request.backbones)
+    calibration_sha = None
+    if request.calibration is not None:
+        if not request.calibration.is_file():
+            raise InvalidRequestError(f"calibration: {request.calibration} does not exist")
+        calibration_sha = sha256_file(request.calibration)
+    backend = get_backend(backend_name)
+    return backbones, calibration_sha, backend
+
+
+def validate(raw: dict[str, Any], backend_name: str = "auto") -> ValidatedRequest:
+    request = parse_request(raw)
+    if not request.cache_root.is_dir():
+        raise InvalidRequestError(
+            f"cache_root: {request.cache_root} does not exist; create it first"
+            " (a build never creates the cache root)"
+        )
+    check_corpus(request.corpus)
+    backbones, calibration_sha, backend = check_engine_inputs(request, backend_name)
+    trusted = load_trust_store(request.trust)
+    signer = load_signer(request.key)
+    check_trusted(signer, trusted, request.key, request.trust)
+    return ValidatedRequest(
+        request,
+        backbones,
+        calibration_sha,
+        backend,
+        backend.host_identity(),
+        signer,
+        tuple(trusted),
+    )

@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers around the library, one per build phase."""

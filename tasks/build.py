@@ -1,0 +1,325 @@
+"""One Prefect task per build phase; the bodies call the library and return small values.
+
+Cached tasks key on content (engine key, descriptor key) plus the digest of
+the file a cached result points at, so deleting or damaging that file turns
+the next run into a cache miss instead of a cache that fails ``verify``.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, cast
+from uuid import UUID
+
+from prefect import task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    update_progress_artifact,
+)
+from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext
+
+from takeoff_cache import (
+    __version__,
+    artifacts,
+    commit,
+    corpus,
+    coverage,
+    descriptors,
+    identity,
+    noop,
+)
+from takeoff_cache import lock as lock_mod
+from takeoff_cache import validate as validate_mod
+from takeoff_cache.backbones import Backbone, place_recognition
+from takeoff_cache.engines import get_backend
+from takeoff_cache.engines.store import (
+    EngineRecord,
+    engine_file_name,
+    engine_key,
+    ensure_engine,
+    lookup_engine,
+)
+from takeoff_cache.errors import BadTilesError
+from takeoff_cache.fsutil import sha256_file
+from takeoff_cache.manifest import Artifact, Manifest, compose_signed, sign_manifest
+from takeoff_cache.report import BuildReport
+from takeoff_cache.validate import ValidatedRequest
+
+
+@task(name="validate", cache_policy=NO_CACHE, persist_result=False)
+def validate(raw: dict[str, Any], backend: str) -> ValidatedRequest:
+    return validate_mod.validate(raw, backend)
+
+
+@task(name="lock", cache_policy=NO_CACHE, persist_result=False)
+def lock(validated: ValidatedRequest) -> lock_mod.BuildLock:
+    held = lock_mod.acquire(validated.request.cache_root)
+    # A build killed mid-commit left staging behind; settle it before reading the cache.
+    commit.recover(validated.request.cache_root, validated.trusted)
+    return held
+
+
+@task(name="select", cache_policy=NO_CACHE, persist_result=False)
+def select(validated: ValidatedRequest) -> corpus.TileSelection:
+    req = validated.request
+    return corpus.select_tiles(req.corpus, req.bbox.as_tuple(), req.zoom_levels)
+
+
+@task(name="identity", cache_policy=NO_CACHE, persist_result=False)
+def build_identity(validated: ValidatedRequest, fingerprint: str) -> str:
+    return identity.build_identity(validated, fingerprint)
+
+
+@task(name="noop", cache_policy=NO_CACHE, persist_result=False)
+def noop_check(validated: ValidatedRequest, build_id: str) -> tuple[Manifest | None, bool]:
+    root = validated.request.cache_root
+    current = noop.current_manifest(root, validated.trusted)
+    return current, noop.is_noop(root, current, build_id)
+
+
+def _engine_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    backbone: Backbone = parameters["backbone"]
+    backend = get_backend(parameters["backend_name"])
+    key = engine_key(
+        backbone,
+        backend,
+        backend.host_identity(),
+        parameters["precision"],
+        parameters["calibration_sha256"],
+    )
+    path = (
+        Path(parameters["work_dir"])
+        / "engines"
+        / engine_file_name(backbone, backend, parameters["precision"], key)
+    )
+    found = lookup_engine(path, key)
+    return f"engine-{key}-{found[0] if found else 'absent'}"
+
+
+@task(
+    name="compile-engine",
+    cache_key_fn=_engine_cache_key,
+    persist_result=True,
+    task_run_name="compile-engine-{backbone.name}",
+)
+def compile_engine(
+    backbone: Backbone,
+    backend_name: str,
+    precision: str,
+    calibration: str | None,
+    calibration_sha256: str | None,
+    work_dir: str,
+) -> EngineRecord:
+    return ensure_engine(
+        backbone,
+        get_backend(backend_name),
+        precision,
+        Path(calibration) if calibration else None,
+        calibration_sha256,
+        Path(work_dir),
+    )
+
+
+@task(name="engines", cache_policy=NO_CACHE, persist_result=False)
+def engines(
+    validated: ValidatedRequest, work_dir: Path, staging: Path | None
+) -> tuple[list[EngineRecord], list[Artifact], list[str]]:
+    """Compile or reuse every backbone's engine; stage them when building a cache."""
+    req = validated.request
+    records: list[EngineRecord] = []
+    for backbone in validated.backbones:
+        state = compile_engine(
+            backbone,
+            validated.backend.name,
+            req.precision,
+            str(req.calibration) if req.calibration else None,
+            validated.calibration_sha256,
+            str(work_dir),
+            return_state=True,
+        )
+        record: EngineRecord = state.result()
+        if state.name == "Cached":
+            record = EngineRecord(**{**record.__dict__, "built": False})
+        records.append(record)
+    staged: list[str] = []
+    described: list[Artifact] = []
+    if staging is not None:
+        for record in records:
+            artifact = artifacts.engine_artifact(record)
+            staged.append(artifacts.stage(Path(record.store_path), staging, artifact))
+            described.append(artifact)
+        if req.calibration is not None and validated.calibration_sha256:
+            artifact = artifacts.calibration_artifact(req.calibration, validated.calibration_sha256)
+            staged.append(artifacts.stage(req.calibration, staging, artifact, link=False))
+            described.append(artifact)
+    return records, described, staged
+
+
+def _index_stem(backbone: str, desc_key: str) -> str:
+    return f"{backbone}.{desc_key[:12]}"
+
+
+def _index_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    desc_key = parameters["desc_key"]
+    out = Path(parameters["work_dir"]) / "indexes"
+    stem = _index_stem(parameters["backbone"].name, desc_key)
+    digests = []
+    for path in (out / f"{stem}.faiss", out / f"{stem}.tiles.json"):
+        digests.append(sha256_file(path) if path.is_file() else "absent")
+    return f"index-{desc_key}-{'-'.join(digests)}"
+
+
+class _Progress:
+    """Terminal bar plus a Prefect progress artifact, updated at most twice a second."""
+
+    def __init__(self, key: str) -> None:
+        artifact_id = create_progress_artifact(0.0, key=key, description="descriptors computed")
+        # Called from a synchronous task, so this is the id, not a coroutine.
+        self._artifact = cast(UUID, artifact_id)
+        self._last = 0.0
+        self._bar: Any = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=0, unit="tile", desc="descriptors", file=sys.stderr)
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._bar is not None:
+            self._bar.total = total
+            self._bar.n = done
+            self._bar.refresh()
+        now = time.monotonic()
+        if done >= total or now - self._last >= 0.5:
+            self._last = now
+            update_progress_artifact(self._artifact, 100.0 * done / max(total, 1))
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def artifact_key(prefix: str, cache_root: Path) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    slug = re.sub(r"[^a-z0-9]+", "-", str(cache_root).lower()).strip("-")
+    return f"{prefix}-{slug}"[-100:].lstrip("-")
+
+
+@task(name="build-index", cache_key_fn=_index_cache_key, persist_result=True)
+def build_index(
+    validated: ValidatedRequest,
+    selection: corpus.TileSelection,
+    backbone: Backbone,
+    record: EngineRecord,
+    desc_key: str,
+    work_dir: str,
+) -> tuple[descriptors.IndexFiles, descriptors.EmbedResult]:
+    req = validated.request
+    store = descriptors.DescriptorStore(Path(work_dir) / "descriptors.sqlite")
+    progress = _Progress(artifact_key("descriptors", req.cache_root))
+    try:
+        runner = validated.backend.load(Path(record.store_path), backbone, backbone.output or "")
+        result = descriptors.embed_tiles(
+            selection, req.corpus, runner.run, backbone.input, record.key, store, progress=progress
+        )
+        if result.bad_tiles:
+            # Raised, not returned: Prefect never caches a failed run.
+            raise BadTilesError(list(result.bad_tiles))
+        files = descriptors.write_index(
+            selection,
+            store,
+            record.key,
+            Path(work_dir) / "indexes",
+            _index_stem(backbone.name, desc_key),
+        )
+        return files, result
+    finally:
+        progress.close()
+        store.close()
+
+
+@task(name="descriptors", cache_policy=NO_CACHE, persist_result=False)
+def descriptors_phase(
+    validated: ValidatedRequest,
+    selection: corpus.TileSelection,
+    records: list[EngineRecord],
+    work_dir: Path,
+    staging: Path,
+) -> tuple[descriptors.EmbedResult, list[Artifact], list[str]]:
+    backbone = place_recognition(validated.backbones)
+    record = next(r for r in records if r.backbone == backbone.name)
+    desc_key = descriptors.descriptor_key(record.key, selection.fingerprint)
+    state = build_index(
+        validated, selection, backbone, record, desc_key, str(work_dir), return_state=True
+    )
+    files, result = state.result()
+    if state.name == "Cached":
+        result = descriptors.EmbedResult(0, len(selection.tiles), ())
+    described = artifacts.index_artifacts(files, backbone.name, record.key, desc_key)
+    staged = [
+        artifacts.stage(Path(files.index_path), staging, described[0]),
+        artifacts.stage(Path(files.map_path), staging, described[1]),
+    ]
+    return result, described, staged
+
+
+@task(name="manifest", cache_policy=NO_CACHE, persist_result=False)
+def manifest(
+    validated: ValidatedRequest,
+    build_id: str,
+    selection: corpus.TileSelection,
+    described: list[Artifact],
+    expires_in_s: float | None,
+) -> bytes:
+    root = validated.request.cache_root
+    now = datetime.now(UTC)
+    signed = compose_signed(
+        version=noop.previous_version(root) + 1,
+        created_at=now,
+        expires_at=now + timedelta(seconds=expires_in_s) if expires_in_s else None,
+        build_identity=build_id,
+        request=validated.request.to_json(),
+        host=validated.host,
+        corpus_fingerprint=selection.fingerprint,
+        tile_count=len(selection.tiles),
+        artifacts=described,
+        tool_version=__version__,
+    )
+    return sign_manifest(signed, validated.signer)
+
+
+@task(name="coverage", cache_policy=NO_CACHE, persist_result=False)
+def coverage_check(
+    validated: ValidatedRequest, new_paths: set[str], previous: Manifest | None, strict: bool
+) -> list[str]:
+    root = validated.request.cache_root
+    old_paths = {a.path for a in previous.artifacts} if previous else set()
+    offending = coverage.check_coverage(root, new_paths, old_paths)
+    if strict:
+        coverage.enforce(root, offending)
+    return offending
+
+
+@task(name="commit", cache_policy=NO_CACHE, persist_result=False)
+def commit_cache(
+    validated: ValidatedRequest,
+    manifest_bytes: bytes,
+    staged: list[str],
+    previous: Manifest | None,
+    new_paths: set[str],
+) -> list[str]:
+    return commit.commit(validated.request.cache_root, manifest_bytes, staged, previous, new_paths)
+
+
+@task(name="report", cache_policy=NO_CACHE, persist_result=False)
+def publish_report(report: BuildReport, cache_root: str) -> None:
+    create_markdown_artifact(
+        report.markdown(),
+        key=artifact_key("build-report", Path(cache_root)),
+        description=f"takeoff-cache build report for {cache_root}",
+    )
