@@ -1,8 +1,9 @@
 """One Prefect task per build phase; the bodies call the library and return small values.
 
-Cached tasks key on content (engine key, descriptor key) plus the digest of
-the file a cached result points at, so deleting or damaging that file turns
-the next run into a cache miss instead of a cache that fails ``verify``.
+Cached tasks key on content (engine key, descriptor key), on the path of the
+file a cached result names, and on that file's digest. While the file is
+missing the key is None (run, cache nothing), so deleting or damaging a file
+turns the next run into a cache miss, never into a cache that fails ``verify``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from takeoff_cache import (
 from takeoff_cache import lock as lock_mod
 from takeoff_cache import validate as validate_mod
 from takeoff_cache.backbones import Backbone, place_recognition
+from takeoff_cache.canonical import content_key
 from takeoff_cache.engines import get_backend
 from takeoff_cache.engines.store import (
     EngineRecord,
@@ -83,7 +85,7 @@ def noop_check(validated: ValidatedRequest, build_id: str) -> tuple[Manifest | N
     return current, noop.is_noop(root, current, build_id)
 
 
-def _engine_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+def _engine_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
     backbone: Backbone = parameters["backbone"]
     backend = get_backend(parameters["backend_name"])
     key = engine_key(
@@ -99,7 +101,12 @@ def _engine_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> st
         / engine_file_name(backbone, backend, parameters["precision"], key)
     )
     found = lookup_engine(path, key)
-    return f"engine-{key}-{found[0] if found else 'absent'}"
+    if found is None:
+        # Nothing intact to point at: run, and cache nothing under a key that a
+        # later deletion would make stale.
+        return None
+    # The result names the stored file, so its path is part of the key too.
+    return content_key(["engine", key, str(path.resolve()), found[0]])
 
 
 @task(
@@ -165,14 +172,15 @@ def _index_stem(backbone: str, desc_key: str) -> str:
     return f"{backbone}.{desc_key[:12]}"
 
 
-def _index_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+def _index_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
     desc_key = parameters["desc_key"]
     out = Path(parameters["work_dir"]) / "indexes"
     stem = _index_stem(parameters["backbone"].name, desc_key)
-    digests = []
-    for path in (out / f"{stem}.faiss", out / f"{stem}.tiles.json"):
-        digests.append(sha256_file(path) if path.is_file() else "absent")
-    return f"index-{desc_key}-{'-'.join(digests)}"
+    files = [(out / f"{stem}.faiss").resolve(), (out / f"{stem}.tiles.json").resolve()]
+    if not all(path.is_file() for path in files):
+        return None
+    digests = [sha256_file(path) for path in files]
+    return content_key(["index", desc_key, [str(p) for p in files], digests])
 
 
 class _Progress:

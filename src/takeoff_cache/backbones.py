@@ -81,7 +81,7 @@ def _parse_input(where: str, raw: Any) -> InputSpec:
     size, channels = raw.get("size"), raw.get("channels", 3)
     if not isinstance(size, int) or isinstance(size, bool) or not 8 <= size <= 4096:
         raise BackboneError(f"{where}.input.size: must be an integer in [8, 4096], got {size!r}")
-    if channels not in (1, 3):
+    if not isinstance(channels, int) or isinstance(channels, bool) or channels not in (1, 3):
         raise BackboneError(f"{where}.input.channels: must be 1 or 3, got {channels!r}")
     mean = _number_list(f"{where}.input.mean", raw.get("mean", [0.0] * channels), channels)
     std = _number_list(f"{where}.input.std", raw.get("std", [1.0] * channels), channels)
@@ -170,6 +170,8 @@ def load_backbones(path: Path) -> tuple[Backbone, ...]:
         raise BackboneError(f"backbones: {path} does not exist") from exc
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise BackboneError(f"backbones: {path} is not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise BackboneError(f"backbones: cannot read {path}: {exc.strerror}") from exc
     entries = doc.get("backbone")
     if not isinstance(entries, list) or not entries:
         raise BackboneError(f"backbones: {path} has no [[backbone]] entries")

@@ -31,9 +31,11 @@ def _prefect_env(verbose: bool) -> None:
     """Defaults for Prefect, set before it is imported: no telemetry, quiet unless asked."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY", "false")
+    os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
     if not verbose:
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-        os.environ.setdefault("PREFECT_LOGGING_SERVER_LEVEL", "WARNING")
+        # Run logs still reach the Prefect API (and UI); only the terminal copy is muted,
+        # so an operator sees our one-line errors, not Prefect's tracebacks.
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
 
 
 def _request_args(p: argparse.ArgumentParser, with_options: bool = True) -> None:
@@ -119,7 +121,10 @@ def cmd_build(args: argparse.Namespace) -> int:
         print(json.dumps(report))
     else:
         print(BuildReport(**report).text())
-    return EXIT_FAILURE if report["outcome"] == "failure" else 0
+    if report["outcome"] == "failure":
+        print(f"takeoff-cache: build failed: {report['failure_reason']}", file=sys.stderr)
+        return EXIT_FAILURE
+    return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -280,6 +285,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     report = BuildReport(**_run_build(_raw_request(args), args))
     print(report.text())
     if report.outcome == "failure":
+        print(f"takeoff-cache: build failed: {report.failure_reason}", file=sys.stderr)
         return EXIT_FAILURE
     cache_root = inputs.root / "cache"
     manifest = verify_cache(cache_root, load_trust_store(inputs.trust))

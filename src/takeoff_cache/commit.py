@@ -99,6 +99,8 @@ def commit(
     staging = staging_dir(cache_root)
     atomic_write_bytes(staging / PENDING_MANIFEST, manifest_bytes)
     touched: set[Path] = set()
+    # Artifact names carry their content key, so a staged file that lands on an
+    # existing path replaces it with the same bytes: the old manifest stays true.
     for rel in staged:
         dst = cache_root / rel
         dst.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,6 @@ any selected tile's bytes change and for nothing else.
 from __future__ import annotations
 
 import hashlib
-import re
 import sqlite3
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -72,8 +71,11 @@ class MBTilesCorpus(Corpus):
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            # Read-only and immutable=0: another process may be adding tiles.
+            # Read-only: another process may be adding tiles while we build.
             self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise CorpusError(f"corpus: cannot open {path}: {exc}") from exc
+        try:
             names = {
                 row[0]
                 for row in self._db.execute(
@@ -81,6 +83,7 @@ class MBTilesCorpus(Corpus):
                 )
             }
         except sqlite3.DatabaseError as exc:
+            self._db.close()
             raise CorpusError(f"corpus: {path} is not an MBTiles (SQLite) file: {exc}") from exc
         if "tiles" not in names:
             self._db.close()
@@ -121,6 +124,10 @@ class MBTilesCorpus(Corpus):
         self._db.close()
 
 
+def _canonical_number(text: str) -> bool:
+    return text.isdigit() and str(int(text)) == text
+
+
 class XYZCorpus(Corpus):
     """A folder laid out as ``z/x/y.<ext>`` (jpg, jpeg, png or webp)."""
 
@@ -136,12 +143,19 @@ class XYZCorpus(Corpus):
         if not zdir.is_dir():
             return
         for xdir in zdir.iterdir():
-            if not (xdir.name.isdigit() and x0 <= int(xdir.name) <= x1):
+            if not (_canonical_number(xdir.name) and x0 <= int(xdir.name) <= x1):
                 continue
-            for file in xdir.iterdir():
-                m = re.fullmatch(r"(\d+)(\.\w+)", file.name)
-                if m and m.group(2).lower() in _XYZ_SUFFIXES and y0 <= int(m.group(1)) <= y1:
-                    yield int(xdir.name), int(m.group(1)), file.read_bytes()
+            seen: set[int] = set()
+            # One tile per (x, y): the same suffix order read() uses; names like
+            # "0335.jpg" are not tile 335.
+            for suffix in _XYZ_SUFFIXES:
+                for file in xdir.glob(f"*{suffix}"):
+                    stem = file.name[: -len(suffix)]
+                    if not _canonical_number(stem) or int(stem) in seen:
+                        continue
+                    if y0 <= int(stem) <= y1 and file.is_file():
+                        seen.add(int(stem))
+                        yield int(xdir.name), int(stem), file.read_bytes()
 
     def read(self, z: int, x: int, y: int) -> bytes:
         for suffix in _XYZ_SUFFIXES:

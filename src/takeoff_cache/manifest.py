@@ -107,7 +107,14 @@ def _check_artifact_entry(i: int, entry: Any, problems: list[str]) -> None:
         problems.append(f"artifacts[{i}].path is missing or not a string")
     else:
         pure = PurePosixPath(path)
-        if pure.is_absolute() or "\\" in path or ".." in pure.parts or path != pure.as_posix():
+        if (
+            not pure.parts
+            or pure.parts == (".",)
+            or pure.is_absolute()
+            or "\\" in path
+            or ".." in pure.parts
+            or path != pure.as_posix()
+        ):
             problems.append(
                 f"artifacts[{i}].path {path!r} is not a plain relative path inside the cache root"
             )

@@ -1,7 +1,8 @@
 """The no-op check: the current cache is already what this request would build.
 
-It reads Manifest.json and stats the listed files; it hashes nothing and
-writes nothing, so re-running an unchanged build is nearly free.
+It reads Manifest.json and checks every listed file's size and SHA-256 — a
+file damaged in place keeps its size, and a no-op must never vouch for a
+cache that fails ``verify``. It writes nothing.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 from pathlib import Path
 
 from .errors import VerificationError
+from .fsutil import sha256_file
 from .keys import TrustedKey
 from .layout import MANIFEST_NAME
 from .manifest import Manifest, verify_manifest_bytes
@@ -48,4 +50,4 @@ def is_noop(cache_root: Path, manifest: Manifest | None, identity: str) -> bool:
             return False
         if not path.is_file() or path.is_symlink() or st.st_size != artifact.size:
             return False
-    return True
+    return all(sha256_file(cache_root / a.path) == a.sha256 for a in manifest.artifacts)

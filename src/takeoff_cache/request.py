@@ -82,6 +82,8 @@ def read_request_file(path: Path) -> dict[str, Any]:
         raise InvalidRequestError(f"request: {path} does not exist") from exc
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise InvalidRequestError(f"request: {path} is not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise InvalidRequestError(f"request: cannot read {path}: {exc.strerror}") from exc
     unknown = sorted(set(doc) - set(FIELDS))
     if unknown:
         raise InvalidRequestError(f"request: {path}: unknown field {unknown[0]!r}")

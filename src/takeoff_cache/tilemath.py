@@ -10,6 +10,8 @@ import math
 
 # Web Mercator is undefined at the poles; this is where the square world ends.
 MAX_LAT = 85.0511287798066
+# A millionth of a tile: far below any real bbox precision, far above float error.
+_EDGE = 1e-6
 
 
 def lonlat_to_fractional_tile(lat: float, lon: float, z: int) -> tuple[float, float]:
@@ -43,10 +45,12 @@ def tile_range(bbox: tuple[float, float, float, float], z: int) -> tuple[int, in
     last = 2**z - 1
     fx0, fy0 = lonlat_to_fractional_tile(lat_max, lon_min, z)
     fx1, fy1 = lonlat_to_fractional_tile(lat_min, lon_max, z)
-    x_min = min(last, max(0, math.floor(fx0)))
-    y_min = min(last, max(0, math.floor(fy0)))
-    x_max = min(last, max(x_min, math.ceil(fx1) - 1))
-    y_max = min(last, max(y_min, math.ceil(fy1) - 1))
+    # Degrees → tile coordinates does not round-trip exactly (a tile's own north
+    # edge comes back as y = 0.9999999999999998): snap within a hair of an edge.
+    x_min = min(last, max(0, math.floor(fx0 + _EDGE)))
+    y_min = min(last, max(0, math.floor(fy0 + _EDGE)))
+    x_max = min(last, max(x_min, math.ceil(fx1 - _EDGE) - 1))
+    y_max = min(last, max(y_min, math.ceil(fy1 - _EDGE) - 1))
     return x_min, x_max, y_min, y_max
 
 

@@ -15,7 +15,14 @@ from typing import Any
 from .errors import CacheIOError, VerificationError
 from .fsutil import atomic_write_bytes, sha256_file
 from .keys import TrustedKey
-from .layout import MANIFEST_NAME, PENDING_MANIFEST, RETIRED_MANIFEST, STAGING_NAME, walk_cache
+from .layout import (
+    LOCK_NAME,
+    MANIFEST_NAME,
+    PENDING_MANIFEST,
+    RETIRED_MANIFEST,
+    STAGING_NAME,
+    walk_cache,
+)
 from .manifest import Artifact, Manifest, verify_manifest_bytes
 
 
@@ -73,17 +80,43 @@ def _check_artifact(root: Path, artifact: Artifact) -> str | None:
     return None
 
 
-def _vouched_in_staging(root: Path, trusted: list[TrustedKey]) -> dict[str, Artifact]:
-    """Artifacts of the signed pending or retired manifest of a commit in progress."""
+def _vouched_in_staging(root: Path, trusted: list[TrustedKey], version: int) -> dict[str, Artifact]:
+    """Artifacts of the signed manifest next to, or just before, the current one.
+
+    Only the one version a commit in progress can leave behind counts: the
+    pending manifest is the current version + 1, the retired one the current
+    version - 1. An older signed manifest dropped into staging vouches for nothing.
+    """
     vouched: dict[str, Artifact] = {}
-    for name in (PENDING_MANIFEST, RETIRED_MANIFEST):
+    for name, expected in ((PENDING_MANIFEST, version + 1), (RETIRED_MANIFEST, version - 1)):
         path = root / STAGING_NAME / name
         try:
             other = verify_manifest_bytes(path.read_bytes(), trusted)
         except (OSError, VerificationError):
             continue
-        vouched.update({a.path: a for a in other.artifacts})
+        if other.version == expected:
+            vouched.update({a.path: a for a in other.artifacts})
     return vouched
+
+
+def _reserved_problems(root: Path) -> list[str]:
+    """The lock file and staging folder are never read by the vehicle, but they may
+    not hide a symlink or a special file either."""
+    problems = []
+    lock = root / LOCK_NAME
+    if lock.is_symlink() or (lock.exists() and not lock.is_file()):
+        problems.append(f"{LOCK_NAME}: not a regular file")
+    staging = root / STAGING_NAME
+    if staging.is_symlink() or (staging.exists() and not staging.is_dir()):
+        problems.append(f"{STAGING_NAME}: not a folder")
+    elif staging.is_dir():
+        for dirpath, dirnames, filenames in os.walk(staging):
+            for name in dirnames + filenames:
+                full = Path(dirpath) / name
+                mode = os.lstat(full).st_mode
+                if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                    problems.append(f"{full.relative_to(root).as_posix()}: not a regular file")
+    return problems
 
 
 def engine_host_problem(manifest: Manifest, host: dict[str, Any]) -> str | None:
@@ -111,10 +144,15 @@ def verify_cache(
     cache_id = str(root)
     if not root.is_dir():
         raise VerificationError(f"{cache_root} is not a folder")
+    manifest_path = root / MANIFEST_NAME
+    if manifest_path.is_symlink():
+        raise VerificationError(f"{MANIFEST_NAME} is a symlink; it must be a regular file")
     try:
-        data = (root / MANIFEST_NAME).read_bytes()
+        data = manifest_path.read_bytes()
     except FileNotFoundError:
         raise VerificationError(f"{MANIFEST_NAME} is missing from {cache_root}") from None
+    except OSError as exc:
+        raise VerificationError(f"{MANIFEST_NAME} cannot be read: {exc.strerror}") from None
     manifest = verify_manifest_bytes(data, trusted, min_version=_read_state(state_file, cache_id))
 
     problems = [p for a in manifest.artifacts if (p := _check_artifact(root, a))]
@@ -122,12 +160,13 @@ def verify_cache(
     entries = walk_cache(root)
     unlisted = [p for p in entries.files if p not in listed]
     if unlisted:
-        vouched = _vouched_in_staging(root, trusted)
+        vouched = _vouched_in_staging(root, trusted, manifest.version)
         for rel in unlisted:
             other = vouched.get(rel)
             if other is None or _check_artifact(root, other) is not None:
                 problems.append(f"{rel}: not listed in the manifest")
     problems += [f"{rel}: not a regular file (symlink or special file)" for rel in entries.others]
+    problems += _reserved_problems(root)
     if host is not None and (problem := engine_host_problem(manifest, host)):
         problems.append(problem)
     if problems:

@@ -57,8 +57,15 @@ def make_demo_data(out: Path, *, tiles: int = 320, seed: int = 0) -> DemoInputs:
     stamp = out / ".demo-data"
     settings = f"tiles={tiles} seed={seed}\n"
     complete = stamp.is_file() and stamp.read_text() == settings
-    paths = DemoInputs(out.resolve(), out / "corpus.mbtiles", out / "backbones.toml",
-                       out / "operator.key", out / "trust", out / "request.toml", 0)
+    paths = DemoInputs(
+        out.resolve(),
+        out / "corpus.mbtiles",
+        out / "backbones.toml",
+        out / "operator.key",
+        out / "trust",
+        out / "request.toml",
+        0,
+    )
     if complete:
         (out / "cache").mkdir(exist_ok=True)
         count = int((out / ".tile-count").read_text())

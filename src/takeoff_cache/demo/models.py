@@ -131,8 +131,9 @@ class _Graph:
         self.inits.append(numpy_helper.from_array(value, name=name))
         return name
 
-    def op(self, op_type: str, inputs: list[str], output: str | None = None,
-           **attrs: object) -> str:
+    def op(
+        self, op_type: str, inputs: list[str], output: str | None = None, **attrs: object
+    ) -> str:
         self._n += 1
         out = output or f"{op_type.lower()}_{self._n}"
         self.nodes.append(
@@ -140,14 +141,28 @@ class _Graph:
         )
         return out
 
-    def conv(self, x: str, name: str, weight: F32, bias: F32 | None = None, *,
-             stride: int = 1, group: int = 1) -> str:
+    def conv(
+        self,
+        x: str,
+        name: str,
+        weight: F32,
+        bias: F32 | None = None,
+        *,
+        stride: int = 1,
+        group: int = 1,
+    ) -> str:
         k = weight.shape[-1]
         inputs = [x, self.const(f"{name}.weight", weight)]
         if bias is not None:
             inputs.append(self.const(f"{name}.bias", bias))
-        return self.op("Conv", inputs, kernel_shape=[k, k], strides=[stride, stride],
-                       pads=[k // 2] * 4, group=group)
+        return self.op(
+            "Conv",
+            inputs,
+            kernel_shape=[k, k],
+            strides=[stride, stride],
+            pads=[k // 2] * 4,
+            group=group,
+        )
 
     def avg_pool(self, x: str, k: int) -> str:
         return self.op("AveragePool", [x], kernel_shape=[k, k], strides=[k, k])
@@ -157,10 +172,12 @@ def _image_input(size: int) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, size, size])
 
 
-def _save(path: Path, graph: _Graph, name: str, size: int,
-          outputs: list[onnx.ValueInfoProto], doc: str) -> None:
-    g = helper.make_graph(graph.nodes, name, [_image_input(size)], outputs, graph.inits,
-                          doc_string=doc)
+def _save(
+    path: Path, graph: _Graph, name: str, size: int, outputs: list[onnx.ValueInfoProto], doc: str
+) -> None:
+    g = helper.make_graph(
+        graph.nodes, name, [_image_input(size)], outputs, graph.inits, doc_string=doc
+    )
     model = helper.make_model(
         g,
         producer_name=PRODUCER,
@@ -219,12 +236,19 @@ def build_vpr_model(path: Path, size: int = 128) -> None:
     texture = g.op("Flatten", [g.op("Concat", levels, axis=1)], axis=1)
     # Mean colour per cell, left in normalised units: centred near zero already.
     colour = g.op("Flatten", [g.avg_pool("image", size // VPR_GRID)], axis=1)
-    colour = g.op("Mul", [colour, g.const("colour_weight",
-                                          np.array(_COLOUR_WEIGHT, dtype=np.float32))])
+    colour = g.op(
+        "Mul", [colour, g.const("colour_weight", np.array(_COLOUR_WEIGHT, dtype=np.float32))]
+    )
     g.op("Concat", [texture, colour], "descriptor", axis=1)
     out = helper.make_tensor_value_info("descriptor", TensorProto.FLOAT, ["N", VPR_DIM])
-    _save(path, g, "takeoff_cache_demo_vpr", size, [out],
-          "GIST-like demo descriptor: Gabor energy on a 4x4 grid + mean colour.")
+    _save(
+        path,
+        g,
+        "takeoff_cache_demo_vpr",
+        size,
+        [out],
+        "GIST-like demo descriptor: Gabor energy on a 4x4 grid + mean colour.",
+    )
 
 
 def build_keypoints_model(path: Path, size: int = 128) -> None:
@@ -244,12 +268,19 @@ def build_keypoints_model(path: Path, size: int = 128) -> None:
     sobel_x = np.array([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]], dtype=np.float32) / 8.0
     sobel = np.stack([sobel_x, sobel_x.T])[:, None]
     grad = g.conv(luma, "sobel", sobel)
-    gx = g.op("Slice", [grad, g.const("ch0", np.array([0], np.int64)),
-                        g.const("ch1", np.array([1], np.int64)),
-                        g.const("axis1", np.array([1], np.int64))])
+    gx = g.op(
+        "Slice",
+        [
+            grad,
+            g.const("ch0", np.array([0], np.int64)),
+            g.const("ch1", np.array([1], np.int64)),
+            g.const("axis1", np.array([1], np.int64)),
+        ],
+    )
     gy = g.op("Slice", [grad, "ch1", g.const("ch2", np.array([2], np.int64)), "axis1"])
-    products = g.op("Concat", [g.op("Mul", [gx, gx]), g.op("Mul", [gy, gy]),
-                               g.op("Mul", [gx, gy])], axis=1)
+    products = g.op(
+        "Concat", [g.op("Mul", [gx, gx]), g.op("Mul", [gy, gy]), g.op("Mul", [gx, gy])], axis=1
+    )
     window = np.repeat(_gaussian(1.5)[None, None], 3, axis=0)
     tensor = g.conv(products, "window", window, group=3)
     sxx = g.op("Slice", [tensor, "ch0", "ch1", "axis1"])
@@ -259,25 +290,46 @@ def build_keypoints_model(path: Path, size: int = 128) -> None:
     trace = g.op("Add", [sxx, syy])
     k = g.const("harris_k", np.array(_HARRIS_K, dtype=np.float32))
     harris = g.op("Sub", [det, g.op("Mul", [k, g.op("Mul", [trace, trace])])])
-    g.op("MaxPool", [harris], "scores", kernel_shape=[KEYPOINT_STRIDE] * 2,
-         strides=[KEYPOINT_STRIDE] * 2)
+    g.op(
+        "MaxPool",
+        [harris],
+        "scores",
+        kernel_shape=[KEYPOINT_STRIDE] * 2,
+        strides=[KEYPOINT_STRIDE] * 2,
+    )
 
     # Rectified oriented derivatives: ReLU keeps one sign, and the 8 directions
     # cover 360 degrees, so each channel is one bin of a gradient histogram.
     bins = KEYPOINT_CHANNELS // 2
-    fine = g.op("Relu", [g.conv(luma, "deriv_fine", _oriented_derivatives(bins, 1.0),
-                                stride=2)])
+    fine = g.op("Relu", [g.conv(luma, "deriv_fine", _oriented_derivatives(bins, 1.0), stride=2)])
     coarse_in = g.avg_pool(luma, 2)
     coarse = g.op("Relu", [g.conv(coarse_in, "deriv_coarse", _oriented_derivatives(bins, 1.0))])
     hist = g.avg_pool(g.op("Concat", [fine, coarse], axis=1), KEYPOINT_STRIDE // 2)
-    norm = g.op("Sqrt", [g.op("Add", [g.op("ReduceSumSquare", [hist], axes=[1], keepdims=1),
-                                      g.const("feat_eps", np.array(1e-6, np.float32))])])
+    norm = g.op(
+        "Sqrt",
+        [
+            g.op(
+                "Add",
+                [
+                    g.op("ReduceSumSquare", [hist], axes=[1], keepdims=1),
+                    g.const("feat_eps", np.array(1e-6, np.float32)),
+                ],
+            )
+        ],
+    )
     g.op("Div", [hist, norm], "features")
     cells = size // KEYPOINT_STRIDE
     outputs = [
         helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 1, cells, cells]),
-        helper.make_tensor_value_info("features", TensorProto.FLOAT,
-                                      ["N", KEYPOINT_CHANNELS, cells, cells]),
+        helper.make_tensor_value_info(
+            "features", TensorProto.FLOAT, ["N", KEYPOINT_CHANNELS, cells, cells]
+        ),
     ]
-    _save(path, g, "takeoff_cache_demo_keypoints", size, outputs,
-          "Demo local features: Harris scores and rectified-gradient histograms per 4x4 cell.")
+    _save(
+        path,
+        g,
+        "takeoff_cache_demo_keypoints",
+        size,
+        outputs,
+        "Demo local features: Harris scores and rectified-gradient histograms per 4x4 cell.",
+    )

@@ -42,6 +42,8 @@ _BATCH = 256
 # How far CorpusLayout.bbox is pulled inside the block, in degrees: enough that
 # tile_range() never picks a neighbour through rounding, far below a tile.
 _BBOX_INSET_DEG = 1e-7
+_MACRO_M = 2400.0  # size of a field system (one grid orientation and parcel size)
+_STREET_M = 720.0  # road stretch that is or is not a village (30 lots of 24 m)
 
 F32 = NDArray[np.float32]
 F64 = NDArray[np.float64]
@@ -80,16 +82,18 @@ def _mix(h: U64) -> U64:
 
 
 def _hash(key: np.uint64, *ints: I64 | int) -> U64:
-    """Hash integer coordinates (broadcast together) under ``key``."""
-    arrays = [np.asarray(v, dtype=np.int64) for v in ints]
-    shape = np.broadcast_shapes(*(a.shape for a in arrays))
-    h: U64 = np.full(shape, key, dtype=np.uint64)
+    """Hash integer coordinates (broadcast together) under ``key``.
+
+    The coordinates are folded in multiplicatively (cheap: two operations
+    each) and the result goes through one strong finaliser.
+    """
+    h: U64 = np.asarray(key, dtype=np.uint64)
     # Wrap-around is the point of the multiplications; 0-d inputs would warn.
     with np.errstate(over="ignore"):
-        for a in arrays:
+        for v in ints:
             # int64 -> uint64 wraps negatives, which is exactly what a hash wants.
-            h = _mix(h ^ (a.astype(np.uint64) * _GOLDEN))
-    return h
+            h = (h ^ np.asarray(v, dtype=np.int64).astype(np.uint64)) * _GOLDEN
+        return _mix(_mix(h))
 
 
 def _unit(h: U64) -> F64:
@@ -113,8 +117,16 @@ def _table(key: np.uint64, *ranges: tuple[int, int], n_attr: int) -> F32:
 
 # --------------------------------------------------------------------------- world
 _KEY_NAMES = (
-    "light", "mottle", "forest", "crown", "village", "grass",
-    "macro", "band", "parcel", "road0", "road1", "river", "lot",
+    "detail",
+    "forest",
+    "street",
+    "macro",
+    "band",
+    "parcel",
+    "road0",
+    "road1",
+    "river",
+    "lot",
 )
 
 
@@ -143,7 +155,7 @@ def _world(seed: int) -> _World:
 
 # --------------------------------------------------------------------------- noise
 def _fade(cell_px: float, full: float = 3.0) -> float:
-    """Weight of a feature of size ``cell_px`` pixels: 0 below 1 px, 1 from ``full`` px.
+    """Weight of a feature ``cell_px`` pixels across: 0 at 1 px, 1 from ``full`` px.
 
     Dropping detail the pixel grid cannot carry (instead of aliasing it) is what
     keeps a downsampled child tile equal to its parent's quadrant.
@@ -151,63 +163,110 @@ def _fade(cell_px: float, full: float = 3.0) -> float:
     return min(1.0, max(0.0, (cell_px - 1.0) / (full - 1.0)))
 
 
-def _interp_weights(g: F64, lo: int, n: int) -> F32:
-    """Row i: smoothstep weights of sample ``g[i]`` on lattice points ``lo .. lo+n-1``."""
+def _lattice_coords(g: F64, lo: int) -> tuple[NDArray[np.intp], F32]:
+    """Cell index (from lattice point ``lo``) and smoothstep weight of each sample."""
     t = g - lo
     i = np.floor(t).astype(np.intp)
     f = (t - i).astype(np.float32)
-    f = f * f * (3.0 - 2.0 * f)
-    w = np.zeros((g.size, n), dtype=np.float32)
-    rows = np.arange(g.size)
-    w[rows, i] = 1.0 - f
-    w[rows, i + 1] = f
-    return w
-
-
-def _value_noise(key: np.uint64, xs: F64, ys: F64, cell: float) -> F32:
-    """Value noise in [0, 1] with lattice spacing ``cell`` metres.
-
-    Smoothstep value noise is a tensor product, so a whole tile is
-    ``Wy @ G @ Wx.T``: two small matrix products instead of per-pixel lookups.
-    """
-    gx, gy = xs / cell, ys / cell
-    x0, y0 = math.floor(gx[0]), math.floor(gy[0])
-    nx, ny = math.floor(gx[-1]) - x0 + 2, math.floor(gy[-1]) - y0 + 2
-    lattice = _unit(
-        _hash(key, np.arange(y0, y0 + ny)[:, None], np.arange(x0, x0 + nx)[None, :])
-    ).astype(np.float32)
-    out: F32 = _interp_weights(gy, y0, ny) @ lattice @ _interp_weights(gx, x0, nx).T
-    return out
+    f = f * f * (np.float32(3.0) - np.float32(2.0) * f)
+    return i, f
 
 
 def _fbm(
     key: np.uint64, xs: F64, ys: F64, px: float, octaves: tuple[tuple[float, float], ...]
 ) -> F32:
-    """Sum of value-noise octaves ``(cell, amplitude)``, mean 0.5, octaves finer
-    than the pixel faded out (normalised by the nominal amplitudes, so fading
-    changes detail but not the mean or the coarse pattern)."""
+    """Fractal value noise: octaves ``(cell metres, amplitude)``, mean 0.5.
+
+    Smoothstep value noise is separable: each octave is interpolated along x
+    on its small lattice, then along y by gathering whole rows (contiguous
+    copies). No BLAS on purpose: OpenBLAS threads even these small products
+    and then runs several times slower than one core when cores are shared.
+    Octaves finer than the pixel are faded out; the normalisation uses the
+    nominal amplitudes so fading removes detail without shifting the coarse
+    pattern.
+    """
     total = sum(a for _, a in octaves)
-    acc = np.zeros((ys.size, xs.size), dtype=np.float32)
+    acc = np.full((ys.size, xs.size), 0.5, dtype=np.float32)
     for i, (cell, amp) in enumerate(octaves):
         weight = amp * _fade(cell / px) / total
-        if weight > 0.0:
-            acc += np.float32(weight) * (_value_noise(key + np.uint64(i), xs, ys, cell) - 0.5)
-    return acc + np.float32(0.5)
+        if weight <= 0.0:
+            continue
+        gx, gy = xs / cell, ys / cell
+        x0, y0 = math.floor(gx[0]), math.floor(gy[0])
+        nx, ny = math.floor(gx[-1]) - x0 + 2, math.floor(gy[-1]) - y0 + 2
+        lattice = _unit(
+            _hash(
+                key + np.uint64(i), np.arange(y0, y0 + ny)[:, None], np.arange(x0, x0 + nx)[None, :]
+            )
+        )
+        lattice = ((lattice - 0.5) * weight).astype(np.float32)
+        ix, fx = _lattice_coords(gx, x0)
+        iy, fy = _lattice_coords(gy, y0)
+        rows = lattice[:, ix]
+        rows += (lattice[:, ix + 1] - rows) * fx
+        top = rows[iy]
+        top += (rows[iy + 1] - top) * fy[:, None]
+        acc += top
+    return acc
 
 
-def _aa(half_width: float | F32, dist: F32, px: float) -> F32:
-    """Anti-aliased coverage of a band ``|dist| < half_width`` (one-pixel ramp)."""
-    cover: F32 = np.clip((half_width - dist) / np.float32(px) + 0.5, 0.0, 1.0)
+# --------------------------------------------------------------------------- painting
+def _paint_band(
+    img: F32,
+    colour: F32,
+    dist: F32,
+    half: float,
+    ramp: float,
+    *,
+    opacity: float = 1.0,
+    texture: tuple[F32, float, float] | None = None,
+) -> None:
+    """Blend ``colour`` into a contiguous (3, H, W) image where ``dist < half``.
+
+    The edge is a linear ramp ``ramp`` wide (one pixel for shapes, which
+    anti-aliases them so a child tile averages to its parent). ``texture``
+    ``(field, scale, offset)`` multiplies the colour by ``field * scale + offset``.
+    Most layers (roads, borders, tree lines) touch few pixels, so the
+    coverage and the blend are computed only on the pixels inside the band.
+    """
+    d = dist.reshape(-1)
+    idx = np.flatnonzero(d < np.float32(half + 0.5 * ramp))
+    if idx.size == 0:
+        return
+    alpha = np.clip(
+        (np.float32(half) - d[idx]) * np.float32(1.0 / ramp) + np.float32(0.5), 0.0, 1.0
+    )
+    if opacity != 1.0:
+        alpha *= np.float32(opacity)
+    col: F32 = colour[:, None]
+    if texture is not None:
+        field, scale, offset = texture
+        col = col * (field.reshape(-1)[idx] * np.float32(scale) + np.float32(offset))
+    flat = img.reshape(3, -1)
+    if idx.size > d.size // 2:
+        # Mostly covered (a wood, a meadow): a dense pass beats gather/scatter.
+        full = np.zeros_like(d)
+        full[idx] = alpha
+        if texture is not None:
+            col = colour[:, None] * (field.reshape(-1) * np.float32(scale) + np.float32(offset))
+        flat += (col - flat) * full
+        return
+    sub = flat[:, idx]
+    sub += (col - sub) * alpha
+    flat[:, idx] = sub
+
+
+def _cover(half_width: F32, dist: F32, px: float) -> F32:
+    """Anti-aliased coverage of ``dist < half_width`` (a one-pixel ramp)."""
+    cover: F32 = np.clip((half_width - dist) * np.float32(1.0 / px) + np.float32(0.5), 0.0, 1.0)
     return cover
 
 
-def _blend(img: F32, colour: F32 | NDArray[np.float32], alpha: F32) -> None:
-    """In place: ``img = img * (1 - alpha) + colour * alpha``."""
-    a = alpha[..., None]
-    img += (colour - img) * a
+def _rgb(*values: float) -> F32:
+    return np.array(values, dtype=np.float32)
 
 
-# --------------------------------------------------------------------------- palette
+# Colours of a chernozem steppe landscape in summer (linear-ish RGB in [0, 1]).
 _CROPS = np.array(
     [
         [0.33, 0.45, 0.20],  # winter wheat, green
@@ -222,19 +281,19 @@ _CROPS = np.array(
     ],
     dtype=np.float32,
 )
-_GRASS = np.array([0.46, 0.51, 0.31], dtype=np.float32)
-_GRASS_DRY = np.array([0.60, 0.58, 0.42], dtype=np.float32)
-_BORDER = np.array([0.55, 0.55, 0.40], dtype=np.float32)
-_TRACK = np.array([0.64, 0.58, 0.47], dtype=np.float32)
-_TREE = np.array([0.15, 0.24, 0.11], dtype=np.float32)
-_WATER = np.array([0.16, 0.24, 0.27], dtype=np.float32)
-_SAND = np.array([0.66, 0.62, 0.52], dtype=np.float32)
-_ASPHALT = np.array([0.40, 0.40, 0.41], dtype=np.float32)
-_SHOULDER = np.array([0.58, 0.55, 0.48], dtype=np.float32)
+_GRASS = _rgb(0.46, 0.51, 0.31)
+_GRASS_DRY = _rgb(0.60, 0.58, 0.42)
+_BORDER = _rgb(0.55, 0.55, 0.40)
+_TRACK = _rgb(0.64, 0.58, 0.47)
+_TREE = _rgb(0.15, 0.24, 0.11)
+_WATER = _rgb(0.16, 0.24, 0.27)
+_SAND = _rgb(0.66, 0.62, 0.52)
+_ASPHALT = _rgb(0.40, 0.40, 0.41)
+_SHOULDER = _rgb(0.58, 0.55, 0.48)
 _ROOFS = np.array(
     [
         [0.62, 0.30, 0.22],  # terracotta
-        [0.55, 0.56, 0.58],  # galvanised
+        [0.55, 0.56, 0.58],  # galvanised steel
         [0.80, 0.80, 0.78],  # white
         [0.30, 0.31, 0.34],  # dark slate
         [0.40, 0.50, 0.60],  # blue-grey
@@ -243,201 +302,292 @@ _ROOFS = np.array(
     dtype=np.float32,
 )
 _GARDENS = np.array(
-    [
-        [0.30, 0.42, 0.20],
-        [0.44, 0.40, 0.30],
-        [0.36, 0.46, 0.24],
-        [0.52, 0.50, 0.36],
-    ],
+    [[0.30, 0.42, 0.20], [0.44, 0.40, 0.30], [0.36, 0.46, 0.24], [0.52, 0.50, 0.36]],
     dtype=np.float32,
 )
 
 
-# --------------------------------------------------------------------------- layers
-_MACRO_M = 2400.0  # size of a field system (one grid orientation and parcel size)
+@dataclass(frozen=True)
+class _Frame:
+    """A tile seen in a frame rotated by ``angle``.
+
+    Per-pixel coordinates are float32 and relative to the tile's first pixel
+    centre; the float64 origins carry the rest, so float32 arithmetic stays
+    exact to millimetres 2e7 m from the world origin.
+    """
+
+    rx: F32
+    ry: F32
+    cos: float
+    sin: float
+    across: F32
+    along0: float
+    across0: float
+    across_min: float
+    across_max: float
+
+    @classmethod
+    def make(cls, xs: F64, ys: F64, angle: float) -> _Frame:
+        c, s = math.cos(angle), math.sin(angle)
+        rx = (xs - xs[0]).astype(np.float32)
+        ry = (ys - ys[0]).astype(np.float32)
+        across = (ry * np.float32(c))[:, None] - (rx * np.float32(s))[None, :]
+        # The frame's extremes are at the tile's corners.
+        corners = [float(ry[j]) * c - float(rx[i]) * s for i in (0, -1) for j in (0, -1)]
+        across0 = float(ys[0] * c - xs[0] * s)
+        return cls(
+            rx,
+            ry,
+            c,
+            s,
+            across,
+            float(xs[0] * c + ys[0] * s),
+            across0,
+            across0 + min(corners),
+            across0 + max(corners),
+        )
+
+    def along(self) -> F32:
+        out: F32 = (self.rx * np.float32(self.cos))[None, :] + (self.ry * np.float32(self.sin))[
+            :, None
+        ]
+        return out
+
+    def along_at(self, idx: NDArray[np.intp]) -> F32:
+        """``along`` at flat pixel indices only (the village lots near a road)."""
+        rows, cols = np.divmod(idx, self.rx.size)
+        out: F32 = self.rx[cols] * np.float32(self.cos) + self.ry[rows] * np.float32(self.sin)
+        return out
 
 
 def _paint_fields(
-    img: F32, w: _World, xs: F64, ys: F64, macro: tuple[int, int], px: float,
-    mottle: F32, crown: F32,
-) -> None:
-    """Crop parcels of one field system into ``img`` (a view of the tile)."""
+    w: _World, xs: F64, ys: F64, macro: tuple[int, int], px: float, detail: F32
+) -> F32:
+    """Crop parcels of one field system; returns a (3, len(ys), len(xs)) block."""
     mx, my = macro
     m = _unit(_hash(w.keys["macro"], mx, my, np.arange(4)))
     theta = float(m[0]) * math.pi / 2.0  # a rectangular grid repeats every 90 degrees
     band_h = 110.0 + 170.0 * float(m[1])
     wmin = 60.0 + 60.0 * float(m[2])
     wmax = wmin + 80.0 + 180.0 * float(m[3])
-    c, s = math.cos(theta), math.sin(theta)
-    # Coordinates from the system's own corner: parcel indices stay small
-    # (a band's parcel count depends on its width, so world-origin indices
-    # of neighbouring bands would differ by millions and explode the table).
-    lx, ly = xs - mx * _MACRO_M, ys - my * _MACRO_M
-    along = lx[None, :] * c + ly[:, None] * s
-    across = ly[:, None] * c - lx[None, :] * s
+    c, s = np.float32(math.cos(theta)), np.float32(math.sin(theta))
+    # Coordinates from the system's own corner: float32 is exact enough over
+    # 2.4 km, and parcel indices stay small (world-origin indices would differ
+    # by millions between bands of different parcel widths).
+    lx = (xs - mx * _MACRO_M).astype(np.float32)
+    ly = (ys - my * _MACRO_M).astype(np.float32)
+    along = (lx * c)[None, :] + (ly * s)[:, None]
+    across = (ly * c)[:, None] - (lx * s)[None, :]
+    h32 = np.float32(band_h)
 
     # Bands of height band_h; each band is cut into parcels of its own width
-    # and offset, so parcel edges do not line up from band to band.
-    kf = np.floor(across / band_h)
-    k = kf.astype(np.int64)
-    v = (across - kf * band_h).astype(np.float32)
-    k0, k1 = int(k.min()), int(k.max())
-    # One extra row: a band's upper edge is the next band's lower edge.
-    bands = _table(w.keys["band"], (mx, mx), (my, my), (k0, k1 + 1), n_attr=5)
-    kk = k - k0
-    b_lo, b_hi = bands[kk], bands[kk + 1]
-    width = wmin + b_lo[..., 1].astype(np.float64) * (wmax - wmin)
-    shifted = along + b_lo[..., 0] * wmax
+    # and offset, so parcel edges do not line up from band to band, and each
+    # band is split lengthwise in two at its own fraction.
+    kf = np.floor(across * np.float32(1.0 / band_h))
+    v = across - kf * h32
+    k0 = int(kf.min())
+    kf -= np.float32(k0)
+    kk = kf.astype(np.intp)
+    nk = int(kk.max()) + 1
+    # One extra band: a band's upper edge is the next band's lower edge.
+    bands = _table(w.keys["band"], (mx, mx), (my, my), (k0, k0 + nk), n_attr=5)
+    width = (np.float32(wmin) + bands[:-1, 1] * np.float32(wmax - wmin))[kk]
+    split = ((np.float32(0.3) + np.float32(0.4) * bands[:-1, 2]) * h32)[kk]
+    shifted = along + (bands[:-1, 0] * np.float32(wmax))[kk]
     cf = np.floor(shifted / width)
-    u = (shifted - cf * width).astype(np.float32)
-    width32 = width.astype(np.float32)
-    split = (np.float32(0.3) + np.float32(0.4) * b_lo[..., 2]) * np.float32(band_h)
-    sub = v > split
-    ci = cf.astype(np.int64)
-    c0, c1 = int(ci.min()), int(ci.max())
-    parcels = _table(w.keys["parcel"], (mx, mx), (my, my), (k0, k1), (c0, c1), (0, 1), n_attr=7)
-    at = parcels[(kk * (c1 - c0 + 1) + (ci - c0)) * 2 + sub]
+    u = shifted - cf * width
+    c0 = int(cf.min())
+    nc = int(cf.max()) - c0 + 1
+    # Parcel row (band, parcel, half) computed in float32 (exact for these
+    # small integers), converted to an index once.
+    row_f = kf * np.float32(2 * nc) + (cf - np.float32(c0)) * np.float32(2.0)
+    row_f += v > split
+    row = row_f.astype(np.intp)
 
-    colour = _CROPS[(at[..., 0] * len(_CROPS)).astype(np.intp)]
-    colour += (at[..., 4:7] - 0.5) * np.float32(0.08)  # per-parcel hue jitter
-
-    # Plough / drill stripes along, across or diagonal to the parcel.
-    o = at[..., 1]
-    coord = np.where(o < 0.45, u, np.where(o < 0.9, v, (u + v) * np.float32(0.7071)))
-    period = np.float32(6.0) + np.float32(14.0) * at[..., 2]
-    stripe_amp = np.float32(0.28 * _fade(6.0 / px, 4.0)) * at[..., 3]
-    bright = (
-        np.float32(1.0)
-        + stripe_amp * np.sin(coord * (np.float32(2.0 * math.pi) / period))
-        + (mottle - np.float32(0.5)) * np.float32(0.9)
+    # Per-parcel colour and stripe parameters, computed on the small table.
+    p = _table(
+        w.keys["parcel"], (mx, mx), (my, my), (k0, k0 + nk - 1), (c0, c0 + nc - 1), (0, 1), n_attr=7
     )
-    colour *= bright[..., None]
+    rgb = _CROPS[(p[:, 0] * len(_CROPS)).astype(np.intp)] + (p[:, 4:7] - 0.5) * np.float32(0.08)
+    # Plough / drill stripes along, across or diagonal to the parcel, 6-20 m
+    # apart, faded where the pixel is too coarse to show them.
+    stripe = np.where(p[:, 1] < 0.45, 0.0, np.where(p[:, 1] < 0.9, 0.5 * math.pi, 0.25 * math.pi))
+    freq = 2.0 * math.pi / (6.0 + 14.0 * p[:, 2])
+    fu = (freq * np.cos(stripe)).astype(np.float32)
+    fv = (freq * np.sin(stripe)).astype(np.float32)
+    amp = np.float32(0.28 * _fade(6.0 / px, 4.0)) * p[:, 3]
+
+    # Brightness 1 + stripes + (detail - 0.5): soil mottling on top of stripes.
+    bright = np.sin(u * fu[row] + v * fv[row])
+    bright *= amp[row]
+    bright += detail
+    bright += np.float32(0.5)
+    out = np.empty((3, *v.shape), dtype=np.float32)
+    for ch in range(3):
+        np.multiply(rgb[:, ch][row], bright, out=out[ch])
 
     # Unplanted strips between parcels.
-    du = np.minimum(u, width32 - u)
-    dv = np.minimum(np.minimum(v, np.float32(band_h) - v), np.abs(v - split))
-    _blend(colour, _BORDER, _aa(1.5, np.minimum(du, dv), px))
+    dist = np.minimum(np.minimum(u, width - u), np.minimum(v, h32 - v))
+    np.minimum(dist, np.abs(v - split), out=dist)
+    _paint_band(out, _BORDER, dist, 1.5, px)
 
-    # Some band edges carry a tree line, some a dirt track.
-    edge_lo, edge_hi = v, np.float32(band_h) - v
-    inf = np.float32(np.inf)
-    d_tree = np.minimum(
-        np.where(b_lo[..., 4] < 0.22, edge_lo, inf), np.where(b_hi[..., 4] < 0.22, edge_hi, inf)
-    )
-    tree_col = _TREE * (np.float32(0.55) + np.float32(0.9) * crown)[..., None]
-    _blend(colour, tree_col, _aa(7.0, d_tree, px))
-    d_track = np.minimum(
-        np.where(b_lo[..., 3] < 0.3, edge_lo, inf), np.where(b_hi[..., 3] < 0.3, edge_hi, inf)
-    )
-    _blend(colour, _TRACK, _aa(2.5, d_track, px))
-    img[...] = colour
+    # Some band edges carry a tree line, some a dirt track, drawn on the
+    # band's lower side of the edge (one comparison instead of two).
+    for attr, limit, colour, half, textured in (
+        (4, 0.2, _TREE, 9.0, True),
+        (3, 0.3, _TRACK, 4.0, False),
+    ):
+        flagged = bands[:-1, attr] < limit
+        if flagged.any():
+            # +inf pushes unflagged bands out of reach of the band test.
+            far = np.where(flagged, np.float32(0.0), np.float32(np.inf)).astype(np.float32)
+            _paint_band(
+                out, colour, v + far[kk], half, px, texture=(detail, 1.8, 0.0) if textured else None
+            )
+    return out
 
 
-def _paint_river(img: F32, w: _World, xs: F64, ys: F64, px: float, crown: F32) -> None:
-    """Meandering rivers, 5 km apart, with sandy banks and riparian woods."""
+def _paint_river(img: F32, w: _World, xs: F64, ys: F64, px: float, detail: F32) -> None:
+    """Meandering rivers about 5 km apart, with sandy banks and riparian woods."""
     spacing, amps, waves = 5000.0, (380.0, 130.0, 45.0), (2700.0, 930.0, 310.0)
-    c, s = math.cos(w.river_angle), math.sin(w.river_angle)
-    # Cheap early exit: most tiles are nowhere near a river.
-    cx = np.array([xs[0], xs[-1], xs[0], xs[-1]])
-    cy = np.array([ys[0], ys[0], ys[-1], ys[-1]])
-    across_c = cy * c - cx * s
+    f = _Frame.make(xs, ys, w.river_angle)
     reach = sum(amps) + 120.0
-    m_lo = math.floor((across_c.min() - reach) / spacing)
-    m_hi = math.ceil((across_c.max() + reach) / spacing)
-    alive = [mi for mi in range(m_lo, m_hi + 1)
-             if _unit(_hash(w.keys["river"], mi))[()] < 0.8]
+    lo = math.ceil((f.across_min - reach) / spacing)
+    hi = math.floor((f.across_max + reach) / spacing)
+    # Most tiles are nowhere near a river: decide that from the corners.
+    alive = [m for m in range(lo, hi + 1) if _unit(_hash(w.keys["river"], m))[()] < 0.8]
     if not alive:
         return
-    along = xs[None, :] * c + ys[:, None] * s
-    across = ys[:, None] * c - xs[None, :] * s
-    phase = [2.0 * math.pi * along / wl + p for wl, p in zip(waves, w.river_phases, strict=True)]
-    centre = sum(a * np.sin(ph) for a, ph in zip(amps, phase, strict=True))
-    slope = sum(a * 2.0 * math.pi / wl * np.cos(ph)
-                for a, wl, ph in zip(amps, waves, phase, strict=True))
-    rel = across - centre
-    mi = np.floor(rel / spacing + 0.5)
-    exists = np.isin(mi.astype(np.int64), alive)
+    along = f.along()
+    centre = np.zeros_like(along)
+    slope = np.zeros_like(along)
+    for a, wl, ph in zip(amps, waves, w.river_phases, strict=True):
+        k = 2.0 * math.pi / wl
+        # Phase of the tile origin folded into [0, 2 pi) keeps float32 exact.
+        phase = along * np.float32(k) + np.float32((f.along0 * k + ph) % (2.0 * math.pi))
+        centre += np.float32(a) * np.sin(phase)
+        slope += np.float32(a * k) * np.cos(phase)
     # Perpendicular distance to the centre line, to first order in its slope.
-    dist = (np.abs(rel - mi * spacing) / np.sqrt(1.0 + slope * slope)).astype(np.float32)
-    dist = np.where(exists, dist, np.float32(np.inf))
-    half = np.float32(11.0) + np.float32(5.0) * np.sin(along / 1700.0).astype(np.float32)
-    tree_col = _TREE * (np.float32(0.5) + np.float32(1.0) * crown)[..., None]
-    _blend(img, tree_col, _aa(half + 40.0, dist, px) * np.float32(0.9))
-    _blend(img, _SAND, _aa(half + 3.0, dist, px))
-    _blend(img, _WATER, _aa(half, dist, px))
+    stretch = np.sqrt(np.float32(1.0) + slope * slope)
+    dist = np.full_like(along, np.inf)
+    for m in alive:
+        rel = f.across - np.float32(m * spacing - f.across0) - centre
+        np.minimum(dist, np.abs(rel) / stretch, out=dist)
+    half = 13.0
+    _paint_band(img, _TREE, dist, half + 40.0, px, opacity=0.9, texture=(detail, 1.8, 0.0))
+    _paint_band(img, _SAND, dist, half + 3.0, px)
+    _paint_band(img, _WATER, dist, half, px, texture=(detail, 0.4, 0.8))
 
 
-def _paint_roads(
-    img: F32, w: _World, xs: F64, ys: F64, px: float, family: int, village: F32
-) -> None:
+def _paint_roads(img: F32, w: _World, xs: F64, ys: F64, px: float, family: int) -> None:
     """One family of long straight roads, with houses and gardens in villages."""
-    spacing, half, setback, lot = (1100.0, 1500.0)[family], 3.5, 4.0, 24.0
+    spacing, half, setback, lot, depth_max = (1100.0, 1500.0)[family], 3.5, 4.0, 24.0, 70.0
     key = w.keys[f"road{family}"]
     angle = w.road_angles[family]
-    c, s = math.cos(angle), math.sin(angle)
-    along = xs[None, :] * c + ys[:, None] * s
-    across = ys[:, None] * c - xs[None, :] * s
-    mf = np.floor(across / spacing + 0.5)
-    mi = mf.astype(np.int64)
-    m0, m1 = int(mi.min()), int(mi.max())
-    lines = _table(key, (m0, m1), n_attr=2)
-    at = lines[mi - m0]
-    exists = at[..., 0] < 0.7
-    if not exists.any():
+    f = _Frame.make(xs, ys, angle)
+    reach = half + setback + depth_max + 10.0
+    lo = math.ceil((f.across_min - reach) / spacing - 0.15)
+    hi = math.floor((f.across_max + reach) / spacing + 0.15)
+    if hi < lo:
         return
-    # Lines wander up to +-15 % of the spacing so the grid is not regular.
-    d = (across - (mf + (at[..., 1] - 0.5) * 0.3) * spacing).astype(np.float32)
-    dist = np.where(exists, np.abs(d), np.float32(np.inf))
-    _blend(img, _SHOULDER, _aa(half + 1.5, dist, px))
-    _blend(img, _ASPHALT, _aa(half, dist, px))
+    # Lines exist with probability 0.7 and wander +-15 % of the spacing.
+    lines = _table(key, (lo, hi), n_attr=2)
+    alive = [
+        (lo + i, np.float32((lo + i + (float(at[1]) - 0.5) * 0.3) * spacing - f.across0))
+        for i, at in enumerate(lines)
+        if at[0] < 0.7
+    ]
+    if not alive:
+        return
+    # Signed offset from the nearest live line (usually the only one).
+    m_first, pos = alive[0]
+    d = f.across - pos
+    line: I64 | int = m_first
+    for m, pos in alive[1:]:
+        dm = f.across - pos
+        closer = np.abs(dm) < np.abs(d)
+        line = np.where(closer, m, line)
+        d = np.where(closer, dm, d)
+    dist = np.abs(d)
+    _paint_band(img, _SHOULDER, dist, half + 1.5, px)
+    _paint_band(img, _ASPHALT, dist, half, px)
 
-    # Village lots on both sides: gardens, a house with its shadow.
-    depth_max = 70.0
-    near = (dist < half + setback + depth_max) & (village > 0.5)
-    idx = np.flatnonzero(near)
+    # Lots of 24 m on both sides of the road: a garden and usually a house.
+    idx = np.flatnonzero(dist.reshape(-1) < half + setback + depth_max)
     if idx.size == 0:
         return
-    a = along.reshape(-1)[idx]
+    q0 = math.floor(f.along0 / lot)
+    a = f.along_at(idx) + np.float32(f.along0 - q0 * lot)  # from the start of lot q0
+    qf = np.floor(a * np.float32(1.0 / lot))
+    m_lo, m_hi = alive[0][0], alive[-1][0]
+    mi = np.asarray(line).reshape(-1)[idx] - m_lo if isinstance(line, np.ndarray) else line - m_lo
+    # Street villages: some 720 m stretches of road are built up from a random
+    # start to a random end. Each lot decides at its centre, so a village
+    # edge never cuts a house in half.
+    g0 = math.floor(q0 * lot / _STREET_M)
+    gpos = ((qf + np.float32(0.5)) * np.float32(lot) + np.float32(q0 * lot - g0 * _STREET_M)) * (
+        np.float32(1.0 / _STREET_M)
+    )
+    gf = np.floor(gpos)
+    gi = gf.astype(np.intp)
+    gmin = int(gi.min())
+    ng = int(gi.max()) - gmin + 1
+    streets = _table(
+        key ^ w.keys["street"], (m_lo, m_hi), (g0 + gmin, g0 + gmin + ng - 1), n_attr=3
+    )
+    st = streets[mi * ng + (gi - gmin)].T
+    frac = gpos - gf
+    built = np.flatnonzero(
+        (st[0] < 0.4)
+        & (frac > np.float32(0.35) * st[1])
+        & (frac < np.float32(1.0) - np.float32(0.35) * st[2])
+    )
+    if built.size == 0:
+        return
+    idx, a, qf = idx[built], a[built], qf[built]
+    mi = mi[built] if isinstance(mi, np.ndarray) else mi
     dd = d.reshape(-1)[idx]
-    side = (dd > 0).astype(np.int64)
-    qf = np.floor(a / lot)
-    s_along = (a - qf * lot).astype(np.float32)
+    s_along = a - qf * np.float32(lot)
     e = np.abs(dd) - np.float32(half + setback)
-    attrs = _unit(_hash(key ^ w.keys["lot"], mi.reshape(-1)[idx], qf.astype(np.int64), side,
-                        np.arange(6)[:, None])).astype(np.float32)
+    # Lot attributes from a table over (line, lot, side), gathered per pixel.
+    qi = qf.astype(np.intp)
+    qmin, qmax = int(qi.min()), int(qi.max())
+    table = _table(key ^ w.keys["lot"], (m_lo, m_hi), (q0 + qmin, q0 + qmax), (0, 1), n_attr=6)
+    attrs = table[(mi * (qmax - qmin + 1) + (qi - qmin)) * 2 + (dd > 0)].T
+    cols = img.reshape(3, -1)[:, idx]
     garden_depth = np.float32(35.0) + np.float32(35.0) * attrs[0]
-    flat = img.reshape(-1, 3)
-    px_cols = flat[idx]
-    garden = _GARDENS[(attrs[1] * len(_GARDENS)).astype(np.intp)]
+    garden = _GARDENS[(attrs[1] * len(_GARDENS)).astype(np.intp)].T
     beds = np.float32(0.9) + np.float32(0.2 * _fade(3.0 / px, 4.0)) * np.sign(
-        np.sin(s_along * np.float32(2.0 * math.pi / 3.0)))
-    _blend(px_cols, garden * beds[:, None], _aa(garden_depth / 2, np.abs(e - garden_depth / 2), px))
+        np.sin(s_along * np.float32(2.0 * math.pi / 3.0))
+    )
+    in_garden = _cover(garden_depth / 2, np.abs(e - garden_depth / 2), px)
+    cols += (garden * beds - cols) * in_garden
 
-    # Houses are kept 5 m from the lot ends so their shadows stay in the lot.
+    # Houses stay 5 m from the lot ends, so a shadow never leaves its lot.
     bw = np.float32(8.0) + np.float32(6.0) * attrs[2]
     bd = np.float32(7.0) + np.float32(5.0) * attrs[3]
     s0 = np.float32(5.0) + (np.float32(lot - 10.0) - bw) * attrs[4]
-    has_house = attrs[5] < 0.85
+    has_house = (attrs[5] < 0.85).astype(np.float32)
 
-    def inside(sa: F32, ee: F32) -> F32:
-        in_s = _aa(bw / 2, np.abs(sa - (s0 + bw / 2)), px)
-        in_e = _aa(bd / 2, np.abs(ee - bd / 2), px)
+    def house(sa: F32, ee: F32) -> F32:
+        in_s = _cover(bw / 2, np.abs(sa - (s0 + bw / 2)), px)
+        in_e = _cover(bd / 2, np.abs(ee - bd / 2), px)
         cover: F32 = in_s * in_e * has_house
         return cover
 
-    # Sun from the north-west: the shadow falls 3 m south-east in world axes.
-    sx, sy = 3.0, 3.0
-    shift_a = np.float32(sx * c + sy * s)
-    shift_b = np.float32(sy * c - sx * s)
-    e_shadow = np.abs(dd - shift_b) - np.float32(half + setback)
-    shadow = inside(s_along - shift_a, e_shadow)
-    px_cols *= (np.float32(1.0) - np.float32(0.55) * shadow)[:, None]
-    roof = _ROOFS[(attrs[1] * 7.0 % 1.0 * len(_ROOFS)).astype(np.intp)]
-    _blend(px_cols, roof, inside(s_along, e))
-    flat[idx] = px_cols
+    # Sun from the north-west: shadows fall 3 m south-east (in world axes).
+    c, s = math.cos(angle), math.sin(angle)
+    shift_a, shift_b = np.float32(3.0 * c + 3.0 * s), np.float32(3.0 * c - 3.0 * s)
+    shadow = house(s_along - shift_a, np.abs(dd - shift_b) - np.float32(half + setback))
+    cols *= np.float32(1.0) - np.float32(0.55) * shadow
+    roof = _ROOFS[(attrs[1] * 7.0 % 1.0 * len(_ROOFS)).astype(np.intp)].T
+    cols += (roof - cols) * house(s_along, e)
+    img.reshape(3, -1)[:, idx] = cols
 
 
 # --------------------------------------------------------------------------- tiles
+
+
 def render_tile(z: int, x: int, y: int, seed: int) -> NDArray[np.uint8]:
     """Render XYZ tile ``z/x/y`` of the synthetic world ``seed`` as (256, 256, 3) RGB."""
     if not (0 <= z <= 24 and 0 <= x < 2**z and 0 <= y < 2**z):
@@ -449,15 +599,14 @@ def render_tile(z: int, x: int, y: int, seed: int) -> NDArray[np.uint8]:
     ys = y * TILE_SIZE * px + centres
     k = w.keys
 
-    mottle = _fbm(k["mottle"], xs, ys, px, ((60.0, 1.0), (18.0, 0.6), (6.0, 0.4)))
-    crown = _fbm(k["crown"], xs, ys, px, ((14.0, 1.0), (5.0, 0.8)))
-    village = _fbm(k["village"], xs, ys, px, ((2600.0, 1.0), (800.0, 0.5)))
-    forest = _fbm(k["forest"], xs, ys, px, ((1800.0, 1.0), (600.0, 0.5), (190.0, 0.3)))
-    light = _fbm(k["light"], xs, ys, px, ((900.0, 1.0), (300.0, 0.7), (90.0, 0.5), (30.0, 0.4)))
-
-    img = np.empty((TILE_SIZE, TILE_SIZE, 3), dtype=np.float32)
+    # One multi-scale texture field serves as soil mottling, crop density,
+    # tree crowns and illumination: 300 m down to 5 m.
+    detail = _fbm(
+        k["detail"], xs, ys, px, ((300.0, 0.6), (90.0, 0.6), (30.0, 0.6), (12.0, 0.6), (5.0, 0.6))
+    )
+    img = np.empty((3, TILE_SIZE, TILE_SIZE), dtype=np.float32)
     # Field systems are axis-aligned squares, so inside a tile each is a block
-    # of rows x columns and is painted on a slice (no per-pixel masks).
+    # of rows x columns and is painted on a slice, without per-pixel masks.
     mxs = np.floor(xs / _MACRO_M).astype(np.int64)
     mys = np.floor(ys / _MACRO_M).astype(np.int64)
     for my in np.unique(mys):
@@ -466,23 +615,28 @@ def render_tile(z: int, x: int, y: int, seed: int) -> NDArray[np.uint8]:
         for mx in np.unique(mxs):
             cols = np.flatnonzero(mxs == mx)
             cs = slice(int(cols[0]), int(cols[-1]) + 1)
-            _paint_fields(img[r, cs], w, xs[cs], ys[r], (int(mx), int(my)), px,
-                          mottle[r, cs], crown[r, cs])
+            img[:, r, cs] = _paint_fields(w, xs[cs], ys[r], (int(mx), int(my)), px, detail[r, cs])
 
-    # Meadows between field systems' fields and woods.
-    grass = _fbm(k["grass"], xs, ys, px, ((400.0, 1.0), (40.0, 0.5)))
-    meadow = np.clip((np.float32(0.40) - grass) * np.float32(25.0) + np.float32(0.5), 0.0, 1.0)
-    meadow_col = _GRASS + (_GRASS_DRY - _GRASS) * mottle[..., None]
-    _blend(img, meadow_col, meadow)
-    woods = np.clip((forest - np.float32(0.6)) * np.float32(14.0), 0.0, 1.0)
-    _blend(img, _TREE * (np.float32(0.5) + np.float32(1.0) * crown)[..., None], woods)
+    # Meadows and woods come and go with one km-scale noise: woods where it is
+    # high, meadows where it is low, fields in between.
+    forest = _fbm(k["forest"], xs, ys, px, ((1800.0, 1.0), (600.0, 0.5), (190.0, 0.3)))
+    # Meadows are abandoned fields: the parcel pattern still shows through, so
+    # a tile inside a meadow keeps structure.
+    _paint_band(img, _GRASS, forest, 0.31, 0.04, opacity=0.75, texture=(detail, 1.0, 0.5))
+    _paint_band(img, _TREE, -forest, -0.63, 0.07, texture=(detail, 1.8, 0.0))
 
-    _paint_river(img, w, xs, ys, px, crown)
+    _paint_river(img, w, xs, ys, px, detail)
     for family in (0, 1):
-        _paint_roads(img, w, xs, ys, px, family, village)
+        _paint_roads(img, w, xs, ys, px, family)
 
-    img *= (np.float32(0.8) + np.float32(0.4) * light)[..., None]
-    out: NDArray[np.uint8] = np.clip(img * 255.0 + 0.5, 0.0, 255.0).astype(np.uint8)
+    # Illumination and haze, folded into the 0-255 scaling.
+    light = detail * np.float32(0.4 * 255.0)
+    light += np.float32(0.8 * 255.0)
+    img *= light
+    np.clip(img, 0.0, 255.0, out=img)
+    out = np.empty((TILE_SIZE, TILE_SIZE, 3), dtype=np.uint8)
+    for ch in range(3):
+        out[..., ch] = img[ch]  # casts while interleaving: one pass per channel
     return out
 
 

@@ -1,0 +1,174 @@
+"""The build flow end to end through the CLI, on the real Prefect API (test harness)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from takeoff_cache.demo.synthetic import replace_tile_bytes
+from takeoff_cache.keys import load_trust_store
+from takeoff_cache.verify import verify_cache
+
+from ._cli import run_cli
+from .conftest import Demo
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+PHASES = {
+    "validate",
+    "lock",
+    "select",
+    "identity",
+    "noop",
+    "engines",
+    "descriptors",
+    "manifest",
+    "coverage",
+    "commit",
+}
+
+
+def build(capsys: pytest.CaptureFixture[str], demo: Demo, *extra: str) -> dict:
+    result = run_cli(capsys, *demo.build_args("--json", *extra))
+    assert result.code == 0, result.err
+    return result.json()
+
+
+def manifest_of(demo: Demo) -> dict:
+    return json.loads((demo.cache / "Manifest.json").read_text())["signed"]
+
+
+def test_first_build_succeeds_and_verifies(capsys: pytest.CaptureFixture[str], demo: Demo) -> None:
+    report = build(capsys, demo)
+    assert report["outcome"] == "success"
+    assert report["engines_built"] == 2 and report["engines_reused"] == 0
+    assert report["tiles"] == 80
+    assert report["descriptors_generated"] == 80 and report["descriptors_reused"] == 0
+    assert set(report["phases"]) == PHASES
+    assert report["manifest_path"] == str(demo.cache / "Manifest.json")
+    manifest = verify_cache(demo.cache, load_trust_store(demo.trust))
+    assert manifest.build_identity == report["manifest_hash"]
+    kinds = sorted(a.kind for a in manifest.artifacts)
+    assert kinds == ["engine", "engine", "faiss_index", "tile_map"]
+    assert not (demo.cache / ".staging").exists()
+
+
+def test_second_build_is_a_noop_that_writes_nothing(
+    capsys: pytest.CaptureFixture[str], demo: Demo
+) -> None:
+    build(capsys, demo)
+    path = demo.cache / "Manifest.json"
+    before = (path.read_bytes(), path.stat().st_mtime_ns)
+    report = build(capsys, demo)
+    assert report["outcome"] == "idempotent_no_op"
+    assert report["engines_built"] == 0 and report["descriptors_generated"] == 0
+    assert (path.read_bytes(), path.stat().st_mtime_ns) == before
+
+
+def test_each_tile_descriptor_retrieves_its_own_tile(
+    capsys: pytest.CaptureFixture[str], demo: Demo
+) -> None:
+    build(capsys, demo)
+    artifacts = {a["kind"]: a for a in manifest_of(demo)["artifacts"]}
+    index = faiss.read_index(str(demo.cache / artifacts["faiss_index"]["path"]))
+    rows = json.loads((demo.cache / artifacts["tile_map"]["path"]).read_text())["rows"]
+    assert index.ntotal == len(rows) == 80
+    vectors = index.reconstruct_n(0, index.ntotal)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+    _, found = index.search(vectors, 1)
+    assert (found[:, 0] == np.arange(len(rows))).all()
+
+
+def test_deleted_artifact_is_rebuilt_not_served_from_prefect_cache(
+    capsys: pytest.CaptureFixture[str], demo: Demo
+) -> None:
+    build(capsys, demo)
+    index = next(a for a in manifest_of(demo)["artifacts"] if a["kind"] == "faiss_index")
+    (demo.cache / index["path"]).unlink()
+    for stored in (demo.work / "indexes").iterdir():
+        stored.unlink()
+    report = build(capsys, demo)
+    assert report["outcome"] == "success"
+    assert report["descriptors_reused"] == 80  # from the descriptor store, not recomputed
+    verify_cache(demo.cache, load_trust_store(demo.trust))
+
+
+def test_corrupted_engine_is_recompiled_and_cache_verifies(
+    capsys: pytest.CaptureFixture[str], demo: Demo
+) -> None:
+    build(capsys, demo)
+    engine = next(a for a in manifest_of(demo)["artifacts"] if a["kind"] == "engine")
+    path = demo.cache / engine["path"]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))  # in place: the store's hard-linked copy is damaged too
+    report = build(capsys, demo)
+    assert report["outcome"] == "success"
+    assert report["engines_built"] == 1 and report["engines_reused"] == 1
+    verify_cache(demo.cache, load_trust_store(demo.trust))
+
+
+def test_changed_tile_reembeds_only_that_tile_and_retires_old_index(
+    capsys: pytest.CaptureFixture[str], demo: Demo
+) -> None:
+    build(capsys, demo)
+    old_index = next(
+        a["path"] for a in manifest_of(demo)["artifacts"] if a["kind"] == "faiss_index"
+    )
+    import io
+
+    from PIL import Image
+
+    from takeoff_cache.demo.synthetic import render_tile
+
+    buf = io.BytesIO()
+    Image.fromarray(render_tile(17, 0, 0, seed=99)).save(buf, "JPEG", quality=85)
+    z, x, y = [
+        int(v)
+        for v in json.loads((demo.cache / old_index.replace(".faiss", ".tiles.json")).read_text())[
+            "rows"
+        ][5]
+    ]
+    replace_tile_bytes(demo.corpus, z, x, y, buf.getvalue())
+    report = build(capsys, demo)
+    assert report["outcome"] == "success"
+    assert report["descriptors_generated"] == 1 and report["descriptors_reused"] == 79
+    assert report["engines_built"] == 0
+    signed = manifest_of(demo)
+    assert signed["version"] == 2
+    assert not (demo.cache / old_index).exists()
+    verify_cache(demo.cache, load_trust_store(demo.trust))
+
+
+def test_request_flags_override_the_request_file(
+    capsys: pytest.CaptureFixture[str], demo: Demo
+) -> None:
+    report = build(capsys, demo, "--zoom", "16")
+    assert report["tiles"] == 16
+    assert manifest_of(demo)["request"]["zoom_levels"] == [16]
+
+
+def test_build_runs_as_a_subprocess_with_json_report(demo: Demo) -> None:
+    """The installed console script, in a fresh process with its own ephemeral Prefect API."""
+    import subprocess
+    import sys
+
+    env = {**os.environ}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "takeoff_cache.cli", *demo.build_args("--json")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["outcome"] == "success"
+    assert "Traceback" not in proc.stderr
+    assert Path(report["manifest_path"]).is_file()
