@@ -12,8 +12,8 @@ from typing import Any
 
 from prefect import flow
 
-from takeoff_cache import commit
-from takeoff_cache.errors import BadTilesError, TakeoffCacheError
+from takeoff_cache import commit, faults
+from takeoff_cache.errors import BadTilesError, CacheIOError, TakeoffCacheError
 from takeoff_cache.layout import MANIFEST_NAME
 from takeoff_cache.report import BuildReport
 from takeoff_cache.workdir import resolve_work_dir
@@ -29,8 +29,20 @@ class _Phases:
         start = time.perf_counter()
         try:
             yield
+        except OSError as exc:
+            if isinstance(exc, TakeoffCacheError):
+                raise
+            # The disk failed under library code that had no better name for it.
+            raise CacheIOError(f"{name}: {_os_error_text(exc)}") from exc
         finally:
             self.report.phases[name] = round(time.perf_counter() - start, 4)
+        faults.checkpoint(f"flow.after_{name}")
+
+
+def _os_error_text(exc: OSError) -> str:
+    files = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+    reason = exc.strerror or str(exc)
+    return f"{files}: {reason}" if files else reason
 
 
 @flow(name="build-cache", validate_parameters=False, persist_result=False, log_prints=False)
@@ -107,6 +119,7 @@ def build_cache(
         staging = commit.prepare_staging(root)
         with phase("engines"):
             records, described, staged = t.engines(validated, work, staging)
+            report.precision_drift = t.int8_drift(validated, records, work)
         report.engines_built = sum(r.built for r in records)
         report.engines_reused = len(records) - report.engines_built
         with phase("descriptors"):
@@ -140,7 +153,10 @@ def build_cache(
         if held is not None:
             if staging is not None:
                 if committed:
-                    commit.recover(validated.request.cache_root, validated.trusted)
+                    # If the disk still fails, staging stays and verify still
+                    # accepts the cache; the next build's lock phase settles it.
+                    with contextlib.suppress(OSError):
+                        commit.recover(validated.request.cache_root, validated.trusted)
                 else:
                     commit.discard_staging(validated.request.cache_root)
             held.release()

@@ -28,6 +28,7 @@ from prefect.context import TaskRunContext
 from takeoff_cache import (
     __version__,
     artifacts,
+    calibration,
     commit,
     corpus,
     coverage,
@@ -168,6 +169,30 @@ def engines(
     return records, described, staged
 
 
+@task(name="int8-drift", cache_policy=NO_CACHE, persist_result=False)
+def int8_drift(
+    validated: ValidatedRequest, records: list[EngineRecord], work_dir: Path
+) -> dict[str, float]:
+    """How far the int8 place-recognition engine's descriptors are from fp32 ones."""
+    req = validated.request
+    backbone = place_recognition(validated.backbones)
+    record = next(r for r in records if r.backbone == backbone.name)
+    if req.precision != "int8" or req.calibration is None:
+        return {}
+    reference = compile_engine(
+        backbone, validated.backend.name, "fp32", None, None, str(work_dir), return_state=True
+    ).result()
+    output = backbone.output or ""
+    quantized = validated.backend.load(Path(record.store_path), backbone, output)
+    original = validated.backend.load(Path(reference.store_path), backbone, output)
+    samples = calibration.load_samples(req.calibration)
+    return {
+        backbone.name: round(
+            calibration.mean_cosine(quantized.run, original.run, samples, backbone.input), 6
+        )
+    }
+
+
 def _index_stem(backbone: str, desc_key: str) -> str:
     return f"{backbone}.{desc_key[:12]}"
 
@@ -230,10 +255,11 @@ def build_index(
     req = validated.request
     store = descriptors.DescriptorStore(Path(work_dir) / "descriptors.sqlite")
     progress = _Progress(artifact_key("descriptors", req.cache_root))
+    space = descriptors.descriptor_space(record.key, backbone.input)
     try:
         runner = validated.backend.load(Path(record.store_path), backbone, backbone.output or "")
         result = descriptors.embed_tiles(
-            selection, req.corpus, runner.run, backbone.input, record.key, store, progress=progress
+            selection, req.corpus, runner.run, backbone.input, space, store, progress=progress
         )
         if result.bad_tiles:
             # Raised, not returned: Prefect never caches a failed run.
@@ -241,7 +267,7 @@ def build_index(
         files = descriptors.write_index(
             selection,
             store,
-            record.key,
+            space,
             Path(work_dir) / "indexes",
             _index_stem(backbone.name, desc_key),
         )
@@ -261,7 +287,8 @@ def descriptors_phase(
 ) -> tuple[descriptors.EmbedResult, list[Artifact], list[str]]:
     backbone = place_recognition(validated.backbones)
     record = next(r for r in records if r.backbone == backbone.name)
-    desc_key = descriptors.descriptor_key(record.key, selection.fingerprint)
+    space = descriptors.descriptor_space(record.key, backbone.input)
+    desc_key = descriptors.descriptor_key(space, selection.fingerprint)
     state = build_index(
         validated, selection, backbone, record, desc_key, str(work_dir), return_state=True
     )

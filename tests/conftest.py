@@ -13,8 +13,12 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from ._procs import PrefectServer
 
 _PREFECT_HOME = tempfile.mkdtemp(prefix="takeoff-cache-prefect-")
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
@@ -55,6 +59,19 @@ def prefect_harness() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[PrefectServer]:
+    """One real ``prefect server start`` for every test that runs builds as subprocesses."""
+    from ._procs import PrefectServer
+
+    server = PrefectServer()
+    try:
+        server.wait_healthy()
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

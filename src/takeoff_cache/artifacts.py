@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .descriptors import INDEX_TYPE, METRIC, IndexFiles
+from .descriptors import METRIC, IndexFiles
 from .engines.store import EngineRecord
 from .fsutil import link_or_copy
 from .manifest import Artifact
@@ -49,11 +49,15 @@ def index_artifacts(
                 "backbone": backbone,
                 "engine_key": engine_key,
                 "descriptor_key": descriptor_key,
-                "index_type": INDEX_TYPE,
+                "index_type": files.index_type,
                 "dimension": files.dimension,
                 "count": files.count,
                 "metric": METRIC,
                 "tile_map": f"{INDEX_DIR}/{tile_map.name}",
+                # Exact search for "Flat"; else measured on held-out queries at this nprobe.
+                "recall_at_1": files.recall_at_1,
+                "recall_queries": files.recall_queries,
+                **({"nprobe": files.nprobe} if files.nprobe is not None else {}),
             },
         ),
         Artifact(

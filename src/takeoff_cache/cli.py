@@ -32,6 +32,8 @@ def _prefect_env(verbose: bool) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY", "false")
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+    # The embedded API starts in a subprocess; on a busy 2-core host 20 s is not enough.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     if not verbose:
         # Run logs still reach the Prefect API (and UI); only the terminal copy is muted,
         # so an operator sees our one-line errors, not Prefect's tracebacks.
@@ -170,25 +172,27 @@ def _host_for(cache_root: Path, get_backend: Callable[[str], Any]) -> dict[str, 
     return identity
 
 
+def _partial_request(args: argparse.Namespace, fillers: dict[str, str]) -> Any:
+    """A request for commands that need only some fields; the rest get inert fillers."""
+    from .request import parse_request
+
+    raw = _raw_request(args)
+    for name, filler in fillers.items():
+        raw.setdefault(name, filler)
+    return parse_request(raw)
+
+
+_NO_AREA = {"bbox": "0,0,1,1", "zoom_levels": "0", "corpus": "."}
+_NO_TARGET = {"sector_class": "stable_rear", "cache_root": ".", "key": ".", "trust": "."}
+
+
 def cmd_compile_engines(args: argparse.Namespace) -> int:
     from .engines.store import ensure_engine
-    from .request import parse_request
     from .validate import check_engine_inputs
     from .workdir import resolve_work_dir
 
-    raw = _raw_request(args)
-    # Only what engines need: no corpus, cache root or key.
-    for name, filler in (
-        ("bbox", "0,0,1,1"),
-        ("zoom_levels", "0"),
-        ("sector_class", "stable_rear"),
-        ("corpus", "."),
-        ("cache_root", "."),
-        ("key", "."),
-        ("trust", "."),
-    ):
-        raw.setdefault(name, filler)
-    request = parse_request(raw)
+    # Only what engines need: no corpus, no cache root, no key, no lock.
+    request = _partial_request(args, {**_NO_AREA, **_NO_TARGET})
     backbones, calibration_sha, backend = check_engine_inputs(request, args.backend)
     work = resolve_work_dir(args.work_dir)
     for backbone in backbones:
@@ -196,6 +200,25 @@ def cmd_compile_engines(args: argparse.Namespace) -> int:
             backbone, backend, request.precision, request.calibration, calibration_sha, work
         )
         print(f"{'built ' if record.built else 'reused'} {backbone.name}: {record.store_path}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibration import write_calibration
+    from .corpus import select_tiles
+    from .validate import check_corpus
+
+    request = _partial_request(
+        args, {**_NO_TARGET, "backbones": ".", "precision": "fp32", "calibration": ""}
+    )
+    if args.tiles < 1:
+        raise InvalidRequestError(f"tiles: {args.tiles} must be at least 1")
+    if not args.out.parent.is_dir():
+        raise InvalidRequestError(f"out: folder {args.out.parent} does not exist")
+    check_corpus(request.corpus)
+    selection = select_tiles(request.corpus, request.bbox.as_tuple(), request.zoom_levels)
+    count = write_calibration(args.out, selection, request.corpus, args.tiles, args.seed)
+    print(f"wrote {args.out}: {count} calibration tiles sampled from {len(selection.tiles)}")
     return 0
 
 
@@ -315,6 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile-engines", help="compile or reuse engines in the work folder only")
     _request_args(p, with_options=False)
     p.set_defaults(func=cmd_compile_engines)
+
+    p = sub.add_parser("calibrate", help="sample corpus tiles into an INT8 calibration file")
+    _request_args(p, with_options=False)
+    p.add_argument("--out", type=Path, required=True, help="calibration file to write (.npz)")
+    p.add_argument("--tiles", type=int, default=128, help="how many tiles to sample")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("keygen", help="write a new Ed25519 key pair")
     p.add_argument("keyfile", type=Path)

@@ -21,9 +21,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import VerificationError
+from .errors import CacheIOError, VerificationError
+from .faults import checkpoint
 from .fsutil import atomic_write_bytes, fsync_dir
 from .keys import TrustedKey
 from .layout import MANIFEST_NAME, PENDING_MANIFEST, RETIRED_MANIFEST, STAGING_NAME
@@ -40,6 +43,17 @@ def _listed_paths(data: bytes) -> set[str]:
         return {a["path"] for a in doc["signed"]["artifacts"] if isinstance(a.get("path"), str)}
     except (ValueError, KeyError, TypeError, AttributeError):
         return set()
+
+
+@contextmanager
+def _step(what: str) -> Iterator[None]:
+    """Name the step in the one line an operator sees when the disk fails under it."""
+    try:
+        yield
+    except CacheIOError:
+        raise
+    except OSError as exc:
+        raise CacheIOError(f"commit: cannot {what}: {exc.strerror or exc}") from exc
 
 
 def _remove_file(cache_root: Path, rel: str) -> None:
@@ -70,7 +84,9 @@ def recover(cache_root: Path, trusted: tuple[TrustedKey, ...]) -> bool:
         except (OSError, VerificationError):
             continue
         for rel in sorted(_listed_paths(data) - current):
+            checkpoint("recover.remove", cache_root / rel)
             _remove_file(cache_root, rel)
+    checkpoint("recover.cleanup", staging)
     shutil.rmtree(staging, ignore_errors=True)
     fsync_dir(cache_root)
     return True
@@ -79,7 +95,9 @@ def recover(cache_root: Path, trusted: tuple[TrustedKey, ...]) -> bool:
 def prepare_staging(cache_root: Path) -> Path:
     staging = staging_dir(cache_root)
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    with _step(f"create {staging}"):
+        checkpoint("commit.staging", staging)
+        staging.mkdir()
     return staging
 
 
@@ -97,31 +115,47 @@ def commit(
 ) -> list[str]:
     """Make the staged build the cache; return the paths only the old manifest had (deleted)."""
     staging = staging_dir(cache_root)
-    atomic_write_bytes(staging / PENDING_MANIFEST, manifest_bytes)
+    pending = staging / PENDING_MANIFEST
+    with _step(f"write {pending}"):
+        atomic_write_bytes(pending, manifest_bytes)
     touched: set[Path] = set()
     # Artifact names carry their content key, so a staged file that lands on an
     # existing path replaces it with the same bytes: the old manifest stays true.
     for rel in staged:
         dst = cache_root / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging / rel, dst)
+        with _step(f"move {staging / rel} to {dst}"):
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            checkpoint("commit.move", dst)
+            os.replace(staging / rel, dst)
         touched.add(dst.parent)
-    for folder in sorted(touched):
-        fsync_dir(folder)
+    with _step(f"sync {cache_root}"):
+        for folder in sorted(touched):
+            fsync_dir(folder)
     current = cache_root / MANIFEST_NAME
     retired = staging / RETIRED_MANIFEST
-    if current.exists():
-        try:
-            os.link(current, retired)
-        except OSError:
-            atomic_write_bytes(retired, current.read_bytes())
-        fsync_dir(staging)
-    os.replace(staging / PENDING_MANIFEST, current)
-    fsync_dir(cache_root)
+    with _step(f"keep the previous manifest as {retired}"):
+        checkpoint("commit.retire", retired)
+        if current.exists():
+            try:
+                os.link(current, retired)
+            except OSError:
+                atomic_write_bytes(retired, current.read_bytes())
+            fsync_dir(staging)
+    with _step(f"rename {pending} to {current}"):
+        checkpoint("commit.switch", current)
+        os.replace(pending, current)
+        fsync_dir(cache_root)
+    # Past the commit point: the new manifest is in force. A failure below leaves
+    # old files that the retired manifest still vouches for until recover() runs.
     old_paths = {a.path for a in previous.artifacts} if previous else set()
     removed = sorted(old_paths - new_paths)
     for rel in removed:
-        _remove_file(cache_root, rel)
-    shutil.rmtree(staging, ignore_errors=True)
-    fsync_dir(cache_root)
+        with _step(f"delete {cache_root / rel}"):
+            checkpoint("commit.delete", cache_root / rel)
+            _remove_file(cache_root, rel)
+    with _step(f"remove {staging}"):
+        checkpoint("commit.cleanup", staging)
+        shutil.rmtree(staging, ignore_errors=True)
+        checkpoint("commit.done", cache_root)
+        fsync_dir(cache_root)
     return removed

@@ -1,21 +1,30 @@
 """The descriptors phase: embed the selected tiles, reuse what was embedded before, write the index.
 
-Decoding runs in worker threads while the engine infers the previous batch
-(Pillow and ONNX Runtime both release the GIL). Per-tile descriptors live in
-the descriptor store of the work folder, keyed by (engine key, tile SHA-256),
-so a rebuild after a corpus change embeds only the tiles that changed.
+Embedding is a pipeline: worker threads read and decode batches (Pillow,
+SQLite and NumPy release the GIL) into reusable buffers while the engine
+infers the previous batch on the calling thread, and only a few batches are
+ever in flight. Per-tile descriptors live in the descriptor store of the work
+folder, keyed by descriptor space (engine key, input spec, preprocessing) and
+tile SHA-256, so a rebuild after a corpus change embeds only the tiles that
+changed.
+
+Nothing corpus-sized is held in memory but the index itself: the store is
+looked up and the index filled chunk by chunk, in row order.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -24,70 +33,166 @@ from PIL.Image import DecompressionBombError
 from .backbones import InputSpec
 from .canonical import content_key
 from .corpus import Corpus, Tile, TileSelection, open_corpus
-from .errors import DescriptorError
-from .fsutil import atomic_write_bytes, fsync_file, sha256_file
-from .preprocess import Normalizer, decode_tile
+from .errors import CorpusError, DescriptorError
+from .fsutil import fsync_dir, fsync_file, sha256_file
+from .preprocess import PREPROCESS_ID, Normalizer, decode_into
 
 Progress = Callable[[int, int], None]
-INDEX_TYPE = "Flat"
 METRIC = "inner_product"  # on L2-normalized vectors: cosine similarity
+
+# Up to this many tiles the index is exact (brute force); a query over 100k
+# 336-d vectors is ~34 M multiply-adds, a few ms even on a Jetson CPU.
+EXACT_INDEX_MAX = 100_000
+# An approximate index must find the exact top-1 for this share of held-out queries.
+RECALL_TARGET = 0.99
+# IVF lists keep full float32 vectors up to this size, 8-bit scalar codes beyond it.
+FLAT_CODES_MAX_BYTES = 2 << 30
+INDEX_FORMAT = 2
+
+BATCH_SIZE = 32
+# Rows per store lookup and per index chunk: bounds memory, amortizes queries.
+CHUNK_ROWS = 4096
+_SQL_VARS = 500
+_NORM_TOLERANCE = 1e-3
+
+
+def descriptor_space(engine_key: str, spec: InputSpec) -> str:
+    """Which descriptors are interchangeable: same engine, same input spec, same preprocessing.
+
+    The engine key alone is not enough: mean/std and size live in the
+    backbones file, not in the model bytes.
+    """
+    return content_key(
+        {
+            "engine_key": engine_key,
+            "input": {
+                "name": spec.name,
+                "size": spec.size,
+                "channels": spec.channels,
+                "mean": list(spec.mean),
+                "std": list(spec.std),
+            },
+            "preprocess": PREPROCESS_ID,
+        }
+    )
+
+
+def descriptor_key(space: str, fingerprint: str) -> str:
+    """Content key of an index: its descriptors, its tiles and the index policy."""
+    return content_key(
+        {
+            "descriptor_space": space,
+            "corpus_fingerprint": fingerprint,
+            "metric": METRIC,
+            "exact_index_max": EXACT_INDEX_MAX,
+            "recall_target": RECALL_TARGET,
+            "flat_codes_max_bytes": FLAT_CODES_MAX_BYTES,
+            "format": INDEX_FORMAT,
+        }
+    )
+
+
+def _valid(vec: np.ndarray, dim: int | None) -> bool:
+    """Only unit-length, finite vectors of the expected size are ever served."""
+    if vec.size == 0 or (dim is not None and vec.size != dim):
+        return False
+    norm = float(np.dot(vec, vec))
+    return math.isfinite(norm) and abs(norm - 1.0) <= 2 * _NORM_TOLERANCE
 
 
 class DescriptorStore:
     """SQLite table of L2-normalized float32 descriptors, shared by every cache of a work folder.
 
-    SQLite's journal makes each batch's insert all-or-nothing, so a killed
-    build never leaves a half-written vector; vectors of the wrong length are
-    treated as absent rather than served.
+    Each batch is one transaction, and SQLite's write-ahead log makes it
+    all-or-nothing, so a killed build never leaves a half-written vector.
+    ``synchronous=NORMAL`` skips the fsync per commit: a power cut may lose the
+    last batches (they are recomputed), never corrupt the table. Vectors that
+    are not finite and unit-length are treated as absent, never served.
     """
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._db = sqlite3.connect(path, timeout=60, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS descriptors (engine_key TEXT NOT NULL,"
-            " tile_sha256 TEXT NOT NULL, vector BLOB NOT NULL,"
-            " PRIMARY KEY (engine_key, tile_sha256)) WITHOUT ROWID"
-        )
-        self._db.commit()
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS descriptors (engine_key TEXT NOT NULL,"
+                " tile_sha256 TEXT NOT NULL, vector BLOB NOT NULL,"
+                " PRIMARY KEY (engine_key, tile_sha256)) WITHOUT ROWID"
+            )
+            self._db.commit()
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise DescriptorError(f"descriptor store {path}: {exc}") from exc
 
-    def get(self, engine_key: str, shas: list[str], dim: int | None) -> dict[str, np.ndarray]:
-        found: dict[str, np.ndarray] = {}
-        for start in range(0, len(shas), 500):
-            chunk = shas[start : start + 500]
+    def _rows(self, space: str, shas: Sequence[str]) -> Iterator[tuple[str, bytes]]:
+        for start in range(0, len(shas), _SQL_VARS):
+            chunk = shas[start : start + _SQL_VARS]
             marks = ",".join("?" * len(chunk))
-            rows = self._db.execute(
+            yield from self._db.execute(
                 f"SELECT tile_sha256, vector FROM descriptors WHERE engine_key = ?"
                 f" AND tile_sha256 IN ({marks})",
-                [engine_key, *chunk],
+                [space, *chunk],
             )
-            for sha, blob in rows:
-                vec = np.frombuffer(blob, dtype=np.float32)
-                if (dim is None or vec.size == dim) and vec.size and np.all(np.isfinite(vec)):
-                    found[sha] = vec
+
+    def get(self, space: str, shas: Sequence[str], dim: int | None) -> dict[str, np.ndarray]:
+        """The valid stored vectors among ``shas``; call it per chunk, never for a whole corpus."""
+        found: dict[str, np.ndarray] = {}
+        for sha, blob in self._rows(space, shas):
+            vec = np.frombuffer(blob, dtype=np.float32)
+            if _valid(vec, dim):
+                found[sha] = vec
         return found
 
-    def put(self, engine_key: str, shas: list[str], vectors: np.ndarray) -> None:
+    def have(self, space: str, shas: Sequence[str]) -> set[str]:
+        """Which of ``shas`` have a valid stored vector."""
+        return {
+            sha
+            for sha, blob in self._rows(space, shas)
+            if len(blob) % 4 == 0 and _valid(np.frombuffer(blob, dtype=np.float32), None)
+        }
+
+    def put(self, space: str, shas: Sequence[str], vectors: np.ndarray) -> None:
+        rows = np.ascontiguousarray(vectors, dtype=np.float32)
         with self._db:
             self._db.executemany(
                 "INSERT OR REPLACE INTO descriptors VALUES (?, ?, ?)",
-                [
-                    (engine_key, sha, vectors[i].astype(np.float32).tobytes())
-                    for i, sha in enumerate(shas)
-                ],
+                [(space, sha, rows[i].tobytes()) for i, sha in enumerate(shas)],
             )
+
+    def integrity_problems(self) -> list[str]:
+        """SQLite's own check of the file; empty when the database is sound."""
+        rows = [str(r[0]) for r in self._db.execute("PRAGMA integrity_check")]
+        return [] if rows == ["ok"] else rows
 
     def close(self) -> None:
         self._db.close()
+
+
+@dataclass
+class EmbedStats:
+    """Seconds spent per stage, summed over threads (so stages may add up to more than wall)."""
+
+    read_s: float = 0.0
+    decode_s: float = 0.0
+    preprocess_s: float = 0.0
+    inference_s: float = 0.0
+    store_s: float = 0.0
+    lookup_s: float = 0.0
+    wait_s: float = 0.0  # inference thread idle, waiting for a decoded batch
+    wall_s: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in self.__dict__.items()}
 
 
 @dataclass(frozen=True)
 class EmbedResult:
     generated: int
     reused: int
-    bad_tiles: tuple[str, ...]  # "z/x/y: reason"
+    bad_tiles: tuple[str, ...]  # "z/x/y: reason", in tile order
 
 
 @dataclass(frozen=True)
@@ -98,18 +203,10 @@ class IndexFiles:
     count: int
     index_sha256: str
     map_sha256: str
-
-
-def descriptor_key(engine_key: str, fingerprint: str) -> str:
-    return content_key(
-        {
-            "engine_key": engine_key,
-            "corpus_fingerprint": fingerprint,
-            "index_type": INDEX_TYPE,
-            "metric": METRIC,
-            "format": 1,
-        }
-    )
+    index_type: str = "Flat"
+    nprobe: int | None = None
+    recall_at_1: float = 1.0
+    recall_queries: int = 0
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
@@ -119,48 +216,100 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     return out
 
 
-class _Decoder:
-    """Reads and decodes batches in worker threads, each with its own corpus handle."""
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, CorpusError):
+        return "gone from the corpus"
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:80]
 
-    def __init__(self, corpus_path: Path, spec: InputSpec) -> None:
+
+@dataclass
+class _Decoded:
+    tiles: list[Tile]
+    batch: np.ndarray  # the whole reusable buffer; rows [:len(tiles)] are filled
+    bad: list[tuple[Tile, str]]
+    read_s: float
+    decode_s: float
+    preprocess_s: float
+
+
+class _Decoder:
+    """Reads and decodes batches in worker threads into reusable buffers.
+
+    Each thread keeps its own corpus handle and uint8 scratch batch; float
+    batches come from a small free list that the inference loop refills.
+    """
+
+    def __init__(self, corpus_path: Path, spec: InputSpec, batch_size: int) -> None:
         self._corpus_path = corpus_path
         self._spec = spec
+        self._batch_size = batch_size
         self._normalize = Normalizer.for_spec(spec)
         self._local = threading.local()
         self._opened: list[Corpus] = []
+        self._free: list[np.ndarray] = []
         self._lock = threading.Lock()
 
-    def _corpus(self) -> Corpus:
-        corpus = getattr(self._local, "corpus", None)
-        if corpus is None:
+    def _thread_state(self) -> tuple[Corpus, np.ndarray]:
+        state = getattr(self._local, "state", None)
+        if state is None:
+            spec = self._spec
             corpus = open_corpus(self._corpus_path)
-            self._local.corpus = corpus
+            pixels = np.empty(
+                (self._batch_size, spec.size, spec.size, spec.channels), dtype=np.uint8
+            )
+            state = (corpus, pixels)
+            self._local.state = state
             with self._lock:
                 self._opened.append(corpus)
-        return corpus
+        return state  # type: ignore[no-any-return]
 
-    def __call__(self, tiles: list[Tile]) -> tuple[list[Tile], np.ndarray | None, list[str]]:
-        corpus = self._corpus()
+    def _take_buffer(self) -> np.ndarray:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        spec = self._spec
+        return np.empty((self._batch_size, spec.channels, spec.size, spec.size), dtype=np.float32)
+
+    def give_back(self, buffer: np.ndarray) -> None:
+        with self._lock:
+            self._free.append(buffer)
+
+    def __call__(self, tiles: list[Tile]) -> _Decoded:
+        corpus, pixels = self._thread_state()
         good: list[Tile] = []
-        pixels: list[np.ndarray] = []
-        bad: list[str] = []
+        bad: list[tuple[Tile, str]] = []
+        read_s = decode_s = 0.0
         for tile in tiles:
+            t0 = time.perf_counter()
             try:
-                pixels.append(decode_tile(corpus.read(tile.z, tile.x, tile.y), self._spec))
+                data = corpus.read(tile.z, tile.x, tile.y)
+                t1 = time.perf_counter()
+                read_s += t1 - t0
+                decode_into(data, self._spec, pixels[len(good)])
+                decode_s += time.perf_counter() - t1
                 good.append(tile)
-            except (OSError, ValueError, SyntaxError, DecompressionBombError) as exc:
-                bad.append(f"{tile.zxy}: {type(exc).__name__}")
-        batch = self._normalize(np.stack(pixels)) if pixels else None
-        return good, batch, bad
+            except (
+                OSError,
+                ValueError,
+                SyntaxError,
+                DecompressionBombError,
+                CorpusError,
+            ) as exc:
+                bad.append((tile, _reason(exc)))
+        t2 = time.perf_counter()
+        batch = self._take_buffer()
+        if good:
+            self._normalize(pixels[: len(good)], batch[: len(good)])
+        return _Decoded(good, batch, bad, read_s, decode_s, time.perf_counter() - t2)
 
     def close(self) -> None:
         for corpus in self._opened:
             corpus.close()
 
 
-def _batches(tiles: list[Tile], size: int) -> Iterator[list[Tile]]:
-    for start in range(0, len(tiles), size):
-        yield tiles[start : start + size]
+def _default_workers() -> int:
+    return max(1, min(4, len(os.sched_getaffinity(0))))
 
 
 def embed_tiles(
@@ -168,104 +317,322 @@ def embed_tiles(
     corpus_path: Path,
     run: Callable[[np.ndarray], np.ndarray],
     spec: InputSpec,
-    engine_key: str,
+    space: str,
     store: DescriptorStore,
     *,
-    batch_size: int = 32,
+    batch_size: int = BATCH_SIZE,
     workers: int | None = None,
     progress: Progress | None = None,
+    stats: EmbedStats | None = None,
 ) -> EmbedResult:
-    """Make sure the store holds a descriptor for every selected tile."""
-    unique: dict[str, Tile] = {}
-    for tile in selection.tiles:
-        unique.setdefault(tile.sha256, tile)
-    have = store.get(engine_key, list(unique), None)
-    todo = [t for sha, t in unique.items() if sha not in have]
-    total = len(selection.tiles)
-    done = total - len(todo)
-    if progress:
-        progress(done, total)
-    bad: list[str] = []
+    """Make sure the store holds a descriptor for every selected tile of ``space``.
+
+    ``progress(done, total)`` is called with non-decreasing ``done`` (tiles
+    settled: reused, embedded or found bad) after every batch.
+    """
+    started = time.perf_counter()
+    stats = stats if stats is not None else EmbedStats()
+    tiles = selection.tiles
+    total = len(tiles)
+    settled = 0  # tiles counted towards progress
+    seen: set[str] = set()  # tile digests already stored or queued in this run
+
+    def report() -> None:
+        if progress:
+            progress(min(settled, total), total)
+
+    def todo_batches() -> Iterator[list[Tile]]:
+        """Batches of tiles to embed, in tile order; stored and duplicate tiles are skipped."""
+        nonlocal settled
+        batch: list[Tile] = []
+        for start in range(0, total, CHUNK_ROWS):
+            chunk = tiles[start : start + CHUNK_ROWS]
+            t0 = time.perf_counter()
+            fresh = list({t.sha256 for t in chunk if t.sha256 not in seen})
+            stored = store.have(space, fresh)
+            stats.lookup_s += time.perf_counter() - t0
+            for tile in chunk:
+                if tile.sha256 in seen or tile.sha256 in stored:
+                    settled += 1  # reused, or the same bytes as a tile already queued
+                    seen.add(tile.sha256)
+                    continue
+                seen.add(tile.sha256)
+                batch.append(tile)
+                if len(batch) == batch_size:
+                    yield batch
+                    batch = []
+            report()
+        if batch:
+            yield batch
+
+    report()
     generated = 0
-    workers = workers or max(1, min(4, len(os.sched_getaffinity(0))))
-    decoder = _Decoder(corpus_path, spec)
-    # Keep a couple of batches decoding ahead of inference, never the whole corpus.
+    bad_digests: dict[str, str] = {}
+    workers = workers or _default_workers()
+    decoder = _Decoder(corpus_path, spec, batch_size)
+    # A couple of batches decode ahead of inference: enough to hide decoding,
+    # never the corpus.
     depth = workers + 1
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
-            pending: list[Future[tuple[list[Tile], np.ndarray | None, list[str]]]] = []
-            chunks = _batches(todo, batch_size)
-            for chunk in chunks:
+            pending: deque[Future[_Decoded]] = deque()
+            batches = todo_batches()
+            for chunk in batches:
                 pending.append(pool.submit(decoder, chunk))
                 if len(pending) >= depth:
                     break
             while pending:
-                good, batch, bad_here = pending.pop(0).result()
-                nxt = next(chunks, None)
+                t0 = time.perf_counter()
+                decoded = pending.popleft().result()
+                stats.wait_s += time.perf_counter() - t0
+                nxt = next(batches, None)
                 if nxt is not None:
                     pending.append(pool.submit(decoder, nxt))
-                bad.extend(bad_here)
-                if batch is not None:
-                    vectors = l2_normalize(run(batch))
-                    if vectors.shape[0] != len(good) or not np.all(np.isfinite(vectors)):
+                stats.read_s += decoded.read_s
+                stats.decode_s += decoded.decode_s
+                stats.preprocess_s += decoded.preprocess_s
+                for tile, reason in decoded.bad:
+                    bad_digests.setdefault(tile.sha256, reason)
+                n = len(decoded.tiles)
+                if n:
+                    t1 = time.perf_counter()
+                    raw = run(decoded.batch[:n])
+                    t2 = time.perf_counter()
+                    stats.inference_s += t2 - t1
+                    vectors = l2_normalize(raw)
+                    if (
+                        vectors.ndim != 2
+                        or vectors.shape[0] != n
+                        or not np.all(np.isfinite(vectors))
+                    ):
                         raise DescriptorError(
-                            f"descriptors: engine returned {vectors.shape} for {len(good)} tiles"
+                            f"descriptors: engine returned {vectors.shape} for {n} tiles"
                             " or non-finite values"
                         )
-                    store.put(engine_key, [t.sha256 for t in good], vectors)
-                    generated += len(good)
-                done += len(good) + len(bad_here)
-                if progress:
-                    progress(min(done, total), total)
+                    store.put(space, [t.sha256 for t in decoded.tiles], vectors)
+                    stats.store_s += time.perf_counter() - t2
+                    generated += n
+                decoder.give_back(decoded.batch)
+                settled += n + len(decoded.bad)
+                report()
+    except sqlite3.Error as exc:
+        raise DescriptorError(f"descriptor store {store.path}: {exc}") from exc
     finally:
         decoder.close()
-    if progress:
-        progress(total, total)
+        stats.wall_s += time.perf_counter() - started
+    settled = total
+    report()
+    bad: list[str] = []
+    if bad_digests:
+        # Every tile with undecodable bytes is listed, duplicates included.
+        bad = [f"{t.zxy}: {bad_digests[t.sha256]}" for t in tiles if t.sha256 in bad_digests]
     # Tiles whose bytes equal an embedded tile's were embedded once: they count as reused.
-    return EmbedResult(generated, total - generated - len(bad), tuple(sorted(bad)))
+    return EmbedResult(generated, total - generated - len(bad), tuple(bad))
+
+
+# --------------------------------------------------------------------------- index
+
+
+def _chunks(n: int, size: int = CHUNK_ROWS) -> Iterator[tuple[int, int]]:
+    for start in range(0, n, size):
+        yield start, min(n, start + size)
+
+
+def _vectors(
+    tiles: Sequence[Tile], store: DescriptorStore, space: str, dim: int | None
+) -> tuple[np.ndarray, list[str]]:
+    """The rows of ``tiles`` in order, and the z/x/y of tiles without a valid descriptor."""
+    found = store.get(space, sorted({t.sha256 for t in tiles}), dim)
+    if dim is None:
+        dim = next(iter(found.values())).size if found else 0
+    out = np.zeros((len(tiles), dim), dtype=np.float32)
+    missing: list[str] = []
+    for row, tile in enumerate(tiles):
+        vec = found.get(tile.sha256)
+        if vec is None or vec.size != dim:
+            missing.append(tile.zxy)
+        else:
+            out[row] = vec
+    return out, missing
+
+
+def _gpu() -> Any:
+    """faiss GPU resources when this faiss build has them and a GPU is present, else None."""
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        return faiss.StandardGpuResources()
+    return None
+
+
+def _exact_top1(
+    queries: np.ndarray, tiles: Sequence[Tile], store: DescriptorStore, space: str, dim: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-1 (scores, rows) of ``queries`` over every stored row, streamed in chunks."""
+    best = np.full(len(queries), -np.inf, dtype=np.float32)
+    rows = np.full(len(queries), -1, dtype=np.int64)
+    for start, stop in _chunks(len(tiles)):
+        block, _ = _vectors(tiles[start:stop], store, space, dim)
+        scores = queries @ block.T
+        arg = np.argmax(scores, axis=1)
+        top = scores[np.arange(len(queries)), arg]
+        better = top > best
+        best[better] = top[better]
+        rows[better] = arg[better] + start
+    return best, rows
+
+
+def _held_out_queries(
+    tiles: Sequence[Tile], store: DescriptorStore, space: str, dim: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Perturbed copies of a random 1% of the vectors (at least 500, at most 2000).
+
+    Each is moved, in a random direction, half-way to its nearest other
+    vector: the case that separates a good index from a lucky one, since an
+    unperturbed vector always finds itself in its own list.
+    """
+    n = len(tiles)
+    count = min(n, max(500, min(2000, n // 100)))
+    picks = np.sort(rng.choice(n, size=count, replace=False))
+    base, _ = _vectors([tiles[i] for i in picks], store, space, dim)
+    # Nearest other vector: search with self-matches pushed out.
+    second = np.full(count, -np.inf, dtype=np.float32)
+    for start, stop in _chunks(n):
+        block, _ = _vectors(tiles[start:stop], store, space, dim)
+        scores = base @ block.T
+        own = (picks >= start) & (picks < stop)
+        scores[np.nonzero(own)[0], picks[own] - start] = -np.inf
+        second = np.maximum(second, scores.max(axis=1))
+    # For unit vectors, distance = sqrt(2 - 2 cos).
+    gap = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * np.minimum(second, 1.0)))
+    noise = rng.standard_normal((count, dim)).astype(np.float32)
+    noise *= (0.5 * gap / np.linalg.norm(noise, axis=1))[:, None]
+    return l2_normalize(base + noise)
+
+
+def _approximate_index(
+    tiles: Sequence[Tile], store: DescriptorStore, space: str, dim: int, seed: int
+) -> tuple[faiss.Index, str, int, float, int]:
+    """IVF index sized for ``len(tiles)``, with the smallest nprobe meeting :data:`RECALL_TARGET`.
+
+    Returns ``(index, index_type, nprobe, recall_at_1, queries)``.
+    """
+    n = len(tiles)
+    rng = np.random.default_rng(seed)
+    # faiss wants >= 39 training points per list; 4·sqrt(N) lists is its usual advice.
+    nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
+    codes = "Flat" if n * dim * 4 <= FLAT_CODES_MAX_BYTES else "SQ8"
+    train_n = min(n, 64 * nlist)  # O(sqrt(N)) rows: never the corpus
+    sample_rows = np.sort(rng.choice(n, size=train_n, replace=False))
+    sample, _ = _vectors([tiles[i] for i in sample_rows], store, space, dim)
+    queries = _held_out_queries(tiles, store, space, dim, rng)
+    exact_scores, _ = _exact_top1(queries, tiles, store, space, dim)
+    for codes_now in dict.fromkeys([codes, "Flat"]):
+        index_type = f"IVF{nlist},{codes_now}"
+        index = faiss.index_factory(dim, index_type, faiss.METRIC_INNER_PRODUCT)
+        res = _gpu()
+        work = faiss.index_cpu_to_gpu(res, 0, index) if res is not None else index
+        work.train(sample)
+        for start, stop in _chunks(n):
+            block, missing = _vectors(tiles[start:stop], store, space, dim)
+            if missing:
+                raise DescriptorError(
+                    f"descriptors: no descriptor for tile {missing[0]} ({len(missing)} in rows"
+                    f" {start}-{stop - 1})"
+                )
+            work.add(block)
+        if res is not None:
+            index = faiss.index_gpu_to_cpu(work)
+        ivf = faiss.extract_index_ivf(index)
+        nprobe = 1
+        while True:
+            ivf.nprobe = nprobe
+            scores, _ = index.search(queries, 1)
+            # A different row with the same score is an equally good answer.
+            recall = float(np.mean(scores[:, 0] >= exact_scores - 1e-5))
+            if recall >= RECALL_TARGET or nprobe >= nlist:
+                break
+            nprobe = min(nlist, nprobe * 2)
+        if recall >= RECALL_TARGET:
+            return index, index_type, nprobe, recall, len(queries)
+    raise DescriptorError(
+        f"descriptors: index {index_type} reaches recall@1 {recall:.4f} < {RECALL_TARGET}"
+    )
+
+
+def _write_tile_map(path: Path, tiles: Sequence[Tile]) -> None:
+    """Write the row → tile JSON in chunks, atomically (temp file, fsync, rename)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="ascii") as fh:
+            fh.write('{"format":"takeoff-cache-tile-map","version":1,"columns":["z","x","y"],')
+            fh.write('"rows":[')
+            for start, stop in _chunks(len(tiles)):
+                if start:
+                    fh.write(",")
+                fh.write(",".join(f"[{t.z},{t.x},{t.y}]" for t in tiles[start:stop]))
+            fh.write("]}")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
 
 
 def write_index(
-    selection: TileSelection, store: DescriptorStore, engine_key: str, out_dir: Path, stem: str
+    selection: TileSelection,
+    store: DescriptorStore,
+    space: str,
+    out_dir: Path,
+    stem: str,
+    *,
+    exact_max: int = EXACT_INDEX_MAX,
+    seed: int = 0,
 ) -> IndexFiles:
-    """Write ``<stem>.faiss`` and ``<stem>.tiles.json`` (row → tile) into ``out_dir``."""
+    """Write ``<stem>.faiss`` and ``<stem>.tiles.json`` (row → tile) into ``out_dir``.
+
+    Up to ``exact_max`` tiles the index is exact (``IndexFlatIP``); beyond, an
+    IVF index whose recall@1 against exact search is measured and recorded.
+    """
     tiles = selection.tiles
-    found = store.get(engine_key, sorted({t.sha256 for t in tiles}), None)
-    missing = [t.zxy for t in tiles if t.sha256 not in found]
+    if not tiles:
+        raise DescriptorError("descriptors: no tiles to index")
+    first, missing = _vectors(tiles[:1], store, space, None)
     if missing:
-        raise DescriptorError(
-            f"descriptors: no descriptor for {len(missing)} tile(s), e.g. {missing[0]}"
-        )
-    dim = next(iter(found.values())).size
-    matrix = np.empty((len(tiles), dim), dtype=np.float32)
-    for row, tile in enumerate(tiles):
-        vec = found[tile.sha256]
-        if vec.size != dim:
-            raise DescriptorError(
-                f"descriptors: tile {tile.zxy} has dimension {vec.size}, not {dim}"
+        raise DescriptorError(f"descriptors: no descriptor for tile {missing[0]}")
+    dim = first.shape[1]
+    index_type, nprobe, recall, queries = "Flat", None, 1.0, 0
+    try:
+        if len(tiles) <= exact_max:
+            index: faiss.Index = faiss.IndexFlatIP(dim)
+            absent: list[str] = []
+            for start, stop in _chunks(len(tiles)):
+                block, missing = _vectors(tiles[start:stop], store, space, dim)
+                absent += missing
+                if not absent:
+                    index.add(block)
+            if absent:
+                raise DescriptorError(
+                    f"descriptors: {len(absent)} tile(s) have no valid descriptor, e.g. {absent[0]}"
+                )
+        else:
+            index, index_type, nprobe, recall, queries = _approximate_index(
+                tiles, store, space, dim, seed
             )
-        matrix[row] = vec
-    index = faiss.IndexFlatIP(dim)
-    index.add(matrix)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    except sqlite3.Error as exc:
+        raise DescriptorError(f"descriptor store {store.path}: {exc}") from exc
     index_path = out_dir / f"{stem}.faiss"
     map_path = out_dir / f"{stem}.tiles.json"
     tmp = out_dir / f".{stem}.faiss.tmp-{os.getpid()}"
     try:
+        out_dir.mkdir(parents=True, exist_ok=True)
         faiss.write_index(index, str(tmp))
         fsync_file(tmp)
         os.replace(tmp, index_path)
-    except (RuntimeError, OSError) as exc:
+        _write_tile_map(map_path, tiles)
+    except (RuntimeError, OSError) as exc:  # faiss reports I/O failures as RuntimeError
         raise DescriptorError(f"descriptors: cannot write index {index_path}: {exc}") from exc
     finally:
         tmp.unlink(missing_ok=True)
-    tile_map = {
-        "format": "takeoff-cache-tile-map",
-        "version": 1,
-        "columns": ["z", "x", "y"],
-        "rows": [[t.z, t.x, t.y] for t in tiles],
-    }
-    atomic_write_bytes(map_path, json.dumps(tile_map, separators=(",", ":")).encode())
     return IndexFiles(
         str(index_path),
         str(map_path),
@@ -273,6 +640,10 @@ def write_index(
         len(tiles),
         sha256_file(index_path),
         sha256_file(map_path),
+        index_type,
+        nprobe,
+        round(recall, 4),
+        queries,
     )
 
 

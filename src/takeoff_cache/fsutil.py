@@ -6,6 +6,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from .faults import checkpoint
+
 _CHUNK = 1 << 20
 
 
@@ -39,12 +41,15 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
     survives a power cut.
     """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    checkpoint("fsutil.write", tmp)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
+            checkpoint("fsutil.fsync", tmp)
             os.fsync(fh.fileno())
+        checkpoint("fsutil.rename", path)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -68,6 +73,7 @@ def link_or_copy(src: Path, dst: Path, *, link: bool = True) -> None:
     """
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.unlink(missing_ok=True)
+    checkpoint("fsutil.link", dst)
     if link:
         try:
             os.link(src, dst)

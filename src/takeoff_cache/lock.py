@@ -12,6 +12,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from .errors import CacheIOError, LockHeldError
+from .faults import checkpoint
 from .layout import LOCK_NAME
 
 
@@ -38,6 +39,11 @@ class BuildLock:
             ) from None
         except OSError as exc:
             raise CacheIOError(f"lock: cannot open {self.path}: {exc.strerror}") from exc
+        try:
+            checkpoint("lock.acquired", self.path)
+        except OSError:
+            self.release()
+            raise
         return self
 
     def release(self) -> None:

@@ -34,6 +34,8 @@ class BuildReport:
     elapsed_s: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # int8 builds: mean cosine similarity of int8 vs fp32 descriptors, per backbone.
+    precision_drift: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,6 +73,10 @@ class BuildReport:
             f"manifest_path:         {self.manifest_path}",
             f"elapsed_s:             {self.elapsed_s:.2f}",
             "phases:                " + ", ".join(f"{k} {v:.2f}s" for k, v in self.phases.items()),
+        ]
+        lines += [
+            f"int8 drift:            {name}: mean cosine {value:.4f} vs fp32"
+            for name, value in self.precision_drift.items()
         ]
         lines += [f"warning:               {w}" for w in self.warnings]
         return "\n".join(lines)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .backbones import Backbone, load_backbones
+from .calibration import load_samples
 from .corpus import open_corpus
 from .engines import Backend, get_backend
 from .errors import CorpusError, InvalidRequestError
@@ -49,6 +50,17 @@ def check_engine_inputs(
             raise InvalidRequestError(f"calibration: {request.calibration} does not exist")
         calibration_sha = sha256_file(request.calibration)
     backend = get_backend(backend_name)
+    if request.precision not in backend.precisions:
+        raise InvalidRequestError(
+            f"precision: the {backend.name} backend on this host builds"
+            f" {' and '.join(backend.precisions)}, not {request.precision}"
+        )
+    if (
+        request.precision == "int8"
+        and request.calibration is not None
+        and backend.name == "onnxruntime"
+    ):
+        load_samples(request.calibration)  # refuses a file that is not calibration samples
     return backbones, calibration_sha, backend
 
 

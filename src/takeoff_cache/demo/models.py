@@ -15,13 +15,15 @@ normalisation inside their first 1x1 convolution.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 from numpy.typing import NDArray
 from onnx import TensorProto, helper, numpy_helper
+
+from takeoff_cache.fsutil import atomic_write_bytes
 
 PRODUCER = "takeoff-cache-demo"
 OPSET = 17
@@ -33,7 +35,7 @@ STD = (0.229, 0.224, 0.225)
 _LUMA = (0.299, 0.587, 0.114)
 
 # Place recognition: 3 pyramid levels x 6 orientations of Gabor energy on a
-# 4 x 4 grid, plus mean colour on the same grid.
+# 4 x 4 grid, plus the colour layout on the same grid.
 VPR_LEVELS = 3
 VPR_ORIENTATIONS = 6
 VPR_GRID = 4
@@ -44,8 +46,9 @@ _GABOR_SIGMA = 2.0
 # Floors that keep Sqrt and Log finite on flat (e.g. all-black) images.
 _ENERGY_EPS = 1e-6
 _LOG_EPS = 1e-3
-# Colour block weight relative to the texture block (tuned on the demo corpus).
-_COLOUR_WEIGHT = 1.0
+# Colour block weight relative to the texture block (tuned on the demo corpus:
+# 2 maximises the top-1 margin over 1,125 tiles; 0.5 to 3 all retrieve 100 %).
+_COLOUR_WEIGHT = 2.0
 
 KEYPOINT_STRIDE = 4
 KEYPOINT_CHANNELS = 16
@@ -57,8 +60,8 @@ F32 = NDArray[np.float32]
 # --------------------------------------------------------------------------- kernels
 def _luma_conv() -> tuple[F32, F32]:
     """1x1 conv turning a normalised RGB image back into luma in [0, 1]."""
-    w = np.array([[[[l * s]] for l, s in zip(_LUMA, STD, strict=True)]], dtype=np.float32)
-    b = np.array([sum(l * m for l, m in zip(_LUMA, MEAN, strict=True))], dtype=np.float32)
+    w = np.array([[[[y * s]] for y, s in zip(_LUMA, STD, strict=True)]], dtype=np.float32)
+    b = np.array([sum(y * m for y, m in zip(_LUMA, MEAN, strict=True))], dtype=np.float32)
     return w, b
 
 
@@ -100,7 +103,8 @@ def _gaussian(sigma: float) -> F32:
     r = np.arange(-half, half + 1, dtype=np.float64)
     g = np.exp(-(r**2) / (2.0 * sigma**2))
     k = np.outer(g, g)
-    return (k / k.sum()).astype(np.float32)
+    out: F32 = (k / k.sum()).astype(np.float32)
+    return out
 
 
 def _oriented_derivatives(orientations: int, sigma: float) -> F32:
@@ -131,9 +135,7 @@ class _Graph:
         self.inits.append(numpy_helper.from_array(value, name=name))
         return name
 
-    def op(
-        self, op_type: str, inputs: list[str], output: str | None = None, **attrs: object
-    ) -> str:
+    def op(self, op_type: str, inputs: list[str], output: str | None = None, **attrs: Any) -> str:
         self._n += 1
         out = output or f"{op_type.lower()}_{self._n}"
         self.nodes.append(
@@ -186,18 +188,9 @@ def _save(
         ir_version=IR_VERSION,
     )
     onnx.checker.check_model(model, full_check=True)
-    data = model.SerializeToString(deterministic=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    # Temporary file + fsync + os.replace: a reader never sees half a model.
+    atomic_write_bytes(path, model.SerializeToString(deterministic=True))
 
 
 # --------------------------------------------------------------------------- models
@@ -234,8 +227,14 @@ def build_vpr_model(path: Path, size: int = 128) -> None:
         mean = g.op("ReduceMean", [log_e], axes=[1, 2, 3], keepdims=1)
         levels.append(g.op("Sub", [log_e, mean]))
     texture = g.op("Flatten", [g.op("Concat", levels, axis=1)], axis=1)
-    # Mean colour per cell, left in normalised units: centred near zero already.
-    colour = g.op("Flatten", [g.avg_pool("image", size // VPR_GRID)], axis=1)
+    # Colour layout: mean colour per cell minus the image's mean colour. The
+    # absolute colour is left out on purpose: aerial tiles are all roughly
+    # green-brown, so it adds nearly the same vector to every descriptor and
+    # pushes all cosine similarities towards 1 (measured: it halves the
+    # margin between the right tile and the runner-up).
+    cells = g.avg_pool("image", size // VPR_GRID)
+    cells = g.op("Sub", [cells, g.op("ReduceMean", [cells], axes=[2, 3], keepdims=1)])
+    colour = g.op("Flatten", [cells], axis=1)
     colour = g.op(
         "Mul", [colour, g.const("colour_weight", np.array(_COLOUR_WEIGHT, dtype=np.float32))]
     )

@@ -31,6 +31,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
+from takeoff_cache.fsutil import fsync_dir, fsync_file
 from takeoff_cache.tilemath import lonlat_to_fractional_tile, tile_bounds, tms_row
 
 TILE_SIZE = 256
@@ -238,18 +239,20 @@ def _paint_band(
     )
     if opacity != 1.0:
         alpha *= np.float32(opacity)
+    flat = img.reshape(3, -1)
+    # Mostly covered (a wood, a meadow): a dense pass beats gather/scatter.
+    dense = idx.size > d.size // 2
+    where: NDArray[np.intp] | slice = idx
+    if dense:
+        full = np.zeros_like(d)
+        full[idx] = alpha
+        alpha, where = full, slice(None)
     col: F32 = colour[:, None]
     if texture is not None:
         field, scale, offset = texture
-        col = col * (field.reshape(-1)[idx] * np.float32(scale) + np.float32(offset))
-    flat = img.reshape(3, -1)
-    if idx.size > d.size // 2:
-        # Mostly covered (a wood, a meadow): a dense pass beats gather/scatter.
-        full = np.zeros_like(d)
-        full[idx] = alpha
-        if texture is not None:
-            col = colour[:, None] * (field.reshape(-1) * np.float32(scale) + np.float32(offset))
-        flat += (col - flat) * full
+        col = col * (field.reshape(-1)[where] * np.float32(scale) + np.float32(offset))
+    if dense:
+        flat += (col - flat) * alpha
         return
     sub = flat[:, idx]
     sub += (col - sub) * alpha
@@ -266,7 +269,7 @@ def _rgb(*values: float) -> F32:
     return np.array(values, dtype=np.float32)
 
 
-# Colours of a chernozem steppe landscape in summer (linear-ish RGB in [0, 1]).
+# Colours of a chernozem steppe landscape in summer (sRGB in [0, 1]).
 _CROPS = np.array(
     [
         [0.33, 0.45, 0.20],  # winter wheat, green
@@ -282,7 +285,6 @@ _CROPS = np.array(
     dtype=np.float32,
 )
 _GRASS = _rgb(0.46, 0.51, 0.31)
-_GRASS_DRY = _rgb(0.60, 0.58, 0.42)
 _BORDER = _rgb(0.55, 0.55, 0.40)
 _TRACK = _rgb(0.64, 0.58, 0.47)
 _TREE = _rgb(0.15, 0.24, 0.11)
@@ -348,9 +350,9 @@ class _Frame:
         )
 
     def along(self) -> F32:
-        out: F32 = (self.rx * np.float32(self.cos))[None, :] + (self.ry * np.float32(self.sin))[
-            :, None
-        ]
+        x_part = self.rx * np.float32(self.cos)
+        y_part = self.ry * np.float32(self.sin)
+        out: F32 = x_part[None, :] + y_part[:, None]
         return out
 
     def along_at(self, idx: NDArray[np.intp]) -> F32:
@@ -410,12 +412,13 @@ def _paint_fields(
     )
     rgb = _CROPS[(p[:, 0] * len(_CROPS)).astype(np.intp)] + (p[:, 4:7] - 0.5) * np.float32(0.08)
     # Plough / drill stripes along, across or diagonal to the parcel, 6-20 m
-    # apart, faded where the pixel is too coarse to show them.
+    # apart, faded where the pixel is too coarse to show them (as _fade).
     stripe = np.where(p[:, 1] < 0.45, 0.0, np.where(p[:, 1] < 0.9, 0.5 * math.pi, 0.25 * math.pi))
-    freq = 2.0 * math.pi / (6.0 + 14.0 * p[:, 2])
+    period = 6.0 + 14.0 * p[:, 2]
+    freq = 2.0 * math.pi / period
     fu = (freq * np.cos(stripe)).astype(np.float32)
     fv = (freq * np.sin(stripe)).astype(np.float32)
-    amp = np.float32(0.28 * _fade(6.0 / px, 4.0)) * p[:, 3]
+    amp = (0.28 * np.clip((period / px - 1.0) / 3.0, 0.0, 1.0) * p[:, 3]).astype(np.float32)
 
     # Brightness 1 + stripes + (detail - 0.5): soil mottling on top of stripes.
     bright = np.sin(u * fu[row] + v * fv[row])
@@ -649,7 +652,7 @@ def encode_jpeg(rgb: NDArray[np.uint8], quality: int = JPEG_QUALITY) -> bytes:
 
 # --------------------------------------------------------------------------- MBTiles
 def _block(n_tiles: int, center: tuple[float, float], z: int) -> tuple[int, int, int]:
-    """``(x0, y0, s)``: the s x s base-zoom block nearest to centred on ``center``."""
+    """``(x0, y0, s)``: the s x s block at zoom ``z`` whose centre is nearest ``center``."""
     if n_tiles < 1:
         raise ValueError(f"n_tiles must be >= 1, got {n_tiles}")
     s = math.ceil(math.sqrt(n_tiles / 5))
@@ -733,12 +736,13 @@ def write_corpus(
             db.execute("COMMIT")
         finally:
             db.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a corpus is for reading
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
     inset = _BBOX_INSET_DEG
     bbox = (lat_min + inset, lon_min + inset, lat_max - inset, lon_max - inset)
     return CorpusLayout(path, bbox, (z0, z1), count)

@@ -29,6 +29,7 @@ class Runner(ABC):
 class Backend(ABC):
     name: str
     suffix: str  # engine file extension
+    precisions: tuple[str, ...]  # what this backend can build on this host
 
     @property
     @abstractmethod

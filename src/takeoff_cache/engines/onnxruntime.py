@@ -3,25 +3,88 @@
 ``ORT_ENABLE_ALL`` adds layout and kernel choices specific to the host's
 instruction set; ONNX Runtime documents that such a saved model is only for
 the hardware it was produced on — exactly what the engine key records.
+``int8`` first quantizes the graph statically (QDQ) from calibration samples.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from ..backbones import Backbone
+from ..calibration import batches as calibration_batches
+from ..calibration import load_samples
 from ..errors import EngineError
 from ..hostinfo import apply_override, cpu_identity, isa_tag
 from . import Backend, Runner
 
+# Static QDQ quantization: int8 weights per channel, int8 activations, min/max calibration.
+_QUANT_OPTIONS = {
+    "format": "QDQ",
+    "weight_type": "QInt8",
+    "activation_type": "QInt8",
+    "per_channel": True,
+    "calibrate_method": "MinMax",
+}
+
 
 def _threads() -> int:
     return max(1, len(os.sched_getaffinity(0)))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+class _Samples(CalibrationDataReader):  # type: ignore[misc]
+    def __init__(self, input_name: str, batches: Iterator[np.ndarray]) -> None:
+        self._input = input_name
+        self._batches = batches
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._batches, None)
+        return None if batch is None else {self._input: batch}
+
+
+def _quantize(backbone: Backbone, calibration: Path | None, out_path: Path) -> None:
+    if calibration is None:
+        raise EngineError(f"backbone {backbone.name!r}: int8 needs a calibration file")
+    samples = load_samples(calibration)
+    reader = _Samples(backbone.input.name, calibration_batches(samples, backbone.input))
+    prepared = out_path.with_name(out_path.name + ".pre.onnx")
+    try:
+        # Shape inference and graph clean-up first, as ONNX Runtime's quantizer expects.
+        quant_pre_process(str(backbone.onnx), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared),
+            str(out_path),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+    except Exception as exc:  # the quantizer raises plain Exceptions of many kinds
+        raise EngineError(
+            f"backbone {backbone.name!r}: int8 quantization failed: {_first_line(exc)}"
+        ) from exc
+    finally:
+        prepared.unlink(missing_ok=True)
 
 
 class OnnxRuntimeRunner(Runner):
@@ -38,6 +101,7 @@ class OnnxRuntimeRunner(Runner):
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     suffix = "onnx"
+    precisions = ("fp32", "int8")
 
     @property
     def version(self) -> str:
@@ -53,7 +117,13 @@ class OnnxRuntimeBackend(Backend):
         return f"{self.name}-{isa_tag(ident['cpu'])}"
 
     def build_options(self, precision: str) -> dict[str, Any]:
-        return {"graph_optimization_level": "ORT_ENABLE_ALL", "providers": ["CPUExecutionProvider"]}
+        options: dict[str, Any] = {
+            "graph_optimization_level": "ORT_ENABLE_ALL",
+            "providers": ["CPUExecutionProvider"],
+        }
+        if precision == "int8":
+            options["quantization"] = _QUANT_OPTIONS
+        return options
 
     def compile(
         self,
@@ -63,21 +133,30 @@ class OnnxRuntimeBackend(Backend):
         out_path: Path,
         work_dir: Path,
     ) -> None:
-        if precision != "fp32":
+        if precision not in self.precisions:
             raise EngineError(
-                f"backbone {backbone.name!r}: the onnxruntime backend builds fp32 engines;"
-                f" {precision} needs the tensorrt backend"
+                f"backbone {backbone.name!r}: the onnxruntime backend builds fp32 and int8"
+                f" engines; {precision} needs the tensorrt backend"
             )
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.optimized_model_filepath = str(out_path)
-        options.log_severity_level = 3
+        source = backbone.onnx
+        quantized = out_path.with_name(out_path.name + ".qdq.onnx")
         try:
-            ort.InferenceSession(str(backbone.onnx), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/RuntimeException types
-            raise EngineError(
-                f"backbone {backbone.name!r}: onnxruntime could not compile {backbone.onnx}: {exc}"
-            ) from exc
+            if precision == "int8":
+                _quantize(backbone, calibration, quantized)
+                source = quantized
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            options.optimized_model_filepath = str(out_path)
+            options.log_severity_level = 3
+            try:
+                ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+            except Exception as exc:  # ORT raises its own Fail/InvalidGraph/RuntimeException types
+                raise EngineError(
+                    f"backbone {backbone.name!r}: onnxruntime could not compile"
+                    f" {backbone.onnx}: {_first_line(exc)}"
+                ) from exc
+        finally:
+            quantized.unlink(missing_ok=True)
         if not out_path.is_file():
             raise EngineError(f"backbone {backbone.name!r}: onnxruntime wrote no optimized model")
 
@@ -93,6 +172,6 @@ class OnnxRuntimeBackend(Backend):
             )
         except Exception as exc:
             raise EngineError(
-                f"backbone {backbone.name!r}: cannot load engine {engine_path}: {exc}"
+                f"backbone {backbone.name!r}: cannot load engine {engine_path}: {_first_line(exc)}"
             ) from exc
         return OnnxRuntimeRunner(session, backbone.input.name, output)

@@ -20,6 +20,7 @@ from filelock import FileLock
 from ..backbones import Backbone
 from ..canonical import content_key
 from ..errors import CacheIOError, EngineError
+from ..faults import checkpoint
 from ..fsutil import atomic_write_bytes, sha256_file
 from . import Backend
 
@@ -126,6 +127,7 @@ def ensure_engine(
             return record(*found, built=False)
         tmp = store / f".{name}.tmp-{os.getpid()}"
         try:
+            checkpoint("store.compile", tmp)
             backend.compile(backbone, precision, calibration, tmp, work_dir)
             sha, size = sha256_file(tmp), tmp.stat().st_size
             fd = os.open(tmp, os.O_RDONLY)
@@ -133,6 +135,7 @@ def ensure_engine(
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            checkpoint("store.rename", path)
             os.replace(tmp, path)
         except EngineError:
             raise
@@ -142,6 +145,7 @@ def ensure_engine(
             ) from exc
         finally:
             tmp.unlink(missing_ok=True)
+        checkpoint("store.sidecar", path)
         sidecar = {
             "key": key,
             "sha256": sha,

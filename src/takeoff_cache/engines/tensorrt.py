@@ -16,8 +16,10 @@ from typing import Any
 import numpy as np
 
 from ..backbones import Backbone
-from ..errors import EngineError
-from ..fsutil import atomic_write_bytes
+from ..calibration import batches as calibration_batches
+from ..calibration import load_samples
+from ..errors import EngineError, InvalidRequestError
+from ..fsutil import atomic_write_bytes, sha256_file
 from ..hostinfo import apply_override, cpu_identity, jetson_release
 from . import Backend, Runner
 
@@ -45,29 +47,63 @@ def _check(result: Any) -> Any:
     return values[0] if len(values) == 1 else values
 
 
-class _Int8CacheCalibrator:
-    """Feeds TensorRT a stored INT8 calibration cache; no batches are needed when it exists."""
+def _int8_calibrator(backbone: Backbone, calibration: Path, cache_path: Path) -> Any:
+    """An entropy calibrator fed from our calibration samples, or from a TensorRT
+    calibration cache when ``calibration`` is one (then no batches are needed).
 
-    def __new__(cls, cache: bytes) -> Any:
-        trt = _trt()
+    TensorRT writes the cache it derives next to the timing cache, so a rebuild
+    with the same samples skips calibration.
+    """
+    trt = _trt()
+    cudart = _cudart()
+    try:
+        samples: np.ndarray | None = load_samples(calibration)
+        stored = cache_path.read_bytes() if cache_path.is_file() else None
+    except InvalidRequestError:
+        samples, stored = None, calibration.read_bytes()
+    batch_size = 8
+    batches = (
+        iter(list(calibration_batches(samples, backbone.input, batch_size)))
+        if samples is not None
+        else iter(())
+    )
 
-        class Calibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc,name-defined]
-            def __init__(self) -> None:
-                trt.IInt8EntropyCalibrator2.__init__(self)
+    class Calibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc,name-defined]
+        def __init__(self) -> None:
+            trt.IInt8EntropyCalibrator2.__init__(self)
+            self._device = 0
+            self._nbytes = 0
 
-            def get_batch_size(self) -> int:
-                return 1
+        def get_batch_size(self) -> int:
+            return batch_size
 
-            def get_batch(self, names: list[str]) -> None:
+        def get_batch(self, names: list[str]) -> list[int] | None:
+            batch = next(batches, None)
+            if batch is None:
                 return None
+            batch = np.ascontiguousarray(batch, dtype=np.float32)
+            if batch.nbytes > self._nbytes:
+                if self._device:
+                    _check(cudart.cudaFree(self._device))
+                self._device = int(_check(cudart.cudaMalloc(batch.nbytes)))
+                self._nbytes = batch.nbytes
+            _check(
+                cudart.cudaMemcpy(
+                    self._device,
+                    batch.ctypes.data,
+                    batch.nbytes,
+                    cudart.cudaMemcpyKind.cudaMemcpyHostToDevice,
+                )
+            )
+            return [self._device]
 
-            def read_calibration_cache(self) -> bytes:
-                return cache
+        def read_calibration_cache(self) -> bytes | None:
+            return stored
 
-            def write_calibration_cache(self, data: bytes) -> None:
-                return None
+        def write_calibration_cache(self, data: bytes) -> None:
+            atomic_write_bytes(cache_path, bytes(data))
 
-        return Calibrator()
+    return Calibrator()
 
 
 class TensorRTRunner(Runner):
@@ -127,6 +163,7 @@ class TensorRTRunner(Runner):
 class TensorRTBackend(Backend):
     name = "tensorrt"
     suffix = "engine"
+    precisions = ("fp32", "fp16", "int8")
 
     @staticmethod
     def usable() -> bool:
@@ -203,7 +240,13 @@ class TensorRTBackend(Backend):
             if calibration is None:
                 raise EngineError(f"backbone {backbone.name!r}: int8 needs a calibration cache")
             config.set_flag(trt.BuilderFlag.INT8)
-            config.int8_calibrator = _Int8CacheCalibrator(calibration.read_bytes())
+            calib_cache = (
+                work_dir
+                / "tensorrt"
+                / f"calib-{backbone.name}-{sha256_file(calibration)[:16]}.cache"
+            )
+            calib_cache.parent.mkdir(parents=True, exist_ok=True)
+            config.int8_calibrator = _int8_calibrator(backbone, calibration, calib_cache)
         size = backbone.input
         profile = builder.create_optimization_profile()
         profile.set_shape(
