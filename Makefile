@@ -3,9 +3,13 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# No Prefect telemetry or outside calls (scripts/offline.env, docs/operations.md).
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT := false
+export PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY := false
 
-.PHONY: venv demo test lint typecheck unit stress bench clean
+.PHONY: venv demo test lint typecheck unit stress bench clean server server-postgres test-postgres
 
 venv: $(STAMP)
 
@@ -19,7 +23,7 @@ demo: venv
 	$(BIN)/takeoff-cache demo --workdir .demo
 
 lint: venv
-	$(BIN)/ruff check src tasks flows tests benchmarks
+	$(BIN)/ruff check src tasks flows tests benchmarks scripts
 
 typecheck: venv
 	$(BIN)/mypy
@@ -29,8 +33,28 @@ unit: venv
 
 test: lint typecheck unit
 
+# Crash safety and concurrency at length: hundreds of builds killed with SIGKILL.
+stress: venv
+	$(BIN)/python -m pytest -q -m stress -s tests/test_crash_safety.py tests/test_concurrency.py
+
+# Local Prefect server (SQLite, 127.0.0.1:4200), work pool, deployments and a worker.
+server: venv
+	VENV=$(VENV) scripts/server.sh
+
+# The same on a throwaway PostgreSQL cluster (gone when the server stops).
+server-postgres: venv
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,postgres]"
+	VENV=$(VENV) scripts/postgres.sh scripts/server.sh
+
+# The Prefect server end-to-end test on PostgreSQL instead of SQLite; not part of `test`.
+test-postgres: venv
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,postgres]"
+	scripts/postgres.sh $(BIN)/python -m pytest -q tests/test_prefect_server.py
+
 bench: venv
 	$(BIN)/python benchmarks/engines.py
+	$(BIN)/python benchmarks/embed.py
+	$(BIN)/python benchmarks/noop.py
 
 clean:
-	rm -rf .demo .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .demo .prefect .pytest_cache .mypy_cache .ruff_cache

@@ -42,8 +42,9 @@ def main() -> None:
         calibration, calib_sha = None, None
         if args.precision == "int8":
             req = read_request_file(inputs.request)
-            selection = select_tiles(Path(req["corpus"]), tuple(req["bbox"]),
-                                     tuple(req["zoom_levels"]))
+            selection = select_tiles(
+                Path(req["corpus"]), tuple(req["bbox"]), tuple(req["zoom_levels"])
+            )
             calibration = root / "calib.npz"
             write_calibration(calibration, selection, Path(req["corpus"]), 32)
             calib_sha = sha256_file(calibration)
@@ -55,15 +56,18 @@ def main() -> None:
             for store_state, times in (("cold", cold), ("warm", warm)):
                 for backbone in backbones:
                     start = time.perf_counter()
-                    record = ensure_engine(backbone, backend, args.precision, calibration,
-                                           calib_sha, work)
+                    record = ensure_engine(
+                        backbone, backend, args.precision, calibration, calib_sha, work
+                    )
                     times[backbone.name].append(time.perf_counter() - start)
                     if record.built != (store_state == "cold"):
                         raise SystemExit(f"{backbone.name}: expected a {store_state} run")
 
     figures: dict[str, dict[str, float]] = {}
-    print(f"backend {backend.name} {backend.version}, precision {args.precision},"
-          f" median of {args.repeat}")
+    print(
+        f"backend {backend.name} {backend.version}, precision {args.precision},"
+        f" median of {args.repeat}"
+    )
     print(f"{'backbone':<12}{'cold compile s':>16}{'warm reuse s':>14}{'ratio':>10}")
     for name in cold:
         c, w = statistics.median(cold[name]), statistics.median(warm[name])
@@ -72,10 +76,20 @@ def main() -> None:
     total_c = sum(statistics.median(v) for v in cold.values())
     total_w = sum(statistics.median(v) for v in warm.values())
     print(f"{'all':<12}{total_c:>16.3f}{total_w:>14.4f}{total_c / total_w:>9.0f}x")
-    print(json.dumps({"benchmark": "engines", "backend": backend.name,
-                      "precision": args.precision, "repeat": args.repeat,
-                      "backbones": figures, "cold_s": round(total_c, 4),
-                      "warm_s": round(total_w, 5), "ratio": round(total_c / total_w, 1)}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "engines",
+                "backend": backend.name,
+                "precision": args.precision,
+                "repeat": args.repeat,
+                "backbones": figures,
+                "cold_s": round(total_c, 4),
+                "warm_s": round(total_w, 5),
+                "ratio": round(total_c / total_w, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def build_cache(
         with phase("lock"):
             held = t.lock(validated)
         with phase("select"):
-            selection = t.select(validated)
+            selection = t.select(validated, work)
         report.tiles = len(selection.tiles)
         if not selection.tiles:
             report.failure_reason = (
@@ -124,7 +124,7 @@ def build_cache(
         report.engines_reused = len(records) - report.engines_built
         with phase("descriptors"):
             embedded, index_described, index_staged = t.descriptors_phase(
-                validated, selection, records, work, staging
+                validated, t.untracked(selection), records, work, staging
             )
         report.descriptors_generated = embedded.generated
         report.descriptors_reused = embedded.reused
@@ -132,7 +132,9 @@ def build_cache(
         staged += index_staged
         new_paths = {a.path for a in described}
         with phase("manifest"):
-            manifest_bytes = t.manifest(validated, build_id, selection, described, expires_in_s)
+            manifest_bytes = t.manifest(
+                validated, build_id, t.untracked(selection), described, expires_in_s
+            )
         with phase("coverage"):
             offending = t.coverage_check(validated, new_paths, previous, coverage == "strict")
         report.warnings += [f"coverage: {p} is not listed in the manifest" for p in offending]

@@ -24,6 +24,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
+from prefect.utilities.annotations import quote
 
 from takeoff_cache import (
     __version__,
@@ -35,6 +36,7 @@ from takeoff_cache import (
     descriptors,
     identity,
     noop,
+    selection_cache,
 )
 from takeoff_cache import lock as lock_mod
 from takeoff_cache import validate as validate_mod
@@ -68,10 +70,24 @@ def lock(validated: ValidatedRequest) -> lock_mod.BuildLock:
     return held
 
 
+def untracked(selection: corpus.TileSelection) -> corpus.TileSelection:
+    """The selection, passed to a task without Prefect walking each of its tiles.
+
+    Prefect visits every element of a task's arguments (looking for upstream
+    futures) twice per call: seconds for 50 000 tiles. ``quote`` is its
+    documented way out; the task still receives the selection itself.
+    """
+    return cast(corpus.TileSelection, quote(selection))
+
+
 @task(name="select", cache_policy=NO_CACHE, persist_result=False)
-def select(validated: ValidatedRequest) -> corpus.TileSelection:
+def select(validated: ValidatedRequest, work_dir: Path | None = None) -> corpus.TileSelection:
     req = validated.request
-    return corpus.select_tiles(req.corpus, req.bbox.as_tuple(), req.zoom_levels)
+    if work_dir is None:
+        return corpus.select_tiles(req.corpus, req.bbox.as_tuple(), req.zoom_levels)
+    return selection_cache.select_tiles_cached(
+        req.corpus, req.bbox.as_tuple(), req.zoom_levels, work_dir / "selections"
+    )
 
 
 @task(name="identity", cache_policy=NO_CACHE, persist_result=False)
@@ -230,7 +246,8 @@ class _Progress:
         now = time.monotonic()
         if done >= total or now - self._last >= 0.5:
             self._last = now
-            update_progress_artifact(self._artifact, 100.0 * done / max(total, 1))
+            # The UI prints the value as is: one decimal reads as a percentage.
+            update_progress_artifact(self._artifact, round(100.0 * done / max(total, 1), 1))
 
     def close(self) -> None:
         if self._bar is not None:
@@ -290,7 +307,13 @@ def descriptors_phase(
     space = descriptors.descriptor_space(record.key, backbone.input)
     desc_key = descriptors.descriptor_key(space, selection.fingerprint)
     state = build_index(
-        validated, selection, backbone, record, desc_key, str(work_dir), return_state=True
+        validated,
+        untracked(selection),
+        backbone,
+        record,
+        desc_key,
+        str(work_dir),
+        return_state=True,
     )
     files, result = state.result()
     if state.name == "Cached":

@@ -33,7 +33,8 @@ def announce_change(
         event=CORPUS_CHANGED,
         resource={
             "prefect.resource.id": cache_resource_id(request),
-            "prefect.resource.name": request.cache_root.name or str(request.cache_root),
+            # The UI shows the name; cache folders are often all called "cache".
+            "prefect.resource.name": str(request.cache_root),
             "takeoff-cache.cache-root": str(request.cache_root),
             "takeoff-cache.corpus": str(request.corpus),
         },
@@ -48,7 +49,5 @@ def announce_change(
     )
     if event is None:
         # emit_event swallows its own failures; a change nobody hears of must not pass silently.
-        raise RuntimeError(
-            f"could not emit {CORPUS_CHANGED}: no Prefect events API is reachable"
-        )
+        raise RuntimeError(f"could not emit {CORPUS_CHANGED}: no Prefect events API is reachable")
     return str(event.id)

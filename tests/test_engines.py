@@ -250,3 +250,28 @@ def test_tensorrt_descriptors_match_onnxruntime(demo: Demo) -> None:
     out_b = ort_backend.load(Path(b.store_path), backbone, "descriptor").run(batch)
     np.testing.assert_allclose(out_a, out_b, rtol=1e-2, atol=1e-3)
     shutil.rmtree(demo.work)
+
+
+@pytest.mark.usefixtures("prefect_harness")
+@pytest.mark.parametrize(
+    ("edit", "words"),
+    [
+        (lambda t: t.replace('role = "local_features"', 'role = "detector"'),
+         ["'keypoints'", "role"]),
+        (lambda t: t.replace('models/keypoints.onnx', 'models/missing.onnx'),
+         ["'keypoints'", "onnx", "does not exist"]),
+        (lambda t: t.replace('role = "local_features"', 'role = "place_recognition"'),
+         ["exactly one place_recognition"]),
+        (lambda t: t.replace('output = "descriptor"', 'output = "features"'),
+         ["'vpr'", "output"]),
+        (lambda t: t.replace("size = 128", "size = 96", 1), ["'vpr'", "input"]),
+    ],
+)
+def test_bad_backbones_file_is_refused_before_any_work(
+        capsys: pytest.CaptureFixture[str], demo: Demo, edit, words: list[str]) -> None:  # type: ignore[no-untyped-def]
+    path = demo.root / "backbones.toml"
+    path.write_text(edit(path.read_text()))
+    result = run_cli(capsys, *demo.build_args())
+    assert result.code == 2, result.err
+    assert len(result.err_lines) == 1 and all(w in result.err for w in words), result.err
+    assert list(demo.cache.iterdir()) == [] and not (demo.work / "engines").exists()

@@ -175,6 +175,18 @@ def load_backbones(path: Path) -> tuple[Backbone, ...]:
     entries = doc.get("backbone")
     if not isinstance(entries, list) or not entries:
         raise BackboneError(f"backbones: {path} has no [[backbone]] entries")
+    # Count roles before opening any model: "two place_recognition backbones" is
+    # the error to report, not whatever the second one's graph lacks.
+    named = [
+        str(raw.get("name"))
+        for raw in entries
+        if isinstance(raw, dict) and raw.get("role") == PLACE_RECOGNITION
+    ]
+    if len(named) > 1:
+        raise BackboneError(
+            f"backbones: exactly one place_recognition backbone is required,"
+            f" found {len(named)} ({', '.join(named)})"
+        )
     backbones = tuple(_parse_entry(i, raw, path.parent) for i, raw in enumerate(entries))
     names = [b.name for b in backbones]
     if len(set(names)) != len(names):

@@ -30,6 +30,8 @@ class _Parser(argparse.ArgumentParser):
 def _prefect_env(verbose: bool) -> None:
     """Defaults for Prefect, set before it is imported: no telemetry, quiet unless asked."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The Python client's own usage events, off before it would ask the server.
+    os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY", "false")
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
     # The embedded API starts in a subprocess; on a busy 2-core host 20 s is not enough.
@@ -283,26 +285,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import make_demo_data
     from .keys import load_trust_store
     from .report import BuildReport
+    from .request import FIELDS
     from .verify import verify_cache
 
     inputs = make_demo_data(args.workdir, tiles=args.tiles, seed=args.seed)
     print(f"demo inputs: {inputs.root} ({inputs.tile_count} tiles)", file=sys.stderr)
     args.request = inputs.request
     args.work_dir = args.work_dir or str(inputs.root / "work")
-    for name in (
-        "corpus",
-        "bbox",
-        "zoom_levels",
-        "sector_class",
-        "backbones",
-        "precision",
-        "calibration",
-        "cache_root",
-        "key",
-        "trust",
-        "takeoff_origin",
-        "flight_id",
-    ):
+    for name in FIELDS:  # the demo request file says it all
         setattr(args, name, None)
     args.coverage, args.expires_in = "strict", None
     report = BuildReport(**_run_build(_raw_request(args), args))

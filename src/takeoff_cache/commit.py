@@ -41,7 +41,7 @@ def _listed_paths(data: bytes) -> set[str]:
     try:
         doc = json.loads(data)
         return {a["path"] for a in doc["signed"]["artifacts"] if isinstance(a.get("path"), str)}
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return set()
 
 
@@ -79,8 +79,8 @@ def recover(cache_root: Path, trusted: tuple[TrustedKey, ...]) -> bool:
     for name in (PENDING_MANIFEST, RETIRED_MANIFEST):
         try:
             data = (staging / name).read_bytes()
-            # Only a manifest we signed may name files for deletion.
-            verify_manifest_bytes(data, list(trusted))
+            # Only a manifest we signed may name files for deletion, expired or not.
+            verify_manifest_bytes(data, list(trusted), check_expiry=False)
         except (OSError, VerificationError):
             continue
         for rel in sorted(_listed_paths(data) - current):

@@ -19,23 +19,27 @@ import os
 import sqlite3
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import faiss
 import numpy as np
+from PIL import UnidentifiedImageError
 from PIL.Image import DecompressionBombError
 
 from .backbones import InputSpec
 from .canonical import content_key
 from .corpus import Corpus, Tile, TileSelection, open_corpus
 from .errors import CorpusError, DescriptorError
+from .faults import checkpoint
 from .fsutil import fsync_dir, fsync_file, sha256_file
 from .preprocess import PREPROCESS_ID, Normalizer, decode_into
+
+if TYPE_CHECKING:
+    import faiss
 
 Progress = Callable[[int, int], None]
 METRIC = "inner_product"  # on L2-normalized vectors: cosine similarity
@@ -92,74 +96,107 @@ def descriptor_key(space: str, fingerprint: str) -> str:
     )
 
 
-def _valid(vec: np.ndarray, dim: int | None) -> bool:
-    """Only unit-length, finite vectors of the expected size are ever served."""
-    if vec.size == 0 or (dim is not None and vec.size != dim):
-        return False
-    norm = float(np.dot(vec, vec))
-    return math.isfinite(norm) and abs(norm - 1.0) <= 2 * _NORM_TOLERANCE
+def _valid(rows: list[tuple[str, bytes]], dim: int | None) -> tuple[list[str], np.ndarray]:
+    """The rows holding a whole vector: ``dim`` float32 values (by default the most common
+    size), finite and unit length. Checked for a whole chunk at once."""
+    if dim is None:
+        sizes = Counter(len(blob) for _, blob in rows if len(blob) % 4 == 0)
+        dim = sizes.most_common(1)[0][0] // 4 if sizes else 0
+    keep = [(sha, blob) for sha, blob in rows if dim and len(blob) == 4 * dim]
+    if not keep:
+        return [], np.empty((0, dim), dtype=np.float32)
+    matrix = np.frombuffer(b"".join(blob for _, blob in keep), dtype=np.float32)
+    matrix = matrix.reshape(len(keep), dim)
+    with np.errstate(over="ignore", invalid="ignore"):
+        norms = np.einsum("ij,ij->i", matrix, matrix)
+    ok = np.isfinite(norms) & (np.abs(norms - 1.0) <= 2 * _NORM_TOLERANCE)
+    return [sha for (sha, _), good in zip(keep, ok, strict=True) if good], matrix[ok]
 
 
 class DescriptorStore:
     """SQLite table of L2-normalized float32 descriptors, shared by every cache of a work folder.
 
-    Each batch is one transaction, and SQLite's write-ahead log makes it
-    all-or-nothing, so a killed build never leaves a half-written vector.
-    ``synchronous=NORMAL`` skips the fsync per commit: a power cut may lose the
-    last batches (they are recomputed), never corrupt the table. Vectors that
-    are not finite and unit-length are treated as absent, never served.
+    Rows are keyed by (descriptor space, tile SHA-256 as 32 bytes) through a
+    unique index beside a plain rowid table: lookups touch the small index, not
+    pages of vectors. Each batch is one transaction, and SQLite's write-ahead
+    log makes it all-or-nothing, so a killed build never leaves a half-written
+    vector. ``synchronous=NORMAL`` skips the fsync per commit: a power cut may
+    lose the last batches (they are recomputed), never corrupt the table.
+    Vectors that are not finite and unit-length are treated as absent, never
+    served.
     """
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self._spaces: dict[str, int] = {}
         self._db = sqlite3.connect(path, timeout=60, check_same_thread=False)
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute(
-                "CREATE TABLE IF NOT EXISTS descriptors (engine_key TEXT NOT NULL,"
-                " tile_sha256 TEXT NOT NULL, vector BLOB NOT NULL,"
-                " PRIMARY KEY (engine_key, tile_sha256)) WITHOUT ROWID"
+                "CREATE TABLE IF NOT EXISTS spaces"
+                " (id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE)"
+            )
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS vectors (space INTEGER NOT NULL, tile BLOB NOT NULL,"
+                " vector BLOB NOT NULL, UNIQUE (space, tile))"
             )
             self._db.commit()
         except sqlite3.Error as exc:
             self._db.close()
             raise DescriptorError(f"descriptor store {path}: {exc}") from exc
 
-    def _rows(self, space: str, shas: Sequence[str]) -> Iterator[tuple[str, bytes]]:
+    def _space_id(self, space: str, *, create: bool) -> int | None:
+        if space not in self._spaces:
+            if create:
+                with self._db:
+                    self._db.execute("INSERT OR IGNORE INTO spaces (key) VALUES (?)", (space,))
+            row = self._db.execute("SELECT id FROM spaces WHERE key = ?", (space,)).fetchone()
+            if row is None:
+                return None
+            self._spaces[space] = int(row[0])
+        return self._spaces[space]
+
+    def _rows(self, space: str, shas: Sequence[str]) -> list[tuple[str, bytes]]:
+        space_id = self._space_id(space, create=False)
+        if space_id is None:
+            return []
+        out: list[tuple[str, bytes]] = []
         for start in range(0, len(shas), _SQL_VARS):
-            chunk = shas[start : start + _SQL_VARS]
+            chunk = [bytes.fromhex(sha) for sha in shas[start : start + _SQL_VARS]]
             marks = ",".join("?" * len(chunk))
-            yield from self._db.execute(
-                f"SELECT tile_sha256, vector FROM descriptors WHERE engine_key = ?"
-                f" AND tile_sha256 IN ({marks})",
-                [space, *chunk],
+            rows = self._db.execute(
+                f"SELECT tile, vector FROM vectors WHERE space = ? AND tile IN ({marks})",
+                [space_id, *chunk],
             )
+            out += [(tile.hex(), blob) for tile, blob in rows]
+        return out
+
+    def vectors(
+        self, space: str, shas: Sequence[str], dim: int | None
+    ) -> tuple[list[str], np.ndarray]:
+        """The valid stored vectors among ``shas``: their digests and one row each.
+
+        Call it per chunk, never for a whole corpus.
+        """
+        return _valid(self._rows(space, shas), dim)
 
     def get(self, space: str, shas: Sequence[str], dim: int | None) -> dict[str, np.ndarray]:
-        """The valid stored vectors among ``shas``; call it per chunk, never for a whole corpus."""
-        found: dict[str, np.ndarray] = {}
-        for sha, blob in self._rows(space, shas):
-            vec = np.frombuffer(blob, dtype=np.float32)
-            if _valid(vec, dim):
-                found[sha] = vec
-        return found
+        found, matrix = self.vectors(space, shas, dim)
+        return dict(zip(found, matrix, strict=True))
 
     def have(self, space: str, shas: Sequence[str]) -> set[str]:
         """Which of ``shas`` have a valid stored vector."""
-        return {
-            sha
-            for sha, blob in self._rows(space, shas)
-            if len(blob) % 4 == 0 and _valid(np.frombuffer(blob, dtype=np.float32), None)
-        }
+        return set(self.vectors(space, shas, None)[0])
 
     def put(self, space: str, shas: Sequence[str], vectors: np.ndarray) -> None:
+        space_id = self._space_id(space, create=True)
         rows = np.ascontiguousarray(vectors, dtype=np.float32)
         with self._db:
             self._db.executemany(
-                "INSERT OR REPLACE INTO descriptors VALUES (?, ?, ?)",
-                [(space, sha, rows[i].tobytes()) for i, sha in enumerate(shas)],
+                "INSERT OR REPLACE INTO vectors VALUES (?, ?, ?)",
+                [(space_id, bytes.fromhex(sha), rows[i].tobytes()) for i, sha in enumerate(shas)],
             )
 
     def integrity_problems(self) -> list[str]:
@@ -217,10 +254,17 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
 
 
 def _reason(exc: BaseException) -> str:
+    """A short, stable reason for an operator (no object addresses, no byte counts)."""
     if isinstance(exc, CorpusError):
         return "gone from the corpus"
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text[:80]
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image"
+    if isinstance(exc, DecompressionBombError):
+        return "image too large"
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    if "truncated" in text.lower():
+        return "truncated"
+    return f"{type(exc).__name__}: {text[:60]}" if text else type(exc).__name__
 
 
 @dataclass
@@ -410,6 +454,7 @@ def embed_tiles(
                             " or non-finite values"
                         )
                     store.put(space, [t.sha256 for t in decoded.tiles], vectors)
+                    checkpoint("descriptors.batch_stored")
                     stats.store_s += time.perf_counter() - t2
                     generated += n
                 decoder.give_back(decoded.batch)
@@ -442,22 +487,21 @@ def _vectors(
     tiles: Sequence[Tile], store: DescriptorStore, space: str, dim: int | None
 ) -> tuple[np.ndarray, list[str]]:
     """The rows of ``tiles`` in order, and the z/x/y of tiles without a valid descriptor."""
-    found = store.get(space, sorted({t.sha256 for t in tiles}), dim)
-    if dim is None:
-        dim = next(iter(found.values())).size if found else 0
-    out = np.zeros((len(tiles), dim), dtype=np.float32)
-    missing: list[str] = []
-    for row, tile in enumerate(tiles):
-        vec = found.get(tile.sha256)
-        if vec is None or vec.size != dim:
-            missing.append(tile.zxy)
-        else:
-            out[row] = vec
-    return out, missing
+    found, matrix = store.vectors(space, list({t.sha256 for t in tiles}), dim)
+    where = {sha: i for i, sha in enumerate(found)}
+    rows = np.fromiter((where.get(t.sha256, -1) for t in tiles), dtype=np.int64, count=len(tiles))
+    absent = rows < 0
+    if not found:
+        return np.zeros((len(tiles), matrix.shape[1]), np.float32), [t.zxy for t in tiles]
+    out = matrix[np.where(absent, 0, rows)]  # a fancy-indexed copy, safe to zero
+    out[absent] = 0.0
+    return out, [tiles[int(i)].zxy for i in np.flatnonzero(absent)]
 
 
 def _gpu() -> Any:
     """faiss GPU resources when this faiss build has them and a GPU is present, else None."""
+    import faiss
+
     if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
         return faiss.StandardGpuResources()
     return None
@@ -515,6 +559,8 @@ def _approximate_index(
 
     Returns ``(index, index_type, nprobe, recall_at_1, queries)``.
     """
+    import faiss
+
     n = len(tiles)
     rng = np.random.default_rng(seed)
     # faiss wants >= 39 training points per list; 4·sqrt(N) lists is its usual advice.
@@ -593,6 +639,9 @@ def write_index(
     Up to ``exact_max`` tiles the index is exact (``IndexFlatIP``); beyond, an
     IVF index whose recall@1 against exact search is measured and recorded.
     """
+    # Imported here: loading faiss costs a no-op run more than the whole no-op check.
+    import faiss
+
     tiles = selection.tiles
     if not tiles:
         raise DescriptorError("descriptors: no tiles to index")
@@ -625,9 +674,12 @@ def write_index(
     tmp = out_dir / f".{stem}.faiss.tmp-{os.getpid()}"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint("descriptors.index_write", tmp)
         faiss.write_index(index, str(tmp))
         fsync_file(tmp)
+        checkpoint("descriptors.index_rename", index_path)
         os.replace(tmp, index_path)
+        checkpoint("descriptors.map_write", map_path)
         _write_tile_map(map_path, tiles)
     except (RuntimeError, OSError) as exc:  # faiss reports I/O failures as RuntimeError
         raise DescriptorError(f"descriptors: cannot write index {index_path}: {exc}") from exc
@@ -648,4 +700,6 @@ def write_index(
 
 
 def read_index(index_path: Path) -> faiss.Index:
+    import faiss
+
     return faiss.read_index(str(index_path))

@@ -8,9 +8,15 @@ reached) sends SIGKILL to the build's own process at that point: a real
 such as ``ENOSPC`` or ``EIO``) makes the point raise ``OSError`` instead, as
 the write, fsync or rename right after it would on a full or failing disk.
 
-Several specs may be given, separated by commas. The variables are read once,
-at import; with neither set a checkpoint costs one lookup in an empty dict.
-:func:`reset` re-reads them (for tests that run builds in-process).
+``TAKEOFF_CACHE_STOP_AT=name[:N]`` sends SIGSTOP instead: the process waits
+there until someone sends SIGCONT, which lets a test line several builds up
+at the same instant.
+
+Several specs may be given, separated by commas. ``TAKEOFF_CACHE_FAULT_TRACE=FILE``
+appends the name and time of every point reached to FILE, which is how the
+tests enumerate the points a build passes. The variables are read once, at import;
+with none set a checkpoint costs one lookup in an empty dict. :func:`reset`
+re-reads them (for tests that run builds in-process).
 """
 
 from __future__ import annotations
@@ -18,11 +24,16 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
+from typing import Any
 
 KILL_ENV = "TAKEOFF_CACHE_KILL_AT"
 FAIL_ENV = "TAKEOFF_CACHE_FAIL_AT"
+STOP_ENV = "TAKEOFF_CACHE_STOP_AT"
+TRACE_ENV = "TAKEOFF_CACHE_FAULT_TRACE"
 
-# name -> list of (occurrence or 0 for every time, errno or 0 for a kill)
+# name -> list of (occurrence or 0 for every time, errno, or _KILL or _STOP)
+_KILL, _STOP = 0, -1
 _plan: dict[str, list[tuple[int, int]]] = {}
 _seen: dict[str, int] = {}
 
@@ -33,12 +44,15 @@ def _occurrence(text: str, spec: str) -> int:
     return int(text)
 
 
-def parse(kill_at: str | None, fail_at: str | None) -> dict[str, list[tuple[int, int]]]:
-    """Turn the two variables into a plan; malformed specs are refused loudly."""
+def parse(
+    kill_at: str | None, fail_at: str | None, stop_at: str | None = None
+) -> dict[str, list[tuple[int, int]]]:
+    """Turn the variables into a plan; malformed specs are refused loudly."""
     plan: dict[str, list[tuple[int, int]]] = {}
-    for spec in filter(None, (s.strip() for s in (kill_at or "").split(","))):
-        name, _, count = spec.partition(":")
-        plan.setdefault(name, []).append((_occurrence(count, spec) if count else 0, 0))
+    for specs, action in ((kill_at, _KILL), (stop_at, _STOP)):
+        for spec in filter(None, (s.strip() for s in (specs or "").split(","))):
+            name, _, count = spec.partition(":")
+            plan.setdefault(name, []).append((_occurrence(count, spec) if count else 0, action))
     for spec in filter(None, (s.strip() for s in (fail_at or "").split(","))):
         parts = spec.split(":")
         if len(parts) not in (2, 3):
@@ -51,10 +65,26 @@ def parse(kill_at: str | None, fail_at: str | None) -> dict[str, list[tuple[int,
     return plan
 
 
+class _Tracer(dict[str, list[tuple[int, int]]]):
+    """A plan that also records every point looked up in it."""
+
+    def __init__(self, plan: dict[str, list[tuple[int, int]]], trace: str) -> None:
+        super().__init__(plan)
+        self.trace = trace
+
+    def get(self, name: str, default: Any = None) -> Any:
+        with open(self.trace, "a", encoding="utf-8") as fh:
+            fh.write(f"{name} {time.time():.6f}\n")
+        return super().get(name, default)
+
+
 def reset() -> None:
     """Re-read the environment and restart the occurrence counts."""
     global _plan
-    _plan = parse(os.environ.get(KILL_ENV), os.environ.get(FAIL_ENV))
+    _plan = parse(os.environ.get(KILL_ENV), os.environ.get(FAIL_ENV), os.environ.get(STOP_ENV))
+    trace = os.environ.get(TRACE_ENV)
+    if trace:
+        _plan = _Tracer(_plan, trace)
     _seen.clear()
 
 
@@ -67,9 +97,12 @@ def checkpoint(name: str, path: object = None) -> None:
     for nth, code in actions:
         if nth not in (0, count):
             continue
-        if code == 0:
+        if code == _KILL:
             os.kill(os.getpid(), signal.SIGKILL)
-        raise OSError(code, os.strerror(code), None if path is None else str(path))
+        elif code == _STOP:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        else:
+            raise OSError(code, os.strerror(code), None if path is None else str(path))
 
 
 reset()

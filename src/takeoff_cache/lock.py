@@ -34,6 +34,7 @@ class BuildLock:
         try:
             self._lock.acquire(timeout=0)
         except Timeout:
+            checkpoint("lock.refused", self.path)
             raise LockHeldError(
                 f"lock: another build holds {self.path}; wait for it to finish"
             ) from None

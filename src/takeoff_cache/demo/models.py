@@ -254,12 +254,14 @@ def build_keypoints_model(path: Path, size: int = 128) -> None:
     """Write the local-feature backbone: ``image`` -> ``scores`` (N,1,size/4,size/4) and
     ``features`` (N,16,size/4,size/4).
 
-    ``scores`` is the Harris corner response max-pooled over 4x4 cells;
+    ``scores`` is the Harris corner response (k = 0.04, on luma gradients in
+    units of [0, 1] luma per pixel, so values are small: 1e-5 to 1e-3 at
+    corners of the demo imagery) max-pooled over 4x4 cells;
     ``features`` is a SIFT-like histogram of rectified gradients in 8
     directions at 2 scales per cell, L2-normalised over channels.
     """
     if size < 2 * KEYPOINT_STRIDE or size % KEYPOINT_STRIDE:
-        raise ValueError(f"size must be a multiple of {KEYPOINT_STRIDE}, got {size}")
+        raise ValueError(f"size must be a multiple of {KEYPOINT_STRIDE} (>= 8), got {size}")
     g = _Graph()
     luma_w, luma_b = _luma_conv()
     luma = g.conv("image", "luma", luma_w, luma_b)

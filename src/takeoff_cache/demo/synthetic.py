@@ -626,7 +626,9 @@ def render_tile(z: int, x: int, y: int, seed: int) -> NDArray[np.uint8]:
     # Meadows are abandoned fields: the parcel pattern still shows through, so
     # a tile inside a meadow keeps structure.
     _paint_band(img, _GRASS, forest, 0.31, 0.04, opacity=0.75, texture=(detail, 1.0, 0.5))
-    _paint_band(img, _TREE, -forest, -0.63, 0.07, texture=(detail, 1.8, 0.0))
+    # The texture field roughens the wood's edge and opens glades near it.
+    canopy = forest + (detail - np.float32(0.5)) * np.float32(0.6)
+    _paint_band(img, _TREE, -canopy, -0.63, 0.05, texture=(detail, 1.8, 0.0))
 
     _paint_river(img, w, xs, ys, px, detail)
     for family in (0, 1):

@@ -1,0 +1,176 @@
+"""No-op benchmark: re-running a finished build vs. a Prefect flow that does nothing.
+
+    python benchmarks/noop.py [--tiles 10000] [--data DIR] [--repeat 5]
+
+Builds the demo cache once (reused when already built), then times, in the
+same process setup each time:
+
+- warm, in one process with Prefect's API already up: the build-cache flow
+  on the unchanged request (an ``idempotent_no_op``) against an empty flow;
+- cold, each in a fresh process, as an operator runs it: ``takeoff-cache
+  build`` against ``python -c`` running an empty flow (both start Prefect's
+  temporary API server, which dominates).
+
+Ends with one JSON line: medians, the difference, and the no-op's phases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+
+from takeoff_cache.demo import make_demo_data  # noqa: E402
+from takeoff_cache.request import read_request_file  # noqa: E402
+
+EMPTY_FLOW = """
+from prefect import flow
+
+@flow(name="nothing", persist_result=False, log_prints=False)
+def nothing() -> int:
+    return 0
+
+nothing()
+"""
+
+
+def log(*parts: object) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def build_params(request: Path, work: Path) -> dict[str, Any]:
+    raw = read_request_file(request)
+    params = {k: (str(v) if isinstance(v, Path) else v) for k, v in raw.items() if v is not None}
+    params["work_dir"] = str(work)
+    return params
+
+
+def warm(request: Path, work: Path, repeat: int) -> dict[str, Any]:
+    from prefect import flow
+
+    from flows.build import build_cache
+
+    @flow(name="nothing", persist_result=False, log_prints=False)
+    def nothing() -> int:
+        return 0
+
+    params = build_params(request, work)
+    nothing()  # starts Prefect's API for this process
+    first = build_cache(**params)
+    if first["outcome"] != "idempotent_no_op":
+        raise SystemExit(f"expected a no-op, got {first['outcome']}: {first['failure_reason']}")
+    empty_s, noop_s, reports = [], [], []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        nothing()
+        empty_s.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        reports.append(build_cache(**params))
+        noop_s.append(time.perf_counter() - start)
+    assert all(r["outcome"] == "idempotent_no_op" for r in reports)
+    return {
+        "empty_flow_s": round(statistics.median(empty_s), 3),
+        "noop_build_s": round(statistics.median(noop_s), 3),
+        "difference_s": round(statistics.median(noop_s) - statistics.median(empty_s), 3),
+        "empty_all_s": [round(t, 3) for t in empty_s],
+        "noop_all_s": [round(t, 3) for t in noop_s],
+        "phases": reports[len(reports) // 2]["phases"],
+        "tiles": reports[0]["tiles"],
+    }
+
+
+def cold(request: Path, work: Path, repeat: int) -> dict[str, Any]:
+    env = {**os.environ}
+    env.pop("PREFECT_API_URL", None)
+    build = [
+        sys.executable,
+        "-m",
+        "takeoff_cache.cli",
+        "build",
+        "--request",
+        str(request),
+        "--work-dir",
+        str(work),
+        "--json",
+    ]
+    empty = [sys.executable, "-c", EMPTY_FLOW]
+    empty_s, noop_s = [], []
+    for _ in range(repeat):
+        for cmd, times in ((empty, empty_s), (build, noop_s)):
+            start = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+            times.append(time.perf_counter() - start)
+            if proc.returncode != 0:
+                raise SystemExit(f"{cmd[:3]} failed: {proc.stderr.strip()[-500:]}")
+            if cmd is build and json.loads(proc.stdout)["outcome"] != "idempotent_no_op":
+                raise SystemExit("the cold re-run was not a no-op")
+    return {
+        "empty_flow_s": round(statistics.median(empty_s), 3),
+        "noop_build_s": round(statistics.median(noop_s), 3),
+        "difference_s": round(statistics.median(noop_s) - statistics.median(empty_s), 3),
+        "empty_all_s": [round(t, 3) for t in empty_s],
+        "noop_all_s": [round(t, 3) for t in noop_s],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tiles", type=int, default=10000)
+    p.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "takeoff-bench")
+    p.add_argument("--work", type=Path, default=None, help="work folder (default: DATA/work-N)")
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--cold-repeat", type=int, default=3)
+    args = p.parse_args()
+    demo = make_demo_data(args.data / f"{args.tiles}", tiles=args.tiles)
+    work = args.work or args.data / f"work-{args.tiles}"
+    if not (demo.root / "cache" / "Manifest.json").is_file():
+        log(f"building the {demo.tile_count}-tile cache once ...")
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "takeoff_cache.cli",
+                "build",
+                "--request",
+                str(demo.request),
+                "--work-dir",
+                str(work),
+            ],
+            cwd=ROOT,
+        )
+        if proc.returncode != 0:
+            raise SystemExit("the first build failed")
+    figures: dict[str, Any] = {"benchmark": "noop", "load_before": os.getloadavg()[0]}
+    log("warm: no-op build vs empty flow, one process ...")
+    figures["warm"] = warm(demo.request, work, args.repeat)
+    log(f"    {figures['warm']}")
+    log("cold: fresh processes ...")
+    figures["cold"] = cold(demo.request, work, args.cold_repeat)
+    log(f"    {figures['cold']}")
+    figures["load_after"] = os.getloadavg()[0]
+    figures["target_s"] = 1.0
+    figures["within_target"] = (
+        figures["warm"]["difference_s"] <= 1.0 and figures["cold"]["difference_s"] <= 1.0
+    )
+    log(
+        f"no-op of {figures['warm']['tiles']} tiles: warm +{figures['warm']['difference_s']} s,"
+        f" cold +{figures['cold']['difference_s']} s over an empty flow"
+    )
+    print(json.dumps(figures, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()

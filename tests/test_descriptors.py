@@ -1,0 +1,384 @@
+"""The descriptors phase: the store, the embedding pipeline, the index, and bad tiles end to end."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import pytest
+from PIL import Image
+from prefect.artifacts import Artifact
+
+from takeoff_cache import descriptors
+from takeoff_cache.backbones import Backbone, InputSpec, load_backbones, place_recognition
+from takeoff_cache.corpus import TileSelection, open_corpus, select_tiles
+from takeoff_cache.demo.synthetic import render_tile, replace_tile_bytes
+from takeoff_cache.engines import get_backend
+from takeoff_cache.engines.store import EngineRecord, ensure_engine
+from takeoff_cache.errors import DescriptorError
+from takeoff_cache.keys import load_trust_store
+from takeoff_cache.preprocess import Normalizer, decode_tile
+from takeoff_cache.request import BuildRequest, parse_request, read_request_file
+from takeoff_cache.verify import verify_cache
+from tasks.build import artifact_key
+
+from ._cli import run_cli
+from .conftest import Demo
+
+
+@dataclass
+class Vpr:
+    """The demo place-recognition engine, compiled once for this module."""
+
+    request: BuildRequest
+    backbone: Backbone
+    record: EngineRecord
+    run: Callable[[np.ndarray], np.ndarray]
+
+    @property
+    def space(self) -> str:
+        return descriptors.descriptor_space(self.record.key, self.backbone.input)
+
+    def select(self, corpus: Path) -> TileSelection:
+        return select_tiles(corpus, self.request.bbox.as_tuple(), self.request.zoom_levels)
+
+
+@pytest.fixture(scope="module")
+def vpr(demo_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Vpr:
+    request = parse_request(read_request_file(demo_source / "request.toml"))
+    backbone = place_recognition(load_backbones(request.backbones))
+    backend = get_backend("onnxruntime")
+    work = tmp_path_factory.mktemp("descriptor-engines")
+    record = ensure_engine(backbone, backend, "fp32", None, None, work)
+    runner = backend.load(Path(record.store_path), backbone, backbone.output or "")
+    return Vpr(request, backbone, record, runner.run)
+
+
+@pytest.fixture
+def corpus(vpr: Vpr, tmp_path: Path) -> Path:
+    """A private copy of the demo corpus, free to damage."""
+    path = tmp_path / "corpus.mbtiles"
+    shutil.copyfile(vpr.request.corpus, path)
+    return path
+
+
+def other_jpeg(z: int, x: int, y: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(render_tile(z, x, y, seed=4242)).save(buf, "JPEG", quality=85)
+    return buf.getvalue()
+
+
+def embed(
+    vpr: Vpr, corpus: Path, store: descriptors.DescriptorStore, **kw: Any
+) -> descriptors.EmbedResult:
+    return descriptors.embed_tiles(
+        vpr.select(corpus), corpus, vpr.run, vpr.backbone.input, vpr.space, store, **kw
+    )
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def test_fast_decode_stays_within_two_grey_levels_of_an_exact_decode(vpr: Vpr) -> None:
+    spec = vpr.backbone.input
+    with open_corpus(vpr.request.corpus) as c:
+        for tile in vpr.select(vpr.request.corpus).tiles[::10]:
+            data = c.read(tile.z, tile.x, tile.y)
+            fast = decode_tile(data, spec).astype(np.int16)
+            # The same DCT-domain scaling with libjpeg's accurate IDCT and fancy upsampling.
+            accurate = Image.open(io.BytesIO(data))
+            accurate.draft("RGB", (spec.size, spec.size))
+            assert np.abs(fast - np.asarray(accurate, dtype=np.int16)).max() <= 2
+            # A full-size decode then a resize: another resampling, still close.
+            full = Image.open(io.BytesIO(data)).convert("RGB").resize((spec.size, spec.size))
+            assert np.abs(fast - np.asarray(full, dtype=np.int16)).mean() < 3.0
+
+
+def test_normalizer_matches_the_textbook_formula() -> None:
+    spec = InputSpec("image", 8, 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    expected = ((pixels / 255.0 - np.array(spec.mean)) / np.array(spec.std)).transpose(0, 3, 1, 2)
+    out = np.full((2, 3, 8, 8), np.nan, dtype=np.float32)
+    got = Normalizer.for_spec(spec)(pixels, out)
+    assert got is out and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_descriptor_space_changes_with_the_input_spec_not_only_the_model(vpr: Vpr) -> None:
+    spec = vpr.backbone.input
+    moved = InputSpec(spec.name, spec.size, spec.channels, spec.mean, (0.5, 0.5, 0.5))
+    assert descriptors.descriptor_space("k", spec) != descriptors.descriptor_space("k", moved)
+    assert descriptors.descriptor_space("k", spec) != descriptors.descriptor_space("k2", spec)
+
+
+# --------------------------------------------------------------------------- embedding
+
+
+def test_progress_is_reported_per_batch_with_increasing_counts(
+    vpr: Vpr, corpus: Path, tmp_path: Path
+) -> None:
+    calls: list[tuple[int, int]] = []
+    store = descriptors.DescriptorStore(tmp_path / "store.sqlite")
+    result = embed(vpr, corpus, store, batch_size=8, progress=lambda d, t: calls.append((d, t)))
+    store.close()
+    assert result.generated == 80 and result.reused == 0 and not result.bad_tiles
+    done = [d for d, _ in calls]
+    assert {t for _, t in calls} == {80}
+    assert done == sorted(done) and done[0] == 0 and done[-1] == 80
+    # Updated while embedding, not only at the start and the end.
+    assert len(set(done)) >= 80 // 8
+
+
+def test_changing_tiles_reembeds_exactly_those(vpr: Vpr, corpus: Path, tmp_path: Path) -> None:
+    store = descriptors.DescriptorStore(tmp_path / "store.sqlite")
+    assert embed(vpr, corpus, store).generated == 80
+    tiles = vpr.select(corpus).tiles
+    for tile in tiles[10:13]:
+        replace_tile_bytes(corpus, tile.z, tile.x, tile.y, other_jpeg(tile.z, tile.x, tile.y))
+    result = embed(vpr, corpus, store)
+    assert (result.generated, result.reused) == (3, 77)
+    assert (embed(vpr, corpus, store).generated, embed(vpr, corpus, store).reused) == (0, 80)
+    store.close()
+
+
+def test_tiles_with_equal_bytes_are_embedded_once(vpr: Vpr, corpus: Path, tmp_path: Path) -> None:
+    tiles = vpr.select(corpus).tiles
+    with open_corpus(corpus) as c:
+        data = c.read(tiles[0].z, tiles[0].x, tiles[0].y)
+    for tile in tiles[1:4]:
+        replace_tile_bytes(corpus, tile.z, tile.x, tile.y, data)
+    store = descriptors.DescriptorStore(tmp_path / "store.sqlite")
+    result = embed(vpr, corpus, store)
+    assert (result.generated, result.reused) == (77, 3)
+    files = descriptors.write_index(vpr.select(corpus), store, vpr.space, tmp_path, "dup")
+    store.close()
+    index = faiss.read_index(files.index_path)
+    vectors = index.reconstruct_n(0, 4)
+    np.testing.assert_array_equal(vectors[1:], np.repeat(vectors[:1], 3, axis=0))
+
+
+def test_store_never_serves_a_damaged_vector(vpr: Vpr, corpus: Path, tmp_path: Path) -> None:
+    path = tmp_path / "store.sqlite"
+    store = descriptors.DescriptorStore(path)
+    embed(vpr, corpus, store)
+    store.close()
+    shas = [t.sha256 for t in vpr.select(corpus).tiles[:3]]
+    db = sqlite3.connect(path)
+    damage = [
+        np.full(336, np.nan, np.float32).tobytes(),
+        b"abc",
+        np.full(336, 3.0, np.float32).tobytes(),  # finite, not unit length
+    ]
+    with db:
+        for sha, blob in zip(shas, damage, strict=True):
+            db.execute("UPDATE vectors SET vector = ? WHERE tile = ?", (blob, bytes.fromhex(sha)))
+    db.close()
+    store = descriptors.DescriptorStore(path)
+    assert store.get(vpr.space, shas, 336) == {}
+    result = embed(vpr, corpus, store)
+    assert (result.generated, result.reused) == (3, 77)
+    assert set(store.get(vpr.space, shas, 336)) == set(shas)
+    store.close()
+
+
+_KILLED_CHILD = """
+import sys, time
+from pathlib import Path
+from takeoff_cache import descriptors
+from takeoff_cache.backbones import load_backbones, place_recognition
+from takeoff_cache.corpus import select_tiles
+from takeoff_cache.engines import get_backend
+from takeoff_cache.request import parse_request, read_request_file
+
+corpus, store_path, engine, request = (Path(a) for a in sys.argv[1:5])
+req = parse_request(read_request_file(request))
+backbone = place_recognition(load_backbones(req.backbones))
+runner = get_backend("onnxruntime").load(engine, backbone, backbone.output)
+space = sys.argv[5]
+selection = select_tiles(corpus, req.bbox.as_tuple(), req.zoom_levels)
+
+def run(batch):
+    time.sleep(0.03)  # widen the window in which the parent kills us
+    return runner.run(batch)
+
+def progress(done, total):
+    print(done, flush=True)
+
+store = descriptors.DescriptorStore(store_path)
+descriptors.embed_tiles(selection, corpus, run, backbone.input, space, store,
+                        batch_size=2, workers=1, progress=progress)
+print("finished", flush=True)
+"""
+
+
+def test_store_survives_a_killed_embedding_run(vpr: Vpr, corpus: Path, tmp_path: Path) -> None:
+    store_path = tmp_path / "store.sqlite"
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(_KILLED_CHILD),
+            str(corpus),
+            str(store_path),
+            vpr.record.store_path,
+            str(vpr.request.corpus.parent / "request.toml"),
+            vpr.space,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    try:
+        for line in child.stdout:
+            if line.strip() != "finished" and int(line) >= 30:
+                break
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait(timeout=60)
+        child.stdout.close()
+    assert child.returncode == -signal.SIGKILL
+
+    store = descriptors.DescriptorStore(store_path)
+    assert store.integrity_problems() == []
+    rows = sqlite3.connect(store_path).execute("SELECT tile, vector FROM vectors")
+    stored = {tile.hex(): np.frombuffer(blob, dtype=np.float32) for tile, blob in rows}
+    assert 0 < len(stored) < 80, "the kill must land mid-embedding"
+    # Every stored vector is whole, unit length, and the engine's own answer for its tile.
+    selection = vpr.select(corpus)
+    by_sha = {t.sha256: t for t in selection.tiles}
+    with open_corpus(corpus) as c:
+        tiles = [by_sha[sha] for sha in stored]
+        pixels = np.stack([decode_tile(c.read(t.z, t.x, t.y), vpr.backbone.input) for t in tiles])
+    fresh = descriptors.l2_normalize(vpr.run(Normalizer.for_spec(vpr.backbone.input)(pixels)))
+    got = np.stack(list(stored.values()))
+    assert got.shape == fresh.shape == (len(stored), 336)
+    np.testing.assert_allclose(got, fresh, atol=1e-5)
+    # The next run picks up where the killed one stopped.
+    result = embed(vpr, corpus, store)
+    assert (result.generated, result.reused) == (80 - len(stored), len(stored))
+    descriptors.write_index(selection, store, vpr.space, tmp_path, "resumed")
+    store.close()
+
+
+# --------------------------------------------------------------------------- index
+
+
+@pytest.fixture(scope="module")
+def filled(vpr: Vpr, tmp_path_factory: pytest.TempPathFactory) -> descriptors.DescriptorStore:
+    store = descriptors.DescriptorStore(tmp_path_factory.mktemp("filled") / "store.sqlite")
+    embed(vpr, vpr.request.corpus, store)
+    return store
+
+
+def test_index_is_exact_below_the_threshold(
+    vpr: Vpr, filled: descriptors.DescriptorStore, tmp_path: Path
+) -> None:
+    selection = vpr.select(vpr.request.corpus)
+    assert len(selection.tiles) <= descriptors.EXACT_INDEX_MAX
+    files = descriptors.write_index(selection, filled, vpr.space, tmp_path, "exact")
+    assert (files.index_type, files.nprobe, files.recall_at_1) == ("Flat", None, 1.0)
+    index = faiss.read_index(files.index_path)
+    assert isinstance(index, faiss.IndexFlatIP) and index.ntotal == 80
+    rows = json.loads(Path(files.map_path).read_text())["rows"]
+    assert rows == [[t.z, t.x, t.y] for t in selection.tiles]
+    _, found = index.search(index.reconstruct_n(0, 80), 1)
+    assert (found[:, 0] == np.arange(80)).all()
+
+
+def test_index_is_approximate_above_the_threshold_with_measured_recall(
+    vpr: Vpr, filled: descriptors.DescriptorStore, tmp_path: Path
+) -> None:
+    selection = vpr.select(vpr.request.corpus)
+    files = descriptors.write_index(
+        selection, filled, vpr.space, tmp_path, "approx", exact_max=len(selection.tiles) - 1
+    )
+    assert files.index_type.startswith("IVF") and files.nprobe is not None
+    assert files.recall_at_1 >= descriptors.RECALL_TARGET and files.recall_queries == 80
+    index = faiss.read_index(files.index_path)
+    ivf = faiss.extract_index_ivf(index)
+    assert ivf.nprobe == files.nprobe  # stored in the file: a reader searches as measured
+    exact = descriptors.write_index(selection, filled, vpr.space, tmp_path, "exact")
+    vectors = faiss.read_index(exact.index_path).reconstruct_n(0, 80)
+    _, found = index.search(vectors, 1)
+    assert (found[:, 0] == np.arange(80)).all()
+
+
+def test_index_refuses_tiles_without_a_descriptor(vpr: Vpr, corpus: Path, tmp_path: Path) -> None:
+    store = descriptors.DescriptorStore(tmp_path / "store.sqlite")
+    tiles = vpr.select(corpus).tiles
+    embed(vpr, corpus, store)
+    gone = tiles[7]
+    replace_tile_bytes(corpus, gone.z, gone.x, gone.y, other_jpeg(gone.z, gone.x, gone.y))
+    with pytest.raises(DescriptorError, match=gone.zxy):
+        descriptors.write_index(vpr.select(corpus), store, vpr.space, tmp_path, "gap")
+    store.close()
+
+
+# --------------------------------------------------------------------------- bad tiles, end to end
+
+
+def _tiles(demo: Demo) -> list[tuple[int, int, int]]:
+    with sqlite3.connect(demo.corpus) as db:
+        rows = db.execute("SELECT zoom_level, tile_column, tile_row FROM tiles").fetchall()
+    # MBTiles rows are TMS; replace_tile_bytes takes XYZ rows.
+    return sorted((z, x, (1 << z) - 1 - row) for z, x, row in rows)
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_undecodable_tiles_fail_the_build_and_keep_the_previous_cache(
+    capsys: pytest.CaptureFixture[str], demo: Demo
+) -> None:
+    assert run_cli(capsys, *demo.build_args()).code == 0
+    manifest = (demo.cache / "Manifest.json").read_bytes()
+    index = next(
+        a for a in json.loads(manifest)["signed"]["artifacts"] if a["kind"] == "faiss_index"
+    )
+    assert (index["index_type"], index["recall_at_1"], index["count"]) == ("Flat", 1.0, 80)
+    progress = Artifact.get(artifact_key("descriptors", demo.cache.resolve()))
+    assert progress is not None and progress.data == 100.0  # the UI's bar reached the end
+    (z1, x1, y1), (z2, x2, y2) = _tiles(demo)[3], _tiles(demo)[50]
+    with sqlite3.connect(demo.corpus) as db:
+        good = db.execute("SELECT tile_data FROM tiles LIMIT 1").fetchone()[0]
+    replace_tile_bytes(demo.corpus, z1, x1, y1, bytes(good[: len(good) // 2]))  # truncated JPEG
+    replace_tile_bytes(demo.corpus, z2, x2, y2, b"<html>not found</html>")  # garbage
+    result = run_cli(capsys, *demo.build_args())
+    assert result.code == 3
+    assert len(result.err_lines) == 1, result.err
+    line = result.err_lines[0]
+    assert f"{z1}/{x1}/{y1}: truncated" in line and f"{z2}/{x2}/{y2}: not an image" in line
+    assert "Traceback" not in result.err
+    assert (demo.cache / "Manifest.json").read_bytes() == manifest
+    verify_cache(demo.cache, load_trust_store(demo.trust))
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_many_bad_tiles_list_twenty_and_count_the_rest(
+    capsys: pytest.CaptureFixture[str], demo: Demo
+) -> None:
+    bad = _tiles(demo)[:25]
+    for z, x, y in bad:
+        replace_tile_bytes(demo.corpus, z, x, y, b"\xff\xd8\xff")  # the same broken bytes
+    result = run_cli(capsys, *demo.build_args("--json"))
+    assert result.code == 3
+    report = result.json()
+    assert report["outcome"] == "failure"
+    listed = [f"{z}/{x}/{y}" for z, x, y in bad]
+    reason = report["failure_reason"]
+    assert reason.startswith("25 tile(s) cannot be decoded")
+    assert all(f"{zxy}:" in reason for zxy in listed[:20])
+    assert not any(f"{zxy}:" in reason for zxy in listed[20:])
+    assert "and 5 more" in reason
+    assert len(result.err_lines) == 1 and "and 5 more" in result.err_lines[0]
+    assert not (demo.cache / "Manifest.json").exists()
