@@ -25,6 +25,10 @@ POOL="${POOL:-takeoff-cache}"
 set -a; . scripts/offline.env; set +a
 export PREFECT_HOME="${PREFECT_HOME:-$PWD/.prefect}"
 export PREFECT_API_URL="http://$CLIENT_HOST:$PORT/api"
+# With basic auth on the server, this script's own clients (deploy, worker) log in too.
+if [ -n "${PREFECT_SERVER_API_AUTH_STRING:-}" ]; then
+    export PREFECT_API_AUTH_STRING="${PREFECT_API_AUTH_STRING:-$PREFECT_SERVER_API_AUTH_STRING}"
+fi
 mkdir -p "$PREFECT_HOME"
 
 pids=()

@@ -57,12 +57,12 @@ from takeoff_cache.report import BuildReport
 from takeoff_cache.validate import ValidatedRequest
 
 
-@task(name="validate", cache_policy=NO_CACHE, persist_result=False)
+@task(name="validate", task_run_name="validate", cache_policy=NO_CACHE, persist_result=False)
 def validate(raw: dict[str, Any], backend: str) -> ValidatedRequest:
     return validate_mod.validate(raw, backend)
 
 
-@task(name="lock", cache_policy=NO_CACHE, persist_result=False)
+@task(name="lock", task_run_name="lock", cache_policy=NO_CACHE, persist_result=False)
 def lock(validated: ValidatedRequest) -> lock_mod.BuildLock:
     held = lock_mod.acquire(validated.request.cache_root)
     # A build killed mid-commit left staging behind; settle it before reading the cache.
@@ -80,7 +80,7 @@ def untracked(selection: corpus.TileSelection) -> corpus.TileSelection:
     return cast(corpus.TileSelection, quote(selection))
 
 
-@task(name="select", cache_policy=NO_CACHE, persist_result=False)
+@task(name="select", task_run_name="select", cache_policy=NO_CACHE, persist_result=False)
 def select(validated: ValidatedRequest, work_dir: Path | None = None) -> corpus.TileSelection:
     req = validated.request
     if work_dir is None:
@@ -90,12 +90,12 @@ def select(validated: ValidatedRequest, work_dir: Path | None = None) -> corpus.
     )
 
 
-@task(name="identity", cache_policy=NO_CACHE, persist_result=False)
+@task(name="identity", task_run_name="identity", cache_policy=NO_CACHE, persist_result=False)
 def build_identity(validated: ValidatedRequest, fingerprint: str) -> str:
     return identity.build_identity(validated, fingerprint)
 
 
-@task(name="noop", cache_policy=NO_CACHE, persist_result=False)
+@task(name="noop", task_run_name="noop", cache_policy=NO_CACHE, persist_result=False)
 def noop_check(validated: ValidatedRequest, build_id: str) -> tuple[Manifest | None, bool]:
     root = validated.request.cache_root
     current = noop.current_manifest(root, validated.trusted)
@@ -150,7 +150,7 @@ def compile_engine(
     )
 
 
-@task(name="engines", cache_policy=NO_CACHE, persist_result=False)
+@task(name="engines", task_run_name="engines", cache_policy=NO_CACHE, persist_result=False)
 def engines(
     validated: ValidatedRequest, work_dir: Path, staging: Path | None
 ) -> tuple[list[EngineRecord], list[Artifact], list[str]]:
@@ -185,7 +185,7 @@ def engines(
     return records, described, staged
 
 
-@task(name="int8-drift", cache_policy=NO_CACHE, persist_result=False)
+@task(name="int8-drift", task_run_name="int8-drift", cache_policy=NO_CACHE, persist_result=False)
 def int8_drift(
     validated: ValidatedRequest, records: list[EngineRecord], work_dir: Path
 ) -> dict[str, float]:
@@ -260,7 +260,12 @@ def artifact_key(prefix: str, cache_root: Path) -> str:
     return f"{prefix}-{slug}"[-100:].lstrip("-")
 
 
-@task(name="build-index", cache_key_fn=_index_cache_key, persist_result=True)
+@task(
+    name="build-index",
+    task_run_name="build-index",
+    cache_key_fn=_index_cache_key,
+    persist_result=True,
+)
 def build_index(
     validated: ValidatedRequest,
     selection: corpus.TileSelection,
@@ -294,7 +299,7 @@ def build_index(
         store.close()
 
 
-@task(name="descriptors", cache_policy=NO_CACHE, persist_result=False)
+@task(name="descriptors", task_run_name="descriptors", cache_policy=NO_CACHE, persist_result=False)
 def descriptors_phase(
     validated: ValidatedRequest,
     selection: corpus.TileSelection,
@@ -326,7 +331,7 @@ def descriptors_phase(
     return result, described, staged
 
 
-@task(name="manifest", cache_policy=NO_CACHE, persist_result=False)
+@task(name="manifest", task_run_name="manifest", cache_policy=NO_CACHE, persist_result=False)
 def manifest(
     validated: ValidatedRequest,
     build_id: str,
@@ -351,7 +356,7 @@ def manifest(
     return sign_manifest(signed, validated.signer)
 
 
-@task(name="coverage", cache_policy=NO_CACHE, persist_result=False)
+@task(name="coverage", task_run_name="coverage", cache_policy=NO_CACHE, persist_result=False)
 def coverage_check(
     validated: ValidatedRequest, new_paths: set[str], previous: Manifest | None, strict: bool
 ) -> list[str]:
@@ -363,7 +368,7 @@ def coverage_check(
     return offending
 
 
-@task(name="commit", cache_policy=NO_CACHE, persist_result=False)
+@task(name="commit", task_run_name="commit", cache_policy=NO_CACHE, persist_result=False)
 def commit_cache(
     validated: ValidatedRequest,
     manifest_bytes: bytes,
@@ -374,7 +379,7 @@ def commit_cache(
     return commit.commit(validated.request.cache_root, manifest_bytes, staged, previous, new_paths)
 
 
-@task(name="report", cache_policy=NO_CACHE, persist_result=False)
+@task(name="report", task_run_name="report", cache_policy=NO_CACHE, persist_result=False)
 def publish_report(report: BuildReport, cache_root: str) -> None:
     create_markdown_artifact(
         report.markdown(),

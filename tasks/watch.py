@@ -19,12 +19,19 @@ def cache_resource_id(request: BuildRequest) -> str:
     return f"takeoff-cache.cache.{request.cache_root}"
 
 
-@task(name="check-corpus", cache_policy=NO_CACHE, persist_result=False)
+@task(
+    name="check-corpus", task_run_name="check-corpus", cache_policy=NO_CACHE, persist_result=False
+)
 def check_corpus(request: BuildRequest) -> watch.CorpusCheck:
     return watch.check_corpus(request)
 
 
-@task(name="announce-change", cache_policy=NO_CACHE, persist_result=False)
+@task(
+    name="announce-change",
+    task_run_name="announce-change",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
 def announce_change(
     request: BuildRequest, check: watch.CorpusCheck, build_parameters: dict[str, Any]
 ) -> str:

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from takeoff_cache.cli import main
+
 from ._procs import (
     PrefectServer,
     assert_clean,
     change_one_tile,
     copy_sandbox,
     finish,
-    run_build,
     start_build,
 )
 
@@ -43,11 +44,11 @@ def stopped(proc: subprocess.Popen[str]) -> bool:
 
 @pytest.fixture(scope="module")
 def shared(
-    prefect_server: PrefectServer, demo_source: Path, tmp_path_factory: pytest.TempPathFactory
+    prefect_harness: None, demo_source: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
     root = copy_sandbox(demo_source, tmp_path_factory.mktemp("race") / "shared")
-    run = run_build(root, prefect_server.env())
-    assert run.returncode == 0, run.stderr
+    argv = ["build", "--request", str(root / "request.toml"), "--work-dir", str(root / "work")]
+    assert main(argv) == 0
     assert assert_clean(root).version == 1
     return root
 

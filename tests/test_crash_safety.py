@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from takeoff_cache.cli import main
 from takeoff_cache.errors import VerificationError
 from takeoff_cache.layout import MANIFEST_NAME
 
@@ -60,20 +61,18 @@ SCENARIOS = ("update", "tile", "zoom", "first")
 DEFAULT_POINTS = (
     "flow.after_validate",
     "lock.acquired",
-    "flow.after_lock",
     "commit.staging",
     "store.compile",
-    "store.rename",
-    "store.sidecar",
-    "fsutil.rename:1",  # engine sidecar written to its temp file, not yet renamed
+    "store.rename",  # engine compiled to its temp file, not yet renamed into the store
+    "store.record.write",  # engine in the store, its record (digest, key) not yet written
     "fsutil.link:2",  # one engine staged
     "flow.after_engines",
     "descriptors.batch_stored",
-    "descriptors.index_rename",
-    "descriptors.map_write",
+    "descriptors.index_write",
+    "descriptors.map_write",  # new index renamed into the work folder, its tile map not yet
     "flow.after_descriptors",
     "flow.after_coverage",
-    "fsutil.rename:2",  # pending manifest written to its temp file, not yet renamed
+    "commit.pending.rename",  # pending manifest written to its temp file, not yet renamed
     "commit.move:1",  # pending manifest in staging, nothing moved
     "commit.move:3",  # two artifacts moved into the cache root
     "commit.retire",  # every artifact moved, old manifest not yet kept
@@ -201,14 +200,14 @@ def traced_build(
 
 @pytest.fixture(scope="module")
 def sandboxes(
-    prefect_server: PrefectServer, demo_source: Path, tmp_path_factory: pytest.TempPathFactory
+    prefect_harness: None, demo_source: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Path, Path]:
     """(a copy holding a first successful build, a copy with an empty cache root)."""
     tmp = tmp_path_factory.mktemp("crash")
     empty = copy_sandbox(demo_source, tmp / "empty")
     base = copy_sandbox(demo_source, tmp / "base")
-    run = run_build(base, prefect_server.env())
-    assert run.returncode == 0, run.stderr
+    argv = ["build", "--request", str(base / "request.toml"), "--work-dir", str(base / "work")]
+    assert main(argv) == 0
     assert assert_clean(base).version == 1
     return base, empty
 

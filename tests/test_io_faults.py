@@ -70,13 +70,23 @@ def fail_at(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
 @pytest.mark.parametrize(
     ("spec", "code", "words", "committed"),
     [
-        # The build's atomic writes, in order: the new engine's record, then the manifest.
-        ("fsutil.write:1:ENOSPC", 1, ["engines:", ".json", ENOSPC], False),
-        ("fsutil.fsync:1:EIO", 1, ["engines:", ".json", EIO], False),
-        ("fsutil.write:2:EIO", 1, ["commit: cannot write", "Manifest.pending.json", EIO], False),
-        ("fsutil.fsync:2:ENOSPC", 1, ["commit: cannot write", "Manifest.pending", ENOSPC], False),
-        ("fsutil.rename:2:ENOSPC", 1, ["commit: cannot write", "Manifest.pending", ENOSPC], False),
-        ("fsutil.rename:1:EIO", 1, ["engines:", EIO], False),
+        # Write, fsync and rename of the new engine's record, then of the new manifest.
+        ("store.record.write:ENOSPC", 1, ["engines:", ".json", ENOSPC], False),
+        ("store.record.fsync:EIO", 1, ["engines:", ".json", EIO], False),
+        ("store.record.rename:EIO", 1, ["engines:", ".json", EIO], False),
+        ("commit.pending.write:EIO", 1, ["commit: cannot write", "Manifest.pending", EIO], False),
+        (
+            "commit.pending.fsync:ENOSPC",
+            1,
+            ["commit: cannot write", "Manifest.pending", ENOSPC],
+            False,
+        ),
+        (
+            "commit.pending.rename:ENOSPC",
+            1,
+            ["commit: cannot write", "Manifest.pending", ENOSPC],
+            False,
+        ),
         ("fsutil.link:1:ENOSPC", 1, ["engines:", ".staging", ENOSPC], False),
         ("commit.move:2:EIO", 1, ["commit: cannot move", EIO], False),
         ("commit.switch:ENOSPC", 1, ["commit: cannot rename", "Manifest.json", ENOSPC], False),
@@ -111,10 +121,3 @@ def test_an_io_fault_gives_one_line_and_an_exit_code_and_keeps_a_cache_that_veri
     assert again.code == 0, again.err
     assert again.json()["outcome"] == ("idempotent_no_op" if committed else "success")
     assert assert_clean(update).version == 2
-
-
-def test_a_malformed_fault_spec_is_refused() -> None:
-    with pytest.raises(ValueError, match="errno"):
-        faults.parse(None, "commit.switch:ENOTANERRNO")
-    with pytest.raises(ValueError, match="occurrence"):
-        faults.parse("commit.switch:0", None)

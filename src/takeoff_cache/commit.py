@@ -117,7 +117,7 @@ def commit(
     staging = staging_dir(cache_root)
     pending = staging / PENDING_MANIFEST
     with _step(f"write {pending}"):
-        atomic_write_bytes(pending, manifest_bytes)
+        atomic_write_bytes(pending, manifest_bytes, point="commit.pending")
     touched: set[Path] = set()
     # Artifact names carry their content key, so a staged file that lands on an
     # existing path replaces it with the same bytes: the old manifest stays true.

@@ -33,23 +33,26 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
+def atomic_write_bytes(
+    path: Path, data: bytes, mode: int = 0o644, *, point: str = "fsutil"
+) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix.
 
     The bytes go to a temporary file in the same directory, are fsynced, and
     the file is renamed over ``path``; the directory is fsynced so the rename
-    survives a power cut.
+    survives a power cut. ``point`` names the fault points before the write,
+    the fsync and the rename (``<point>.write`` …, see faults.py).
     """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    checkpoint("fsutil.write", tmp)
+    checkpoint(f"{point}.write", tmp)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
-            checkpoint("fsutil.fsync", tmp)
+            checkpoint(f"{point}.fsync", tmp)
             os.fsync(fh.fileno())
-        checkpoint("fsutil.rename", path)
+        checkpoint(f"{point}.rename", path)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

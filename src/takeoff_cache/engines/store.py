@@ -145,7 +145,6 @@ def ensure_engine(
             ) from exc
         finally:
             tmp.unlink(missing_ok=True)
-        checkpoint("store.sidecar", path)
         sidecar = {
             "key": key,
             "sha256": sha,
@@ -157,6 +156,8 @@ def ensure_engine(
             "host": host,
         }
         atomic_write_bytes(
-            path.with_name(name + ".json"), json.dumps(sidecar, indent=2, sort_keys=True).encode()
+            path.with_name(name + ".json"),
+            json.dumps(sidecar, indent=2, sort_keys=True).encode(),
+            point="store.record",
         )
         return record(sha, size, built=True)
