@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow
+from prefect.client.schemas.objects import State
+from prefect.states import Failed
 
 from takeoff_cache import commit, faults
 from takeoff_cache.errors import BadTilesError, CacheIOError, TakeoffCacheError
@@ -63,7 +65,7 @@ def build_cache(
     backend: str = "auto",
     coverage: str = "strict",
     expires_in_s: float | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | State:
     """Build (or confirm) the signed takeoff cache for one request; return the build report."""
     started = time.perf_counter()
     report = BuildReport()
@@ -164,9 +166,16 @@ def build_cache(
             held.release()
 
 
-def _finish(report: BuildReport, started: float, cache_root: str | None) -> dict[str, Any]:
+def _finish(
+    report: BuildReport, started: float, cache_root: str | None
+) -> dict[str, Any] | State:
     report.elapsed_s = round(time.perf_counter() - started, 4)
     # A lost UI artifact must not change the build's outcome.
     with contextlib.suppress(Exception):
         t.publish_report(report, os.path.abspath(cache_root or "."))
-    return report.to_json()
+    data = report.to_json()
+    if report.outcome == "failure":
+        # A soft failure (no tiles, bad tiles) shows as a Failed run with its reason
+        # in the UI; callers asking for the state still get the report as its data.
+        return Failed(message=report.failure_reason, data=data)
+    return data

@@ -108,7 +108,13 @@ def _run_build(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         coverage=args.coverage,
         expires_in_s=parse_duration(args.expires_in),
     )
-    result: dict[str, Any] = build_cache(**params)
+    # As a state: a soft failure is a Failed run whose data is still the report.
+    state = build_cache(**params, return_state=True)
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, BaseException):
+        raise result
+    if not isinstance(result, dict):
+        raise TypeError(f"build-cache returned {type(result).__name__}, not a report")
     return result
 
 
