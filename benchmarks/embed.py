@@ -30,11 +30,12 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # flows/ and tasks/ sit beside src/
+# Before anything imports Prefect (the in-process builds do).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
 
 from takeoff_cache import corpus as corpus_mod  # noqa: E402
 from takeoff_cache import descriptors  # noqa: E402
@@ -49,27 +54,22 @@ from takeoff_cache.backbones import Backbone, load_backbones, place_recognition 
 from takeoff_cache.demo import DemoInputs, make_demo_data  # noqa: E402
 from takeoff_cache.engines import Runner, get_backend  # noqa: E402
 from takeoff_cache.engines.store import ensure_engine  # noqa: E402
-from takeoff_cache.preprocess import Normalizer, decode_tile  # noqa: E402
+from takeoff_cache.preprocess import Normalizer, decode_into, decode_tile  # noqa: E402
 from takeoff_cache.request import parse_request, read_request_file  # noqa: E402
-
-Timed = Callable[[], Any]
 
 
 def log(*parts: object) -> None:
     print(*parts, file=sys.stderr, flush=True)
 
 
-def best_of(repeat: int, fn: Timed) -> tuple[float, list[float]]:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times), times
-
-
 def load_avg() -> float:
     return os.getloadavg()[0]
+
+
+def cpu_s() -> float:
+    """CPU seconds this process has used, all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 class Setup:
@@ -99,111 +99,84 @@ class Setup:
 # --------------------------------------------------------------------------- pipeline
 
 
-def raw_engine(setup: Setup, batch_size: int, repeat: int) -> dict[str, Any]:
-    """(a): the engine alone, on batches already decoded and normalized, as the build loads it."""
-    spec = setup.backbone.input
-    sample = setup.selection.tiles[: 32 * batch_size]
-    with corpus_mod.open_corpus(setup.request.corpus) as corpus:
-        pixels = np.stack([decode_tile(corpus.read(t.z, t.x, t.y), spec) for t in sample])
-    batches = [
-        Normalizer.for_spec(spec)(pixels[i : i + batch_size])
-        for i in range(0, len(pixels), batch_size)
-    ]
-    runner = setup.runner()
-    n = len(setup.selection.tiles)
+class Raw:
+    """(a): the engine alone on batches already decoded and normalized, loaded as the build
+    loads it and driven as the build drives it (``runner.streams`` calls in flight)."""
 
-    def go() -> None:
-        done = 0
-        while done < n:
-            batch = batches[(done // batch_size) % len(batches)]
-            runner.run(batch[: n - done])
-            done += len(batch)
+    def __init__(self, setup: Setup, batch_size: int) -> None:
+        spec = setup.backbone.input
+        sample = setup.selection.tiles[: 8 * batch_size]
+        with corpus_mod.open_corpus(setup.request.corpus) as corpus:
+            pixels = np.stack([decode_tile(corpus.read(t.z, t.x, t.y), spec) for t in sample])
+        normalize = Normalizer.for_spec(spec)
+        self.batches = [
+            normalize(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)
+        ]
+        self.runner = setup.runner()
+        self.runner.run(self.batches[0])  # the first run allocates
+        self.pool = ThreadPoolExecutor(max_workers=self.runner.streams)
+        self.n = len(setup.selection.tiles) // batch_size * batch_size
 
-    runner.run(batches[0])  # warm-up: first run allocates
-    best, times = best_of(repeat, go)
-    return {"tiles_per_s": n / best, "times_s": [round(t, 3) for t in times]}
-
-
-def raw_engine_threads(setup: Setup, batch_size: int, threads: int, n: int) -> float:
-    """Raw engine tiles/s with a given intra-op thread count: how inference scales with cores."""
-    import onnxruntime as ort
-
-    spec = setup.backbone.input
-    with corpus_mod.open_corpus(setup.request.corpus) as corpus:
-        tiles = setup.selection.tiles[:batch_size]
-        pixels = np.stack([decode_tile(corpus.read(t.z, t.x, t.y), spec) for t in tiles])
-    batch = Normalizer.for_spec(spec)(pixels)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(
-        setup.record.store_path, options, providers=["CPUExecutionProvider"]
-    )
-    feed = {spec.name: batch}
-    session.run(None, feed)
-    start = time.perf_counter()
-    for _ in range(max(1, n // batch_size)):
-        session.run(None, feed)
-    return max(1, n // batch_size) * batch_size / (time.perf_counter() - start)
-
-
-def pipelined(
-    setup: Setup, tmp: Path, batch_size: int, workers: int | None, repeat: int
-) -> dict[str, Any]:
-    """(b): embed_tiles into a fresh store, then write_index."""
-    runner = setup.runner()
-    runs = []
-    for i in range(repeat):
-        store_path = tmp / f"store-{i}.sqlite"
-        store = descriptors.DescriptorStore(store_path)
-        stats = descriptors.EmbedStats()
-        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    def __call__(self, streams: int | None = None) -> tuple[float, float]:
+        """Tiles per second, and tiles per CPU-second."""
+        streams = streams or self.runner.streams
+        jobs = [self.batches[i % len(self.batches)] for i in range(self.n // len(self.batches[0]))]
+        cpu = cpu_s()
         start = time.perf_counter()
-        result = descriptors.embed_tiles(
-            setup.selection,
-            setup.request.corpus,
-            runner.run,
-            setup.backbone.input,
-            setup.space,
-            store,
-            batch_size=batch_size,
-            workers=workers,
-            stats=stats,
-        )
-        embed_s = time.perf_counter() - start
-        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-        files = descriptors.write_index(setup.selection, store, setup.space, tmp, f"bench-{i}")
-        index_s = time.perf_counter() - start - embed_s
-        store.close()
-        assert result.generated + result.reused == len(setup.selection.tiles)
-        cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
-        runs.append(
-            {
-                "embed_s": embed_s,
-                "index_s": index_s,
-                "cpu_s": cpu,
-                "stats": stats.as_dict(),
-                "generated": result.generated,
-                "index_type": files.index_type,
-            }
-        )
-        for path in tmp.glob(f"store-{i}.sqlite*"):
-            path.unlink()
-    best = min(runs, key=lambda r: r["embed_s"])
+        if streams == 1:
+            for batch in jobs:
+                self.runner.run(batch)
+        else:
+            list(self.pool.map(self.runner.run, jobs))
+        return self.n / (time.perf_counter() - start), self.n / (cpu_s() - cpu)
+
+
+def pipelined(setup: Setup, tmp: Path, batch_size: int, workers: int | None) -> dict[str, Any]:
+    """(b): embed_tiles into a fresh store (reads, decoding, inference, store), then write_index."""
+    runner = setup.runner()
+    store_path = tmp / "store.sqlite"
+    store = descriptors.DescriptorStore(store_path)
+    stats = descriptors.EmbedStats()
+    cpu0 = cpu_s()
+    start = time.perf_counter()
+    result = descriptors.embed_tiles(
+        setup.selection,
+        setup.request.corpus,
+        runner.run,
+        setup.backbone.input,
+        setup.space,
+        store,
+        batch_size=batch_size,
+        workers=workers,
+        stats=stats,
+        streams=runner.streams,
+    )
+    embed_s = time.perf_counter() - start
+    cpu = cpu_s() - cpu0
+    files = descriptors.write_index(setup.selection, store, setup.space, tmp, "bench")
+    index_s = time.perf_counter() - start - embed_s
+    store.close()
+    for path in tmp.glob("store.sqlite*"):
+        path.unlink()
     n = len(setup.selection.tiles)
+    if result.generated != n:
+        raise SystemExit(f"embedded {result.generated} of {n} tiles")
     return {
-        "tiles_per_s": n / best["embed_s"],
-        "tiles_per_s_with_index": n / (best["embed_s"] + best["index_s"]),
-        "embed_s": [round(r["embed_s"], 3) for r in runs],
-        "index_s": round(best["index_s"], 3),
-        "cpu_cores_busy": round(best["cpu_s"] / best["embed_s"], 2),
-        "stats": best["stats"],
-        "generated": best["generated"],
+        "tiles_per_s": n / embed_s,
+        "tiles_per_cpu_s": n / cpu,
+        "tiles_per_s_with_index": n / (embed_s + index_s),
+        "embed_s": round(embed_s, 3),
+        "index_s": round(index_s, 3),
+        "index_type": files.index_type,
+        "cpu_cores_busy": round(cpu / embed_s, 2),
+        "stats": stats.as_dict(),
     }
 
 
-def naive(setup: Setup, limit: int) -> dict[str, Any]:
-    """(c): read, decode, normalize and infer one tile at a time, the obvious way."""
+def naive(setup: Setup, limit: int) -> tuple[float, float]:
+    """(c): read, decode, normalize and infer one tile at a time, the obvious way.
+
+    Tiles per second, and tiles per CPU-second."""
     from PIL import Image
 
     spec = setup.backbone.input
@@ -211,6 +184,7 @@ def naive(setup: Setup, limit: int) -> dict[str, Any]:
     mean = np.asarray(spec.mean, dtype=np.float32)
     std = np.asarray(spec.std, dtype=np.float32)
     tiles = setup.selection.tiles[:limit]
+    cpu = cpu_s()
     start = time.perf_counter()
     with corpus_mod.open_corpus(setup.request.corpus) as corpus:
         for t in tiles:
@@ -218,47 +192,116 @@ def naive(setup: Setup, limit: int) -> dict[str, Any]:
             image = Image.open(io.BytesIO(data)).convert("RGB").resize((spec.size, spec.size))
             x = (np.asarray(image, dtype=np.float32) / 255.0 - mean) / std
             runner.run(x.transpose(2, 0, 1)[None].copy())
-    return {"tiles_per_s": len(tiles) / (time.perf_counter() - start), "tiles": len(tiles)}
+    return len(tiles) / (time.perf_counter() - start), len(tiles) / (cpu_s() - cpu)
+
+
+def work_per_tile(setup: Setup, count: int = 1024) -> dict[str, float]:
+    """CPU-ms per tile of each stage on one thread (thread CPU time: robust to other load)."""
+    spec = setup.backbone.input
+    runner = setup.runner()
+    normalize = Normalizer.for_spec(spec)
+    tiles = setup.selection.tiles[:count]
+    pixels = np.empty((32, spec.size, spec.size, spec.channels), dtype=np.uint8)
+    batch = np.empty((32, spec.channels, spec.size, spec.size), dtype=np.float32)
+    spent = dict.fromkeys(("read", "decode", "preprocess", "inference"), 0.0)
+    with corpus_mod.open_corpus(setup.request.corpus) as corpus:
+        for start in range(0, len(tiles) - 31, 32):
+            for k, t in enumerate(tiles[start : start + 32]):
+                t0 = time.thread_time()
+                data = corpus.read(t.z, t.x, t.y)
+                t1 = time.thread_time()
+                decode_into(data, spec, pixels[k])
+                t2 = time.thread_time()
+                spent["read"] += t1 - t0
+                spent["decode"] += t2 - t1
+            t3 = time.thread_time()
+            normalize(pixels, batch)
+            t4 = time.thread_time()
+            runner.run(batch)  # one call: one thread
+            spent["inference"] += time.thread_time() - t4
+            spent["preprocess"] += t4 - t3
+    n = len(tiles) // 32 * 32
+    return {k: round(1000 * v / n, 3) for k, v in spent.items()}
 
 
 def section_pipeline(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {"tiles": len(setup.selection.tiles), "load_before": load_avg()}
+    """Paired rounds of (a), (b) and (c), so each ratio compares runs under the same load."""
+    n = len(setup.selection.tiles)
+    out: dict[str, Any] = {"tiles": n, "load_before": round(load_avg(), 2)}
+    raw = Raw(setup, args.batch)
+    rounds: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="embed-bench-", dir=args.tmp) as tmp_name:
-        tmp = Path(tmp_name)
-        log("(a) raw engine ...")
-        out["raw"] = raw_engine(setup, args.batch, args.repeat)
-        log(f"    {out['raw']['tiles_per_s']:.0f} tiles/s")
-        log("(b) descriptor phase (embed_tiles + write_index) ...")
-        out["pipelined"] = pipelined(setup, tmp, args.batch, args.workers, args.repeat)
-        log(f"    {out['pipelined']['tiles_per_s']:.0f} tiles/s")
-        log("(c) naive loop ...")
-        out["naive"] = naive(setup, min(args.naive_tiles, len(setup.selection.tiles)))
-        log(f"    {out['naive']['tiles_per_s']:.0f} tiles/s")
-        n = min(2048, len(setup.selection.tiles))
-        out["raw_by_threads"] = {
-            str(k): round(raw_engine_threads(setup, args.batch, k, n), 1) for k in (1, 2)
-        }
+        for i in range(args.rounds):
+            a, a_cpu = raw()
+            b = pipelined(setup, Path(tmp_name), args.batch, args.workers)
+            c, c_cpu = naive(setup, min(args.naive_tiles, n))
+            rounds.append(
+                {"a": a, "b": b, "c": c, "a_cpu": a_cpu, "c_cpu": c_cpu, "load": load_avg()}
+            )
+            log(
+                f"round {i + 1}: (a) raw {a:.0f}, (b) descriptor phase {b['tiles_per_s']:.0f},"
+                f" (c) naive {c:.0f} tiles/s; b/a {b['tiles_per_s'] / a:.2f}"
+                f" (load {load_avg():.1f})"
+            )
         if args.sweep:
             sweep: dict[str, float] = {}
             for workers in (1, 2, 3):
                 for batch in (16, 32, 64):
-                    r = pipelined(setup, tmp, batch, workers, 1)
+                    r = pipelined(setup, Path(tmp_name), batch, workers)
                     sweep[f"workers={workers},batch={batch}"] = round(r["tiles_per_s"], 1)
                     log(f"    sweep workers={workers} batch={batch}: {r['tiles_per_s']:.0f}")
             out["sweep"] = sweep
-    raw, pipe, nai = out["raw"]["tiles_per_s"], out["pipelined"], out["naive"]["tiles_per_s"]
-    out["b_over_a"] = round(pipe["tiles_per_s"] / raw, 3)
-    out["b_over_c"] = round(pipe["tiles_per_s"] / nai, 2)
-    n = len(setup.selection.tiles)
-    stats = pipe["stats"]
-    # Per-tile cost of each stage in thread-milliseconds (work, not wall time).
-    out["ms_per_tile"] = {
+    best_b = max(rounds, key=lambda r: r["b"]["tiles_per_s"])["b"]
+    out["raw_tiles_per_s"] = round(max(r["a"] for r in rounds), 1)
+    out["raw_one_stream_tiles_per_s"] = round(raw(1)[0], 1)
+    # Tiles per CPU-second: what each way costs, whatever share of the cores it got.
+    out["tiles_per_cpu_s"] = {
+        "raw": round(statistics.median(r["a_cpu"] for r in rounds), 1),
+        "pipelined": round(statistics.median(r["b"]["tiles_per_cpu_s"] for r in rounds), 1),
+        "naive": round(statistics.median(r["c_cpu"] for r in rounds), 1),
+    }
+    out["cores_busy_pipelined"] = [r["b"]["cpu_cores_busy"] for r in rounds]
+    out["pipelined_tiles_per_s"] = round(best_b["tiles_per_s"], 1)
+    out["pipelined_with_index_tiles_per_s"] = round(best_b["tiles_per_s_with_index"], 1)
+    out["naive_tiles_per_s"] = round(max(r["c"] for r in rounds), 1)
+    out["b_over_a_best"] = round(out["pipelined_tiles_per_s"] / out["raw_tiles_per_s"], 3)
+    out["b_over_c_best"] = round(out["pipelined_tiles_per_s"] / out["naive_tiles_per_s"], 2)
+    out["b_over_a_paired_median"] = round(
+        statistics.median(r["b"]["tiles_per_s"] / r["a"] for r in rounds), 3
+    )
+    out["b_over_c_paired_median"] = round(
+        statistics.median(r["b"]["tiles_per_s"] / r["c"] for r in rounds), 2
+    )
+    out["rounds"] = [
+        {
+            "a": round(r["a"], 1),
+            "b": round(r["b"]["tiles_per_s"], 1),
+            "c": round(r["c"], 1),
+            "load": round(r["load"], 2),
+        }
+        for r in rounds
+    ]
+    stats = best_b["stats"]
+    # Where the time goes in the best (b): thread-seconds per stage, summed over threads.
+    out["time_per_tile_ms"] = {
         stage: round(1000 * stats[f"{stage}_s"] / n, 3)
         for stage in ("read", "decode", "preprocess", "inference", "store", "lookup", "wait")
     }
-    out["ms_per_tile"]["index_write"] = round(1000 * pipe["index_s"] / n, 3)
-    out["ms_per_tile"]["raw_engine"] = round(1000 / raw, 3)
-    out["load_after"] = load_avg()
+    out["time_per_tile_ms"]["index_write"] = round(1000 * best_b["index_s"] / n, 3)
+    out["cpu_cores_busy"] = best_b["cpu_cores_busy"]
+    # The same stages as pure CPU work on one thread: what two cores must share.
+    work = work_per_tile(setup)
+    out["work_cpu_ms_per_tile"] = work
+    total = sum(work.values())
+    cores = len(os.sched_getaffinity(0))
+    # If the engine alone scales to every core and the pipeline wastes nothing,
+    # (b)/(a) can reach inference work / all work at best.
+    out["b_over_a_bound"] = round(work["inference"] / total, 3)
+    out["bound_tiles_per_s"] = {
+        "raw": round(1000 * cores / work["inference"], 1),
+        "pipelined": round(1000 * cores / total, 1),
+    }
+    out["load_after"] = round(load_avg(), 2)
     return out
 
 
@@ -313,20 +356,34 @@ def changed_jpeg(z: int, x: int, y: int) -> bytes:
     return buf.getvalue()
 
 
-def section_incremental(args: argparse.Namespace) -> dict[str, Any]:
-    """Cold build, 1% of tiles changed, rebuild — on a private copy of the corpus."""
+def build_in_process(demo: DemoInputs, work: Path) -> dict[str, Any]:
+    """One build in this process, as a long-running Prefect worker would run it."""
+    from flows.build import build_cache
+
+    raw = read_request_file(demo.request)
+    params = {k: (str(v) if isinstance(v, Path) else v) for k, v in raw.items() if v is not None}
+    report: dict[str, Any] = build_cache(**params, work_dir=str(work))
+    return report
+
+
+def incremental(args: argparse.Namespace, tiles: int, in_process: bool) -> dict[str, Any]:
+    """Cold build, 1% of the tiles changed, rebuild — on a private copy of the corpus."""
     from takeoff_cache.demo.synthetic import replace_tile_bytes
 
-    src = make_demo_data(args.data / f"{args.tiles}", tiles=args.tiles)
+    def run(demo: DemoInputs, work: Path) -> dict[str, Any]:
+        return build_in_process(demo, work) if in_process else build(demo, work)[0]
+
+    src = make_demo_data(args.data / f"{tiles}", tiles=tiles)
+    how = "in this process" if in_process else "as a CLI process"
     with tempfile.TemporaryDirectory(prefix="embed-incr-", dir=args.tmp) as tmp_name:
         tmp = Path(tmp_name)
         root = tmp / "demo"
-        shutil.copytree(src.root, root)
-        demo = make_demo_data(root, tiles=args.tiles)
+        shutil.copytree(src.root, root, ignore=shutil.ignore_patterns("bench-store.sqlite*"))
+        demo = make_demo_data(root, tiles=tiles)
         fresh_cache(demo)
         work = tmp / "work"
-        log("incremental: cold build ...")
-        cold, _ = build(demo, work)
+        log(f"incremental: cold build of {src.tile_count} tiles, {how} ...")
+        cold = run(demo, work)
         selection_rows = json.loads(
             next((demo.root / "cache" / "index").glob("*.tiles.json")).read_text()
         )["rows"]
@@ -337,10 +394,11 @@ def section_incremental(args: argparse.Namespace) -> dict[str, Any]:
             z, x, y = selection_rows[int(i)]
             replace_tile_bytes(demo.corpus, z, x, y, changed_jpeg(z, x, y))
         log(f"incremental: {count} tiles changed, rebuild ...")
-        warm, _ = build(demo, work)
+        warm = run(demo, work)
     ratio = warm["phases"]["descriptors"] / cold["phases"]["descriptors"]
-    return {
+    out = {
         "tiles": cold["tiles"],
+        "how": how,
         "changed": count,
         "cold_descriptors_s": cold["phases"]["descriptors"],
         "warm_descriptors_s": warm["phases"]["descriptors"],
@@ -353,6 +411,19 @@ def section_incremental(args: argparse.Namespace) -> dict[str, Any]:
         "warm_elapsed_s": warm["elapsed_s"],
         "outcomes": [cold["outcome"], warm["outcome"]],
     }
+    log(
+        f"    {count} of {out['tiles']} changed -> generated {out['generated']}, reused"
+        f" {out['reused']}; descriptors phase {out['warm_descriptors_s']:.2f} s vs cold"
+        f" {out['cold_descriptors_s']:.2f} s = {100 * ratio:.1f}%"
+    )
+    return out
+
+
+def section_incremental(args: argparse.Namespace) -> list[dict[str, Any]]:
+    runs = [incremental(args, args.tiles, False), incremental(args, args.tiles, True)]
+    if args.big_incremental:
+        runs.append(incremental(args, args.big_tiles, True))
+    return runs
 
 
 def section_memory(args: argparse.Namespace) -> dict[str, Any]:
@@ -423,11 +494,14 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "takeoff-bench")
     p.add_argument("--tmp", type=Path, default=None, help="scratch folder (default: system tmp)")
     p.add_argument("--only", default="pipeline,incremental,memory,index")
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5, help="paired rounds of (a), (b), (c)")
     p.add_argument("--batch", type=int, default=descriptors.BATCH_SIZE)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--naive-tiles", type=int, default=1000)
     p.add_argument("--sweep", action="store_true", help="also sweep decode workers x batch size")
+    p.add_argument(
+        "--big-incremental", action="store_true", help="also the incremental run on --big-tiles"
+    )
     args = p.parse_args()
     only = set(args.only.split(","))
     figures: dict[str, Any] = {"benchmark": "embed", "cores": len(os.sched_getaffinity(0))}
@@ -445,20 +519,14 @@ def main() -> None:
     if "pipeline" in figures:
         pipe = figures["pipeline"]
         log(
-            f"(a) raw engine {pipe['raw']['tiles_per_s']:.0f} tiles/s, (b) descriptor phase"
-            f" {pipe['pipelined']['tiles_per_s']:.0f} tiles/s, (c) naive"
-            f" {pipe['naive']['tiles_per_s']:.0f} tiles/s: b/a {pipe['b_over_a']},"
-            f" b/c {pipe['b_over_c']}"
+            f"(a) raw engine {pipe['raw_tiles_per_s']:.0f} tiles/s, (b) descriptor phase"
+            f" {pipe['pipelined_tiles_per_s']:.0f} tiles/s, (c) naive"
+            f" {pipe['naive_tiles_per_s']:.0f} tiles/s: b/a {pipe['b_over_a_best']}"
+            f" (paired median {pipe['b_over_a_paired_median']}, bound {pipe['b_over_a_bound']}),"
+            f" b/c {pipe['b_over_c_best']} (paired median {pipe['b_over_c_paired_median']})"
         )
-        log(f"per-tile thread-ms: {pipe['ms_per_tile']}")
-    if "incremental" in figures:
-        inc = figures["incremental"]
-        log(
-            f"incremental: {inc['changed']} of {inc['tiles']} changed -> generated"
-            f" {inc['generated']}, reused {inc['reused']}; descriptors phase"
-            f" {inc['warm_descriptors_s']:.2f} s vs cold {inc['cold_descriptors_s']:.2f} s"
-            f" = {100 * inc['ratio']:.1f}%"
-        )
+        log(f"time per tile (ms, summed over threads): {pipe['time_per_tile_ms']}")
+        log(f"CPU work per tile (ms, one thread): {pipe['work_cpu_ms_per_tile']}")
     if "memory" in figures:
         log(f"memory: ratio net of index {figures['memory']['ratio_net_of_index']}")
     print(json.dumps(figures, sort_keys=True))

@@ -231,7 +231,9 @@ class _Progress:
         artifact_id = create_progress_artifact(0.0, key=key, description="descriptors computed")
         # Called from a synchronous task, so this is the id, not a coroutine.
         self._artifact = cast(UUID, artifact_id)
-        self._last = 0.0
+        # Each update is an API round trip: none before half a second, none repeated.
+        self._last = time.monotonic()
+        self._sent = 0.0
         self._bar: Any = None
         if sys.stderr.isatty():
             from tqdm import tqdm
@@ -244,10 +246,12 @@ class _Progress:
             self._bar.n = done
             self._bar.refresh()
         now = time.monotonic()
-        if done >= total or now - self._last >= 0.5:
+        # The UI prints the value as is: one decimal reads as a percentage.
+        value = round(100.0 * done / max(total, 1), 1)
+        if value != self._sent and (done >= total or now - self._last >= 0.5):
             self._last = now
-            # The UI prints the value as is: one decimal reads as a percentage.
-            update_progress_artifact(self._artifact, round(100.0 * done / max(total, 1), 1))
+            self._sent = value
+            update_progress_artifact(self._artifact, value)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -281,7 +285,14 @@ def build_index(
     try:
         runner = validated.backend.load(Path(record.store_path), backbone, backbone.output or "")
         result = descriptors.embed_tiles(
-            selection, req.corpus, runner.run, backbone.input, space, store, progress=progress
+            selection,
+            req.corpus,
+            runner.run,
+            backbone.input,
+            space,
+            store,
+            progress=progress,
+            streams=runner.streams,
         )
         if result.bad_tiles:
             # Raised, not returned: Prefect never caches a failed run.

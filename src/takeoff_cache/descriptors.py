@@ -368,8 +368,13 @@ def embed_tiles(
     workers: int | None = None,
     progress: Progress | None = None,
     stats: EmbedStats | None = None,
+    streams: int = 1,
 ) -> EmbedResult:
     """Make sure the store holds a descriptor for every selected tile of ``space``.
+
+    ``streams`` is how many ``run`` calls may be in flight at once: more than
+    one only for an engine that runs concurrent calls in parallel (see
+    :attr:`Runner.streams`).
 
     ``progress(done, total)`` is called with non-decreasing ``done`` (tiles
     settled: reused, embedded or found bad) after every batch.
@@ -409,6 +414,10 @@ def embed_tiles(
         if batch:
             yield batch
 
+    def infer(batch: np.ndarray) -> tuple[np.ndarray, float]:
+        t0 = time.perf_counter()
+        return run(batch), time.perf_counter() - t0
+
     report()
     generated = 0
     bad_digests: dict[str, str] = {}
@@ -416,33 +425,42 @@ def embed_tiles(
     decoder = _Decoder(corpus_path, spec, batch_size)
     # A couple of batches decode ahead of inference: enough to hide decoding,
     # never the corpus.
-    depth = workers + 1
+    depth = workers + streams
     try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
-            pending: deque[Future[_Decoded]] = deque()
+        with (
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool,
+            ThreadPoolExecutor(max_workers=streams, thread_name_prefix="infer") as engine,
+        ):
+            decoding: deque[Future[_Decoded]] = deque()
+            inferring: deque[tuple[_Decoded, Future[tuple[np.ndarray, float]] | None]] = deque()
             batches = todo_batches()
             for chunk in batches:
-                pending.append(pool.submit(decoder, chunk))
-                if len(pending) >= depth:
+                decoding.append(pool.submit(decoder, chunk))
+                if len(decoding) >= depth:
                     break
-            while pending:
-                t0 = time.perf_counter()
-                decoded = pending.popleft().result()
-                stats.wait_s += time.perf_counter() - t0
-                nxt = next(batches, None)
-                if nxt is not None:
-                    pending.append(pool.submit(decoder, nxt))
+            while decoding or inferring:
+                # Keep every inference stream busy, oldest batch first.
+                while decoding and len(inferring) < streams:
+                    t0 = time.perf_counter()
+                    decoded = decoding.popleft().result()
+                    stats.wait_s += time.perf_counter() - t0
+                    nxt = next(batches, None)
+                    if nxt is not None:
+                        decoding.append(pool.submit(decoder, nxt))
+                    n = len(decoded.tiles)
+                    job = engine.submit(infer, decoded.batch[:n]) if n else None
+                    inferring.append((decoded, job))
+                decoded, job = inferring.popleft()
                 stats.read_s += decoded.read_s
                 stats.decode_s += decoded.decode_s
                 stats.preprocess_s += decoded.preprocess_s
                 for tile, reason in decoded.bad:
                     bad_digests.setdefault(tile.sha256, reason)
                 n = len(decoded.tiles)
-                if n:
-                    t1 = time.perf_counter()
-                    raw = run(decoded.batch[:n])
+                if job is not None:
+                    raw, seconds = job.result()
+                    stats.inference_s += seconds
                     t2 = time.perf_counter()
-                    stats.inference_s += t2 - t1
                     vectors = l2_normalize(raw)
                     if (
                         vectors.ndim != 2

@@ -22,6 +22,9 @@ PRECISIONS = ("fp32", "fp16", "int8")
 class Runner(ABC):
     """A loaded engine: normalized float32 NCHW batch in, first requested output out."""
 
+    # How many run() calls may usefully be in flight at once, from as many threads.
+    streams: int = 1
+
     @abstractmethod
     def run(self, batch: np.ndarray) -> np.ndarray: ...
 

@@ -88,10 +88,13 @@ def _quantize(backbone: Backbone, calibration: Path | None, out_path: Path) -> N
 
 
 class OnnxRuntimeRunner(Runner):
-    def __init__(self, session: ort.InferenceSession, input_name: str, output: str) -> None:
+    def __init__(
+        self, session: ort.InferenceSession, input_name: str, output: str, streams: int = 1
+    ) -> None:
         self._session = session
         self._input = input_name
         self._output = output
+        self.streams = streams  # InferenceSession.run is thread-safe
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         result = self._session.run([self._output], {self._input: batch})[0]
@@ -164,7 +167,12 @@ class OnnxRuntimeBackend(Backend):
         options = ort.SessionOptions()
         # Already optimized at compile time; doing it again only costs start-up.
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.intra_op_num_threads = _threads()
+        # One thread per call and one call per core: whole batches in parallel
+        # need no per-operator barrier, so a core busy decoding tiles (or lent
+        # to another process) never stalls the other. Measured on 2 cores,
+        # 1.6x the throughput of one call on 2 intra-op threads under load.
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
         options.log_severity_level = 3
         try:
             session = ort.InferenceSession(
@@ -174,4 +182,4 @@ class OnnxRuntimeBackend(Backend):
             raise EngineError(
                 f"backbone {backbone.name!r}: cannot load engine {engine_path}: {_first_line(exc)}"
             ) from exc
-        return OnnxRuntimeRunner(session, backbone.input.name, output)
+        return OnnxRuntimeRunner(session, backbone.input.name, output, streams=_threads())
