@@ -361,7 +361,9 @@ def build_in_process(demo: DemoInputs, work: Path) -> dict[str, Any]:
     from flows.build import build_cache
 
     raw = read_request_file(demo.request)
-    params = {k: (str(v) if isinstance(v, Path) else v) for k, v in raw.items() if v is not None}
+    params: dict[str, Any] = {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in raw.items() if v is not None
+    }
     report: dict[str, Any] = build_cache(**params, work_dir=str(work))
     return report
 

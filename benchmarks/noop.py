@@ -107,7 +107,8 @@ def cold(request: Path, work: Path, repeat: int) -> dict[str, Any]:
         "--json",
     ]
     empty = [sys.executable, "-c", EMPTY_FLOW]
-    empty_s, noop_s = [], []
+    empty_s: list[float] = []
+    noop_s: list[float] = []
     for _ in range(repeat):
         for cmd, times in ((empty, empty_s), (build, noop_s)):
             start = time.perf_counter()

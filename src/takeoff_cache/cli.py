@@ -169,7 +169,7 @@ def _host_for(cache_root: Path, get_backend: Callable[[str], Any]) -> dict[str, 
     try:
         doc = json.loads((cache_root / "Manifest.json").read_bytes())
         backend = doc["signed"]["host"]["backend"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         backend = "auto"
     try:
         identity: dict[str, Any] = get_backend(backend).host_identity()
@@ -246,7 +246,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         signed = doc["signed"]
     except FileNotFoundError:
         raise VerificationError(f"{path} does not exist") from None
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise VerificationError(f"{path} is not a takeoff-cache manifest") from None
     req = signed.get("request", {})
     print(f"cache:          {args.cache_root}")

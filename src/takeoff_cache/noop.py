@@ -34,7 +34,7 @@ def previous_version(cache_root: Path) -> int:
     try:
         doc = json.loads((cache_root / MANIFEST_NAME).read_bytes())
         version = doc["signed"]["version"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return 0
     return version if isinstance(version, int) and not isinstance(version, bool) else 0
 
