@@ -13,7 +13,7 @@ import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import faiss
 import numpy as np
@@ -46,6 +46,7 @@ class Vpr:
     backbone: Backbone
     record: EngineRecord
     run: Callable[[np.ndarray], np.ndarray]
+    streams: int
 
     @property
     def space(self) -> str:
@@ -63,7 +64,7 @@ def vpr(demo_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Vpr:
     work = tmp_path_factory.mktemp("descriptor-engines")
     record = ensure_engine(backbone, backend, "fp32", None, None, work)
     runner = backend.load(Path(record.store_path), backbone, backbone.output or "")
-    return Vpr(request, backbone, record, runner.run)
+    return Vpr(request, backbone, record, runner.run, runner.streams)
 
 
 @pytest.fixture
@@ -151,6 +152,23 @@ def test_changing_tiles_reembeds_exactly_those(vpr: Vpr, corpus: Path, tmp_path:
     assert (result.generated, result.reused) == (3, 77)
     assert (embed(vpr, corpus, store).generated, embed(vpr, corpus, store).reused) == (0, 80)
     store.close()
+
+
+def test_parallel_inference_streams_store_what_one_stream_stores(
+    vpr: Vpr, corpus: Path, tmp_path: Path
+) -> None:
+    one = descriptors.DescriptorStore(tmp_path / "one.sqlite")
+    many = descriptors.DescriptorStore(tmp_path / "many.sqlite")
+    embed(vpr, corpus, one, batch_size=8, streams=1)
+    result = embed(vpr, corpus, many, batch_size=8, streams=max(2, vpr.streams), workers=3)
+    assert (result.generated, result.reused) == (80, 0)
+    shas = [t.sha256 for t in vpr.select(corpus).tiles]
+    a, b = one.get(vpr.space, shas, 336), many.get(vpr.space, shas, 336)
+    assert set(a) == set(b) == set(shas)
+    for sha in shas:
+        np.testing.assert_allclose(a[sha], b[sha], atol=1e-6)
+    one.close()
+    many.close()
 
 
 def test_tiles_with_equal_bytes_are_embedded_once(vpr: Vpr, corpus: Path, tmp_path: Path) -> None:
@@ -315,6 +333,20 @@ def test_index_is_approximate_above_the_threshold_with_measured_recall(
     assert (found[:, 0] == np.arange(80)).all()
 
 
+def test_large_index_uses_scalar_codes_and_still_meets_the_recall_target(
+    vpr: Vpr,
+    filled: descriptors.DescriptorStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(descriptors, "FLAT_CODES_MAX_BYTES", 0)  # as if beyond memory
+    selection = vpr.select(vpr.request.corpus)
+    files = descriptors.write_index(selection, filled, vpr.space, tmp_path, "sq8", exact_max=0)
+    # SQ8 when it meets the target on its own; full vectors otherwise, never less recall.
+    assert files.index_type.endswith((",SQ8", ",Flat")) and files.index_type.startswith("IVF")
+    assert files.recall_at_1 >= descriptors.RECALL_TARGET
+
+
 def test_index_refuses_tiles_without_a_descriptor(vpr: Vpr, corpus: Path, tmp_path: Path) -> None:
     store = descriptors.DescriptorStore(tmp_path / "store.sqlite")
     tiles = vpr.select(corpus).tiles
@@ -346,7 +378,8 @@ def test_undecodable_tiles_fail_the_build_and_keep_the_previous_cache(
         a for a in json.loads(manifest)["signed"]["artifacts"] if a["kind"] == "faiss_index"
     )
     assert (index["index_type"], index["recall_at_1"], index["count"]) == ("Flat", 1.0, 80)
-    progress = Artifact.get(artifact_key("descriptors", demo.cache.resolve()))
+    # Called outside any async context, Artifact.get returns the artifact itself.
+    progress = cast(Any, Artifact.get(artifact_key("descriptors", demo.cache.resolve())))
     assert progress is not None and progress.data == 100.0  # the UI's bar reached the end
     (z1, x1, y1), (z2, x2, y2) = _tiles(demo)[3], _tiles(demo)[50]
     with sqlite3.connect(demo.corpus) as db:

@@ -1,6 +1,6 @@
 """Turn tile bytes into the normalized NCHW float32 batch a backbone expects.
 
-Decoding dominates a CPU build, so:
+Decoding is a third of a CPU build's work (the engine the rest), so:
 
 - JPEG tiles are decoded straight at the reduced scale the input needs
   (Pillow's ``draft``: libjpeg's DCT-domain downscaling, e.g. 256 px tiles
