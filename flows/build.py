@@ -65,6 +65,7 @@ def build_cache(
     backend: str = "auto",
     coverage: str = "strict",
     expires_in_s: float | None = None,
+    dask_address: str | None = None,
 ) -> dict[str, Any] | State:
     """Build (or confirm) the signed takeoff cache for one request; return the build report."""
     started = time.perf_counter()
@@ -125,11 +126,16 @@ def build_cache(
         report.engines_built = sum(r.built for r in records)
         report.engines_reused = len(records) - report.engines_built
         with phase("descriptors"):
+            spread = None
+            if dask_address:
+                spread = t.spread_descriptors(validated, selection, records, work, dask_address)
             embedded, index_described, index_staged = t.descriptors_phase(
                 validated, t.untracked(selection), records, work, staging
             )
-        report.descriptors_generated = embedded.generated
-        report.descriptors_reused = embedded.reused
+        # Descriptors embedded on the cluster were found stored by the phase itself.
+        generated = embedded.generated + (spread.generated if spread else 0)
+        report.descriptors_generated = generated
+        report.descriptors_reused = len(selection.tiles) - generated
         described += index_described
         staged += index_staged
         new_paths = {a.path for a in described}

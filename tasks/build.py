@@ -36,6 +36,7 @@ from takeoff_cache import (
     descriptors,
     identity,
     noop,
+    scaleout,
     selection_cache,
 )
 from takeoff_cache import lock as lock_mod
@@ -55,6 +56,7 @@ from takeoff_cache.fsutil import sha256_file
 from takeoff_cache.manifest import Artifact, Manifest, compose_signed, sign_manifest
 from takeoff_cache.report import BuildReport
 from takeoff_cache.validate import ValidatedRequest
+from tasks.scaleout import embed_on_dask
 
 
 @task(name="validate", task_run_name="validate", cache_policy=NO_CACHE, persist_result=False)
@@ -308,6 +310,36 @@ def build_index(
     finally:
         progress.close()
         store.close()
+
+
+def spread_descriptors(
+    validated: ValidatedRequest,
+    selection: corpus.TileSelection,
+    records: list[EngineRecord],
+    work_dir: Path,
+    dask_address: str,
+) -> descriptors.EmbedResult:
+    """Embed missing descriptors on a Dask cluster, ahead of the descriptors phase.
+
+    Called from the flow, not from a task: chunk task runs carry their parent's
+    context to the workers, and a task's context holds its arguments (the
+    signing key among them), which must not, and cannot, travel.
+    """
+    req = validated.request
+    backbone = place_recognition(validated.backbones)
+    record = next(r for r in records if r.backbone == backbone.name)
+    engine = scaleout.EngineRef(record.store_path, record.sha256, validated.backend.name, backbone)
+    store = descriptors.DescriptorStore(work_dir / "descriptors.sqlite")
+    progress = _Progress(artifact_key("descriptors", req.cache_root))
+    try:
+        space = descriptors.descriptor_space(record.key, backbone.input)
+        result = embed_on_dask(dask_address, selection, req.corpus, engine, space, store, progress)
+    finally:
+        progress.close()
+        store.close()
+    if result.bad_tiles:
+        raise BadTilesError(list(result.bad_tiles))
+    return result
 
 
 @task(name="descriptors", task_run_name="descriptors", cache_policy=NO_CACHE, persist_result=False)

@@ -111,10 +111,8 @@ def test_group_readable_key_is_refused(capsys: pytest.CaptureFixture[str], demo:
     assert list(demo.cache.iterdir()) == []
 
 
-def test_lock_held_by_another_process_fails_fast_with_exit_4(
-    capsys: pytest.CaptureFixture[str], built: Demo
-) -> None:
-    lock = built.cache / ".build.lock"
+def hold_lock(lock: Path) -> subprocess.Popen[str]:
+    """Another process holding a cache's lock until it is killed."""
     holder = subprocess.Popen(
         [
             sys.executable,
@@ -131,8 +129,15 @@ def test_lock_held_by_another_process_fails_fast_with_exit_4(
         stdout=subprocess.PIPE,
         text=True,
     )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_lock_held_by_another_process_fails_fast_with_exit_4(
+    capsys: pytest.CaptureFixture[str], built: Demo
+) -> None:
+    holder = hold_lock(built.cache / ".build.lock")
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         before = snapshot(built.cache)
         start = time.monotonic()
         result = run_cli(capsys, *built.build_args("--zoom", "16"))
@@ -145,6 +150,60 @@ def test_lock_held_by_another_process_fails_fast_with_exit_4(
     verify_cache(built.cache, load_trust_store(built.trust))
     # The kernel released the killed holder's lock: the next build runs.
     assert run_cli(capsys, *built.build_args("--zoom", "16")).code == 0
+
+
+def test_a_run_started_by_prefect_is_refused_by_its_own_lock_phase(built: Demo) -> None:
+    """A deployment run has no command line to take the lock early: its lock phase refuses."""
+    from flows.build import build_cache
+    from takeoff_cache.errors import LockHeldError
+    from takeoff_cache.request import read_request_file
+
+    holder = hold_lock(built.cache / ".build.lock")
+    try:
+        before = snapshot(built.cache)
+        params = read_request_file(built.request)
+        state = build_cache(**params, work_dir=str(built.work), return_state=True)
+        assert state.is_failed()
+        with pytest.raises(LockHeldError, match="another build holds"):
+            state.result()
+        assert snapshot(built.cache) == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_the_lock_phase_adopts_the_lock_the_command_line_took(
+    capsys: pytest.CaptureFixture[str], built: Demo
+) -> None:
+    from takeoff_cache import lock
+
+    with lock.held_early(built.cache) as early:
+        assert early is not None and early.held
+        assert lock.acquire(built.cache) is early
+        # Held by this process: another process is refused.
+        probe = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                textwrap.dedent(f"""
+                import sys
+                from filelock import FileLock, Timeout
+                try:
+                    FileLock({str(early.path)!r}, fallback_to_soft=False).acquire(timeout=0)
+                except Timeout:
+                    sys.exit(4)
+            """),
+            ],
+            check=False,
+        )
+        assert probe.returncode == 4
+    assert not early.held
+    # A fresh cache root has no lock file: none is created before validation.
+    fresh = built.root / "fresh"
+    fresh.mkdir()
+    with lock.held_early(fresh) as none:
+        assert none is None
+    assert list(fresh.iterdir()) == []
 
 
 def test_unlisted_file_aborts_with_exit_5_and_previous_manifest_stays(

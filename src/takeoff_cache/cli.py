@@ -7,6 +7,7 @@ of its error class; a traceback is never shown to an operator.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -68,6 +69,12 @@ def _request_args(p: argparse.ArgumentParser, with_options: bool = True) -> None
         p.add_argument("--coverage", default="strict", help="strict (default) | lenient")
         p.add_argument("--expires-in", dest="expires_in", help="manifest lifetime, e.g. 36h, 7d")
         p.add_argument("--json", action="store_true", help="print the build report as JSON")
+        p.add_argument(
+            "--dask-address",
+            dest="dask_address",
+            help="embed descriptors on the Dask cluster whose scheduler is here"
+            " (tcp://HOST:PORT); workers need the work folder at the same path",
+        )
     p.add_argument("-v", "--verbose", action="store_true", help="show Prefect's run logs")
 
 
@@ -107,6 +114,7 @@ def _run_build(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         backend=args.backend,
         coverage=args.coverage,
         expires_in_s=parse_duration(args.expires_in),
+        dask_address=getattr(args, "dask_address", None),
     )
     # As a state: a soft failure is a Failed run whose data is still the report.
     state = build_cache(**params, return_state=True)
@@ -118,11 +126,28 @@ def _run_build(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _cache_root_of(raw: dict[str, Any]) -> Path | None:
+    """The request's cache root if it names an existing folder; validation speaks otherwise."""
+    from .request import parse_request
+
+    try:
+        root = parse_request(raw).cache_root
+    except InvalidRequestError:
+        return None
+    return root if root.is_dir() else None
+
+
 def cmd_build(args: argparse.Namespace) -> int:
+    from .faults import checkpoint
+    from .lock import held_early
     from .report import BuildReport
 
     try:
-        report = _run_build(_raw_request(args), args)
+        raw = _raw_request(args)
+        root = _cache_root_of(raw)
+        checkpoint("cli.before_lock", root)
+        with held_early(root) if root is not None else contextlib.nullcontext():
+            report = _run_build(raw, args)
     except TakeoffCacheError as exc:
         if args.json:
             print(json.dumps(BuildReport(failure_reason=str(exc)).to_json()))

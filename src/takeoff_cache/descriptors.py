@@ -271,6 +271,10 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:60]}" if text else type(exc).__name__
 
 
+# What Pillow raises for bytes that are not a complete image.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, DecompressionBombError)
+
+
 @dataclass
 class _Decoded:
     tiles: list[Tile]
@@ -337,13 +341,7 @@ class _Decoder:
                 decode_into(data, self._spec, pixels[len(good)])
                 decode_s += time.perf_counter() - t1
                 good.append(tile)
-            except (
-                OSError,
-                ValueError,
-                SyntaxError,
-                DecompressionBombError,
-                CorpusError,
-            ) as exc:
+            except (*_DECODE_ERRORS, CorpusError) as exc:
                 bad.append((tile, _reason(exc)))
         t2 = time.perf_counter()
         batch = self._take_buffer()
@@ -358,6 +356,76 @@ class _Decoder:
 
 def _default_workers() -> int:
     return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+def todo_batches(
+    tiles: Sequence[Tile],
+    store: DescriptorStore,
+    space: str,
+    batch_size: int,
+    skipped: Callable[[int], None],
+    stats: EmbedStats | None = None,
+) -> Iterator[list[Tile]]:
+    """Batches of tiles to embed, in tile order; stored and duplicate tiles are skipped.
+
+    ``skipped(n)`` hears of the ``n`` tiles of each looked-up chunk that need no
+    work (already stored, or the same bytes as a tile already queued). Local and
+    distributed embedding cut batches here, so both run exactly the same batches.
+    """
+    seen: set[str] = set()  # tile digests already stored or queued in this run
+    batch: list[Tile] = []
+    for start in range(0, len(tiles), CHUNK_ROWS):
+        chunk = tiles[start : start + CHUNK_ROWS]
+        t0 = time.perf_counter()
+        fresh = list({t.sha256 for t in chunk if t.sha256 not in seen})
+        stored = store.have(space, fresh)
+        if stats is not None:
+            stats.lookup_s += time.perf_counter() - t0
+        count = 0
+        for tile in chunk:
+            if tile.sha256 in seen or tile.sha256 in stored:
+                count += 1
+                seen.add(tile.sha256)
+                continue
+            seen.add(tile.sha256)
+            batch.append(tile)
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+        skipped(count)
+    if batch:
+        yield batch
+
+
+def decode_batch(
+    tiles: list[Tile], data: list[bytes | None], spec: InputSpec
+) -> tuple[list[Tile], np.ndarray, list[tuple[Tile, str]]]:
+    """Decode given tile bytes (None: gone from the corpus) into one normalized batch."""
+    pixels = np.empty((len(tiles), spec.size, spec.size, spec.channels), dtype=np.uint8)
+    good: list[Tile] = []
+    bad: list[tuple[Tile, str]] = []
+    for tile, blob in zip(tiles, data, strict=True):
+        if blob is None:
+            bad.append((tile, _reason(CorpusError(tile.zxy))))
+            continue
+        try:
+            decode_into(blob, spec, pixels[len(good)])
+            good.append(tile)
+        except _DECODE_ERRORS as exc:
+            bad.append((tile, _reason(exc)))
+    return good, Normalizer.for_spec(spec)(pixels[: len(good)]), bad
+
+
+def check_vectors(vectors: np.ndarray, n: int) -> None:
+    if vectors.ndim != 2 or vectors.shape[0] != n or not np.all(np.isfinite(vectors)):
+        raise DescriptorError(
+            f"descriptors: engine returned {vectors.shape} for {n} tiles or non-finite values"
+        )
+
+
+def bad_tile_lines(tiles: Sequence[Tile], bad_digests: dict[str, str]) -> list[str]:
+    """Every tile with undecodable bytes, duplicates included, as ``z/x/y: reason``."""
+    return [f"{t.zxy}: {bad_digests[t.sha256]}" for t in tiles if t.sha256 in bad_digests]
 
 
 def embed_tiles(
@@ -388,35 +456,15 @@ def embed_tiles(
     tiles = selection.tiles
     total = len(tiles)
     settled = 0  # tiles counted towards progress
-    seen: set[str] = set()  # tile digests already stored or queued in this run
 
     def report() -> None:
         if progress:
             progress(min(settled, total), total)
 
-    def todo_batches() -> Iterator[list[Tile]]:
-        """Batches of tiles to embed, in tile order; stored and duplicate tiles are skipped."""
+    def skipped(n: int) -> None:
         nonlocal settled
-        batch: list[Tile] = []
-        for start in range(0, total, CHUNK_ROWS):
-            chunk = tiles[start : start + CHUNK_ROWS]
-            t0 = time.perf_counter()
-            fresh = list({t.sha256 for t in chunk if t.sha256 not in seen})
-            stored = store.have(space, fresh)
-            stats.lookup_s += time.perf_counter() - t0
-            for tile in chunk:
-                if tile.sha256 in seen or tile.sha256 in stored:
-                    settled += 1  # reused, or the same bytes as a tile already queued
-                    seen.add(tile.sha256)
-                    continue
-                seen.add(tile.sha256)
-                batch.append(tile)
-                if len(batch) == batch_size:
-                    yield batch
-                    batch = []
-            report()
-        if batch:
-            yield batch
+        settled += n  # reused, or the same bytes as a tile already queued
+        report()
 
     def infer(batch: np.ndarray) -> tuple[np.ndarray, float]:
         t0 = time.perf_counter()
@@ -437,7 +485,7 @@ def embed_tiles(
         ):
             decoding: deque[Future[_Decoded]] = deque()
             inferring: deque[tuple[_Decoded, Future[tuple[np.ndarray, float]] | None]] = deque()
-            batches = todo_batches()
+            batches = todo_batches(tiles, store, space, batch_size, skipped, stats)
             for chunk in batches:
                 decoding.append(pool.submit(decoder, chunk))
                 if len(decoding) >= depth:
@@ -466,15 +514,7 @@ def embed_tiles(
                     stats.inference_s += seconds
                     t2 = time.perf_counter()
                     vectors = l2_normalize(raw)
-                    if (
-                        vectors.ndim != 2
-                        or vectors.shape[0] != n
-                        or not np.all(np.isfinite(vectors))
-                    ):
-                        raise DescriptorError(
-                            f"descriptors: engine returned {vectors.shape} for {n} tiles"
-                            " or non-finite values"
-                        )
+                    check_vectors(vectors, n)
                     store.put(space, [t.sha256 for t in decoded.tiles], vectors)
                     checkpoint("descriptors.batch_stored")
                     stats.store_s += time.perf_counter() - t2
@@ -489,10 +529,7 @@ def embed_tiles(
         stats.wall_s += time.perf_counter() - started
     settled = total
     report()
-    bad: list[str] = []
-    if bad_digests:
-        # Every tile with undecodable bytes is listed, duplicates included.
-        bad = [f"{t.zxy}: {bad_digests[t.sha256]}" for t in tiles if t.sha256 in bad_digests]
+    bad = bad_tile_lines(tiles, bad_digests)
     # Tiles whose bytes equal an embedded tile's were embedded once: they count as reused.
     return EmbedResult(generated, total - generated - len(bad), tuple(bad))
 

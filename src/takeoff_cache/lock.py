@@ -7,6 +7,8 @@ lock file whose mere existence blocks forever.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -56,5 +58,38 @@ class BuildLock:
         return self._lock.is_locked
 
 
+# Locks this process took before its flow started (see ``held_early``). flock
+# locks belong to an open file, so the lock phase must adopt the one already
+# held: a second open of the same file in this process would be refused.
+_early: dict[Path, BuildLock] = {}
+
+
 def acquire(cache_root: Path) -> BuildLock:
+    early = _early.get((cache_root / LOCK_NAME).resolve())
+    if early is not None and early.held:
+        return early
     return BuildLock(cache_root).acquire()
+
+
+@contextmanager
+def held_early(cache_root: Path) -> Iterator[BuildLock | None]:
+    """Take a cache's lock before Prefect starts, so a second build is refused at once.
+
+    Starting Prefect, and recording a refused run as Failed, take seconds; the
+    command line takes the lock first and the flow's lock phase adopts it.
+    Only a lock file that already exists is taken here: creating one would be
+    a write before validation, which must leave a fresh cache root untouched
+    (an untrusted key writes zero files). A first build is decided by its
+    lock phase as before. Yields None when the lock was not taken here.
+    """
+    path = (cache_root / LOCK_NAME).resolve()
+    if not path.is_file():
+        yield None
+        return
+    lock = BuildLock(cache_root).acquire()
+    _early[path] = lock
+    try:
+        yield lock
+    finally:
+        _early.pop(path, None)
+        lock.release()

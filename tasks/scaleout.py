@@ -1,0 +1,59 @@
+"""Descriptor work on a Dask cluster (prefect-dask): one task run per chunk.
+
+The build's own process stays the driver: it holds the lock, reads tiles,
+stores descriptors and writes the index; chunk task runs show in the UI
+next to the phase that started them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from takeoff_cache import descriptors, scaleout
+from takeoff_cache.corpus import TileSelection
+from takeoff_cache.errors import DescriptorError
+
+
+@task(
+    name="embed-chunk",
+    task_run_name="embed-chunk-{chunk.number}",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
+def embed_chunk(engine: scaleout.EngineRef, chunk: scaleout.Chunk) -> scaleout.ChunkResult:
+    return scaleout.embed_chunk(engine, chunk)
+
+
+def embed_on_dask(
+    address: str,
+    selection: TileSelection,
+    corpus_path: Path,
+    engine: scaleout.EngineRef,
+    space: str,
+    store: descriptors.DescriptorStore,
+    progress: descriptors.Progress | None = None,
+    stats: scaleout.SpreadStats | None = None,
+) -> descriptors.EmbedResult:
+    """Embed the selection's missing tiles on the Dask cluster at ``address``."""
+    from prefect_dask.task_runners import DaskTaskRunner
+
+    try:
+        with DaskTaskRunner(address=address) as runner:
+            # Two chunks per worker thread in flight: one running, one on its way.
+            window = 2 * max(1, sum(runner.client.nthreads().values()))
+            return scaleout.embed_spread(
+                selection,
+                corpus_path,
+                space,
+                store,
+                lambda chunk: runner.submit(embed_chunk, {"engine": engine, "chunk": chunk}),
+                window=window,
+                progress=progress,
+                stats=stats,
+            )
+    except OSError as exc:
+        # distributed raises OSError subclasses when no scheduler answers at the address.
+        raise DescriptorError(f"descriptors: cannot reach Dask scheduler {address}: {exc}") from exc
