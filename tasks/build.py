@@ -8,9 +8,11 @@ turns the next run into a cache miss, never into a cache that fails ``verify``.
 
 from __future__ import annotations
 
+import contextvars
 import re
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -227,12 +229,18 @@ def _index_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str
 
 
 class _Progress:
-    """Terminal bar plus a Prefect progress artifact, updated at most twice a second."""
+    """Terminal bar plus a Prefect progress artifact, updated at most twice a second.
+
+    API calls go through one background thread (in this task's context, so the
+    artifact belongs to its run): a rebuild that embeds a few tiles does not
+    wait on the artifact's creation. ``close`` waits for the last update.
+    """
 
     def __init__(self, key: str) -> None:
-        artifact_id = create_progress_artifact(0.0, key=key, description="descriptors computed")
-        # Called from a synchronous task, so this is the id, not a coroutine.
-        self._artifact = cast(UUID, artifact_id)
+        self._api = ThreadPoolExecutor(max_workers=1, thread_name_prefix="progress")
+        context = contextvars.copy_context()
+        self._artifact: Future[UUID] = self._api.submit(context.run, self._create, key)
+        self._context = context
         # Each update is an API round trip: none before half a second, none repeated.
         self._last = time.monotonic()
         self._sent = 0.0
@@ -241,6 +249,15 @@ class _Progress:
             from tqdm import tqdm
 
             self._bar = tqdm(total=0, unit="tile", desc="descriptors", file=sys.stderr)
+
+    @staticmethod
+    def _create(key: str) -> UUID:
+        artifact_id = create_progress_artifact(0.0, key=key, description="descriptors computed")
+        # Called from a synchronous task, so this is the id, not a coroutine.
+        return cast(UUID, artifact_id)
+
+    def _update(self, value: float) -> None:
+        update_progress_artifact(self._artifact.result(), value)
 
     def __call__(self, done: int, total: int) -> None:
         if self._bar is not None:
@@ -253,11 +270,12 @@ class _Progress:
         if value != self._sent and (done >= total or now - self._last >= 0.5):
             self._last = now
             self._sent = value
-            update_progress_artifact(self._artifact, value)
+            self._api.submit(self._context.run, self._update, value)
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+        self._api.shutdown(wait=True)
 
 
 def artifact_key(prefix: str, cache_root: Path) -> str:
@@ -286,26 +304,21 @@ def build_index(
     space = descriptors.descriptor_space(record.key, backbone.input)
     try:
         runner = validated.backend.load(Path(record.store_path), backbone, backbone.output or "")
-        result = descriptors.embed_tiles(
+        files, result = descriptors.embed_and_index(
             selection,
             req.corpus,
             runner.run,
             backbone.input,
             space,
             store,
-            progress=progress,
-            streams=runner.streams,
-        )
-        if result.bad_tiles:
-            # Raised, not returned: Prefect never caches a failed run.
-            raise BadTilesError(list(result.bad_tiles))
-        files = descriptors.write_index(
-            selection,
-            store,
-            space,
             Path(work_dir) / "indexes",
             _index_stem(backbone.name, desc_key),
+            streams=runner.streams,
+            progress=progress,
         )
+        if files is None:
+            # Raised, not returned: Prefect never caches a failed run.
+            raise BadTilesError(list(result.bad_tiles))
         return files, result
     finally:
         progress.close()

@@ -107,6 +107,28 @@ def test_scaled_decode_matches_libjpeg_and_stays_close_to_a_full_decode(vpr: Vpr
             assert np.abs(scaled - np.asarray(full, dtype=np.int16)).mean() < 3.0
 
 
+@pytest.mark.parametrize(("size", "channels"), [(128, 3), (128, 1), (64, 3), (224, 3), (256, 1)])
+def test_fast_jpeg_path_gives_pillows_pixels_and_pillows_errors(
+    vpr: Vpr, size: int, channels: int
+) -> None:
+    """simplejpeg where Pillow's draft scale applies, Pillow elsewhere: the same pixels."""
+    from takeoff_cache.preprocess import _decode_with_pillow, decode_into
+
+    spec = InputSpec("image", size, channels, (0.5,) * channels, (0.5,) * channels)
+    fast = np.empty((size, size, channels), np.uint8)
+    slow = np.empty_like(fast)
+    with open_corpus(vpr.request.corpus) as c:
+        tiles = vpr.select(vpr.request.corpus).tiles
+        for tile in tiles:
+            data = c.read(tile.z, tile.x, tile.y)
+            decode_into(data, spec, fast)
+            _decode_with_pillow(data, spec, slow)
+            np.testing.assert_array_equal(fast, slow)
+        data = c.read(tiles[0].z, tiles[0].x, tiles[0].y)
+    with pytest.raises(OSError, match="truncated"):
+        decode_into(data[: len(data) // 2], spec, fast)
+
+
 def test_normalizer_matches_the_textbook_formula() -> None:
     spec = InputSpec("image", 8, 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     pixels = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
@@ -187,6 +209,24 @@ def test_tiles_with_equal_bytes_are_embedded_once(vpr: Vpr, corpus: Path, tmp_pa
     np.testing.assert_array_equal(vectors[1:], np.repeat(vectors[:1], 3, axis=0))
 
 
+def test_store_lookup_returns_exactly_the_absent_digests(tmp_path: Path) -> None:
+    import hashlib
+
+    store = descriptors.DescriptorStore(tmp_path / "store.sqlite")
+    digests = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(9000)]
+    vectors = np.eye(8, dtype=np.float32)[np.arange(3000) % 8]
+    store.put("space-a", digests[:3000], vectors)
+    store.put("space-b", digests[3000:6000], vectors)
+    # More digests than one query takes, duplicates, and another space's rows.
+    asked = digests + digests[:10]
+    assert store.missing("space-a", asked) == set(digests[3000:])
+    assert store.missing("space-b", asked) == set(digests[:3000] + digests[6000:])
+    assert store.missing("space-c", digests[:5]) == set(digests[:5])
+    assert store.missing("space-a", []) == set()
+    assert store.have("space-a", digests[2990:3010]) == set(digests[2990:3000])
+    store.close()
+
+
 def test_store_never_serves_a_damaged_vector(vpr: Vpr, corpus: Path, tmp_path: Path) -> None:
     path = tmp_path / "store.sqlite"
     store = descriptors.DescriptorStore(path)
@@ -205,9 +245,26 @@ def test_store_never_serves_a_damaged_vector(vpr: Vpr, corpus: Path, tmp_path: P
     db.close()
     store = descriptors.DescriptorStore(path)
     assert store.get(vpr.space, shas, 336) == {}
-    result = embed(vpr, corpus, store)
+    # A rebuild looks rows up by key only: the damage is found when the index reads
+    # the vectors, and those tiles are embedded again.
+    assert store.missing(vpr.space, shas) == set()
+    files, result = descriptors.embed_and_index(
+        vpr.select(corpus),
+        corpus,
+        vpr.run,
+        vpr.backbone.input,
+        vpr.space,
+        store,
+        tmp_path / "indexes",
+        "healed",
+    )
+    assert files is not None
     assert (result.generated, result.reused) == (3, 77)
     assert set(store.get(vpr.space, shas, 336)) == set(shas)
+    index = faiss.read_index(files.index_path)
+    vectors = index.reconstruct_n(0, index.ntotal)
+    assert np.all(np.isfinite(vectors))
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
     store.close()
 
 
@@ -381,6 +438,8 @@ def test_undecodable_tiles_fail_the_build_and_keep_the_previous_cache(
     # Called outside any async context, Artifact.get returns the artifact itself.
     progress = cast(Any, Artifact.get(artifact_key("descriptors", demo.cache.resolve())))
     assert progress is not None and progress.data == 100.0  # the UI's bar reached the end
+    # Sent from a background thread, still filed under the build's run.
+    assert progress.flow_run_id is not None and progress.task_run_id is not None
     (z1, x1, y1), (z2, x2, y2) = _tiles(demo)[3], _tiles(demo)[50]
     with sqlite3.connect(demo.corpus) as db:
         good = db.execute("SELECT tile_data FROM tiles LIMIT 1").fetchone()[0]

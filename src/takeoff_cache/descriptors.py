@@ -18,6 +18,7 @@ looked up and the index filled chunk by chunk, in row order.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import sqlite3
@@ -28,8 +29,11 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+# Imported with the module, not inside the index writer: loading faiss's
+# libraries takes ~0.17 s, once per process, and is no part of a rebuild's work.
+import faiss
 import numpy as np
 from PIL import UnidentifiedImageError
 from PIL.Image import DecompressionBombError
@@ -37,13 +41,10 @@ from PIL.Image import DecompressionBombError
 from .backbones import InputSpec
 from .canonical import content_key
 from .corpus import Corpus, Tile, TileSelection, open_corpus
-from .errors import CorpusError, DescriptorError
+from .errors import CorpusError, DescriptorError, MissingDescriptorsError
 from .faults import checkpoint
 from .fsutil import fsync_dir, fsync_file, sha256_file
 from .preprocess import PREPROCESS_ID, Normalizer, decode_into
-
-if TYPE_CHECKING:
-    import faiss
 
 Progress = Callable[[int, int], None]
 METRIC = "inner_product"  # on L2-normalized vectors: cosine similarity
@@ -60,7 +61,8 @@ INDEX_FORMAT = 2
 BATCH_SIZE = 32
 # Rows per store lookup and per index chunk: bounds memory, amortizes queries.
 CHUNK_ROWS = 4096
-_SQL_VARS = 500
+# Digests per lookup query (capped by the SQLite build's own parameter limit).
+_SQL_VARS = 4000
 _NORM_TOLERANCE = 1e-3
 
 
@@ -103,18 +105,33 @@ def descriptor_key(space: str, fingerprint: str) -> str:
 def _valid(rows: list[tuple[str, bytes]], dim: int | None) -> tuple[list[str], np.ndarray]:
     """The rows holding a whole vector: ``dim`` float32 values (by default the most common
     size), finite and unit length. Checked for a whole chunk at once."""
+    if not rows:
+        return [], np.empty((0, dim or 0), dtype=np.float32)
+    shas, blobs = zip(*rows, strict=True)
+    lengths = Counter(map(len, blobs))
     if dim is None:
-        sizes = Counter(len(blob) for _, blob in rows if len(blob) % 4 == 0)
-        dim = sizes.most_common(1)[0][0] // 4 if sizes else 0
-    keep = [(sha, blob) for sha, blob in rows if dim and len(blob) == 4 * dim]
-    if not keep:
-        return [], np.empty((0, dim), dtype=np.float32)
-    matrix = np.frombuffer(b"".join(blob for _, blob in keep), dtype=np.float32)
-    matrix = matrix.reshape(len(keep), dim)
+        sizes = [(n, size) for size, n in lengths.items() if size % 4 == 0]
+        dim = max(sizes)[1] // 4 if sizes else 0
+    if lengths.get(4 * dim) != len(blobs):  # some rows are not whole vectors: drop them
+        kept = [(sha, blob) for sha, blob in rows if dim and len(blob) == 4 * dim]
+        if not kept:
+            return [], np.empty((0, dim), dtype=np.float32)
+        shas, blobs = zip(*kept, strict=True)
+    matrix = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), dim)
     with np.errstate(over="ignore", invalid="ignore"):
         norms = np.einsum("ij,ij->i", matrix, matrix)
     ok = np.isfinite(norms) & (np.abs(norms - 1.0) <= 2 * _NORM_TOLERANCE)
-    return [sha for (sha, _), good in zip(keep, ok, strict=True) if good], matrix[ok]
+    if ok.all():
+        return list(shas), matrix
+    return list(itertools.compress(shas, ok)), matrix[ok]
+
+
+# The 32-byte digests packed in ?1 that have no row in space ?2.
+_ABSENT_SQL = """
+WITH RECURSIVE k(i) AS (SELECT 0 UNION ALL SELECT i + 32 FROM k WHERE i + 32 < length(?1))
+SELECT substr(?1, i + 1, 32) FROM k WHERE NOT EXISTS
+    (SELECT 1 FROM vectors AS v WHERE v.space = ?2 AND v.tile = substr(?1, i + 1, 32))
+"""
 
 
 class DescriptorStore:
@@ -135,6 +152,7 @@ class DescriptorStore:
         self.path = path
         self._spaces: dict[str, int] = {}
         self._db = sqlite3.connect(path, timeout=60, check_same_thread=False)
+        self._vars = min(_SQL_VARS, self._db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) - 1)
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
@@ -162,20 +180,23 @@ class DescriptorStore:
             self._spaces[space] = int(row[0])
         return self._spaces[space]
 
-    def _rows(self, space: str, shas: Sequence[str]) -> list[tuple[str, bytes]]:
+    def _select(
+        self, space: str, shas: Sequence[str], columns: str, where: str = ""
+    ) -> Iterator[tuple[Any, ...]]:
+        """Rows of ``space`` among ``shas``, a bounded ``IN`` list per query."""
         space_id = self._space_id(space, create=False)
         if space_id is None:
-            return []
-        out: list[tuple[str, bytes]] = []
-        for start in range(0, len(shas), _SQL_VARS):
-            chunk = [bytes.fromhex(sha) for sha in shas[start : start + _SQL_VARS]]
+            return
+        for start in range(0, len(shas), self._vars):
+            chunk = [bytes.fromhex(sha) for sha in shas[start : start + self._vars]]
             marks = ",".join("?" * len(chunk))
-            rows = self._db.execute(
-                f"SELECT tile, vector FROM vectors WHERE space = ? AND tile IN ({marks})",
+            yield from self._db.execute(
+                f"SELECT {columns} FROM vectors WHERE space = ?{where} AND tile IN ({marks})",
                 [space_id, *chunk],
             )
-            out += [(tile.hex(), blob) for tile, blob in rows]
-        return out
+
+    def _rows(self, space: str, shas: Sequence[str]) -> list[tuple[str, bytes]]:
+        return [(tile.hex(), blob) for tile, blob in self._select(space, shas, "tile, vector")]
 
     def vectors(
         self, space: str, shas: Sequence[str], dim: int | None
@@ -190,9 +211,41 @@ class DescriptorStore:
         found, matrix = self.vectors(space, shas, dim)
         return dict(zip(found, matrix, strict=True))
 
+    def missing(self, space: str, shas: Sequence[str]) -> set[str]:
+        """Which of ``shas`` have no stored row.
+
+        Asked for every tile of a rebuild, so SQLite does the work: the digests
+        go in as one blob, a recursive query walks it against the (space, tile)
+        index, and only the (few) absent ones come back; no vector is read. A
+        damaged row (not whole, not finite, not unit length) is caught when the
+        index is written, which reads every vector anyway
+        (:class:`MissingDescriptorsError`); the build then forgets it and
+        embeds the tile again.
+        """
+        space_id = self._space_id(space, create=False)
+        if space_id is None:
+            return set(shas)
+        absent: set[str] = set()
+        for start in range(0, len(shas), CHUNK_ROWS):
+            packed = bytes.fromhex("".join(shas[start : start + CHUNK_ROWS]))
+            rows = self._db.execute(_ABSENT_SQL, (packed, space_id))
+            absent.update(tile.hex() for (tile,) in rows)
+        return absent
+
     def have(self, space: str, shas: Sequence[str]) -> set[str]:
-        """Which of ``shas`` have a valid stored vector."""
-        return set(self.vectors(space, shas, None)[0])
+        """Which of ``shas`` have a stored row."""
+        return set(shas) - self.missing(space, shas)
+
+    def forget(self, space: str, shas: Sequence[str]) -> None:
+        """Drop the rows of ``shas`` (damaged ones) so that they are embedded again."""
+        space_id = self._space_id(space, create=False)
+        if space_id is None:
+            return
+        with self._db:
+            self._db.executemany(
+                "DELETE FROM vectors WHERE space = ? AND tile = ?",
+                [(space_id, bytes.fromhex(sha)) for sha in shas],
+            )
 
     def put(self, space: str, shas: Sequence[str], vectors: np.ndarray) -> None:
         space_id = self._space_id(space, create=True)
@@ -378,12 +431,12 @@ def todo_batches(
         chunk = tiles[start : start + CHUNK_ROWS]
         t0 = time.perf_counter()
         fresh = list({t.sha256 for t in chunk if t.sha256 not in seen})
-        stored = store.have(space, fresh)
+        absent = store.missing(space, fresh)
         if stats is not None:
             stats.lookup_s += time.perf_counter() - t0
         count = 0
         for tile in chunk:
-            if tile.sha256 in seen or tile.sha256 in stored:
+            if tile.sha256 in seen or tile.sha256 not in absent:
                 count += 1
                 seen.add(tile.sha256)
                 continue
@@ -544,22 +597,21 @@ def _chunks(n: int, size: int = CHUNK_ROWS) -> Iterator[tuple[int, int]]:
 
 def _vectors(
     tiles: Sequence[Tile], store: DescriptorStore, space: str, dim: int | None
-) -> tuple[np.ndarray, list[str]]:
-    """The rows of ``tiles`` in order, and the z/x/y of tiles without a valid descriptor."""
+) -> tuple[np.ndarray, list[Tile]]:
+    """The rows of ``tiles`` in order, and the tiles without a valid descriptor."""
     found, matrix = store.vectors(space, list({t.sha256 for t in tiles}), dim)
     where = {sha: i for i, sha in enumerate(found)}
     rows = np.fromiter((where.get(t.sha256, -1) for t in tiles), dtype=np.int64, count=len(tiles))
     absent = rows < 0
     if not found:
-        return np.zeros((len(tiles), matrix.shape[1]), np.float32), [t.zxy for t in tiles]
+        return np.zeros((len(tiles), matrix.shape[1]), np.float32), list(tiles)
     out = matrix[np.where(absent, 0, rows)]  # a fancy-indexed copy, safe to zero
     out[absent] = 0.0
-    return out, [tiles[int(i)].zxy for i in np.flatnonzero(absent)]
+    return out, [tiles[int(i)] for i in np.flatnonzero(absent)]
 
 
 def _gpu() -> Any:
     """faiss GPU resources when this faiss build has them and a GPU is present, else None."""
-    import faiss
 
     if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
         return faiss.StandardGpuResources()
@@ -612,7 +664,6 @@ def _approximate_index(
 
     Returns ``(index, index_type, nprobe, recall_at_1, queries)``.
     """
-    import faiss
 
     n = len(tiles)
     rng = np.random.default_rng(seed)
@@ -633,10 +684,7 @@ def _approximate_index(
         for start, stop in _chunks(n):
             block, missing = _vectors(tiles[start:stop], store, space, dim)
             if missing:
-                raise DescriptorError(
-                    f"descriptors: no descriptor for tile {missing[0]} ({len(missing)} in rows"
-                    f" {start}-{stop - 1})"
-                )
+                raise _missing(missing)
             work.add(block)
         if res is not None:
             index = faiss.index_gpu_to_cpu(work)
@@ -681,6 +729,16 @@ def _write_tile_map(path: Path, tiles: Sequence[Tile]) -> None:
     fsync_dir(path.parent)
 
 
+_DIM_PROBE = 64
+
+
+def _missing(tiles: list[Tile]) -> MissingDescriptorsError:
+    return MissingDescriptorsError(
+        f"descriptors: {len(tiles)} tile(s) have no valid descriptor, e.g. {tiles[0].zxy}",
+        sorted({t.sha256 for t in tiles}),
+    )
+
+
 def write_index(
     selection: TileSelection,
     store: DescriptorStore,
@@ -696,30 +754,26 @@ def write_index(
     Up to ``exact_max`` tiles the index is exact (``IndexFlatIP``); beyond, an
     IVF index whose recall@1 against exact search is measured and recorded.
     """
-    # Imported here: loading faiss costs a no-op run more than the whole no-op check.
-    import faiss
-
     tiles = selection.tiles
     if not tiles:
         raise DescriptorError("descriptors: no tiles to index")
-    first, missing = _vectors(tiles[:1], store, space, None)
-    if missing:
-        raise DescriptorError(f"descriptors: no descriptor for tile {missing[0]}")
+    # The vector size: the most common whole size among the first few tiles' rows.
+    first, missing = _vectors(tiles[:_DIM_PROBE], store, space, None)
+    if len(missing) == len(first):
+        raise _missing(missing)
     dim = first.shape[1]
     index_type, nprobe, recall, queries = "Flat", None, 1.0, 0
     try:
         if len(tiles) <= exact_max:
             index: faiss.Index = faiss.IndexFlatIP(dim)
-            absent: list[str] = []
+            absent: list[Tile] = []
             for start, stop in _chunks(len(tiles)):
                 block, missing = _vectors(tiles[start:stop], store, space, dim)
                 absent += missing
                 if not absent:
                     index.add(block)
             if absent:
-                raise DescriptorError(
-                    f"descriptors: {len(absent)} tile(s) have no valid descriptor, e.g. {absent[0]}"
-                )
+                raise _missing(absent)
         else:
             index, index_type, nprobe, recall, queries = _approximate_index(
                 tiles, store, space, dim, seed
@@ -756,7 +810,55 @@ def write_index(
     )
 
 
+def embed_and_index(
+    selection: TileSelection,
+    corpus_path: Path,
+    run: Callable[[np.ndarray], np.ndarray],
+    spec: InputSpec,
+    space: str,
+    store: DescriptorStore,
+    out_dir: Path,
+    stem: str,
+    *,
+    streams: int = 1,
+    progress: Progress | None = None,
+) -> tuple[IndexFiles | None, EmbedResult]:
+    """Embed what the store lacks, then write the index (None when tiles are bad).
+
+    A stored vector found damaged while the index is written is forgotten and
+    its tile embedded again (once per tile): the index never holds a damaged
+    vector.
+    """
+    total = len(selection.tiles)
+    generated = 0
+    forgotten: set[str] = set()
+    while True:
+        # A retry reports no progress: the bar already stands at the end.
+        result = embed_tiles(
+            selection,
+            corpus_path,
+            run,
+            spec,
+            space,
+            store,
+            progress=None if forgotten else progress,
+            streams=streams,
+        )
+        generated += result.generated
+        if result.bad_tiles:
+            bad = result.bad_tiles
+            return None, EmbedResult(generated, total - generated - len(bad), bad)
+        try:
+            files = write_index(selection, store, space, out_dir, stem)
+        except MissingDescriptorsError as exc:
+            if forgotten.intersection(exc.shas):
+                raise  # embedded again and still not valid: the store is failing
+            forgotten.update(exc.shas)
+            store.forget(space, exc.shas)
+            continue
+        return files, EmbedResult(generated, total - generated, ())
+
+
 def read_index(index_path: Path) -> faiss.Index:
-    import faiss
 
     return faiss.read_index(str(index_path))

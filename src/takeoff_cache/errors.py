@@ -77,6 +77,14 @@ class DescriptorError(TakeoffCacheError, RuntimeError):
     exit_code = 8
 
 
+class MissingDescriptorsError(DescriptorError):
+    """Tiles the store claimed but holds no valid vector for (damaged rows)."""
+
+    def __init__(self, message: str, shas: list[str]) -> None:
+        super().__init__(message)
+        self.shas = shas
+
+
 class CacheIOError(TakeoffCacheError, OSError):
     """Reading or writing the cache failed at the operating-system level (disk full, I/O error)."""
 
