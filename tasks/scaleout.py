@@ -8,6 +8,7 @@ next to the phase that started them.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -36,20 +37,40 @@ def embed_on_dask(
     store: descriptors.DescriptorStore,
     progress: descriptors.Progress | None = None,
     stats: scaleout.SpreadStats | None = None,
+    *,
+    task_runs: bool | None = None,
 ) -> descriptors.EmbedResult:
-    """Embed the selection's missing tiles on the Dask cluster at ``address``."""
+    """Embed the selection's missing tiles on the Dask cluster at ``address``.
+
+    With a Prefect server (``PREFECT_API_URL``) each chunk is an ``embed-chunk``
+    task run that workers report to it. Prefect's temporary local API lives in
+    this process's machine only, and a worker that cannot reach an API starts
+    one of its own (seconds each): then chunks run as plain Dask tasks.
+    ``task_runs`` forces either way.
+    """
+    from prefect.settings import PREFECT_API_URL
     from prefect_dask.task_runners import DaskTaskRunner
 
+    if task_runs is None:
+        task_runs = bool(PREFECT_API_URL.value())
     try:
         with DaskTaskRunner(address=address) as runner:
+            client = runner.client
             # Two chunks per worker thread in flight: one running, one on its way.
-            window = 2 * max(1, sum(runner.client.nthreads().values()))
+            window = 2 * max(1, sum(client.nthreads().values()))
+
+            def submit(chunk: scaleout.Chunk) -> Any:
+                if task_runs:
+                    return runner.submit(embed_chunk, {"engine": engine, "chunk": chunk})
+                # pure=False: a chunk is work to do, never a result to share.
+                return client.submit(scaleout.embed_chunk, engine, chunk, pure=False)
+
             return scaleout.embed_spread(
                 selection,
                 corpus_path,
                 space,
                 store,
-                lambda chunk: runner.submit(embed_chunk, {"engine": engine, "chunk": chunk}),
+                submit,
                 window=window,
                 progress=progress,
                 stats=stats,

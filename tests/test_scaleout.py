@@ -6,6 +6,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from distributed import Client, LocalCluster
 
@@ -113,3 +114,52 @@ def test_a_changed_engine_file_is_refused_by_the_worker(tmp_path: Path, demo: De
     missing = scaleout.EngineRef(str(tmp_path / "gone.onnx"), "0" * 64, "onnxruntime", backbone)
     with pytest.raises(EngineError, match="same path"):
         scaleout.embed_chunk(missing, chunk)
+
+
+def test_chunks_run_as_plain_dask_tasks_without_a_prefect_server(
+    demo_source: Path, tmp_path: Path, cluster: LocalCluster
+) -> None:
+    """Prefect's temporary local API is out of the workers' reach: chunks skip task runs."""
+    from takeoff_cache import descriptors
+    from takeoff_cache.backbones import load_backbones, place_recognition
+    from takeoff_cache.corpus import select_tiles
+    from takeoff_cache.engines import get_backend
+    from takeoff_cache.engines.store import ensure_engine
+    from takeoff_cache.request import parse_request, read_request_file
+    from tasks.scaleout import embed_on_dask
+
+    request = parse_request(read_request_file(demo_source / "request.toml"))
+    backbone = place_recognition(load_backbones(request.backbones))
+    backend = get_backend("onnxruntime")
+    record = ensure_engine(backbone, backend, "fp32", None, None, tmp_path / "work")
+    space = descriptors.descriptor_space(record.key, backbone.input)
+    selection = select_tiles(request.corpus, request.bbox.as_tuple(), request.zoom_levels)
+    engine = scaleout.EngineRef(record.store_path, record.sha256, backend.name, backbone)
+
+    spread = descriptors.DescriptorStore(tmp_path / "spread.sqlite")
+    stats = scaleout.SpreadStats()
+    result = embed_on_dask(
+        cluster.scheduler_address,
+        selection,
+        request.corpus,
+        engine,
+        space,
+        spread,
+        stats=stats,
+        task_runs=False,
+    )
+    assert (result.generated, result.bad_tiles) == (len(selection.tiles), ())
+    assert len(stats.workers) == 2 and stats.chunks >= 2
+
+    local = descriptors.DescriptorStore(tmp_path / "local.sqlite")
+    runner = backend.load(Path(record.store_path), backbone, backbone.output or "")
+    descriptors.embed_tiles(
+        selection, request.corpus, runner.run, backbone.input, space, local, streams=2
+    )
+    shas = [t.sha256 for t in selection.tiles]
+    ours, ok = spread.vectors(space, shas, None)
+    theirs, ok2 = local.vectors(space, shas, None)
+    assert ok.all() and ok2.all()
+    np.testing.assert_array_equal(ours, theirs)
+    spread.close()
+    local.close()

@@ -18,7 +18,6 @@ looked up and the index filled chunk by chunk, in row order.
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import sqlite3
@@ -29,7 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 # Imported with the module, not inside the index writer: loading faiss's
 # libraries takes ~0.17 s, once per process, and is no part of a rebuild's work.
@@ -102,28 +101,32 @@ def descriptor_key(space: str, fingerprint: str) -> str:
     )
 
 
-def _valid(rows: list[tuple[str, bytes]], dim: int | None) -> tuple[list[str], np.ndarray]:
-    """The rows holding a whole vector: ``dim`` float32 values (by default the most common
-    size), finite and unit length. Checked for a whole chunk at once."""
-    if not rows:
-        return [], np.empty((0, dim or 0), dtype=np.float32)
-    shas, blobs = zip(*rows, strict=True)
-    lengths = Counter(map(len, blobs))
+def _valid_rows(blobs: list[bytes | None], dim: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Stored rows as a matrix, and which rows hold a whole vector: ``dim`` float32
+    values (by default the most common size), finite and unit length. Rows that
+    do not are zeros. Checked for a whole chunk at once."""
+    n = len(blobs)
     if dim is None:
-        sizes = [(n, size) for size, n in lengths.items() if size % 4 == 0]
-        dim = max(sizes)[1] // 4 if sizes else 0
-    if lengths.get(4 * dim) != len(blobs):  # some rows are not whole vectors: drop them
-        kept = [(sha, blob) for sha, blob in rows if dim and len(blob) == 4 * dim]
-        if not kept:
-            return [], np.empty((0, dim), dtype=np.float32)
-        shas, blobs = zip(*kept, strict=True)
-    matrix = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), dim)
+        sizes = Counter(len(b) for b in blobs if b and len(b) % 4 == 0)
+        dim = max((count, size) for size, count in sizes.items())[1] // 4 if sizes else 0
+    size = 4 * dim
+    whole = np.fromiter((b is not None and len(b) == size for b in blobs), dtype=bool, count=n)
+    if not dim or not whole.any():
+        return np.zeros((n, dim), dtype=np.float32), np.zeros(n, dtype=bool)
+    if whole.all():
+        # bytearray: a writable buffer, so the matrix needs no copy of its own.
+        matrix = np.frombuffer(bytearray().join(cast(list[bytes], blobs)), dtype=np.float32)
+        matrix = matrix.reshape(n, dim)
+    else:
+        matrix = np.zeros((n, dim), dtype=np.float32)
+        kept = bytearray().join(b for b, w in zip(blobs, whole, strict=True) if w and b)
+        matrix[whole] = np.frombuffer(kept, dtype=np.float32).reshape(-1, dim)
     with np.errstate(over="ignore", invalid="ignore"):
         norms = np.einsum("ij,ij->i", matrix, matrix)
-    ok = np.isfinite(norms) & (np.abs(norms - 1.0) <= 2 * _NORM_TOLERANCE)
-    if ok.all():
-        return list(shas), matrix
-    return list(itertools.compress(shas, ok)), matrix[ok]
+    ok = whole & np.isfinite(norms) & (np.abs(norms - 1.0) <= 2 * _NORM_TOLERANCE)
+    if not ok.all():
+        matrix[~ok] = 0.0
+    return matrix, ok
 
 
 # The 32-byte digests packed in ?1 that have no row in space ?2.
@@ -131,6 +134,14 @@ _ABSENT_SQL = """
 WITH RECURSIVE k(i) AS (SELECT 0 UNION ALL SELECT i + 32 FROM k WHERE i + 32 < length(?1))
 SELECT substr(?1, i + 1, 32) FROM k WHERE NOT EXISTS
     (SELECT 1 FROM vectors AS v WHERE v.space = ?2 AND v.tile = substr(?1, i + 1, 32))
+"""
+
+
+# The stored vector (or NULL) of each 32-byte digest packed in ?1, in order, in space ?2.
+_ORDERED_SQL = """
+WITH RECURSIVE k(i) AS (SELECT 0 UNION ALL SELECT i + 32 FROM k WHERE i + 32 < length(?1))
+SELECT (SELECT v.vector FROM vectors AS v WHERE v.space = ?2 AND v.tile = substr(?1, i + 1, 32))
+FROM k ORDER BY i
 """
 
 
@@ -180,36 +191,24 @@ class DescriptorStore:
             self._spaces[space] = int(row[0])
         return self._spaces[space]
 
-    def _select(
-        self, space: str, shas: Sequence[str], columns: str, where: str = ""
-    ) -> Iterator[tuple[Any, ...]]:
-        """Rows of ``space`` among ``shas``, a bounded ``IN`` list per query."""
-        space_id = self._space_id(space, create=False)
-        if space_id is None:
-            return
-        for start in range(0, len(shas), self._vars):
-            chunk = [bytes.fromhex(sha) for sha in shas[start : start + self._vars]]
-            marks = ",".join("?" * len(chunk))
-            yield from self._db.execute(
-                f"SELECT {columns} FROM vectors WHERE space = ?{where} AND tile IN ({marks})",
-                [space_id, *chunk],
-            )
-
-    def _rows(self, space: str, shas: Sequence[str]) -> list[tuple[str, bytes]]:
-        return [(tile.hex(), blob) for tile, blob in self._select(space, shas, "tile, vector")]
-
     def vectors(
         self, space: str, shas: Sequence[str], dim: int | None
-    ) -> tuple[list[str], np.ndarray]:
-        """The valid stored vectors among ``shas``: their digests and one row each.
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Row i: the stored vector of ``shas[i]``; and which rows are valid (others are zeros).
 
-        Call it per chunk, never for a whole corpus.
+        One query per call, rows in the given order: call it per chunk, never
+        for a whole corpus.
         """
-        return _valid(self._rows(space, shas), dim)
+        space_id = self._space_id(space, create=False)
+        if space_id is None or not shas:
+            return np.zeros((len(shas), dim or 0), dtype=np.float32), np.zeros(len(shas), bool)
+        packed = bytes.fromhex("".join(shas))
+        blobs = [blob for (blob,) in self._db.execute(_ORDERED_SQL, (packed, space_id))]
+        return _valid_rows(blobs, dim)
 
     def get(self, space: str, shas: Sequence[str], dim: int | None) -> dict[str, np.ndarray]:
-        found, matrix = self.vectors(space, shas, dim)
-        return dict(zip(found, matrix, strict=True))
+        matrix, ok = self.vectors(space, shas, dim)
+        return {sha: matrix[i] for i, sha in enumerate(shas) if ok[i]}
 
     def missing(self, space: str, shas: Sequence[str]) -> set[str]:
         """Which of ``shas`` have no stored row.
@@ -598,16 +597,10 @@ def _chunks(n: int, size: int = CHUNK_ROWS) -> Iterator[tuple[int, int]]:
 def _vectors(
     tiles: Sequence[Tile], store: DescriptorStore, space: str, dim: int | None
 ) -> tuple[np.ndarray, list[Tile]]:
-    """The rows of ``tiles`` in order, and the tiles without a valid descriptor."""
-    found, matrix = store.vectors(space, list({t.sha256 for t in tiles}), dim)
-    where = {sha: i for i, sha in enumerate(found)}
-    rows = np.fromiter((where.get(t.sha256, -1) for t in tiles), dtype=np.int64, count=len(tiles))
-    absent = rows < 0
-    if not found:
-        return np.zeros((len(tiles), matrix.shape[1]), np.float32), list(tiles)
-    out = matrix[np.where(absent, 0, rows)]  # a fancy-indexed copy, safe to zero
-    out[absent] = 0.0
-    return out, [tiles[int(i)] for i in np.flatnonzero(absent)]
+    """The rows of ``tiles`` in order (zeros where invalid), and the tiles without a valid
+    descriptor."""
+    matrix, ok = store.vectors(space, [t.sha256 for t in tiles], dim)
+    return matrix, [tiles[int(i)] for i in np.flatnonzero(~ok)]
 
 
 def _gpu() -> Any:
