@@ -433,7 +433,7 @@ def incremental(args: argparse.Namespace, tiles: int, in_process: bool) -> dict[
 def section_incremental(args: argparse.Namespace) -> list[dict[str, Any]]:
     runs = [incremental(args, args.tiles, False), incremental(args, args.tiles, True)]
     if args.big_incremental:
-        runs.append(incremental(args, args.big_tiles, True))
+        runs += [incremental(args, args.big_tiles, False), incremental(args, args.big_tiles, True)]
     return runs
 
 

@@ -14,7 +14,7 @@ from prefect import flow
 from prefect.client.schemas.objects import State
 from prefect.states import Failed
 
-from takeoff_cache import commit, faults
+from takeoff_cache import commit, descriptors, faults
 from takeoff_cache.errors import BadTilesError, CacheIOError, TakeoffCacheError
 from takeoff_cache.layout import MANIFEST_NAME
 from takeoff_cache.report import BuildReport
@@ -119,6 +119,8 @@ def build_cache(
             report.engines_reused = len(validated.backbones)
             report.manifest_path = str(root / MANIFEST_NAME)
             return _finish(report, started, cache_root)
+        # This build writes an index: load faiss while the engines are settled.
+        descriptors.preload_faiss()
         staging = commit.prepare_staging(root)
         with phase("engines"):
             records, described, staged = t.engines(validated, work, staging)

@@ -18,6 +18,7 @@ looked up and the index filled chunk by chunk, in row order.
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import sqlite3
@@ -28,11 +29,8 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-# Imported with the module, not inside the index writer: loading faiss's
-# libraries takes ~0.17 s, once per process, and is no part of a rebuild's work.
-import faiss
 import numpy as np
 from PIL import UnidentifiedImageError
 from PIL.Image import DecompressionBombError
@@ -44,6 +42,9 @@ from .errors import CorpusError, DescriptorError, MissingDescriptorsError
 from .faults import checkpoint
 from .fsutil import fsync_dir, fsync_file, sha256_file
 from .preprocess import PREPROCESS_ID, Normalizer, decode_into
+
+if TYPE_CHECKING:
+    import faiss
 
 Progress = Callable[[int, int], None]
 METRIC = "inner_product"  # on L2-normalized vectors: cosine similarity
@@ -605,6 +606,7 @@ def _vectors(
 
 def _gpu() -> Any:
     """faiss GPU resources when this faiss build has them and a GPU is present, else None."""
+    import faiss
 
     if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
         return faiss.StandardGpuResources()
@@ -657,6 +659,7 @@ def _approximate_index(
 
     Returns ``(index, index_type, nprobe, recall_at_1, queries)``.
     """
+    import faiss
 
     n = len(tiles)
     rng = np.random.default_rng(seed)
@@ -725,6 +728,18 @@ def _write_tile_map(path: Path, tiles: Sequence[Tile]) -> None:
 _DIM_PROBE = 64
 
 
+def preload_faiss() -> threading.Thread:
+    """Start loading faiss in the background and return the loading thread.
+
+    Loading its libraries takes ~0.17 s. A no-op build never needs it, so it
+    is not imported with this module; a build that will write an index starts
+    it early, to overlap the phases before the index is written.
+    """
+    thread = threading.Thread(target=importlib.import_module, args=("faiss",), name="faiss-import")
+    thread.start()
+    return thread
+
+
 def _missing(tiles: list[Tile]) -> MissingDescriptorsError:
     return MissingDescriptorsError(
         f"descriptors: {len(tiles)} tile(s) have no valid descriptor, e.g. {tiles[0].zxy}",
@@ -747,6 +762,8 @@ def write_index(
     Up to ``exact_max`` tiles the index is exact (``IndexFlatIP``); beyond, an
     IVF index whose recall@1 against exact search is measured and recorded.
     """
+    import faiss
+
     tiles = selection.tiles
     if not tiles:
         raise DescriptorError("descriptors: no tiles to index")
@@ -853,5 +870,6 @@ def embed_and_index(
 
 
 def read_index(index_path: Path) -> faiss.Index:
+    import faiss
 
     return faiss.read_index(str(index_path))
