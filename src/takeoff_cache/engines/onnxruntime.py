@@ -9,24 +9,13 @@ the hardware it was produced on — exactly what the engine key records.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from onnxruntime.quantization import (
-    CalibrationDataReader,
-    CalibrationMethod,
-    QuantFormat,
-    QuantType,
-    quantize_static,
-)
-from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from ..backbones import Backbone
-from ..calibration import batches as calibration_batches
-from ..calibration import load_samples
 from ..errors import EngineError
 from ..hostinfo import apply_override, cpu_identity, isa_tag
 from . import Backend, Runner
@@ -45,46 +34,9 @@ def _threads() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
-
-
-class _Samples(CalibrationDataReader):  # type: ignore[misc]
-    def __init__(self, input_name: str, batches: Iterator[np.ndarray]) -> None:
-        self._input = input_name
-        self._batches = batches
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        batch = next(self._batches, None)
-        return None if batch is None else {self._input: batch}
-
-
-def _quantize(backbone: Backbone, calibration: Path | None, out_path: Path) -> None:
-    if calibration is None:
-        raise EngineError(f"backbone {backbone.name!r}: int8 needs a calibration file")
-    samples = load_samples(calibration)
-    reader = _Samples(backbone.input.name, calibration_batches(samples, backbone.input))
-    prepared = out_path.with_name(out_path.name + ".pre.onnx")
-    try:
-        # Shape inference and graph clean-up first, as ONNX Runtime's quantizer expects.
-        quant_pre_process(str(backbone.onnx), str(prepared), skip_symbolic_shape=True)
-        quantize_static(
-            str(prepared),
-            str(out_path),
-            reader,
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-        )
-    except Exception as exc:  # the quantizer raises plain Exceptions of many kinds
-        raise EngineError(
-            f"backbone {backbone.name!r}: int8 quantization failed: {_first_line(exc)}"
-        ) from exc
-    finally:
-        prepared.unlink(missing_ok=True)
 
 
 class OnnxRuntimeRunner(Runner):
@@ -145,7 +97,10 @@ class OnnxRuntimeBackend(Backend):
         quantized = out_path.with_name(out_path.name + ".qdq.onnx")
         try:
             if precision == "int8":
-                _quantize(backbone, calibration, quantized)
+                # Imported only for int8: ONNX Runtime's quantizer takes ~0.08 s to load.
+                from .ort_int8 import quantize
+
+                quantize(backbone, calibration, quantized)
                 source = quantized
             options = ort.SessionOptions()
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -156,7 +111,7 @@ class OnnxRuntimeBackend(Backend):
             except Exception as exc:  # ORT raises its own Fail/InvalidGraph/RuntimeException types
                 raise EngineError(
                     f"backbone {backbone.name!r}: onnxruntime could not compile"
-                    f" {backbone.onnx}: {_first_line(exc)}"
+                    f" {backbone.onnx}: {first_line(exc)}"
                 ) from exc
         finally:
             quantized.unlink(missing_ok=True)
@@ -180,6 +135,6 @@ class OnnxRuntimeBackend(Backend):
             )
         except Exception as exc:
             raise EngineError(
-                f"backbone {backbone.name!r}: cannot load engine {engine_path}: {_first_line(exc)}"
+                f"backbone {backbone.name!r}: cannot load engine {engine_path}: {first_line(exc)}"
             ) from exc
         return OnnxRuntimeRunner(session, backbone.input.name, output, streams=_threads())

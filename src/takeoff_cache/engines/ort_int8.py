@@ -1,0 +1,63 @@
+"""INT8 for the ONNX Runtime backend: static QDQ quantization from calibration samples.
+
+Kept apart from the backend so that builds that do not quantize never load
+ONNX Runtime's quantizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from ..backbones import Backbone
+from ..calibration import batches as calibration_batches
+from ..calibration import load_samples
+from ..errors import EngineError
+from .onnxruntime import first_line
+
+
+class _Samples(CalibrationDataReader):  # type: ignore[misc]
+    def __init__(self, input_name: str, batches: Iterator[np.ndarray]) -> None:
+        self._input = input_name
+        self._batches = batches
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._batches, None)
+        return None if batch is None else {self._input: batch}
+
+
+def quantize(backbone: Backbone, calibration: Path | None, out_path: Path) -> None:
+    if calibration is None:
+        raise EngineError(f"backbone {backbone.name!r}: int8 needs a calibration file")
+    samples = load_samples(calibration)
+    reader = _Samples(backbone.input.name, calibration_batches(samples, backbone.input))
+    prepared = out_path.with_name(out_path.name + ".pre.onnx")
+    try:
+        # Shape inference and graph clean-up first, as ONNX Runtime's quantizer expects.
+        quant_pre_process(str(backbone.onnx), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared),
+            str(out_path),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+    except Exception as exc:  # the quantizer raises plain Exceptions of many kinds
+        raise EngineError(
+            f"backbone {backbone.name!r}: int8 quantization failed: {first_line(exc)}"
+        ) from exc
+    finally:
+        prepared.unlink(missing_ok=True)
