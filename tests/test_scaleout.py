@@ -163,3 +163,26 @@ def test_chunks_run_as_plain_dask_tasks_without_a_prefect_server(
     np.testing.assert_array_equal(ours, theirs)
     spread.close()
     local.close()
+
+
+def test_bad_tiles_found_on_workers_fail_the_build_and_keep_the_previous_cache(
+    capsys: pytest.CaptureFixture[str], demo: Demo, cluster: LocalCluster
+) -> None:
+    import sqlite3
+
+    from takeoff_cache.demo.synthetic import replace_tile_bytes
+
+    first = run_cli(capsys, *demo.build_args())
+    assert first.code == 0, first.err
+    manifest = (demo.cache / "Manifest.json").read_bytes()
+    with sqlite3.connect(demo.corpus) as db:
+        z, x, row = db.execute(
+            "SELECT zoom_level, tile_column, tile_row FROM tiles ORDER BY 1, 2, 3 LIMIT 1"
+        ).fetchone()
+    y = (1 << z) - 1 - row  # MBTiles rows are TMS
+    replace_tile_bytes(demo.corpus, z, x, y, b"<html>not found</html>")
+    result = run_cli(capsys, *demo.build_args("--dask-address", cluster.scheduler_address))
+    assert result.code == 3, result.err
+    assert len(result.err_lines) == 1 and f"{z}/{x}/{y}: not an image" in result.err_lines[0]
+    assert (demo.cache / "Manifest.json").read_bytes() == manifest
+    verify_cache(demo.cache, load_trust_store(demo.trust))
