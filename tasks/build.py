@@ -189,16 +189,24 @@ def engines(
     return records, described, staged
 
 
+def _place_recognition(
+    validated: ValidatedRequest, records: list[EngineRecord]
+) -> tuple[Backbone, EngineRecord, str]:
+    """The backbone whose descriptors are indexed, its engine, and their descriptor space."""
+    backbone = place_recognition(validated.backbones)
+    record = next(r for r in records if r.backbone == backbone.name)
+    return backbone, record, descriptors.descriptor_space(record.key, backbone.input)
+
+
 @task(name="int8-drift", task_run_name="int8-drift", cache_policy=NO_CACHE, persist_result=False)
 def int8_drift(
     validated: ValidatedRequest, records: list[EngineRecord], work_dir: Path
 ) -> dict[str, float]:
     """How far the int8 place-recognition engine's descriptors are from fp32 ones."""
     req = validated.request
-    backbone = place_recognition(validated.backbones)
-    record = next(r for r in records if r.backbone == backbone.name)
     if req.precision != "int8" or req.calibration is None:
         return {}
+    backbone, record, _ = _place_recognition(validated, records)
     reference = compile_engine(
         backbone, validated.backend.name, "fp32", None, None, str(work_dir), return_state=True
     ).result()
@@ -339,13 +347,11 @@ def spread_descriptors(
     signing key among them), which must not, and cannot, travel.
     """
     req = validated.request
-    backbone = place_recognition(validated.backbones)
-    record = next(r for r in records if r.backbone == backbone.name)
+    backbone, record, space = _place_recognition(validated, records)
     engine = scaleout.EngineRef(record.store_path, record.sha256, validated.backend.name, backbone)
     store = descriptors.DescriptorStore(work_dir / "descriptors.sqlite")
     progress = _Progress(artifact_key("descriptors", req.cache_root))
     try:
-        space = descriptors.descriptor_space(record.key, backbone.input)
         result = embed_on_dask(dask_address, selection, req.corpus, engine, space, store, progress)
     finally:
         progress.close()
@@ -363,9 +369,7 @@ def descriptors_phase(
     work_dir: Path,
     staging: Path,
 ) -> tuple[descriptors.EmbedResult, list[Artifact], list[str]]:
-    backbone = place_recognition(validated.backbones)
-    record = next(r for r in records if r.backbone == backbone.name)
-    space = descriptors.descriptor_space(record.key, backbone.input)
+    backbone, record, space = _place_recognition(validated, records)
     desc_key = descriptors.descriptor_key(space, selection.fingerprint)
     state = build_index(
         validated,

@@ -4,9 +4,10 @@ Embedding is a pipeline: worker threads read and decode batches (Pillow,
 SQLite and NumPy release the GIL) into reusable buffers while the engine
 infers earlier batches, as many at once as it runs in parallel
 (``Runner.streams``), and only a few batches are ever in flight. On a CPU
-host decoding and inference share the cores: per demo tile, decoding is
-~0.5 CPU-ms against ~1.3 for inference, so the phase reaches about 0.65-0.7
-of the engine's own throughput (benchmarks/embed.py measures both).
+host decoding and inference share the cores: per demo tile, reading, decoding
+and normalizing take ~0.45 CPU-ms against ~1.25 for inference, so the phase
+reaches about 0.65 of the engine's own throughput (benchmarks/embed.py
+measures both).
 
 Per-tile descriptors live in the descriptor store of the work folder, keyed
 by descriptor space (engine key, input spec, preprocessing) and tile SHA-256,
@@ -61,8 +62,6 @@ INDEX_FORMAT = 2
 BATCH_SIZE = 32
 # Rows per store lookup and per index chunk: bounds memory, amortizes queries.
 CHUNK_ROWS = 4096
-# Digests per lookup query (capped by the SQLite build's own parameter limit).
-_SQL_VARS = 4000
 _NORM_TOLERANCE = 1e-3
 
 
@@ -164,7 +163,6 @@ class DescriptorStore:
         self.path = path
         self._spaces: dict[str, int] = {}
         self._db = sqlite3.connect(path, timeout=60, check_same_thread=False)
-        self._vars = min(_SQL_VARS, self._db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) - 1)
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
@@ -382,25 +380,15 @@ class _Decoder:
 
     def __call__(self, tiles: list[Tile]) -> _Decoded:
         corpus, pixels = self._thread_state()
-        good: list[Tile] = []
-        bad: list[tuple[Tile, str]] = []
-        read_s = decode_s = 0.0
-        for tile in tiles:
-            t0 = time.perf_counter()
-            try:
-                data = corpus.read(tile.z, tile.x, tile.y)
-                t1 = time.perf_counter()
-                read_s += t1 - t0
-                decode_into(data, self._spec, pixels[len(good)])
-                decode_s += time.perf_counter() - t1
-                good.append(tile)
-            except (*_DECODE_ERRORS, CorpusError) as exc:
-                bad.append((tile, _reason(exc)))
+        t0 = time.perf_counter()
+        data = [read_tile(corpus, tile) for tile in tiles]
+        t1 = time.perf_counter()
+        good, bad = decode_rows(tiles, data, self._spec, pixels)
         t2 = time.perf_counter()
         batch = self._take_buffer()
         if good:
             self._normalize(pixels[: len(good)], batch[: len(good)])
-        return _Decoded(good, batch, bad, read_s, decode_s, time.perf_counter() - t2)
+        return _Decoded(good, batch, bad, t1 - t0, t2 - t1, time.perf_counter() - t2)
 
     def close(self) -> None:
         for corpus in self._opened:
@@ -409,6 +397,29 @@ class _Decoder:
 
 def _default_workers() -> int:
     return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+class ProgressTally:
+    """Tiles settled so far (reused, embedded or found bad), told to ``progress``
+    with a non-decreasing count."""
+
+    def __init__(self, total: int, progress: Progress | None) -> None:
+        self.total = total
+        self._progress = progress
+        self._settled = 0
+        self.report()
+
+    def report(self) -> None:
+        if self._progress:
+            self._progress(min(self._settled, self.total), self.total)
+
+    def add(self, n: int) -> None:
+        self._settled += n
+        self.report()
+
+    def finish(self) -> None:
+        self._settled = self.total
+        self.report()
 
 
 def todo_batches(
@@ -450,11 +461,19 @@ def todo_batches(
         yield batch
 
 
-def decode_batch(
-    tiles: list[Tile], data: list[bytes | None], spec: InputSpec
-) -> tuple[list[Tile], np.ndarray, list[tuple[Tile, str]]]:
-    """Decode given tile bytes (None: gone from the corpus) into one normalized batch."""
-    pixels = np.empty((len(tiles), spec.size, spec.size, spec.channels), dtype=np.uint8)
+def read_tile(corpus: Corpus, tile: Tile) -> bytes | None:
+    """A tile's bytes, or None when it is gone from the corpus (decoding reports it)."""
+    try:
+        return corpus.read(tile.z, tile.x, tile.y)
+    except CorpusError:
+        return None
+
+
+def decode_rows(
+    tiles: Sequence[Tile], data: Sequence[bytes | None], spec: InputSpec, pixels: np.ndarray
+) -> tuple[list[Tile], list[tuple[Tile, str]]]:
+    """Decode tile bytes into the first rows of ``pixels``: the good tiles, and the bad
+    ones with a short reason (None bytes: gone from the corpus)."""
     good: list[Tile] = []
     bad: list[tuple[Tile, str]] = []
     for tile, blob in zip(tiles, data, strict=True):
@@ -466,6 +485,15 @@ def decode_batch(
             good.append(tile)
         except _DECODE_ERRORS as exc:
             bad.append((tile, _reason(exc)))
+    return good, bad
+
+
+def decode_batch(
+    tiles: Sequence[Tile], data: Sequence[bytes | None], spec: InputSpec
+) -> tuple[list[Tile], np.ndarray, list[tuple[Tile, str]]]:
+    """Decode given tile bytes into one new normalized batch of the good tiles."""
+    pixels = np.empty((len(tiles), spec.size, spec.size, spec.channels), dtype=np.uint8)
+    good, bad = decode_rows(tiles, data, spec, pixels)
     return good, Normalizer.for_spec(spec)(pixels[: len(good)]), bad
 
 
@@ -508,22 +536,13 @@ def embed_tiles(
     stats = stats if stats is not None else EmbedStats()
     tiles = selection.tiles
     total = len(tiles)
-    settled = 0  # tiles counted towards progress
-
-    def report() -> None:
-        if progress:
-            progress(min(settled, total), total)
-
-    def skipped(n: int) -> None:
-        nonlocal settled
-        settled += n  # reused, or the same bytes as a tile already queued
-        report()
 
     def infer(batch: np.ndarray) -> tuple[np.ndarray, float]:
         t0 = time.perf_counter()
         return run(batch), time.perf_counter() - t0
 
-    report()
+    # Tiles reused, or with the same bytes as a tile already queued, settle at lookup.
+    tally = ProgressTally(total, progress)
     generated = 0
     bad_digests: dict[str, str] = {}
     workers = workers or _default_workers()
@@ -538,7 +557,7 @@ def embed_tiles(
         ):
             decoding: deque[Future[_Decoded]] = deque()
             inferring: deque[tuple[_Decoded, Future[tuple[np.ndarray, float]] | None]] = deque()
-            batches = todo_batches(tiles, store, space, batch_size, skipped, stats)
+            batches = todo_batches(tiles, store, space, batch_size, tally.add, stats)
             for chunk in batches:
                 decoding.append(pool.submit(decoder, chunk))
                 if len(decoding) >= depth:
@@ -573,15 +592,13 @@ def embed_tiles(
                     stats.store_s += time.perf_counter() - t2
                     generated += n
                 decoder.give_back(decoded.batch)
-                settled += n + len(decoded.bad)
-                report()
+                tally.add(n + len(decoded.bad))
     except sqlite3.Error as exc:
         raise DescriptorError(f"descriptor store {store.path}: {exc}") from exc
     finally:
         decoder.close()
         stats.wall_s += time.perf_counter() - started
-    settled = total
-    report()
+    tally.finish()
     bad = bad_tile_lines(tiles, bad_digests)
     # Tiles whose bytes equal an embedded tile's were embedded once: they count as reused.
     return EmbedResult(generated, total - generated - len(bad), tuple(bad))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -36,14 +35,16 @@ from .descriptors import (
     DescriptorStore,
     EmbedResult,
     Progress,
+    ProgressTally,
     bad_tile_lines,
     check_vectors,
     decode_batch,
     l2_normalize,
+    read_tile,
     todo_batches,
 )
 from .engines import Runner, get_backend
-from .errors import CorpusError, DescriptorError, EngineError
+from .errors import DescriptorError, EngineError
 from .fsutil import sha256_file
 
 # At most this many tiles travel in one chunk: about 4 MB of demo JPEG tiles.
@@ -67,10 +68,6 @@ class Chunk:
     # The bytes of each batch's tiles; None for a tile gone from the corpus.
     data: tuple[tuple[bytes | None, ...], ...]
 
-    @property
-    def tiles(self) -> int:
-        return sum(len(b) for b in self.batches)
-
 
 @dataclass
 class ChunkResult:
@@ -79,7 +76,6 @@ class ChunkResult:
     vectors: np.ndarray  # (len(shas), dim) float32, unit length
     bad: list[tuple[Tile, str]]
     worker: str  # host:pid that ran it
-    seconds: float
 
 
 class _Result(Protocol):
@@ -113,7 +109,6 @@ def _runner(engine: EngineRef) -> Runner:
 
 def embed_chunk(engine: EngineRef, chunk: Chunk) -> ChunkResult:
     """Decode and embed one chunk, batch by batch. Runs on a worker."""
-    started = time.perf_counter()
     runner = _runner(engine)
     spec = engine.backbone.input
     shas: list[str] = []
@@ -134,7 +129,6 @@ def embed_chunk(engine: EngineRef, chunk: Chunk) -> ChunkResult:
         np.concatenate(parts) if parts else np.empty((0, dim), dtype=np.float32),
         bad,
         f"{socket.gethostname()}:{os.getpid()}",
-        time.perf_counter() - started,
     )
 
 
@@ -171,26 +165,16 @@ def embed_spread(
     stats = stats if stats is not None else SpreadStats()
     tiles = selection.tiles
     total = len(tiles)
-    settled = 0
     generated = 0
     bad_digests: dict[str, str] = {}
-
-    def report() -> None:
-        if progress:
-            progress(min(settled, total), total)
-
-    def skipped(n: int) -> None:
-        nonlocal settled
-        settled += n
-        report()
-
+    tally = ProgressTally(total, progress)
     per_chunk = chunk_batches(total, window, batch_size)
     corpus = open_corpus(corpus_path)
 
     def chunks() -> Iterator[Chunk]:
         pending: list[tuple[Tile, ...]] = []
         number = 0
-        for batch in todo_batches(tiles, store, space, batch_size, skipped):
+        for batch in todo_batches(tiles, store, space, batch_size, tally.add):
             pending.append(tuple(batch))
             if len(pending) == per_chunk:
                 yield _read_chunk(corpus, number, pending)
@@ -199,7 +183,6 @@ def embed_spread(
         if pending:
             yield _read_chunk(corpus, number, pending)
 
-    report()
     out: deque[_Result] = deque()
     try:
         source = chunks()
@@ -224,22 +207,14 @@ def embed_spread(
                     )
                 store.put(space, done.shas, done.vectors)
             generated += len(done.shas)
-            settled += len(done.shas) + len(done.bad)
-            report()
+            tally.add(len(done.shas) + len(done.bad))
     finally:
         corpus.close()
-    settled = total
-    report()
+    tally.finish()
     bad = bad_tile_lines(tiles, bad_digests)
     return EmbedResult(generated, total - generated - len(bad), tuple(bad))
 
 
 def _read_chunk(corpus: Corpus, number: int, batches: list[tuple[Tile, ...]]) -> Chunk:
-    return Chunk(number, tuple(batches), tuple(tuple(_read(corpus, t) for t in b) for b in batches))
-
-
-def _read(corpus: Corpus, tile: Tile) -> bytes | None:
-    try:
-        return corpus.read(tile.z, tile.x, tile.y)
-    except CorpusError:
-        return None  # reported bad by the worker, as the local path does
+    data = tuple(tuple(read_tile(corpus, t) for t in batch) for batch in batches)
+    return Chunk(number, tuple(batches), data)
