@@ -14,7 +14,7 @@ from prefect import flow
 from prefect.client.schemas.objects import State
 from prefect.states import Failed
 
-from takeoff_cache import commit, descriptors, faults
+from takeoff_cache import commit, faults
 from takeoff_cache.errors import BadTilesError, CacheIOError, TakeoffCacheError
 from takeoff_cache.layout import MANIFEST_NAME
 from takeoff_cache.report import BuildReport
@@ -94,8 +94,8 @@ def build_cache(
                 from takeoff_cache.errors import InvalidRequestError
 
                 raise InvalidRequestError(f"coverage: must be strict or lenient; got {coverage!r}")
-            validated = t.validate(raw, backend)
             work = resolve_work_dir(work_dir)
+            validated = t.validate(raw, backend, work)
         root = validated.request.cache_root
         with phase("lock"):
             held = t.lock(validated)
@@ -119,19 +119,24 @@ def build_cache(
             report.engines_reused = len(validated.backbones)
             report.manifest_path = str(root / MANIFEST_NAME)
             return _finish(report, started, cache_root)
+        # Only a build with work to do loads numpy, the engine runtime and faiss.
+        from takeoff_cache import descriptors
+        from tasks import descriptors as td
+        from tasks import engines as te
+
         # This build writes an index: load faiss while the engines are settled.
         descriptors.preload_faiss()
         staging = commit.prepare_staging(root)
         with phase("engines"):
-            records, described, staged = t.engines(validated, work, staging)
-            report.precision_drift = t.int8_drift(validated, records, work)
+            records, described, staged = te.engines(validated, work, staging)
+            report.precision_drift = te.int8_drift(validated, records, work)
         report.engines_built = sum(r.built for r in records)
         report.engines_reused = len(records) - report.engines_built
         with phase("descriptors"):
             spread = None
             if dask_address:
-                spread = t.spread_descriptors(validated, selection, records, work, dask_address)
-            embedded, index_described, index_staged = t.descriptors_phase(
+                spread = td.spread_descriptors(validated, selection, records, work, dask_address)
+            embedded, index_described, index_staged = td.descriptors_phase(
                 validated, t.untracked(selection), records, work, staging
             )
         # Descriptors embedded on the cluster were found stored by the phase itself.

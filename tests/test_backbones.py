@@ -274,3 +274,35 @@ def test_a_missing_backbones_file_is_refused(tmp_path: Path) -> None:
 
 def test_a_backbones_path_that_is_a_folder_is_refused(tmp_path: Path) -> None:
     refused(tmp_path, "backbones")
+
+
+def test_a_passed_check_is_remembered_and_the_graph_not_parsed_again(
+    models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from takeoff_cache import backbones as mod
+
+    checked = tmp_path / "checked"
+    path = write_file(models, entry())
+    first = load_backbones(path, checked)
+    assert len(list(checked.iterdir())) == 1
+
+    def no_parsing(*args: object) -> None:
+        raise AssertionError("the graph was parsed again")
+
+    monkeypatch.setattr(mod, "_load_graph", no_parsing)
+    assert load_backbones(path, checked) == first
+
+
+def test_a_remembered_check_does_not_cover_a_changed_entry_or_model(
+    models: Path, tmp_path: Path
+) -> None:
+    checked = tmp_path / "checked"
+    load_backbones(write_file(models, entry()), checked)
+    # A typo in the input name: a new key, so the graph is checked and the typo named.
+    typo = INPUT.replace('"image"', '"imgae"')
+    with pytest.raises(BackboneError, match=r"input\.name.*imgae"):
+        load_backbones(write_file(models, entry(input_spec=typo)), checked)
+    # The same entry over another graph (no 'descriptor' output): checked again, refused.
+    make_onnx(models / "models" / "vpr.onnx", output_name="other")
+    with pytest.raises(BackboneError, match="descriptor"):
+        load_backbones(write_file(models, entry()), checked)

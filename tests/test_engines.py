@@ -275,3 +275,18 @@ def test_bad_backbones_file_is_refused_before_any_work(
     assert result.code == 2, result.err
     assert len(result.err_lines) == 1 and all(w in result.err for w in words), result.err
     assert list(demo.cache.iterdir()) == [] and not (demo.work / "engines").exists()
+
+
+def test_the_onnxruntime_version_is_read_without_importing_it() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from takeoff_cache.engines.onnxruntime import ort_version\n"
+        "print(ort_version(), 'onnxruntime' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    import onnxruntime
+
+    assert out.stdout.split() == [onnxruntime.__version__, "False"]

@@ -2,6 +2,11 @@
 
 Every entry is checked against its ONNX graph before any work starts, so a
 typo in a tensor name fails at validate, not an hour into a build.
+
+A check that passed is remembered in the work folder under a key of the
+model's SHA-256, the entry's input and output fields and this tool's
+version; the next build with the same model and entry skips parsing the
+graph (and importing onnx and numpy, most of what validating a no-op costs).
 """
 
 from __future__ import annotations
@@ -11,11 +16,13 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import onnx
-
+from .canonical import content_key
 from .errors import BackboneError
+
+if TYPE_CHECKING:
+    import onnx
 
 ROLES = ("place_recognition", "local_features", "matcher", "other")
 PLACE_RECOGNITION = "place_recognition"
@@ -129,7 +136,35 @@ def _check_graph(
             raise BackboneError(f"{where}.output: {output!r} has shape {odims}, expected (N, D)")
 
 
-def _parse_entry(i: int, raw: Any, base: Path) -> Backbone:
+def _check_key(sha256: str, spec: InputSpec, role: str, output: str | None) -> str:
+    from . import __version__
+
+    return content_key(
+        {
+            "onnx_sha256": sha256,
+            "input": [spec.name, spec.size, spec.channels],
+            "role": role,
+            "output": output,
+            "tool_version": __version__,
+        }
+    )
+
+
+def _load_graph(where: str, onnx_path: Path, data: bytes) -> onnx.ModelProto:
+    import onnx
+
+    try:
+        model = onnx.load_from_string(data)
+    except Exception as exc:  # onnx raises DecodeError or RuntimeError depending on version
+        raise BackboneError(
+            f"{where}.onnx: {onnx_path} is not an ONNX model ({type(exc).__name__})"
+        ) from exc
+    if len(model.graph.node) == 0:
+        raise BackboneError(f"{where}.onnx: {onnx_path} is not an ONNX model (empty graph)")
+    return model
+
+
+def _parse_entry(i: int, raw: Any, base: Path, checked: Path | None) -> Backbone:
     if not isinstance(raw, dict):
         raise BackboneError(f"backbone[{i}]: must be a table")
     name = raw.get("name")
@@ -150,20 +185,24 @@ def _parse_entry(i: int, raw: Any, base: Path) -> Backbone:
     if output is not None and not isinstance(output, str):
         raise BackboneError(f"{where}.output: must be a tensor name")
     data = onnx_path.read_bytes()
-    try:
-        model = onnx.load_from_string(data)
-    except Exception as exc:  # onnx raises DecodeError or RuntimeError depending on version
-        raise BackboneError(
-            f"{where}.onnx: {onnx_path} is not an ONNX model ({type(exc).__name__})"
-        ) from exc
-    if len(model.graph.node) == 0:
-        raise BackboneError(f"{where}.onnx: {onnx_path} is not an ONNX model (empty graph)")
-    _check_graph(where, model, spec, role, output)
-    return Backbone(name, role, onnx_path, hashlib.sha256(data).hexdigest(), spec, output)
+    sha256 = hashlib.sha256(data).hexdigest()
+    marker = checked / _check_key(sha256, spec, role, output) if checked else None
+    if marker is None or not marker.is_file():
+        _check_graph(where, _load_graph(where, onnx_path, data), spec, role, output)
+        if marker is not None:
+            try:
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.touch()
+            except OSError:
+                pass  # a read-only work folder only costs the next build the check
+    return Backbone(name, role, onnx_path, sha256, spec, output)
 
 
-def load_backbones(path: Path) -> tuple[Backbone, ...]:
-    """Parse and check a backbones file; exactly one place-recognition backbone is required."""
+def load_backbones(path: Path, checked: Path | None = None) -> tuple[Backbone, ...]:
+    """Parse and check a backbones file; exactly one place-recognition backbone is required.
+
+    ``checked``: the work folder's record of graphs that passed (module docstring).
+    """
     try:
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
@@ -187,7 +226,9 @@ def load_backbones(path: Path) -> tuple[Backbone, ...]:
             f"backbones: exactly one place_recognition backbone is required,"
             f" found {len(named)} ({', '.join(named)})"
         )
-    backbones = tuple(_parse_entry(i, raw, path.parent) for i, raw in enumerate(entries))
+    backbones = tuple(
+        _parse_entry(i, raw, path.parent, checked) for i, raw in enumerate(entries)
+    )
     names = [b.name for b in backbones]
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})

@@ -11,7 +11,7 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +104,24 @@ def parse_duration(text: str | None) -> float | None:
     return value
 
 
+@contextlib.contextmanager
+def _heartbeats_only_for_a_server() -> Iterator[None]:
+    """Flow-run heartbeats are for a Prefect server that outlives this process.
+
+    There they let an automation mark a killed run Crashed (docs/operations.md).
+    Prefect's temporary API ends with the process, so its heartbeats reach no
+    one, and stopping their thread (which sleeps in one-second steps) holds up
+    the end of every run by up to a second.
+    """
+    from prefect.settings import get_current_settings, temporary_settings
+
+    if get_current_settings().api.url:
+        yield
+        return
+    with temporary_settings(updates={"flows.heartbeat_frequency": None}):
+        yield
+
+
 def _run_build(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     _prefect_env(args.verbose)
     from flows.build import build_cache
@@ -117,7 +135,8 @@ def _run_build(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         dask_address=getattr(args, "dask_address", None),
     )
     # As a state: a soft failure is a Failed run whose data is still the report.
-    state = build_cache(**params, return_state=True)
+    with _heartbeats_only_for_a_server():
+        state = build_cache(**params, return_state=True)
     result = state.result(raise_on_failure=False)
     if isinstance(result, BaseException):
         raise result

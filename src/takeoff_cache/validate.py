@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from .backbones import Backbone, load_backbones
-from .calibration import load_samples
 from .corpus import open_corpus
 from .engines import Backend, get_backend
 from .errors import CorpusError, InvalidRequestError
@@ -40,10 +39,11 @@ def check_corpus(path: Path) -> None:
 
 
 def check_engine_inputs(
-    request: BuildRequest, backend_name: str
+    request: BuildRequest, backend_name: str, work_dir: Path | None = None
 ) -> tuple[tuple[Backbone, ...], str | None, Backend]:
     """What compile-engines needs: backbones, calibration and a backend."""
-    backbones = load_backbones(request.backbones)
+    checked = work_dir / "checked-backbones" if work_dir is not None else None
+    backbones = load_backbones(request.backbones, checked)
     calibration_sha = None
     if request.calibration is not None:
         if not request.calibration.is_file():
@@ -60,11 +60,15 @@ def check_engine_inputs(
         and request.calibration is not None
         and backend.name == "onnxruntime"
     ):
+        from .calibration import load_samples  # numpy and Pillow: int8 builds only
+
         load_samples(request.calibration)  # refuses a file that is not calibration samples
     return backbones, calibration_sha, backend
 
 
-def validate(raw: dict[str, Any], backend_name: str = "auto") -> ValidatedRequest:
+def validate(
+    raw: dict[str, Any], backend_name: str = "auto", work_dir: Path | None = None
+) -> ValidatedRequest:
     request = parse_request(raw)
     if not request.cache_root.is_dir():
         raise InvalidRequestError(
@@ -72,7 +76,7 @@ def validate(raw: dict[str, Any], backend_name: str = "auto") -> ValidatedReques
             " (a build never creates the cache root)"
         )
     check_corpus(request.corpus)
-    backbones, calibration_sha, backend = check_engine_inputs(request, backend_name)
+    backbones, calibration_sha, backend = check_engine_inputs(request, backend_name, work_dir)
     trusted = load_trust_store(request.trust)
     signer = load_signer(request.key)
     check_trusted(signer, trusted, request.key, request.trust)

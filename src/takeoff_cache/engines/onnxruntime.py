@@ -8,17 +8,21 @@ the hardware it was produced on — exactly what the engine key records.
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import os
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import onnxruntime as ort
+from typing import TYPE_CHECKING, Any
 
 from ..backbones import Backbone
 from ..errors import EngineError
 from ..hostinfo import apply_override, cpu_identity, isa_tag
 from . import Backend, Runner
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnxruntime as ort
 
 # Static QDQ quantization: int8 weights per channel, int8 activations, min/max calibration.
 _QUANT_OPTIONS = {
@@ -28,6 +32,39 @@ _QUANT_OPTIONS = {
     "per_channel": True,
     "calibrate_method": "MinMax",
 }
+
+
+def _ort() -> Any:
+    # Imported on first use: validating a request (and so a no-op re-run) only
+    # needs the version, and importing ONNX Runtime costs ~0.15 s.
+    import onnxruntime
+
+    return onnxruntime
+
+
+@lru_cache(maxsize=1)
+def ort_version() -> str:
+    """``onnxruntime.__version__``, read without importing ONNX Runtime.
+
+    The package takes its version from ``capi/build_and_package_info.py``, a
+    file of two constants; it is read from the package found on ``sys.path``,
+    the one an import would load. Anything unexpected falls back to importing.
+    """
+    spec = importlib.util.find_spec("onnxruntime")
+    if spec is not None and spec.origin:
+        info = Path(spec.origin).parent / "capi" / "build_and_package_info.py"
+        try:
+            for node in ast.parse(info.read_text(encoding="utf-8")).body:
+                if (
+                    isinstance(node, ast.Assign)
+                    and [getattr(t, "id", None) for t in node.targets] == ["__version__"]
+                    and isinstance(node.value, ast.Constant)
+                    and isinstance(node.value.value, str)
+                ):
+                    return node.value.value
+        except (OSError, SyntaxError, ValueError):
+            pass
+    return str(_ort().__version__)
 
 
 def _threads() -> int:
@@ -49,6 +86,8 @@ class OnnxRuntimeRunner(Runner):
         self.streams = streams  # InferenceSession.run is thread-safe
 
     def run(self, batch: np.ndarray) -> np.ndarray:
+        import numpy as np
+
         result = self._session.run([self._output], {self._input: batch})[0]
         return np.asarray(result, dtype=np.float32)
 
@@ -60,7 +99,7 @@ class OnnxRuntimeBackend(Backend):
 
     @property
     def version(self) -> str:
-        return str(ort.__version__)
+        return ort_version()
 
     def host_identity(self) -> dict[str, Any]:
         return apply_override(
@@ -102,6 +141,7 @@ class OnnxRuntimeBackend(Backend):
 
                 quantize(backbone, calibration, quantized)
                 source = quantized
+            ort = _ort()
             options = ort.SessionOptions()
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             options.optimized_model_filepath = str(out_path)
@@ -119,6 +159,7 @@ class OnnxRuntimeBackend(Backend):
             raise EngineError(f"backbone {backbone.name!r}: onnxruntime wrote no optimized model")
 
     def load(self, engine_path: Path, backbone: Backbone, output: str) -> Runner:
+        ort = _ort()
         options = ort.SessionOptions()
         # Already optimized at compile time; doing it again only costs start-up.
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

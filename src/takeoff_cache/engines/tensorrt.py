@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from ..backbones import Backbone
-from ..calibration import batches as calibration_batches
-from ..calibration import load_samples
 from ..errors import EngineError, InvalidRequestError
 from ..fsutil import atomic_write_bytes, sha256_file
 from ..hostinfo import apply_override, cpu_identity, jetson_release
 from . import Backend, Runner
+
+# numpy and the calibration reader are imported where they are used: this
+# module is loaded on every host to ask whether TensorRT is usable, by a no-op
+# re-run too, which needs neither.
+if TYPE_CHECKING:
+    import numpy as np
 
 WORKSPACE_BYTES = 1 << 30
 MAX_BATCH = 64
@@ -54,6 +56,11 @@ def _int8_calibrator(backbone: Backbone, calibration: Path, cache_path: Path) ->
     TensorRT writes the cache it derives next to the timing cache, so a rebuild
     with the same samples skips calibration.
     """
+    import numpy as np
+
+    from ..calibration import batches as calibration_batches
+    from ..calibration import load_samples
+
     trt = _trt()
     cudart = _cudart()
     try:
@@ -130,6 +137,8 @@ class TensorRTRunner(Runner):
         return ptr
 
     def run(self, batch: np.ndarray) -> np.ndarray:
+        import numpy as np
+
         cudart = self._cudart
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         self._context.set_input_shape(self._input, batch.shape)

@@ -1,0 +1,205 @@
+"""The descriptors phase: embed what the store lacks, then write the index.
+
+Imported by the flow only when a build has work to do (see :mod:`tasks.build`).
+The index is a cached task keyed on the descriptor key, the index files'
+paths and their digests (a missing or damaged file is a cache miss).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, cast
+from uuid import UUID
+
+from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext
+
+from takeoff_cache import artifacts, corpus, descriptors, scaleout
+from takeoff_cache.backbones import Backbone
+from takeoff_cache.canonical import content_key
+from takeoff_cache.engines.store import EngineRecord
+from takeoff_cache.errors import BadTilesError
+from takeoff_cache.fsutil import sha256_file
+from takeoff_cache.manifest import Artifact
+from takeoff_cache.validate import ValidatedRequest
+from tasks.build import artifact_key, untracked
+from tasks.engines import place_recognition_engine
+from tasks.scaleout import embed_on_dask
+
+
+def _place_recognition(
+    validated: ValidatedRequest, records: list[EngineRecord]
+) -> tuple[Backbone, EngineRecord, str]:
+    """The backbone whose descriptors are indexed, its engine, and their descriptor space."""
+    backbone, record = place_recognition_engine(validated, records)
+    return backbone, record, descriptors.descriptor_space(record.key, backbone.input)
+
+
+def _index_stem(backbone: str, desc_key: str) -> str:
+    return f"{backbone}.{desc_key[:12]}"
+
+
+def _index_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
+    desc_key = parameters["desc_key"]
+    out = Path(parameters["work_dir"]) / "indexes"
+    stem = _index_stem(parameters["backbone"].name, desc_key)
+    files = [(out / f"{stem}.faiss").resolve(), (out / f"{stem}.tiles.json").resolve()]
+    if not all(path.is_file() for path in files):
+        return None
+    digests = [sha256_file(path) for path in files]
+    return content_key(["index", desc_key, [str(p) for p in files], digests])
+
+
+class _Progress:
+    """Terminal bar plus a Prefect progress artifact, updated at most twice a second.
+
+    API calls go through one background thread (in this task's context, so the
+    artifact belongs to its run): a rebuild that embeds a few tiles does not
+    wait on the artifact's creation. ``close`` waits for the last update.
+    """
+
+    def __init__(self, key: str) -> None:
+        self._api = ThreadPoolExecutor(max_workers=1, thread_name_prefix="progress")
+        context = contextvars.copy_context()
+        self._artifact: Future[UUID] = self._api.submit(context.run, self._create, key)
+        self._context = context
+        # Each update is an API round trip: none before half a second, none repeated.
+        self._last = time.monotonic()
+        self._sent = 0.0
+        self._bar: Any = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=0, unit="tile", desc="descriptors", file=sys.stderr)
+
+    @staticmethod
+    def _create(key: str) -> UUID:
+        artifact_id = create_progress_artifact(0.0, key=key, description="descriptors computed")
+        # Called from a synchronous task, so this is the id, not a coroutine.
+        return cast(UUID, artifact_id)
+
+    def _update(self, value: float) -> None:
+        update_progress_artifact(self._artifact.result(), value)
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._bar is not None:
+            self._bar.total = total
+            self._bar.n = done
+            self._bar.refresh()
+        now = time.monotonic()
+        # The UI prints the value as is: one decimal reads as a percentage.
+        value = round(100.0 * done / max(total, 1), 1)
+        if value != self._sent and (done >= total or now - self._last >= 0.5):
+            self._last = now
+            self._sent = value
+            self._api.submit(self._context.run, self._update, value)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        self._api.shutdown(wait=True)
+
+
+@task(
+    name="build-index",
+    task_run_name="build-index",
+    cache_key_fn=_index_cache_key,
+    persist_result=True,
+)
+def build_index(
+    validated: ValidatedRequest,
+    selection: corpus.TileSelection,
+    backbone: Backbone,
+    record: EngineRecord,
+    desc_key: str,
+    work_dir: str,
+) -> tuple[descriptors.IndexFiles, descriptors.EmbedResult]:
+    req = validated.request
+    store = descriptors.DescriptorStore(Path(work_dir) / "descriptors.sqlite")
+    progress = _Progress(artifact_key("descriptors", req.cache_root))
+    space = descriptors.descriptor_space(record.key, backbone.input)
+    try:
+        runner = validated.backend.load(Path(record.store_path), backbone, backbone.output or "")
+        files, result = descriptors.embed_and_index(
+            selection,
+            req.corpus,
+            runner.run,
+            backbone.input,
+            space,
+            store,
+            Path(work_dir) / "indexes",
+            _index_stem(backbone.name, desc_key),
+            streams=runner.streams,
+            progress=progress,
+        )
+        if files is None:
+            # Raised, not returned: Prefect never caches a failed run.
+            raise BadTilesError(list(result.bad_tiles))
+        return files, result
+    finally:
+        progress.close()
+        store.close()
+
+
+def spread_descriptors(
+    validated: ValidatedRequest,
+    selection: corpus.TileSelection,
+    records: list[EngineRecord],
+    work_dir: Path,
+    dask_address: str,
+) -> descriptors.EmbedResult:
+    """Embed missing descriptors on a Dask cluster, ahead of the descriptors phase.
+
+    Called from the flow, not from a task: chunk task runs carry their parent's
+    context to the workers, and a task's context holds its arguments (the
+    signing key among them), which must not, and cannot, travel.
+    """
+    req = validated.request
+    backbone, record, space = _place_recognition(validated, records)
+    engine = scaleout.EngineRef(record.store_path, record.sha256, validated.backend.name, backbone)
+    store = descriptors.DescriptorStore(work_dir / "descriptors.sqlite")
+    progress = _Progress(artifact_key("descriptors", req.cache_root))
+    try:
+        result = embed_on_dask(dask_address, selection, req.corpus, engine, space, store, progress)
+    finally:
+        progress.close()
+        store.close()
+    if result.bad_tiles:
+        raise BadTilesError(list(result.bad_tiles))
+    return result
+
+
+@task(name="descriptors", task_run_name="descriptors", cache_policy=NO_CACHE, persist_result=False)
+def descriptors_phase(
+    validated: ValidatedRequest,
+    selection: corpus.TileSelection,
+    records: list[EngineRecord],
+    work_dir: Path,
+    staging: Path,
+) -> tuple[descriptors.EmbedResult, list[Artifact], list[str]]:
+    backbone, record, space = _place_recognition(validated, records)
+    desc_key = descriptors.descriptor_key(space, selection.fingerprint)
+    state = build_index(
+        validated,
+        untracked(selection),
+        backbone,
+        record,
+        desc_key,
+        str(work_dir),
+        return_state=True,
+    )
+    files, result = state.result()
+    if state.name == "Cached":
+        result = descriptors.EmbedResult(0, len(selection.tiles), ())
+    described = artifacts.index_artifacts(files, backbone.name, record.key, desc_key)
+    staged = [
+        artifacts.stage(Path(files.index_path), staging, described[0]),
+        artifacts.stage(Path(files.map_path), staging, described[1]),
+    ]
+    return result, described, staged
