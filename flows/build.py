@@ -124,8 +124,9 @@ def build_cache(
         from tasks import descriptors as td
         from tasks import engines as te
 
-        # This build writes an index: load faiss while the engines are settled.
-        descriptors.preload_faiss()
+        # This build embeds and indexes: load the engine runtime and faiss while
+        # the engines are settled.
+        descriptors.preload(validated.backend.runtime, "faiss")
         staging = commit.prepare_staging(root)
         with phase("engines"):
             records, described, staged = te.engines(validated, work, staging)

@@ -19,6 +19,7 @@ looked up and the index filled chunk by chunk, in row order.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import os
@@ -745,14 +746,22 @@ def _write_tile_map(path: Path, tiles: Sequence[Tile]) -> None:
 _DIM_PROBE = 64
 
 
-def preload_faiss() -> threading.Thread:
-    """Start loading faiss in the background and return the loading thread.
+def preload(*modules: str) -> threading.Thread:
+    """Start importing ``modules`` in the background; return the importing thread.
 
-    Loading its libraries takes ~0.17 s. A no-op build never needs it, so it
-    is not imported with this module; a build that will write an index starts
-    it early, to overlap the phases before the index is written.
+    faiss takes ~0.17 s to load and an engine runtime ~0.15 s. A no-op build
+    needs neither, so neither is imported with this module; a build that will
+    embed and index starts them early, to overlap the phases before they are
+    needed. An import that fails here fails again, with its message, where
+    the module is used.
     """
-    thread = threading.Thread(target=importlib.import_module, args=("faiss",), name="faiss-import")
+
+    def load() -> None:
+        for name in modules:
+            with contextlib.suppress(Exception):
+                importlib.import_module(name)
+
+    thread = threading.Thread(target=load, name="preload")
     thread.start()
     return thread
 

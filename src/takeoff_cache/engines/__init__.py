@@ -34,6 +34,7 @@ class Backend(ABC):
     name: str
     suffix: str  # engine file extension
     precisions: tuple[str, ...]  # what this backend can build on this host
+    runtime: str  # the module that runs engines, imported on first use (slow to load)
 
     @property
     @abstractmethod

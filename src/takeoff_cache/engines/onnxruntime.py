@@ -95,6 +95,7 @@ class OnnxRuntimeRunner(Runner):
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     suffix = "onnx"
+    runtime = "onnxruntime"
     precisions = ("fp32", "int8")
 
     @property

@@ -172,6 +172,7 @@ class TensorRTRunner(Runner):
 class TensorRTBackend(Backend):
     name = "tensorrt"
     suffix = "engine"
+    runtime = "tensorrt"
     precisions = ("fp32", "fp16", "int8")
 
     @staticmethod
