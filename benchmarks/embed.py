@@ -80,7 +80,7 @@ def cpu_s() -> float:
 class Setup:
     """A demo corpus, its selection and the compiled demo VPR engine."""
 
-    def __init__(self, data: Path, tiles: int, work: Path) -> None:
+    def __init__(self, data: Path, tiles: int, work: Path, backend: str = "auto") -> None:
         started = time.perf_counter()
         self.demo: DemoInputs = make_demo_data(data, tiles=tiles)
         took = time.perf_counter() - started
@@ -91,7 +91,9 @@ class Setup:
             self.request.corpus, self.request.bbox.as_tuple(), self.request.zoom_levels
         )
         self.backbone: Backbone = place_recognition(load_backbones(self.request.backbones))
-        self.backend = get_backend("onnxruntime")
+        # auto: TensorRT on an NVIDIA host (the engine on the GPU, decoding on the
+        # cores), ONNX Runtime elsewhere; the figures name the one measured.
+        self.backend = get_backend(backend)
         self.record = ensure_engine(self.backbone, self.backend, "fp32", None, None, work)
         self.space = descriptors.descriptor_space(self.record.key, self.backbone.input)
 
@@ -508,6 +510,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5, help="paired rounds of (a), (b), (c)")
     p.add_argument("--batch", type=int, default=descriptors.BATCH_SIZE)
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--backend", default="auto", help="auto | onnxruntime | tensorrt")
     p.add_argument("--naive-tiles", type=int, default=1000)
     p.add_argument("--sweep", action="store_true", help="also sweep decode workers x batch size")
     p.add_argument(
@@ -518,14 +521,17 @@ def main() -> None:
     figures: dict[str, Any] = {"benchmark": "embed", "cores": len(os.sched_getaffinity(0))}
     with tempfile.TemporaryDirectory(prefix="embed-engine-", dir=args.tmp) as engine_work:
         if "pipeline" in only:
-            setup = Setup(args.data / f"{args.tiles}", args.tiles, Path(engine_work))
+            setup = Setup(args.data / f"{args.tiles}", args.tiles, Path(engine_work), args.backend)
+            figures["backend"] = setup.backend.name
             figures["pipeline"] = section_pipeline(setup, args)
         if "incremental" in only:
             figures["incremental"] = section_incremental(args)
         if "memory" in only:
             figures["memory"] = section_memory(args)
         if "index" in only:
-            big = Setup(args.data / f"{args.big_tiles}", args.big_tiles, Path(engine_work))
+            big = Setup(
+                args.data / f"{args.big_tiles}", args.big_tiles, Path(engine_work), args.backend
+            )
             figures["index"] = section_index(big, args)
     if "pipeline" in figures:
         pipe = figures["pipeline"]

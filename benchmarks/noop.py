@@ -11,7 +11,10 @@ same process setup each time:
   build`` against ``python -c`` running an empty flow, first with Prefect's
   temporary API server (each process starts its own, 13-20 s that dominate
   and vary), then against one running ``prefect server`` (``make server``'s
-  setup), where what is left is the processes' own work.
+  setup), where what is left is the processes' own work. Against a server
+  the build sends Prefect's flow-run heartbeats, whose thread sleeps in
+  one-second steps and takes up to a second to stop at the end of a run; an
+  empty flow usually ends before that thread's first beat and escapes it.
 
 Cold runs alternate empty, no-op, empty, no-op...; the difference is the
 median of the paired differences (minima beside it: noise only adds).
