@@ -184,9 +184,11 @@ def _finish(
     report: BuildReport, started: float, cache_root: str | None
 ) -> dict[str, Any] | State:
     report.elapsed_s = round(time.perf_counter() - started, 4)
-    # A lost UI artifact must not change the build's outcome.
+    # Submitted, not awaited: the artifact is written while the run winds down
+    # (the flow's task runner waits for it before the run ends). A lost UI
+    # artifact must not change the build's outcome, so its future is never read.
     with contextlib.suppress(Exception):
-        t.publish_report(report, os.path.abspath(cache_root or "."))
+        t.publish_report.submit(report, os.path.abspath(cache_root or "."))
     data = report.to_json()
     if report.outcome == "failure":
         # A soft failure (no tiles, bad tiles) shows as a Failed run with its reason

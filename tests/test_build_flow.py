@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any, cast
 
 import faiss
 import numpy as np
 import pytest
+from prefect.artifacts import Artifact
 
 from takeoff_cache.demo.synthetic import replace_tile_bytes
 from takeoff_cache.keys import load_trust_store
 from takeoff_cache.verify import verify_cache
+from tasks.build import artifact_key
 
 from ._cli import run_cli
 from .conftest import Demo
@@ -68,6 +71,20 @@ def test_second_build_is_a_noop_that_writes_nothing(
     assert report["outcome"] == "idempotent_no_op"
     assert report["engines_built"] == 0 and report["descriptors_generated"] == 0
     assert (path.read_bytes(), path.stat().st_mtime_ns) == before
+
+
+def test_every_run_files_its_report_before_the_run_ends(
+    capsys: pytest.CaptureFixture[str], demo: Demo
+) -> None:
+    key = artifact_key("build-report", demo.cache.resolve())
+    for outcome in ("success", "idempotent_no_op"):
+        report = build(capsys, demo)
+        assert report["outcome"] == outcome
+        # Submitted at the end of the run, written by the time the CLI returns.
+        filed = cast(Any, Artifact.get(key))
+        assert filed is not None and filed.flow_run_id is not None
+        assert f"| outcome | {outcome} |" in filed.data
+        assert f"| elapsed_s | {report['elapsed_s']} |" in filed.data
 
 
 def test_each_tile_descriptor_retrieves_its_own_tile(
