@@ -17,7 +17,8 @@ same process setup each time:
   empty flow usually ends before that thread's first beat and escapes it.
 
 Cold runs alternate empty, no-op, empty, no-op...; the difference is the
-median of the paired differences (minima beside it: noise only adds).
+median of the paired differences (minima beside it: noise only adds), in
+wall seconds and in CPU seconds of each process and its children.
 Ends with one JSON line: medians, the differences, and the no-op's phases.
 """
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -99,6 +101,11 @@ def warm(request: Path, work: Path, repeat: int) -> dict[str, Any]:
     }
 
 
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def cold(request: Path, work: Path, repeat: int, api_url: str | None = None) -> dict[str, Any]:
     env = {**os.environ}
     env.pop("PREFECT_API_URL", None)
@@ -118,17 +125,26 @@ def cold(request: Path, work: Path, repeat: int, api_url: str | None = None) -> 
     empty = [sys.executable, "-c", EMPTY_FLOW]
     empty_s: list[float] = []
     noop_s: list[float] = []
+    # CPU seconds of each process and what it started (the temporary API server
+    # too): wall time on a shared host swings by seconds, CPU time much less.
+    cpu: dict[int, list[float]] = {id(empty_s): [], id(noop_s): []}
     for _ in range(repeat):
         for cmd, times in ((empty, empty_s), (build, noop_s)):
+            before = _children_cpu_s()
             start = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
             times.append(time.perf_counter() - start)
+            cpu[id(times)].append(_children_cpu_s() - before)
             if proc.returncode != 0:
                 raise SystemExit(f"{cmd[:3]} failed: {proc.stderr.strip()[-500:]}")
             if cmd is build and json.loads(proc.stdout)["outcome"] != "idempotent_no_op":
                 raise SystemExit("the cold re-run was not a no-op")
     paired = [n - e for n, e in zip(noop_s, empty_s, strict=True)]
+    cpu_paired = [n - e for n, e in zip(cpu[id(noop_s)], cpu[id(empty_s)], strict=True)]
     return {
+        "cpu_empty_flow_s": round(statistics.median(cpu[id(empty_s)]), 3),
+        "cpu_noop_build_s": round(statistics.median(cpu[id(noop_s)]), 3),
+        "cpu_difference_s": round(statistics.median(cpu_paired), 3),
         "api": "prefect server" if api_url else "temporary, one per process",
         "empty_flow_s": round(statistics.median(empty_s), 3),
         "noop_build_s": round(statistics.median(noop_s), 3),
@@ -195,7 +211,9 @@ def main() -> None:
     log(
         f"no-op of {figures['warm']['tiles']} tiles: warm +{figures['warm']['difference_s']} s,"
         f" cold +{figures['cold']['difference_s']} s (temporary API),"
-        f" +{figures['cold_server']['difference_s']} s (prefect server) over an empty flow"
+        f" +{figures['cold_server']['difference_s']} s (prefect server) over an empty flow;"
+        f" CPU +{figures['cold']['cpu_difference_s']} s (temporary API),"
+        f" +{figures['cold_server']['cpu_difference_s']} s (prefect server)"
     )
     print(json.dumps(figures, sort_keys=True))
 
