@@ -162,6 +162,8 @@ def build_cache(
         return _finish(report, started, cache_root)
     except BadTilesError as exc:
         report.failure_reason = str(exc)
+        report.descriptors_generated = exc.generated
+        report.descriptors_reused = exc.reused
         return _finish(report, started, cache_root)
     except TakeoffCacheError as exc:
         report.failure_reason = str(exc)

@@ -140,7 +140,7 @@ def build_index(
         )
         if files is None:
             # Raised, not returned: Prefect never caches a failed run.
-            raise BadTilesError(list(result.bad_tiles))
+            raise BadTilesError(list(result.bad_tiles), result.generated, result.reused)
         return files, result
     finally:
         progress.close()
@@ -171,7 +171,7 @@ def spread_descriptors(
         progress.close()
         store.close()
     if result.bad_tiles:
-        raise BadTilesError(list(result.bad_tiles))
+        raise BadTilesError(list(result.bad_tiles), result.generated, result.reused)
     return result
 
 

@@ -474,3 +474,5 @@ def test_many_bad_tiles_list_twenty_and_count_the_rest(
     assert "and 5 more" in reason
     assert len(result.err_lines) == 1 and "and 5 more" in result.err_lines[0]
     assert not (demo.cache / "Manifest.json").exists()
+    # One set of broken bytes among 80 tiles: the 55 good ones are embedded and stored.
+    assert (report["descriptors_generated"], report["descriptors_reused"]) == (55, 0)

@@ -96,7 +96,7 @@ class BadTilesError(DescriptorError):
 
     exit_code = 3
 
-    def __init__(self, tiles: list[str]) -> None:
+    def __init__(self, tiles: list[str], generated: int = 0, reused: int = 0) -> None:
         shown = ", ".join(tiles[:20])
         more = f" and {len(tiles) - 20} more" if len(tiles) > 20 else ""
         super().__init__(
@@ -104,3 +104,11 @@ class BadTilesError(DescriptorError):
             " re-download them or remove them from the corpus"
         )
         self.tiles = tiles
+        # The good tiles' descriptors are stored all the same; the report says so,
+        # and the rebuild once the bad tiles are fixed reuses them.
+        self.generated = generated
+        self.reused = reused
+
+    def __reduce__(self) -> tuple[type[BadTilesError], tuple[list[str], int, int]]:
+        # Prefect may keep a failed task's exception pickled: keep the counts too.
+        return type(self), (self.tiles, self.generated, self.reused)
