@@ -11,10 +11,10 @@ same process setup each time:
   build`` against ``python -c`` running an empty flow, first with Prefect's
   temporary API server (each process starts its own, 13-20 s that dominate
   and vary), then against one running ``prefect server`` (``make server``'s
-  setup), where what is left is the processes' own work. Against a server
-  the build sends Prefect's flow-run heartbeats, whose thread sleeps in
-  one-second steps and takes up to a second to stop at the end of a run; an
-  empty flow usually ends before that thread's first beat and escapes it.
+  setup), where what is left is the processes' own work. The empty flow
+  runs with Prefect's defaults; ``takeoff-cache build`` sends no flow-run
+  heartbeats unless their interval is set (docs/operations.md), whose thread
+  would otherwise hold the end of the run for up to a second.
 
 Cold runs alternate empty, no-op, empty, no-op...; the difference is the
 median of the paired differences (minima beside it: noise only adds), in

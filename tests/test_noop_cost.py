@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from ._procs import PrefectServer, copy_sandbox, run_build
 
 # What engines, decoding and the index need; a no-op needs none of them.
@@ -46,17 +48,23 @@ def test_a_no_op_re_run_loads_no_engine_runtime_decoder_or_index(
     assert again.stderr.splitlines()[-1] == "loaded: -"
 
 
-def test_heartbeats_are_kept_for_a_server_and_dropped_for_the_temporary_api() -> None:
+@pytest.mark.parametrize(
+    ("server", "interval", "kept"),
+    [(False, None, False), (True, None, False), (False, "60", False), (True, "60", True)],
+)
+def test_heartbeats_only_toward_a_server_and_when_their_interval_was_set(
+    monkeypatch: pytest.MonkeyPatch, server: bool, interval: str | None, kept: bool
+) -> None:
     from prefect.settings import get_current_settings, temporary_settings
 
-    from takeoff_cache.cli import _heartbeats_only_for_a_server
+    from takeoff_cache.cli import HEARTBEAT_SETTINGS, _heartbeats_only_when_asked
 
-    default = get_current_settings().flows.heartbeat_frequency
-    assert default is not None
-    with temporary_settings(restore_defaults={"api.url"}), _heartbeats_only_for_a_server():
-        assert get_current_settings().flows.heartbeat_frequency is None
-    with (
-        temporary_settings(updates={"api.url": "http://127.0.0.1:4200/api"}),
-        _heartbeats_only_for_a_server(),
-    ):
-        assert get_current_settings().flows.heartbeat_frequency == default
+    for name in HEARTBEAT_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    updates: dict[str, object] = {"api.url": "http://127.0.0.1:4200/api" if server else None}
+    if interval is not None:
+        monkeypatch.setenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", interval)
+        updates["flows.heartbeat_frequency"] = int(interval)
+    with temporary_settings(updates=updates), _heartbeats_only_when_asked():
+        value = get_current_settings().flows.heartbeat_frequency
+    assert value == (int(interval) if kept and interval else None)

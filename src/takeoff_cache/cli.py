@@ -104,18 +104,30 @@ def parse_duration(text: str | None) -> float | None:
     return value
 
 
-@contextlib.contextmanager
-def _heartbeats_only_for_a_server() -> Iterator[None]:
-    """Flow-run heartbeats are for a Prefect server that outlives this process.
+# Prefect's names for the flow-run heartbeat interval (the second is its legacy alias).
+HEARTBEAT_SETTINGS = ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY")
 
-    There they let an automation mark a killed run Crashed (docs/operations.md).
-    Prefect's temporary API ends with the process, so its heartbeats reach no
-    one, and stopping their thread (which sleeps in one-second steps) holds up
-    the end of every run by up to a second.
+
+@contextlib.contextmanager
+def _heartbeats_only_when_asked() -> Iterator[None]:
+    """Flow-run heartbeats only when the operator set their interval, toward a server.
+
+    Heartbeats let an automation on a Prefect server mark a killed run
+    Crashed (Prefect's zombie-flow recipe, docs/operations.md). Without that
+    automation, or toward the temporary API (which ends with this process),
+    they reach no one, yet Prefect sends them by default and joins their
+    thread, which sleeps in one-second steps, at the end of every run: up to
+    a second of every build. Deployment runs do not come through here and
+    keep Prefect's setting.
     """
+    from prefect.context import get_settings_context
     from prefect.settings import get_current_settings, temporary_settings
 
-    if get_current_settings().api.url:
+    profile = get_settings_context().profile.settings
+    asked = any(name in os.environ for name in HEARTBEAT_SETTINGS) or any(
+        getattr(setting, "name", None) in HEARTBEAT_SETTINGS for setting in profile
+    )
+    if asked and get_current_settings().api.url:
         yield
         return
     with temporary_settings(updates={"flows.heartbeat_frequency": None}):
@@ -135,7 +147,7 @@ def _run_build(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         dask_address=getattr(args, "dask_address", None),
     )
     # As a state: a soft failure is a Failed run whose data is still the report.
-    with _heartbeats_only_for_a_server():
+    with _heartbeats_only_when_asked():
         state = build_cache(**params, return_state=True)
     result = state.result(raise_on_failure=False)
     if isinstance(result, BaseException):
