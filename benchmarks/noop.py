@@ -127,23 +127,24 @@ def cold(request: Path, work: Path, repeat: int, api_url: str | None = None) -> 
     noop_s: list[float] = []
     # CPU seconds of each process and what it started (the temporary API server
     # too): wall time on a shared host swings by seconds, CPU time much less.
-    cpu: dict[int, list[float]] = {id(empty_s): [], id(noop_s): []}
+    empty_cpu: list[float] = []
+    noop_cpu: list[float] = []
     for _ in range(repeat):
-        for cmd, times in ((empty, empty_s), (build, noop_s)):
+        for cmd, times, cpu in ((empty, empty_s, empty_cpu), (build, noop_s, noop_cpu)):
             before = _children_cpu_s()
             start = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
             times.append(time.perf_counter() - start)
-            cpu[id(times)].append(_children_cpu_s() - before)
+            cpu.append(_children_cpu_s() - before)
             if proc.returncode != 0:
                 raise SystemExit(f"{cmd[:3]} failed: {proc.stderr.strip()[-500:]}")
             if cmd is build and json.loads(proc.stdout)["outcome"] != "idempotent_no_op":
                 raise SystemExit("the cold re-run was not a no-op")
     paired = [n - e for n, e in zip(noop_s, empty_s, strict=True)]
-    cpu_paired = [n - e for n, e in zip(cpu[id(noop_s)], cpu[id(empty_s)], strict=True)]
+    cpu_paired = [n - e for n, e in zip(noop_cpu, empty_cpu, strict=True)]
     return {
-        "cpu_empty_flow_s": round(statistics.median(cpu[id(empty_s)]), 3),
-        "cpu_noop_build_s": round(statistics.median(cpu[id(noop_s)]), 3),
+        "cpu_empty_flow_s": round(statistics.median(empty_cpu), 3),
+        "cpu_noop_build_s": round(statistics.median(noop_cpu), 3),
         "cpu_difference_s": round(statistics.median(cpu_paired), 3),
         "api": "prefect server" if api_url else "temporary, one per process",
         "empty_flow_s": round(statistics.median(empty_s), 3),

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import __version__
 from .canonical import content_key
 from .errors import BackboneError
 
@@ -137,8 +138,6 @@ def _check_graph(
 
 
 def _check_key(sha256: str, spec: InputSpec, role: str, output: str | None) -> str:
-    from . import __version__
-
     return content_key(
         {
             "onnx_sha256": sha256,

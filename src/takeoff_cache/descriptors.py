@@ -19,8 +19,6 @@ looked up and the index filled chunk by chunk, in row order.
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import math
 import os
 import sqlite3
@@ -744,26 +742,6 @@ def _write_tile_map(path: Path, tiles: Sequence[Tile]) -> None:
 
 
 _DIM_PROBE = 64
-
-
-def preload(*modules: str) -> threading.Thread:
-    """Start importing ``modules`` in the background; return the importing thread.
-
-    faiss takes ~0.17 s to load and an engine runtime ~0.15 s. A no-op build
-    needs neither, so neither is imported with this module; a build that will
-    embed and index starts them early, to overlap the phases before they are
-    needed. An import that fails here fails again, with its message, where
-    the module is used.
-    """
-
-    def load() -> None:
-        for name in modules:
-            with contextlib.suppress(Exception):
-                importlib.import_module(name)
-
-    thread = threading.Thread(target=load, name="preload")
-    thread.start()
-    return thread
 
 
 def _missing(tiles: list[Tile]) -> MissingDescriptorsError:
