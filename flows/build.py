@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +18,35 @@ from prefect.states import Failed
 from takeoff_cache import commit, faults
 from takeoff_cache.errors import BadTilesError, CacheIOError, TakeoffCacheError
 from takeoff_cache.layout import MANIFEST_NAME
+from takeoff_cache.preload import preload
 from takeoff_cache.report import BuildReport
 from takeoff_cache.workdir import resolve_work_dir
 from tasks import build as t
+
+# What the runs of this flow ended with, for a caller in the same process (the CLI).
+# The run's final state as the API hands it back can lack its data: a state update
+# the client retried after the server had already taken it is answered with the
+# server's copy, which holds no unpersisted result. The flow itself always knows.
+_outcomes: ContextVar[list[dict[str, Any] | TakeoffCacheError] | None] = ContextVar(
+    "build_cache_outcomes", default=None
+)
+
+
+@contextmanager
+def recorded_outcomes() -> Iterator[list[dict[str, Any] | TakeoffCacheError]]:
+    """Collect, in order, the report (or the error) of each run started in this block."""
+    outcomes: list[dict[str, Any] | TakeoffCacheError] = []
+    token = _outcomes.set(outcomes)
+    try:
+        yield outcomes
+    finally:
+        _outcomes.reset(token)
+
+
+def _record(outcome: dict[str, Any] | TakeoffCacheError) -> None:
+    outcomes = _outcomes.get()
+    if outcomes is not None:
+        outcomes.append(outcome)
 
 
 class _Phases:
@@ -41,21 +66,6 @@ class _Phases:
         finally:
             self.report.phases[name] = round(time.perf_counter() - start, 4)
         faults.checkpoint(f"flow.after_{name}")
-
-
-def _preload(*modules: str) -> threading.Thread:
-    """Import ``modules`` in a background thread (faiss ~0.17 s, an engine runtime
-    ~0.15 s). An import that fails here fails again, with its message, where the
-    module is used."""
-
-    def load() -> None:
-        for name in modules:
-            with contextlib.suppress(Exception):
-                importlib.import_module(name)
-
-    thread = threading.Thread(target=load, name="preload")
-    thread.start()
-    return thread
 
 
 def _os_error_text(exc: OSError) -> str:
@@ -139,7 +149,7 @@ def build_cache(
         # Only a build with work to do loads the engine runtime and faiss (in the
         # background, while the engines are settled) and the task modules that
         # use them (numpy, Pillow).
-        _preload(validated.backend.runtime, "faiss")
+        preload(validated.backend.runtime, "faiss")
         from tasks import descriptors as td
         from tasks import engines as te
 
@@ -184,6 +194,7 @@ def build_cache(
     except TakeoffCacheError as exc:
         report.failure_reason = str(exc)
         _finish(report, started, cache_root)
+        _record(exc)
         raise
     finally:
         if held is not None:
@@ -208,6 +219,7 @@ def _finish(
     with contextlib.suppress(Exception):
         t.publish_report.submit(report, os.path.abspath(cache_root or "."))
     data = report.to_json()
+    _record(data)
     if report.outcome == "failure":
         # A soft failure (no tiles, bad tiles) shows as a Failed run with its reason
         # in the UI; callers asking for the state still get the report as its data.

@@ -189,3 +189,59 @@ def test_build_runs_as_a_subprocess_with_json_report(demo: Demo) -> None:
     assert report["outcome"] == "success"
     assert "Traceback" not in proc.stderr
     assert Path(report["manifest_path"]).is_file()
+
+
+@pytest.fixture
+def final_state_update_retried(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every final state of a flow run is sent twice, the first answer lost: what
+    Prefect's client does when a request times out or the server answers 503 after
+    it has taken the update. The API then answers the retry with its own copy of
+    the state, which carries no unpersisted result."""
+    from prefect.client.base import PrefectHttpxSyncClient
+
+    send = PrefectHttpxSyncClient.send
+    retried: list[int] = []
+
+    def send_twice(self: PrefectHttpxSyncClient, request: Any, *args: Any, **kwargs: Any) -> Any:
+        path = request.url.path
+        final = (
+            request.method == "POST"
+            and "/flow_runs/" in path
+            and path.endswith("/set_state")
+            and json.loads(request.content)["state"]["type"] in ("COMPLETED", "FAILED")
+        )
+        if not final:
+            return send(self, request, *args, **kwargs)
+        send(self, request, *args, **kwargs)
+        response = send(self, request, *args, **kwargs)
+        retried.append(response.json()["status"] == "REJECT")
+        return response
+
+    monkeypatch.setattr(PrefectHttpxSyncClient, "send", send_twice)
+    return retried
+
+
+@pytest.mark.parametrize(
+    ("extra", "code", "outcome"),
+    [
+        ((), 0, "success"),
+        (("--zoom", "3"), 3, "failure"),  # no tiles at that zoom: a soft failure
+        (("--precision", "fp16"), 2, None),  # refused by validation inside the run
+    ],
+)
+def test_the_report_survives_a_final_state_the_api_returns_without_its_data(
+    capsys: pytest.CaptureFixture[str],
+    demo: Demo,
+    final_state_update_retried: list[int],
+    extra: tuple[str, ...],
+    code: int,
+    outcome: str | None,
+) -> None:
+    result = run_cli(capsys, *demo.build_args("--json", *extra))
+    assert final_state_update_retried == [True]  # the retry was answered with the API's copy
+    assert result.code == code, result.err
+    assert "internal error" not in result.err
+    if outcome is not None:
+        assert result.json()["outcome"] == outcome
+    else:
+        assert len(result.err_lines) == 1 and "fp16" in result.err

@@ -136,7 +136,7 @@ def _heartbeats_only_when_asked() -> Iterator[None]:
 
 def _run_build(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     _prefect_env(args.verbose)
-    from flows.build import build_cache
+    from flows.build import build_cache, recorded_outcomes
 
     params = {k: v for k, v in raw.items() if v is not None}
     params.update(
@@ -146,9 +146,16 @@ def _run_build(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         expires_in_s=parse_duration(args.expires_in),
         dask_address=getattr(args, "dask_address", None),
     )
-    # As a state: a soft failure is a Failed run whose data is still the report.
-    with _heartbeats_only_when_asked():
+    # As a state: a soft failure is a Failed run, and an unexpected error is the
+    # state's data rather than a traceback through Prefect's engine.
+    with _heartbeats_only_when_asked(), recorded_outcomes() as outcomes:
         state = build_cache(**params, return_state=True)
+    if outcomes:
+        # What the flow itself ended with; the state's copy can lack it.
+        outcome = outcomes[-1]
+        if isinstance(outcome, TakeoffCacheError):
+            raise outcome
+        return outcome
     result = state.result(raise_on_failure=False)
     if isinstance(result, BaseException):
         raise result
