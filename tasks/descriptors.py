@@ -7,6 +7,7 @@ paths and their digests (a missing or damaged file is a cache miss).
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import sys
 import time
@@ -28,6 +29,7 @@ from takeoff_cache.errors import BadTilesError
 from takeoff_cache.fsutil import sha256_file
 from takeoff_cache.manifest import Artifact
 from takeoff_cache.validate import ValidatedRequest
+from takeoff_cache.workdir import touch_index
 from tasks.build import artifact_key, untracked
 from tasks.engines import place_recognition_engine
 from tasks.scaleout import embed_on_dask
@@ -197,6 +199,9 @@ def descriptors_phase(
     files, result = state.result()
     if state.name == "Cached":
         result = descriptors.EmbedResult(0, len(selection.tiles), ())
+        # Used again: the work folder's pruning keeps the most recently used indexes.
+        with contextlib.suppress(OSError):
+            touch_index(Path(files.index_path), Path(files.map_path))
     described = artifacts.index_artifacts(files, backbone.name, record.key, desc_key)
     staged = [
         artifacts.stage(Path(files.index_path), staging, described[0]),

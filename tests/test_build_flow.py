@@ -245,3 +245,58 @@ def test_the_report_survives_a_final_state_the_api_returns_without_its_data(
         assert result.json()["outcome"] == outcome
     else:
         assert len(result.err_lines) == 1 and "fp16" in result.err
+
+
+def test_a_changed_corpus_build_prunes_old_indexes_and_a_pruned_one_is_rebuilt(
+    capsys: pytest.CaptureFixture[str], demo: Demo
+) -> None:
+    import io
+    import shutil
+    import time
+
+    from PIL import Image
+
+    from takeoff_cache.demo.synthetic import render_tile
+    from takeoff_cache.workdir import KEEP_INDEXES
+
+    first = build(capsys, demo)
+    folder = demo.work / "indexes"
+    (original,) = {p.name.removesuffix(".faiss") for p in folder.glob("*.faiss")}
+    # Indexes of earlier corpora, two hours old and older; this build's is the oldest.
+    hours_ago = time.time() - 2 * 3600
+    for i in range(KEEP_INDEXES + 1):
+        for suffix in (".faiss", ".tiles.json"):
+            shutil.copy(folder / f"{original}{suffix}", folder / f"vpr.old{i}{suffix}")
+            os.utime(folder / f"vpr.old{i}{suffix}", (hours_ago - i, hours_ago - i))
+    for suffix in (".faiss", ".tiles.json"):
+        os.utime(folder / f"{original}{suffix}", (hours_ago - 99, hours_ago - 99))
+    killed = folder / f".{original}.faiss.tmp-999999"
+    killed.write_bytes(b"partial")
+    os.utime(killed, (hours_ago, hours_ago))
+
+    z, x, y = json.loads(next(demo.cache.glob("index/*.tiles.json")).read_text())["rows"][5]
+    shutil.copy(demo.corpus, demo.root / "corpus-before.mbtiles")
+    buf = io.BytesIO()
+    Image.fromarray(render_tile(17, 0, 0, seed=99)).save(buf, "JPEG", quality=85)
+    replace_tile_bytes(demo.corpus, z, x, y, buf.getvalue())
+    changed = build(capsys, demo)
+    assert changed["outcome"] == "success" and changed["descriptors_generated"] == 1
+    kept = {p.name.removesuffix(".faiss") for p in folder.glob("*.faiss")}
+    assert len(kept) == KEEP_INDEXES
+    assert {f"vpr.old{i}" for i in range(KEEP_INDEXES - 1)} < kept
+    assert original not in kept and f"vpr.old{KEEP_INDEXES}" not in kept
+    assert not killed.exists()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        f"{s}{suffix}" for s in kept for suffix in (".faiss", ".tiles.json")
+    )
+    verify_cache(demo.cache, load_trust_store(demo.trust))
+
+    # The corpus as it was: its index is gone from the work folder, so it is
+    # written again from the stored descriptors (none embedded) and matches.
+    shutil.copy(demo.root / "corpus-before.mbtiles", demo.corpus)
+    again = build(capsys, demo)
+    assert again["outcome"] == "success"
+    assert again["descriptors_generated"] == 0 and again["descriptors_reused"] == 80
+    assert again["manifest_hash"] == first["manifest_hash"]
+    assert (folder / f"{original}.faiss").is_file()
+    verify_cache(demo.cache, load_trust_store(demo.trust))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from .errors import CacheIOError
@@ -20,3 +21,69 @@ def resolve_work_dir(value: str | Path | None) -> Path:
     except OSError as exc:
         raise CacheIOError(f"work folder: cannot create {path}: {exc.strerror}") from exc
     return path
+
+
+# Indexes kept in the work folder, most recently used first. An older one is only
+# an accelerator: its cache holds its own link to the file, and a build that
+# wants it again rebuilds it from the descriptor store.
+KEEP_INDEXES = 4
+# Nothing younger goes: a build of another cache, sharing this work folder, may
+# have written it a moment ago and not yet linked it into its staging folder.
+PRUNE_AFTER_S = 3600.0
+_INDEX_SUFFIXES = (".faiss", ".tiles.json")
+
+
+def touch_index(index_path: Path, map_path: Path) -> None:
+    """Mark an index as used now (a build took it from Prefect's cache)."""
+    for path in (index_path, map_path):
+        os.utime(path)
+
+
+def prune_indexes(
+    work: Path,
+    *,
+    keep: int = KEEP_INDEXES,
+    older_than_s: float = PRUNE_AFTER_S,
+    now: float | None = None,
+) -> list[Path]:
+    """Delete indexes of ``work``/indexes beyond the ``keep`` most recently used,
+    and temporary files that killed builds left; return what went.
+
+    Each changed corpus writes a new index (64 MB for 50 000 tiles), so without
+    this the work folder only grows.
+    """
+    folder = work / "indexes"
+    now = time.time() if now is None else now
+    used: dict[str, float] = {}
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        try:
+            mtime = entry.stat(follow_symlinks=False).st_mtime
+        except FileNotFoundError:
+            continue  # removed meanwhile by another build's pruning
+        if entry.name.startswith(".") and ".tmp-" in entry.name:
+            if now - mtime > older_than_s:
+                removed += _unlink(Path(entry.path))
+            continue
+        for suffix in _INDEX_SUFFIXES:
+            if entry.name.endswith(suffix):
+                stem = entry.name[: -len(suffix)]
+                used[stem] = max(used.get(stem, 0.0), mtime)
+    by_use = sorted(used.items(), key=lambda item: item[1], reverse=True)
+    for stem, mtime in by_use[keep:]:
+        if now - mtime > older_than_s:
+            for suffix in _INDEX_SUFFIXES:
+                removed += _unlink(folder / f"{stem}{suffix}")
+    return removed
+
+
+def _unlink(path: Path) -> list[Path]:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return []
+    return [path]
