@@ -29,7 +29,7 @@ from takeoff_cache.errors import BadTilesError
 from takeoff_cache.fsutil import sha256_file
 from takeoff_cache.manifest import Artifact
 from takeoff_cache.validate import ValidatedRequest
-from takeoff_cache.workdir import touch_index
+from takeoff_cache.workdir import index_files, indexes_dir, touch_index
 from tasks.build import artifact_key, untracked
 from tasks.engines import place_recognition_engine
 from tasks.scaleout import embed_on_dask
@@ -49,9 +49,8 @@ def _index_stem(backbone: str, desc_key: str) -> str:
 
 def _index_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
     desc_key = parameters["desc_key"]
-    out = Path(parameters["work_dir"]) / "indexes"
     stem = _index_stem(parameters["backbone"].name, desc_key)
-    files = [(out / f"{stem}.faiss").resolve(), (out / f"{stem}.tiles.json").resolve()]
+    files = [p.resolve() for p in index_files(indexes_dir(Path(parameters["work_dir"])), stem)]
     if not all(path.is_file() for path in files):
         return None
     digests = [sha256_file(path) for path in files]
@@ -135,7 +134,7 @@ def build_index(
             backbone.input,
             space,
             store,
-            Path(work_dir) / "indexes",
+            indexes_dir(Path(work_dir)),
             _index_stem(backbone.name, desc_key),
             streams=runner.streams,
             progress=progress,

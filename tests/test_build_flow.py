@@ -18,6 +18,7 @@ from takeoff_cache.verify import verify_cache
 from tasks.build import artifact_key
 
 from ._cli import run_cli
+from ._procs import change_one_tile
 from .conftest import Demo
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -192,7 +193,7 @@ def test_build_runs_as_a_subprocess_with_json_report(demo: Demo) -> None:
 
 
 @pytest.fixture
-def final_state_update_retried(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def final_state_update_retried(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """Every final state of a flow run is sent twice, the first answer lost: what
     Prefect's client does when a request times out or the server answers 503 after
     it has taken the update. The API then answers the retry with its own copy of
@@ -200,7 +201,7 @@ def final_state_update_retried(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     from prefect.client.base import PrefectHttpxSyncClient
 
     send = PrefectHttpxSyncClient.send
-    retried: list[int] = []
+    retried: list[bool] = []
 
     def send_twice(self: PrefectHttpxSyncClient, request: Any, *args: Any, **kwargs: Any) -> Any:
         path = request.url.path
@@ -232,7 +233,7 @@ def final_state_update_retried(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_the_report_survives_a_final_state_the_api_returns_without_its_data(
     capsys: pytest.CaptureFixture[str],
     demo: Demo,
-    final_state_update_retried: list[int],
+    final_state_update_retried: list[bool],
     extra: tuple[str, ...],
     code: int,
     outcome: str | None,
@@ -250,13 +251,9 @@ def test_the_report_survives_a_final_state_the_api_returns_without_its_data(
 def test_a_changed_corpus_build_prunes_old_indexes_and_a_pruned_one_is_rebuilt(
     capsys: pytest.CaptureFixture[str], demo: Demo
 ) -> None:
-    import io
     import shutil
     import time
 
-    from PIL import Image
-
-    from takeoff_cache.demo.synthetic import render_tile
     from takeoff_cache.workdir import KEEP_INDEXES
 
     first = build(capsys, demo)
@@ -274,11 +271,8 @@ def test_a_changed_corpus_build_prunes_old_indexes_and_a_pruned_one_is_rebuilt(
     killed.write_bytes(b"partial")
     os.utime(killed, (hours_ago, hours_ago))
 
-    z, x, y = json.loads(next(demo.cache.glob("index/*.tiles.json")).read_text())["rows"][5]
     shutil.copy(demo.corpus, demo.root / "corpus-before.mbtiles")
-    buf = io.BytesIO()
-    Image.fromarray(render_tile(17, 0, 0, seed=99)).save(buf, "JPEG", quality=85)
-    replace_tile_bytes(demo.corpus, z, x, y, buf.getvalue())
+    change_one_tile(demo.root)
     changed = build(capsys, demo)
     assert changed["outcome"] == "success" and changed["descriptors_generated"] == 1
     kept = {p.name.removesuffix(".faiss") for p in folder.glob("*.faiss")}

@@ -42,6 +42,7 @@ from .errors import CorpusError, DescriptorError, MissingDescriptorsError
 from .faults import checkpoint
 from .fsutil import fsync_dir, fsync_file, sha256_file
 from .preprocess import PREPROCESS_ID, Normalizer, decode_into
+from .workdir import index_files
 
 if TYPE_CHECKING:
     import faiss
@@ -794,8 +795,7 @@ def write_index(
             )
     except sqlite3.Error as exc:
         raise DescriptorError(f"descriptor store {store.path}: {exc}") from exc
-    index_path = out_dir / f"{stem}.faiss"
-    map_path = out_dir / f"{stem}.tiles.json"
+    index_path, map_path = index_files(out_dir, stem)
     tmp = out_dir / f".{stem}.faiss.tmp-{os.getpid()}"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,18 @@ KEEP_INDEXES = 4
 # Nothing younger goes: a build of another cache, sharing this work folder, may
 # have written it a moment ago and not yet linked it into its staging folder.
 PRUNE_AFTER_S = 3600.0
-_INDEX_SUFFIXES = (".faiss", ".tiles.json")
+# An index is two files: the faiss index and its row -> tile map.
+INDEX_SUFFIXES = (".faiss", ".tiles.json")
+
+
+def indexes_dir(work: Path) -> Path:
+    return work / "indexes"
+
+
+def index_files(folder: Path, stem: str) -> tuple[Path, Path]:
+    """The faiss index and the tile map of index ``stem`` in ``folder``."""
+    index, tile_map = (folder / f"{stem}{suffix}" for suffix in INDEX_SUFFIXES)
+    return index, tile_map
 
 
 def touch_index(index_path: Path, map_path: Path) -> None:
@@ -52,7 +63,7 @@ def prune_indexes(
     Each changed corpus writes a new index (64 MB for 50 000 tiles), so without
     this the work folder only grows.
     """
-    folder = work / "indexes"
+    folder = indexes_dir(work)
     now = time.time() if now is None else now
     used: dict[str, float] = {}
     removed: list[Path] = []
@@ -69,15 +80,15 @@ def prune_indexes(
             if now - mtime > older_than_s:
                 removed += _unlink(Path(entry.path))
             continue
-        for suffix in _INDEX_SUFFIXES:
+        for suffix in INDEX_SUFFIXES:
             if entry.name.endswith(suffix):
                 stem = entry.name[: -len(suffix)]
                 used[stem] = max(used.get(stem, 0.0), mtime)
     by_use = sorted(used.items(), key=lambda item: item[1], reverse=True)
     for stem, mtime in by_use[keep:]:
         if now - mtime > older_than_s:
-            for suffix in _INDEX_SUFFIXES:
-                removed += _unlink(folder / f"{stem}{suffix}")
+            for path in index_files(folder, stem):
+                removed += _unlink(path)
     return removed
 
 
