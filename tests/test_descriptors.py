@@ -10,7 +10,8 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -191,6 +192,47 @@ def test_parallel_inference_streams_store_what_one_stream_stores(
         np.testing.assert_allclose(a[sha], b[sha], atol=1e-6)
     one.close()
     many.close()
+
+
+class _StoreThatWaitsForTheEngine(descriptors.DescriptorStore):
+    """Stores each batch only once the engine has started on a later batch."""
+
+    def __init__(self, path: Path, started: list[threading.Event]) -> None:
+        super().__init__(path)
+        self.started = started
+        self.puts = 0
+
+    def put(self, space: str, shas: Sequence[str], vectors: np.ndarray) -> None:
+        self.puts += 1
+        if self.puts < len(self.started):
+            assert self.started[self.puts].wait(10), "the engine idled while a batch was stored"
+        super().put(space, shas, vectors)
+
+
+def test_the_engine_runs_the_next_batch_while_the_last_one_is_stored(
+    vpr: Vpr, corpus: Path, tmp_path: Path
+) -> None:
+    # One stream, as on a host with one accelerator: storing must not hold it up.
+    started = [threading.Event() for _ in range(80 // 8)]
+    calls = iter(started)
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        next(calls).set()
+        return vpr.run(batch)
+
+    store = _StoreThatWaitsForTheEngine(tmp_path / "store.sqlite", started)
+    result = descriptors.embed_tiles(
+        vpr.select(corpus),
+        corpus,
+        run,
+        vpr.backbone.input,
+        vpr.space,
+        store,
+        batch_size=8,
+        streams=1,
+    )
+    store.close()
+    assert (result.generated, store.puts) == (80, 10)
 
 
 def test_tiles_with_equal_bytes_are_embedded_once(vpr: Vpr, corpus: Path, tmp_path: Path) -> None:
