@@ -274,12 +274,13 @@ def test_store_never_serves_a_damaged_vector(vpr: Vpr, corpus: Path, tmp_path: P
     store = descriptors.DescriptorStore(path)
     embed(vpr, corpus, store)
     store.close()
-    shas = [t.sha256 for t in vpr.select(corpus).tiles[:3]]
+    shas = [t.sha256 for t in vpr.select(corpus).tiles[:4]]
     db = sqlite3.connect(path)
     damage = [
         np.full(336, np.nan, np.float32).tobytes(),
         b"abc",
         np.full(336, 3.0, np.float32).tobytes(),  # finite, not unit length
+        "x" * 4 * 336,  # text of a vector's length, not a vector
     ]
     with db:
         for sha, blob in zip(shas, damage, strict=True):
@@ -301,7 +302,7 @@ def test_store_never_serves_a_damaged_vector(vpr: Vpr, corpus: Path, tmp_path: P
         "healed",
     )
     assert files is not None
-    assert (result.generated, result.reused) == (3, 77)
+    assert (result.generated, result.reused) == (4, 76)
     assert set(store.get(vpr.space, shas, 336)) == set(shas)
     index = faiss.read_index(files.index_path)
     vectors = index.reconstruct_n(0, index.ntotal)

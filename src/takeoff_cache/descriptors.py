@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import UnidentifiedImageError
@@ -104,29 +104,34 @@ def descriptor_key(space: str, fingerprint: str) -> str:
     )
 
 
-def _valid_rows(blobs: list[bytes | None], dim: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Stored rows as a matrix, and which rows hold a whole vector: ``dim`` float32
-    values (by default the most common size), finite and unit length. Rows that
-    do not are zeros. Checked for a whole chunk at once."""
-    n = len(blobs)
+def _valid_rows(
+    n: int, found: list[tuple[int, bytes]], dim: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stored rows ``(position, bytes)`` as an ``(n, dim)`` matrix, and which rows hold a
+    whole vector: ``dim`` float32 values (by default the most common size), finite and
+    unit length. Other rows, and positions not found, are zeros. Checked for a whole
+    chunk at once."""
     if dim is None:
-        sizes = Counter(len(b) for b in blobs if b and len(b) % 4 == 0)
+        sizes = Counter(len(b) for _, b in found if type(b) is bytes and b and len(b) % 4 == 0)
         dim = max((count, size) for size, count in sizes.items())[1] // 4 if sizes else 0
     size = 4 * dim
-    whole = np.fromiter((b is not None and len(b) == size for b in blobs), dtype=bool, count=n)
-    if not dim or not whole.any():
-        return np.zeros((n, dim), dtype=np.float32), np.zeros(n, dtype=bool)
-    if whole.all():
-        # bytearray: a writable buffer, so the matrix needs no copy of its own.
-        matrix = np.frombuffer(bytearray().join(cast(list[bytes], blobs)), dtype=np.float32)
-        matrix = matrix.reshape(n, dim)
+    whole = [(i, b) for i, b in found if type(b) is bytes and len(b) == size]
+    ok = np.zeros(n, dtype=bool)
+    if not dim or not whole:
+        return np.zeros((n, dim), dtype=np.float32), ok
+    rows = np.fromiter((i for i, _ in whole), dtype=np.intp, count=len(whole))
+    # bytearray: a writable buffer, so the matrix needs no copy of its own.
+    block = np.frombuffer(bytearray().join(b for _, b in whole), dtype=np.float32)
+    block = block.reshape(-1, dim)
+    if len(whole) == n and np.array_equal(rows, np.arange(n)):
+        matrix = block  # every row, in order: the usual case
     else:
         matrix = np.zeros((n, dim), dtype=np.float32)
-        kept = bytearray().join(b for b, w in zip(blobs, whole, strict=True) if w and b)
-        matrix[whole] = np.frombuffer(kept, dtype=np.float32).reshape(-1, dim)
+        matrix[rows] = block
+    ok[rows] = True
     with np.errstate(over="ignore", invalid="ignore"):
         norms = np.einsum("ij,ij->i", matrix, matrix)
-    ok = whole & np.isfinite(norms) & (np.abs(norms - 1.0) <= 2 * _NORM_TOLERANCE)
+    ok &= np.isfinite(norms) & (np.abs(norms - 1.0) <= 2 * _NORM_TOLERANCE)
     if not ok.all():
         matrix[~ok] = 0.0
     return matrix, ok
@@ -140,11 +145,13 @@ SELECT substr(?1, i + 1, 32) FROM k WHERE NOT EXISTS
 """
 
 
-# The stored vector (or NULL) of each 32-byte digest packed in ?1, in order, in space ?2.
-_ORDERED_SQL = """
+# (position, stored vector) of each 32-byte digest packed in ?1 that has a row in space ?2.
+# Positions say where each row goes, so SQLite need not sort the vectors (a
+# temporary B-tree of every blob cost a third of the read).
+_FOUND_SQL = """
 WITH RECURSIVE k(i) AS (SELECT 0 UNION ALL SELECT i + 32 FROM k WHERE i + 32 < length(?1))
-SELECT (SELECT v.vector FROM vectors AS v WHERE v.space = ?2 AND v.tile = substr(?1, i + 1, 32))
-FROM k ORDER BY i
+SELECT k.i / 32, v.vector
+FROM k JOIN vectors AS v ON v.space = ?2 AND v.tile = substr(?1, k.i + 1, 32)
 """
 
 
@@ -205,8 +212,8 @@ class DescriptorStore:
         if space_id is None or not shas:
             return np.zeros((len(shas), dim or 0), dtype=np.float32), np.zeros(len(shas), bool)
         packed = bytes.fromhex("".join(shas))
-        blobs = [blob for (blob,) in self._db.execute(_ORDERED_SQL, (packed, space_id))]
-        return _valid_rows(blobs, dim)
+        found = self._db.execute(_FOUND_SQL, (packed, space_id)).fetchall()
+        return _valid_rows(len(shas), found, dim)
 
     def get(self, space: str, shas: Sequence[str], dim: int | None) -> dict[str, np.ndarray]:
         matrix, ok = self.vectors(space, shas, dim)
