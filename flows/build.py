@@ -20,7 +20,7 @@ from takeoff_cache.errors import BadTilesError, CacheIOError, TakeoffCacheError
 from takeoff_cache.layout import MANIFEST_NAME
 from takeoff_cache.preload import preload
 from takeoff_cache.report import BuildReport
-from takeoff_cache.workdir import prune_indexes, resolve_work_dir
+from takeoff_cache.workdir import resolve_work_dir
 from tasks import build as t
 
 # What the runs of this flow ended with, for a caller in the same process (the CLI).
@@ -185,9 +185,7 @@ def build_cache(
             t.commit_cache(validated, manifest_bytes, staged, previous, new_paths)
         report.outcome = "success"
         report.manifest_path = str(root / MANIFEST_NAME)
-        # Old indexes are only accelerators; a disk that refuses is no reason to fail.
-        with contextlib.suppress(OSError):
-            prune_indexes(work)
+        td.prune_work_folder(work)
         return _finish(report, started, cache_root)
     except BadTilesError as exc:
         report.failure_reason = str(exc)

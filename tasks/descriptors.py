@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import sqlite3
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,11 +26,17 @@ from takeoff_cache import artifacts, corpus, descriptors, scaleout
 from takeoff_cache.backbones import Backbone
 from takeoff_cache.canonical import content_key
 from takeoff_cache.engines.store import EngineRecord
-from takeoff_cache.errors import BadTilesError
+from takeoff_cache.errors import BadTilesError, DescriptorError
 from takeoff_cache.fsutil import sha256_file
 from takeoff_cache.manifest import Artifact
 from takeoff_cache.validate import ValidatedRequest
-from takeoff_cache.workdir import index_files, indexes_dir, touch_index
+from takeoff_cache.workdir import (
+    index_files,
+    indexes_dir,
+    prune_indexes,
+    store_path,
+    touch_index,
+)
 from tasks.build import artifact_key, untracked
 from tasks.engines import place_recognition_engine
 from tasks.scaleout import embed_on_dask
@@ -122,7 +129,7 @@ def build_index(
     work_dir: str,
 ) -> tuple[descriptors.IndexFiles, descriptors.EmbedResult]:
     req = validated.request
-    store = descriptors.DescriptorStore(Path(work_dir) / "descriptors.sqlite")
+    store = descriptors.DescriptorStore(store_path(Path(work_dir)))
     progress = _Progress(artifact_key("descriptors", req.cache_root))
     space = descriptors.descriptor_space(record.key, backbone.input)
     try:
@@ -164,7 +171,7 @@ def spread_descriptors(
     req = validated.request
     backbone, record, space = _place_recognition(validated, records)
     engine = scaleout.EngineRef(record.store_path, record.sha256, validated.backend.name, backbone)
-    store = descriptors.DescriptorStore(work_dir / "descriptors.sqlite")
+    store = descriptors.DescriptorStore(store_path(work_dir))
     progress = _Progress(artifact_key("descriptors", req.cache_root))
     try:
         result = embed_on_dask(dask_address, selection, req.corpus, engine, space, store, progress)
@@ -174,6 +181,27 @@ def spread_descriptors(
     if result.bad_tiles:
         raise BadTilesError(list(result.bad_tiles), result.generated, result.reused)
     return result
+
+
+def _mark_space_used(work_dir: Path, space: str) -> None:
+    with contextlib.suppress(DescriptorError, sqlite3.Error, OSError):
+        store = descriptors.DescriptorStore(store_path(work_dir))
+        try:
+            store.mark_used(space)
+        finally:
+            store.close()
+
+
+def prune_work_folder(work_dir: Path) -> None:
+    """After a successful build: old indexes and unused descriptor spaces go.
+
+    Both are only accelerators, so a disk or store that refuses is no reason
+    to fail a build that has already committed.
+    """
+    with contextlib.suppress(OSError):
+        prune_indexes(work_dir)
+    with contextlib.suppress(DescriptorError, OSError):
+        descriptors.prune_store(store_path(work_dir))
 
 
 @task(name="descriptors", task_run_name="descriptors", cache_policy=NO_CACHE, persist_result=False)
@@ -198,9 +226,11 @@ def descriptors_phase(
     files, result = state.result()
     if state.name == "Cached":
         result = descriptors.EmbedResult(0, len(selection.tiles), ())
-        # Used again: the work folder's pruning keeps the most recently used indexes.
+        # Used again: the work folder's pruning keeps the most recently used indexes
+        # and descriptor spaces.
         with contextlib.suppress(OSError):
             touch_index(Path(files.index_path), Path(files.map_path))
+        _mark_space_used(work_dir, space)
     described = artifacts.index_artifacts(files, backbone.name, record.key, desc_key)
     staged = [
         artifacts.stage(Path(files.index_path), staging, described[0]),

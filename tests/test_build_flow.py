@@ -248,13 +248,14 @@ def test_the_report_survives_a_final_state_the_api_returns_without_its_data(
         assert len(result.err_lines) == 1 and "fp16" in result.err
 
 
-def test_a_changed_corpus_build_prunes_old_indexes_and_a_pruned_one_is_rebuilt(
+def test_a_changed_corpus_build_prunes_the_work_folder_and_a_pruned_index_is_rebuilt(
     capsys: pytest.CaptureFixture[str], demo: Demo
 ) -> None:
     import shutil
     import time
 
-    from takeoff_cache.workdir import KEEP_INDEXES
+    from takeoff_cache.descriptors import KEEP_SPACES, SPACE_IDLE_S, DescriptorStore
+    from takeoff_cache.workdir import KEEP_INDEXES, store_path
 
     first = build(capsys, demo)
     folder = demo.work / "indexes"
@@ -270,6 +271,14 @@ def test_a_changed_corpus_build_prunes_old_indexes_and_a_pruned_one_is_rebuilt(
     killed = folder / f".{original}.faiss.tmp-999999"
     killed.write_bytes(b"partial")
     os.utime(killed, (hours_ago, hours_ago))
+    # Descriptor spaces of engines no longer used, the newest unused for over the idle time.
+    store = DescriptorStore(store_path(demo.work))
+    (space,) = (key for (key,) in store._db.execute("SELECT key FROM spaces"))
+    stale = [f"retired-engine-{i}" for i in range(KEEP_SPACES)]
+    for i, key in enumerate(stale):
+        store.put(key, ["ab" * 32], np.eye(8, dtype=np.float32)[:1])
+        store.mark_used(key, time.time() - SPACE_IDLE_S - 60 - i)
+    store.close()
 
     shutil.copy(demo.corpus, demo.root / "corpus-before.mbtiles")
     change_one_tile(demo.root)
@@ -283,6 +292,16 @@ def test_a_changed_corpus_build_prunes_old_indexes_and_a_pruned_one_is_rebuilt(
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         f"{s}{suffix}" for s in kept for suffix in (".faiss", ".tiles.json")
     )
+    store = DescriptorStore(store_path(demo.work))
+    spaces = {
+        key: n
+        for key, n in store._db.execute(
+            "SELECT key, COUNT(vector) FROM spaces LEFT JOIN vectors ON space = id GROUP BY key"
+        )
+    }
+    store.close()
+    # This build's space and the three most recently used others stay; the oldest goes.
+    assert spaces == {space: 81, **{key: 1 for key in stale[:-1]}}
     verify_cache(demo.cache, load_trust_store(demo.trust))
 
     # The corpus as it was: its index is gone from the work folder, so it is

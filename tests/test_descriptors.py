@@ -269,6 +269,82 @@ def test_store_lookup_returns_exactly_the_absent_digests(tmp_path: Path) -> None
     store.close()
 
 
+def _digests(prefix: str, n: int) -> list[str]:
+    import hashlib
+
+    return [hashlib.sha256(f"{prefix}{i}".encode()).hexdigest() for i in range(n)]
+
+
+def test_store_prunes_spaces_neither_recent_nor_among_the_last_used(tmp_path: Path) -> None:
+    now = 1_800_000_000.0
+    day = 24 * 3600.0
+    store = descriptors.DescriptorStore(tmp_path / "store.sqlite")
+    vectors = np.eye(8, dtype=np.float32)[np.arange(20) % 8]
+    # Used 1, 2, ... 6 days ago and 10, 20 days ago.
+    ages = {"d1": 1, "d2": 2, "d3": 3, "d4": 4, "d5": 5, "d6": 6, "d10": 10, "d20": 20}
+    for space, age in ages.items():
+        store.put(space, _digests(space, 20), vectors)
+        store.mark_used(space, now - age * day)
+    # The four most recent stay however old; the rest only while used within the week.
+    assert store.prune_spaces(keep=4, idle_s=7 * day, now=now) == ["d10", "d20"]
+    for space in ages:
+        kept = space not in ("d10", "d20")
+        assert store.missing(space, _digests(space, 20)) == (
+            set() if kept else set(_digests(space, 20))
+        )
+    assert store.prune_spaces(keep=4, idle_s=7 * day, now=now) == []
+    # A week on, only the four most recent remain; a space used now is one of them.
+    store.mark_used("d6", now + 7 * day)
+    assert store.prune_spaces(keep=4, idle_s=7 * day, now=now + 7 * day) == ["d4", "d5"]
+    left = dict(
+        store._db.execute(
+            "SELECT key, COUNT(*) FROM spaces JOIN vectors ON space = id GROUP BY key"
+        )
+    )
+    assert left == {"d6": 20, "d1": 20, "d2": 20, "d3": 20}
+    # A pruned space starts afresh.
+    store.put("d20", _digests("d20", 3), vectors[:3])
+    assert store.missing("d20", _digests("d20", 20)) == set(_digests("d20", 20)[3:])
+    store.close()
+
+
+def test_a_store_written_before_spaces_were_dated_counts_them_as_used_now(tmp_path: Path) -> None:
+    import time
+
+    path = tmp_path / "store.sqlite"
+    db = sqlite3.connect(path)
+    with db:
+        db.execute("CREATE TABLE spaces (id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE)")
+        db.execute(
+            "CREATE TABLE vectors (space INTEGER NOT NULL, tile BLOB NOT NULL,"
+            " vector BLOB NOT NULL, UNIQUE (space, tile))"
+        )
+        db.execute("INSERT INTO spaces (key) VALUES ('old')")
+        unit = np.eye(8, dtype=np.float32)[0].tobytes()
+        db.executemany(
+            "INSERT INTO vectors VALUES (1, ?, ?)",
+            [(bytes.fromhex(d), unit) for d in _digests("old", 5)],
+        )
+    db.close()
+    before = time.time()
+    store = descriptors.DescriptorStore(path)
+    assert store.missing("old", _digests("old", 5)) == set()
+    # Dated at the upgrade: nothing goes until it has been unused for the idle time.
+    assert store.prune_spaces(keep=0, idle_s=3600.0, now=before + 60) == []
+    assert store.prune_spaces(keep=0, idle_s=3600.0, now=before + 7200) == ["old"]
+    store.close()
+    descriptors.DescriptorStore(path).close()  # opening a dated store changes nothing
+
+
+def test_embedding_dates_the_space(vpr: Vpr, corpus: Path, tmp_path: Path) -> None:
+    store = descriptors.DescriptorStore(tmp_path / "store.sqlite")
+    embed(vpr, corpus, store)
+    store.mark_used(vpr.space, 1.0)  # as if last used long ago
+    assert embed(vpr, corpus, store).generated == 0  # nothing to embed, still a use
+    assert store.prune_spaces(keep=0, idle_s=3600.0) == []
+    store.close()
+
+
 def test_store_never_serves_a_damaged_vector(vpr: Vpr, corpus: Path, tmp_path: Path) -> None:
     path = tmp_path / "store.sqlite"
     store = descriptors.DescriptorStore(path)

@@ -63,6 +63,11 @@ FLAT_CODES_MAX_BYTES = 2 << 30
 INDEX_FORMAT = 2
 
 BATCH_SIZE = 32
+# Descriptor spaces the store keeps however long unused (most recently used
+# first); beyond them, a space goes once unused for a week. A pruned space is
+# only work to redo: its tiles are embedded again by the next build that needs it.
+KEEP_SPACES = 4
+SPACE_IDLE_S = 7 * 24 * 3600.0
 # Rows per store lookup and per index chunk: bounds memory, amortizes queries.
 CHUNK_ROWS = 4096
 _NORM_TOLERANCE = 1e-3
@@ -166,6 +171,10 @@ class DescriptorStore:
     lose the last batches (they are recomputed), never corrupt the table.
     Vectors that are not finite and unit-length are treated as absent, never
     served.
+
+    Each descriptor space is dated when a build uses it, so that the vectors of
+    spaces nobody uses any more (an engine replaced, a preprocessing changed)
+    can go (:meth:`prune_spaces`).
     """
 
     def __init__(self, path: Path) -> None:
@@ -178,22 +187,35 @@ class DescriptorStore:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS spaces"
-                " (id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE)"
+                " (id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE, used REAL)"
             )
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS vectors (space INTEGER NOT NULL, tile BLOB NOT NULL,"
                 " vector BLOB NOT NULL, UNIQUE (space, tile))"
             )
             self._db.commit()
+            self._date_spaces()
         except sqlite3.Error as exc:
             self._db.close()
             raise DescriptorError(f"descriptor store {path}: {exc}") from exc
 
+    def _date_spaces(self) -> None:
+        """Give a store written before spaces were dated its ``used`` column; every
+        space it holds counts as used now."""
+        if any(row[1] == "used" for row in self._db.execute("PRAGMA table_info(spaces)")):
+            return
+        with self._db:
+            # The write lock first: another build may be opening this store too.
+            self._db.execute("BEGIN IMMEDIATE")
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(spaces)")}
+            if "used" not in columns:
+                self._db.execute("ALTER TABLE spaces ADD COLUMN used REAL")
+                self._db.execute("UPDATE spaces SET used = ?", (time.time(),))
+
     def _space_id(self, space: str, *, create: bool) -> int | None:
         if space not in self._spaces:
             if create:
-                with self._db:
-                    self._db.execute("INSERT OR IGNORE INTO spaces (key) VALUES (?)", (space,))
+                self.mark_used(space)
             row = self._db.execute("SELECT id FROM spaces WHERE key = ?", (space,)).fetchone()
             if row is None:
                 return None
@@ -263,6 +285,39 @@ class DescriptorStore:
                 "INSERT OR REPLACE INTO vectors VALUES (?, ?, ?)",
                 [(space_id, bytes.fromhex(sha), rows[i].tobytes()) for i, sha in enumerate(shas)],
             )
+
+    def mark_used(self, space: str, now: float | None = None) -> None:
+        """Date ``space`` as used now, creating it if it is new."""
+        with self._db:
+            self._db.execute(
+                "INSERT INTO spaces (key, used) VALUES (?1, ?2)"
+                " ON CONFLICT (key) DO UPDATE SET used = ?2",
+                (space, time.time() if now is None else now),
+            )
+
+    def prune_spaces(
+        self, *, keep: int = KEEP_SPACES, idle_s: float = SPACE_IDLE_S, now: float | None = None
+    ) -> list[str]:
+        """Delete every vector of the spaces that are neither among the ``keep`` most
+        recently used nor used in the last ``idle_s`` seconds; return their keys.
+
+        One transaction under the write lock, so a build that dates a space
+        meanwhile either keeps it or finds it gone and starts it afresh. The file
+        does not shrink: SQLite reuses the freed pages for new vectors.
+        """
+        now = time.time() if now is None else now
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            rows = self._db.execute(
+                "SELECT id, key, used FROM spaces ORDER BY used DESC NULLS LAST"
+            ).fetchall()
+            gone = [(i, key) for i, key, used in rows[keep:] if now - (used or 0.0) > idle_s]
+            for space_id, _ in gone:
+                self._db.execute("DELETE FROM vectors WHERE space = ?", (space_id,))
+                self._db.execute("DELETE FROM spaces WHERE id = ?", (space_id,))
+        for _, key in gone:
+            self._spaces.pop(key, None)
+        return [key for _, key in gone]
 
     def integrity_problems(self) -> list[str]:
         """SQLite's own check of the file; empty when the database is sound."""
@@ -446,6 +501,7 @@ def todo_batches(
     work (already stored, or the same bytes as a tile already queued). Local and
     distributed embedding cut batches here, so both run exactly the same batches.
     """
+    store.mark_used(space)  # a build of another cache must not prune it meanwhile
     seen: set[str] = set()  # tile digests already stored or queued in this run
     batch: list[Tile] = []
     for start in range(0, len(tiles), CHUNK_ROWS):
@@ -883,6 +939,19 @@ def embed_and_index(
             store.forget(space, exc.shas)
             continue
         return files, EmbedResult(generated, total - generated, ())
+
+
+def prune_store(path: Path) -> list[str]:
+    """Prune the descriptor store at ``path`` (see :meth:`DescriptorStore.prune_spaces`)."""
+    if not path.is_file():
+        return []
+    store = DescriptorStore(path)
+    try:
+        return store.prune_spaces()
+    except sqlite3.Error as exc:
+        raise DescriptorError(f"descriptor store {path}: {exc}") from exc
+    finally:
+        store.close()
 
 
 def read_index(index_path: Path) -> faiss.Index:

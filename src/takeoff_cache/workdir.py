@@ -34,6 +34,11 @@ PRUNE_AFTER_S = 3600.0
 INDEX_SUFFIXES = (".faiss", ".tiles.json")
 
 
+def store_path(work: Path) -> Path:
+    """The descriptor store, shared by every cache built with this work folder."""
+    return work / "descriptors.sqlite"
+
+
 def indexes_dir(work: Path) -> Path:
     return work / "indexes"
 
