@@ -116,6 +116,37 @@ def test_deleted_artifact_is_rebuilt_not_served_from_prefect_cache(
     verify_cache(demo.cache, load_trust_store(demo.trust))
 
 
+def test_an_index_taken_from_prefects_cache_dates_its_descriptor_space(
+    capsys: pytest.CaptureFixture[str], demo: Demo
+) -> None:
+    import time
+
+    from takeoff_cache.descriptors import DescriptorStore
+    from takeoff_cache.workdir import store_path
+
+    build(capsys, demo)
+    index = next(a for a in manifest_of(demo)["artifacts"] if a["kind"] == "faiss_index")
+    # Work to do, but the work folder's index is whole. The index's cache key needs
+    # its digest, so the first rebuild files it under that key and the second finds it.
+    (demo.cache / index["path"]).unlink()
+    build(capsys, demo)
+    (indexed,) = (demo.work / "indexes").glob("*.faiss")
+    inode = indexed.stat().st_ino
+    store = DescriptorStore(store_path(demo.work))
+    (space,) = (key for (key,) in store._db.execute("SELECT key FROM spaces"))
+    store.mark_used(space, 1.0)  # as if last used long ago
+    store.close()
+    (demo.cache / index["path"]).unlink()
+    before = time.time()
+    report = build(capsys, demo)
+    assert report["outcome"] == "success" and report["descriptors_reused"] == 80
+    assert indexed.stat().st_ino == inode  # taken from Prefect's cache, not written again
+    store = DescriptorStore(store_path(demo.work))
+    ((used,),) = store._db.execute("SELECT used FROM spaces WHERE key = ?", (space,))
+    store.close()
+    assert used >= before
+
+
 def test_corrupted_engine_is_recompiled_and_cache_verifies(
     capsys: pytest.CaptureFixture[str], demo: Demo
 ) -> None:
