@@ -235,6 +235,33 @@ def test_the_engine_runs_the_next_batch_while_the_last_one_is_stored(
     assert (result.generated, store.puts) == (80, 10)
 
 
+def test_a_few_tiles_to_embed_come_in_smaller_batches_and_a_cold_build_in_full_ones(
+    tmp_path: Path,
+) -> None:
+    import hashlib
+
+    from takeoff_cache.corpus import Tile
+
+    tiles = [Tile(16, i, 0, hashlib.sha256(str(i).encode()).hexdigest()) for i in range(5000)]
+    store = descriptors.DescriptorStore(tmp_path / "store.sqlite")
+
+    def sizes() -> list[int]:
+        batches = descriptors.todo_batches(tiles, store, "space", 32, lambda n: None)
+        return [len(batch) for batch in batches]
+
+    cold = sizes()
+    assert cold == [32] * (5000 // 32) + [5000 % 32]
+    # All but 51 stored, as after a 1% change: at least four batches, none under eight.
+    changed = set(range(0, 5000, 98))
+    kept = [t.sha256 for i, t in enumerate(tiles) if i not in changed]
+    store.put("space", kept, np.eye(4, dtype=np.float32)[np.arange(len(kept)) % 4])
+    rebuild = sizes()
+    store.close()
+    assert sum(rebuild) == len(changed) == 52
+    assert len(rebuild) >= 4 and max(rebuild) < 32
+    assert min(rebuild[:-1]) >= descriptors.MIN_BATCH
+
+
 def test_tiles_with_equal_bytes_are_embedded_once(vpr: Vpr, corpus: Path, tmp_path: Path) -> None:
     tiles = vpr.select(corpus).tiles
     with open_corpus(corpus) as c:

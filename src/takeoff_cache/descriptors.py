@@ -63,6 +63,13 @@ FLAT_CODES_MAX_BYTES = 2 << 30
 INDEX_FORMAT = 2
 
 BATCH_SIZE = 32
+# A lookup that finds only a few tiles to embed (a rebuild after a small change)
+# cuts them into at least SMALL_JOB_SPLIT batches of at least MIN_BATCH tiles:
+# the first decoded batch reaches the engine sooner, each engine stream gets
+# work, and a fresh engine's first run, which allocates its working memory,
+# is smaller. Inference costs the same per tile at these sizes.
+MIN_BATCH = 8
+SMALL_JOB_SPLIT = 4
 # Descriptor spaces the store keeps however long unused (most recently used
 # first); beyond them, a space goes once unused for a week. A pruned space is
 # only work to redo: its tiles are embedded again by the next build that needs it.
@@ -497,9 +504,11 @@ def todo_batches(
 ) -> Iterator[list[Tile]]:
     """Batches of tiles to embed, in tile order; stored and duplicate tiles are skipped.
 
-    ``skipped(n)`` hears of the ``n`` tiles of each looked-up chunk that need no
-    work (already stored, or the same bytes as a tile already queued). Local and
-    distributed embedding cut batches here, so both run exactly the same batches.
+    Batches hold ``batch_size`` tiles, or fewer where a looked-up chunk has only a
+    few tiles to embed (see :data:`MIN_BATCH`). ``skipped(n)`` hears of the ``n``
+    tiles of each looked-up chunk that need no work (already stored, or the same
+    bytes as a tile already queued). Local and distributed embedding cut batches
+    here, so both run exactly the same batches.
     """
     store.mark_used(space)  # a build of another cache must not prune it meanwhile
     seen: set[str] = set()  # tile digests already stored or queued in this run
@@ -511,18 +520,18 @@ def todo_batches(
         absent = store.missing(space, fresh)
         if stats is not None:
             stats.lookup_s += time.perf_counter() - t0
-        count = 0
+        todo: list[Tile] = []
         for tile in chunk:
-            if tile.sha256 in seen or tile.sha256 not in absent:
-                count += 1
-                seen.add(tile.sha256)
-                continue
+            if tile.sha256 not in seen and tile.sha256 in absent:
+                todo.append(tile)
             seen.add(tile.sha256)
+        size = min(batch_size, max(MIN_BATCH, -(-len(todo) // SMALL_JOB_SPLIT)))
+        for tile in todo:
             batch.append(tile)
-            if len(batch) == batch_size:
+            if len(batch) >= size:
                 yield batch
                 batch = []
-        skipped(count)
+        skipped(len(chunk) - len(todo))
     if batch:
         yield batch
 
