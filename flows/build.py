@@ -164,7 +164,7 @@ def build_cache(
             if dask_address:
                 spread = td.spread_descriptors(validated, selection, records, work, dask_address)
             embedded, index_described, index_staged = td.descriptors_phase(
-                validated, t.untracked(selection), records, work, staging
+                validated, selection, records, work, staging
             )
         # Descriptors embedded on the cluster were found stored by the phase itself.
         generated = embedded.generated + (spread.generated if spread else 0)

@@ -1,8 +1,9 @@
 """The descriptors phase: embed what the store lacks, then write the index.
 
 Imported by the flow only when a build has work to do (see :mod:`tasks.build`).
-The index is a cached task keyed on the descriptor key, the index files'
-paths and their digests (a missing or damaged file is a cache miss).
+The phase's task is cached, keyed on the descriptor key, the index files'
+paths and their digests (a missing or damaged file is a cache miss); staging
+its files for the cache happens around it, in the flow, on every build.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from uuid import UUID
 
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
 from takeoff_cache import artifacts, corpus, descriptors, scaleout
@@ -114,9 +114,11 @@ class _Progress:
         self._api.shutdown(wait=True)
 
 
+# One task for the whole phase: a nested task for the index would add a task
+# run's API round trips to every rebuild (~25 ms, a tenth of a small one).
 @task(
-    name="build-index",
-    task_run_name="build-index",
+    name="descriptors",
+    task_run_name="descriptors",
     cache_key_fn=_index_cache_key,
     persist_result=True,
 )
@@ -204,7 +206,6 @@ def prune_work_folder(work_dir: Path) -> None:
         descriptors.prune_store(store_path(work_dir))
 
 
-@task(name="descriptors", task_run_name="descriptors", cache_policy=NO_CACHE, persist_result=False)
 def descriptors_phase(
     validated: ValidatedRequest,
     selection: corpus.TileSelection,
@@ -212,6 +213,7 @@ def descriptors_phase(
     work_dir: Path,
     staging: Path,
 ) -> tuple[descriptors.EmbedResult, list[Artifact], list[str]]:
+    """Run (or take from Prefect's cache) the index task, then stage its files."""
     backbone, record, space = _place_recognition(validated, records)
     desc_key = descriptors.descriptor_key(space, selection.fingerprint)
     state = build_index(
