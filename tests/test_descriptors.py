@@ -262,6 +262,60 @@ def test_a_few_tiles_to_embed_come_in_smaller_batches_and_a_cold_build_in_full_o
     assert min(rebuild[:-1]) >= descriptors.MIN_BATCH
 
 
+class _CountingStore(descriptors.DescriptorStore):
+    """Counts the stored vectors asked for and the lookups that read none."""
+
+    rows_read = 0
+    lookups = 0
+
+    def vectors(
+        self, space: str, shas: Sequence[str], dim: int | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        self.rows_read += len(shas)
+        return super().vectors(space, shas, dim)
+
+    def missing(self, space: str, shas: Sequence[str]) -> set[str]:
+        self.lookups += 1
+        return super().missing(space, shas)
+
+
+def _index_and_vectors(
+    vpr: Vpr, corpus: Path, store: descriptors.DescriptorStore, out: Path, stem: str
+) -> np.ndarray:
+    files, _ = descriptors.embed_and_index(
+        vpr.select(corpus), corpus, vpr.run, vpr.backbone.input, vpr.space, store, out, stem
+    )
+    assert files is not None
+    index = faiss.read_index(files.index_path)
+    return cast(np.ndarray, index.reconstruct_n(0, index.ntotal))
+
+
+def test_a_rebuild_reads_each_stored_vector_once_and_writes_the_index_a_cold_build_would(
+    vpr: Vpr, corpus: Path, tmp_path: Path
+) -> None:
+    tiles = vpr.select(corpus).tiles
+    store = _CountingStore(tmp_path / "store.sqlite")
+    _index_and_vectors(vpr, corpus, store, tmp_path, "cold")
+    for tile in tiles[10:13]:
+        replace_tile_bytes(corpus, tile.z, tile.x, tile.y, other_jpeg(tile.z, tile.x, tile.y))
+    # Two more tiles take the bytes of a changed one: embedded once, indexed thrice.
+    with open_corpus(corpus) as c:
+        data = c.read(tiles[10].z, tiles[10].x, tiles[10].y)
+    for tile in tiles[40:42]:
+        replace_tile_bytes(corpus, tile.z, tile.x, tile.y, data)
+    store.rows_read = store.lookups = 0
+    rebuilt = _index_and_vectors(vpr, corpus, store, tmp_path, "rebuild")
+    # The lookup reads the 80 stored rows; the index reads back only the 5 embedded.
+    assert (store.rows_read, store.lookups) == (80 + 5, 0)
+    fresh = tmp_path / "fresh.sqlite"
+    cold = descriptors.DescriptorStore(fresh)
+    expected = _index_and_vectors(vpr, corpus, cold, tmp_path, "fresh")
+    cold.close()
+    store.close()
+    np.testing.assert_array_equal(rebuilt, expected)
+    np.testing.assert_array_equal(rebuilt[40:42], np.repeat(rebuilt[10:11], 2, axis=0))
+
+
 def test_tiles_with_equal_bytes_are_embedded_once(vpr: Vpr, corpus: Path, tmp_path: Path) -> None:
     tiles = vpr.select(corpus).tiles
     with open_corpus(corpus) as c:

@@ -43,7 +43,7 @@ from .canonical import content_key
 from .corpus import Corpus, Tile, TileSelection, open_corpus
 from .errors import CorpusError, DescriptorError, MissingDescriptorsError
 from .faults import checkpoint
-from .fsutil import fsync_dir, fsync_file, sha256_file
+from .fsutil import fsync_dir, fsync_file, sha256_file, sha256_stream
 from .preprocess import PREPROCESS_ID, Normalizer, decode_into
 from .workdir import index_files
 
@@ -373,6 +373,61 @@ class IndexFiles:
     recall_queries: int = 0
 
 
+class ExactRows:
+    """The rows of an exact index, filled in place as their vectors become known.
+
+    The lookup that decides which tiles to embed reads the stored vectors
+    straight into the index's own storage (:func:`todo_batches`), so writing
+    the index afterwards only reads the rows still unfilled: the embedded
+    ones. A rebuild walks the store once instead of twice, and copies no row
+    into the index. Rows are ``(n, dim)`` float32, allocated at the first
+    vector read (or by :meth:`allocate`).
+    """
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.index: faiss.Index | None = None
+        self.matrix: np.ndarray | None = None
+        self.filled = np.zeros(n, dtype=bool)
+
+    @property
+    def dim(self) -> int | None:
+        return None if self.matrix is None else int(self.matrix.shape[1])
+
+    def allocate(self, dim: int) -> None:
+        import faiss
+
+        index = faiss.IndexFlatIP(dim)
+        # The index's own storage, written through a view: no second copy of the rows.
+        index.codes.resize(self.n * dim * 4)
+        index.ntotal = self.n
+        self.matrix = faiss.rev_swig_ptr(index.get_xb(), self.n * dim).reshape(self.n, dim)
+        self.index = index
+
+    def fill(self, start: int, positions: np.ndarray, block: np.ndarray, ok: np.ndarray) -> None:
+        """Rows ``start + positions[i]`` take ``block[i]`` where ``ok[i]``."""
+        if self.matrix is None:
+            if not ok.any():
+                return
+            self.allocate(block.shape[1])
+        matrix = self.matrix
+        assert matrix is not None
+        if block.shape[1] != matrix.shape[1]:
+            return  # rows of another size are damaged: written later, or forgotten
+        rows = start + positions[ok]
+        matrix[rows] = block[ok]
+        self.filled[rows] = True
+
+    def read_stored(
+        self, store: DescriptorStore, space: str, start: int, chunk: Sequence[Tile]
+    ) -> set[str]:
+        """Fill the rows of ``chunk`` (from row ``start``) that the store holds whole;
+        return the digests of the others."""
+        block, ok = store.vectors(space, [t.sha256 for t in chunk], self.dim)
+        self.fill(start, np.arange(len(chunk)), block, ok)
+        return {t.sha256 for t, whole in zip(chunk, ok.tolist(), strict=True) if not whole}
+
+
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     vectors = np.asarray(vectors, dtype=np.float32)
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -501,14 +556,17 @@ def todo_batches(
     batch_size: int,
     skipped: Callable[[int], None],
     stats: EmbedStats | None = None,
+    rows: ExactRows | None = None,
 ) -> Iterator[list[Tile]]:
     """Batches of tiles to embed, in tile order; stored and duplicate tiles are skipped.
 
     Batches hold ``batch_size`` tiles, or fewer where a looked-up chunk has only a
     few tiles to embed (see :data:`MIN_BATCH`). ``skipped(n)`` hears of the ``n``
     tiles of each looked-up chunk that need no work (already stored, or the same
-    bytes as a tile already queued). Local and distributed embedding cut batches
-    here, so both run exactly the same batches.
+    bytes as a tile already queued). With ``rows``, each chunk is looked up by
+    reading its stored vectors into them (a damaged one counts as absent).
+    Local and distributed embedding cut batches here, so both run exactly the
+    same batches.
     """
     store.mark_used(space)  # a build of another cache must not prune it meanwhile
     seen: set[str] = set()  # tile digests already stored or queued in this run
@@ -516,8 +574,10 @@ def todo_batches(
     for start in range(0, len(tiles), CHUNK_ROWS):
         chunk = tiles[start : start + CHUNK_ROWS]
         t0 = time.perf_counter()
-        fresh = list({t.sha256 for t in chunk if t.sha256 not in seen})
-        absent = store.missing(space, fresh)
+        if rows is None:
+            absent = store.missing(space, list({t.sha256 for t in chunk if t.sha256 not in seen}))
+        else:
+            absent = rows.read_stored(store, space, start, chunk)
         if stats is not None:
             stats.lookup_s += time.perf_counter() - t0
         todo: list[Tile] = []
@@ -597,12 +657,14 @@ def embed_tiles(
     progress: Progress | None = None,
     stats: EmbedStats | None = None,
     streams: int = 1,
+    rows: ExactRows | None = None,
 ) -> EmbedResult:
     """Make sure the store holds a descriptor for every selected tile of ``space``.
 
     ``streams`` is how many ``run`` calls may be in flight at once: more than
     one only for an engine that runs concurrent calls in parallel (see
-    :attr:`Runner.streams`).
+    :attr:`Runner.streams`). ``rows``, if given, takes the vectors already
+    stored, read while the others are embedded.
 
     ``progress(done, total)`` is called with non-decreasing ``done`` (tiles
     settled: reused, embedded or found bad) after every batch.
@@ -632,7 +694,7 @@ def embed_tiles(
         ):
             decoding: deque[Future[_Decoded]] = deque()
             inferring: deque[tuple[_Decoded, Future[tuple[np.ndarray, float]] | None]] = deque()
-            batches = todo_batches(tiles, store, space, batch_size, tally.add, stats)
+            batches = todo_batches(tiles, store, space, batch_size, tally.add, stats, rows)
             for chunk in batches:
                 decoding.append(pool.submit(decoder, chunk))
                 if len(decoding) >= depth:
@@ -645,12 +707,12 @@ def embed_tiles(
                     t0 = time.perf_counter()
                     decoded = decoding.popleft().result()
                     stats.wait_s += time.perf_counter() - t0
-                    nxt = next(batches, None)
-                    if nxt is not None:
-                        decoding.append(pool.submit(decoder, nxt))
                     n = len(decoded.tiles)
                     job = engine.submit(infer, decoded.batch[:n]) if n else None
                     inferring.append((decoded, job))
+                    nxt = next(batches, None)
+                    if nxt is not None:
+                        decoding.append(pool.submit(decoder, nxt))
                 decoded, job = inferring.popleft()
                 stats.read_s += decoded.read_s
                 stats.decode_s += decoded.decode_s
@@ -829,6 +891,27 @@ def _missing(tiles: list[Tile]) -> MissingDescriptorsError:
     )
 
 
+def _exact_index(
+    tiles: Sequence[Tile], store: DescriptorStore, space: str, dim: int, rows: ExactRows | None
+) -> faiss.Index:
+    """``IndexFlatIP`` of every tile's stored vector: the rows not yet in ``rows`` are read."""
+    if rows is None or rows.dim is None:
+        rows = ExactRows(len(tiles))
+        rows.allocate(dim)
+    absent: list[Tile] = []
+    for start, stop in _chunks(len(tiles)):
+        unfilled = np.flatnonzero(~rows.filled[start:stop])
+        if not len(unfilled):
+            continue
+        block, ok = store.vectors(space, [tiles[start + int(i)].sha256 for i in unfilled], dim)
+        rows.fill(start, unfilled, block, ok)
+        absent += [tiles[start + int(i)] for i in unfilled[~ok]]
+    if absent:
+        raise _missing(absent)
+    assert rows.index is not None
+    return rows.index
+
+
 def write_index(
     selection: TileSelection,
     store: DescriptorStore,
@@ -838,34 +921,31 @@ def write_index(
     *,
     exact_max: int = EXACT_INDEX_MAX,
     seed: int = 0,
+    rows: ExactRows | None = None,
 ) -> IndexFiles:
     """Write ``<stem>.faiss`` and ``<stem>.tiles.json`` (row → tile) into ``out_dir``.
 
     Up to ``exact_max`` tiles the index is exact (``IndexFlatIP``); beyond, an
     IVF index whose recall@1 against exact search is measured and recorded.
+    ``rows`` are exact-index rows already read (see :class:`ExactRows`).
     """
     import faiss
 
     tiles = selection.tiles
     if not tiles:
         raise DescriptorError("descriptors: no tiles to index")
-    # The vector size: the most common whole size among the first few tiles' rows.
-    first, missing = _vectors(tiles[:_DIM_PROBE], store, space, None)
-    if len(missing) == len(first):
-        raise _missing(missing)
-    dim = first.shape[1]
     index_type, nprobe, recall, queries = "Flat", None, 1.0, 0
     try:
+        if rows is None or rows.dim is None:
+            # The vector size: the most common whole size among the first few tiles' rows.
+            first, missing = _vectors(tiles[:_DIM_PROBE], store, space, None)
+            if len(missing) == len(first):
+                raise _missing(missing)
+            dim = first.shape[1]
+        else:
+            dim = rows.dim
         if len(tiles) <= exact_max:
-            index: faiss.Index = faiss.IndexFlatIP(dim)
-            absent: list[Tile] = []
-            for start, stop in _chunks(len(tiles)):
-                block, missing = _vectors(tiles[start:stop], store, space, dim)
-                absent += missing
-                if not absent:
-                    index.add(block)
-            if absent:
-                raise _missing(absent)
+            index = _exact_index(tiles, store, space, dim, rows)
         else:
             index, index_type, nprobe, recall, queries = _approximate_index(
                 tiles, store, space, dim, seed
@@ -878,11 +958,17 @@ def write_index(
         out_dir.mkdir(parents=True, exist_ok=True)
         checkpoint("descriptors.index_write", tmp)
         faiss.write_index(index, str(tmp))
-        fsync_file(tmp)
-        checkpoint("descriptors.index_rename", index_path)
-        os.replace(tmp, index_path)
-        checkpoint("descriptors.map_write", map_path)
-        _write_tile_map(map_path, tiles)
+        # Hashed on another core while the index is synced and the tile map written:
+        # the digest is the longest step of writing a rebuild's index.
+        with open(tmp, "rb") as fh, ThreadPoolExecutor(1, "index-sha256") as hasher:
+            index_sha256 = hasher.submit(sha256_stream, fh)
+            fsync_file(tmp)
+            checkpoint("descriptors.index_rename", index_path)
+            os.replace(tmp, index_path)
+            checkpoint("descriptors.map_write", map_path)
+            _write_tile_map(map_path, tiles)
+            map_sha256 = sha256_file(map_path)
+            digest = index_sha256.result()
     except (RuntimeError, OSError) as exc:  # faiss reports I/O failures as RuntimeError
         raise DescriptorError(f"descriptors: cannot write index {index_path}: {exc}") from exc
     finally:
@@ -892,8 +978,8 @@ def write_index(
         str(map_path),
         dim,
         len(tiles),
-        sha256_file(index_path),
-        sha256_file(map_path),
+        digest,
+        map_sha256,
         index_type,
         nprobe,
         round(recall, 4),
@@ -923,6 +1009,7 @@ def embed_and_index(
     total = len(selection.tiles)
     generated = 0
     forgotten: set[str] = set()
+    rows = ExactRows(total) if total <= EXACT_INDEX_MAX else None
     while True:
         # A retry reports no progress: the bar already stands at the end.
         result = embed_tiles(
@@ -934,13 +1021,14 @@ def embed_and_index(
             store,
             progress=None if forgotten else progress,
             streams=streams,
+            rows=None if forgotten else rows,
         )
         generated += result.generated
         if result.bad_tiles:
             bad = result.bad_tiles
             return None, EmbedResult(generated, total - generated - len(bad), bad)
         try:
-            files = write_index(selection, store, space, out_dir, stem)
+            files = write_index(selection, store, space, out_dir, stem, rows=rows)
         except MissingDescriptorsError as exc:
             if forgotten.intersection(exc.shas):
                 raise  # embedded again and still not valid: the store is failing

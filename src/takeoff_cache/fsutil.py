@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 from .faults import checkpoint
 
@@ -13,10 +14,15 @@ _CHUNK = 1 << 20
 
 def sha256_file(path: Path) -> str:
     """Return the hex SHA-256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
+        return sha256_stream(fh)
+
+
+def sha256_stream(fh: BinaryIO) -> str:
+    """The hex SHA-256 of what is left to read of ``fh``, read in chunks."""
+    digest = hashlib.sha256()
+    while chunk := fh.read(_CHUNK):
+        digest.update(chunk)
     return digest.hexdigest()
 
 
