@@ -332,6 +332,27 @@ def test_tiles_with_equal_bytes_are_embedded_once(vpr: Vpr, corpus: Path, tmp_pa
     np.testing.assert_array_equal(vectors[1:], np.repeat(vectors[:1], 3, axis=0))
 
 
+def test_the_store_copies_its_log_into_its_file_while_it_is_still_read(tmp_path: Path) -> None:
+    import hashlib
+    import time
+
+    path = tmp_path / "store.sqlite"
+    store = descriptors.DescriptorStore(path)
+    digests = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(300)]
+    vectors = np.eye(336, dtype=np.float32)[:300]
+    store.put("space", digests, vectors)
+    before = path.stat().st_size  # the new rows are in the write-ahead log
+    store.checkpoint_behind()
+    deadline = time.monotonic() + 10
+    while path.stat().st_size < before + vectors.nbytes and time.monotonic() < deadline:
+        assert len(store.get("space", digests[:5], 336)) == 5  # reads go on meanwhile
+        time.sleep(0.01)
+    assert path.stat().st_size >= before + vectors.nbytes
+    got = store.get("space", digests, 336)
+    store.close()
+    assert len(got) == 300 and np.array_equal(got[digests[7]], vectors[7])
+
+
 def test_store_lookup_returns_exactly_the_absent_digests(tmp_path: Path) -> None:
     import hashlib
 
