@@ -346,33 +346,50 @@ def section_pipeline(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------- builds
 
 
+# Runs the CLI and, at exit, writes the process's own peak RSS (KiB) to argv[1]. The
+# figure wait4 gives is the largest of the child and every process it waited for, a
+# temporary Prefect server among them, which is not the build.
+_OWN_PEAK = """
+import atexit, resource, runpy, sys
+out = sys.argv.pop(1)
+atexit.register(
+    lambda: open(out, "w").write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+)
+runpy.run_module("takeoff_cache.cli", run_name="__main__", alter_sys=True)
+"""
+
+
 def build(demo: DemoInputs, work: Path, *extra: str) -> tuple[dict[str, Any], int]:
-    """One whole build in a child process; returns its report and peak RSS in KiB."""
+    """One whole build in a child process; returns its report and its own peak RSS in KiB."""
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "takeoff_cache.cli",
-        "build",
-        "--request",
-        str(demo.request),
-        "--work-dir",
-        str(work),
-        "--json",
-        *extra,
-    ]
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=ROOT)
-        # wait4 reports this child's own peak RSS, not the largest of all children so far.
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+    with (
+        tempfile.TemporaryFile() as out,
+        tempfile.TemporaryFile() as err,
+        tempfile.TemporaryDirectory() as scratch,
+    ):
+        peak_file = Path(scratch) / "peak-kib"
+        cmd = [
+            sys.executable,
+            "-c",
+            _OWN_PEAK,
+            str(peak_file),
+            "build",
+            "--request",
+            str(demo.request),
+            "--work-dir",
+            str(work),
+            "--json",
+            *extra,
+        ]
+        proc = subprocess.run(cmd, stdout=out, stderr=err, env=env, cwd=ROOT, check=False)
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read().decode(), err.read().decode()
-    if proc.returncode not in (0, 3):
-        raise SystemExit(f"build failed ({proc.returncode}): {stderr.strip()}")
-    return json.loads(stdout), int(usage.ru_maxrss)
+        if proc.returncode not in (0, 3):
+            raise SystemExit(f"build failed ({proc.returncode}): {stderr.strip()}")
+        peak_kib = int(peak_file.read_text())
+    return json.loads(stdout), peak_kib
 
 
 def fresh_cache(demo: DemoInputs) -> None:
