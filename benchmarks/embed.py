@@ -347,8 +347,8 @@ def section_pipeline(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
 
 
 # Runs the CLI and, at exit, writes the process's own peak RSS (KiB) to argv[1]. The
-# figure wait4 gives is the largest of the child and every process it waited for, a
-# temporary Prefect server among them, which is not the build.
+# figure wait4 gives is the largest of the child and every descendant it waited for,
+# which is not the build's own.
 _OWN_PEAK = """
 import atexit, resource, runpy, sys
 out = sys.argv.pop(1)
