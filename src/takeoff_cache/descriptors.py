@@ -695,7 +695,7 @@ def embed_tiles(
     ``streams`` is how many ``run`` calls may be in flight at once: more than
     one only for an engine that runs concurrent calls in parallel (see
     :attr:`Runner.streams`). ``rows``, if given, takes the vectors already
-    stored, read while the others are embedded.
+    stored, read by the lookup (see :func:`todo_batches`).
 
     ``progress(done, total)`` is called with non-decreasing ``done`` (tiles
     settled: reused, embedded or found bad) after every batch.
