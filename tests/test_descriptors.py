@@ -269,10 +269,14 @@ class _CountingStore(descriptors.DescriptorStore):
     lookups = 0
 
     def vectors(
-        self, space: str, shas: Sequence[str], dim: int | None
+        self,
+        space: str,
+        shas: Sequence[str],
+        dim: int | None,
+        out: Callable[[int], np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         self.rows_read += len(shas)
-        return super().vectors(space, shas, dim)
+        return super().vectors(space, shas, dim, out)
 
     def missing(self, space: str, shas: Sequence[str]) -> set[str]:
         self.lookups += 1
@@ -368,6 +372,35 @@ def test_store_lookup_returns_exactly_the_absent_digests(tmp_path: Path) -> None
     assert store.missing("space-c", digests[:5]) == set(digests[:5])
     assert store.missing("space-a", []) == set()
     assert store.have("space-a", digests[2990:3010]) == set(digests[2990:3000])
+    store.close()
+
+
+def test_stored_vectors_are_read_straight_into_the_rows_given(tmp_path: Path) -> None:
+    store = descriptors.DescriptorStore(tmp_path / "store.sqlite")
+    digests = _digests("row", 5)
+    store.put("space", digests[:4], np.eye(4, dtype=np.float32))
+    db = sqlite3.connect(tmp_path / "store.sqlite")
+    with db:  # a row of another size: damaged
+        db.execute(
+            "UPDATE vectors SET vector = ? WHERE tile = ?", (b"\0" * 12, bytes.fromhex(digests[3]))
+        )
+    db.close()
+    storage = np.zeros((7, 4), dtype=np.float32)
+    asked: list[int] = []
+
+    def rows(dim: int) -> np.ndarray:
+        asked.append(dim)
+        return storage[2:7]
+
+    matrix, ok = store.vectors("space", digests[::-1], None, rows)
+    assert asked == [4] and np.shares_memory(matrix, storage)
+    assert ok.tolist() == [False, False, True, True, True]
+    np.testing.assert_array_equal(storage[2:4], 0.0)  # absent, damaged
+    np.testing.assert_array_equal(storage[4:7], np.eye(4, dtype=np.float32)[2::-1])
+    np.testing.assert_array_equal(storage[:2], 0.0)  # outside the rows given
+    # Nothing whole to read: no rows are asked for.
+    _, ok = store.vectors("space", digests[3:], 4, rows)
+    assert asked == [4] and not ok.any()
     store.close()
 
 

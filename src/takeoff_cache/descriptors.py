@@ -118,30 +118,33 @@ def descriptor_key(space: str, fingerprint: str) -> str:
 
 
 def _valid_rows(
-    n: int, found: list[tuple[int, bytes]], dim: int | None
+    n: int,
+    found: list[tuple[int, bytes]],
+    dim: int | None,
+    out: Callable[[int], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Stored rows ``(position, bytes)`` as an ``(n, dim)`` matrix, and which rows hold a
     whole vector: ``dim`` float32 values (by default the most common size), finite and
-    unit length. Other rows, and positions not found, are zeros. Checked for a whole
-    chunk at once."""
+    unit length. Rows not valid are zeros. Checked for a whole chunk at once.
+
+    ``out(dim)``, if given, returns the zeroed ``(n, dim)`` float32 array to fill (a slice
+    of an index's storage, say); it is called only if some row is whole.
+    """
     if dim is None:
         sizes = Counter(len(b) for _, b in found if type(b) is bytes and b and len(b) % 4 == 0)
         dim = max((count, size) for size, count in sizes.items())[1] // 4 if sizes else 0
     size = 4 * dim
-    whole = [(i, b) for i, b in found if type(b) is bytes and len(b) == size]
+    whole = [i for i, b in found if type(b) is bytes and len(b) == size]
     ok = np.zeros(n, dtype=bool)
     if not dim or not whole:
         return np.zeros((n, dim), dtype=np.float32), ok
-    rows = np.fromiter((i for i, _ in whole), dtype=np.intp, count=len(whole))
-    # bytearray: a writable buffer, so the matrix needs no copy of its own.
-    block = np.frombuffer(bytearray().join(b for _, b in whole), dtype=np.float32)
-    block = block.reshape(-1, dim)
-    if len(whole) == n and np.array_equal(rows, np.arange(n)):
-        matrix = block  # every row, in order: the usual case
-    else:
-        matrix = np.zeros((n, dim), dtype=np.float32)
-        matrix[rows] = block
-    ok[rows] = True
+    matrix = out(dim) if out is not None else np.zeros((n, dim), dtype=np.float32)
+    # Each blob is copied once, straight into its row: no joined copy of the chunk.
+    view = matrix.data.cast("B")
+    for i, b in found:
+        if type(b) is bytes and len(b) == size:
+            view[i * size : (i + 1) * size] = b
+    ok[whole] = True
     with np.errstate(over="ignore", invalid="ignore"):
         norms = np.einsum("ij,ij->i", matrix, matrix)
     ok &= np.isfinite(norms) & (np.abs(norms - 1.0) <= 2 * _NORM_TOLERANCE)
@@ -232,19 +235,24 @@ class DescriptorStore:
         return self._spaces[space]
 
     def vectors(
-        self, space: str, shas: Sequence[str], dim: int | None
+        self,
+        space: str,
+        shas: Sequence[str],
+        dim: int | None,
+        out: Callable[[int], np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Row i: the stored vector of ``shas[i]``; and which rows are valid (others are zeros).
 
         One query per call, rows in the given order: call it per chunk, never
-        for a whole corpus.
+        for a whole corpus. ``out(dim)``, if given, returns the zeroed array the
+        rows are read into (see :func:`_valid_rows`).
         """
         space_id = self._space_id(space, create=False)
         if space_id is None or not shas:
             return np.zeros((len(shas), dim or 0), dtype=np.float32), np.zeros(len(shas), bool)
         packed = bytes.fromhex("".join(shas))
         found = self._db.execute(_FOUND_SQL, (packed, space_id)).fetchall()
-        return _valid_rows(len(shas), found, dim)
+        return _valid_rows(len(shas), found, dim, out)
 
     def get(self, space: str, shas: Sequence[str], dim: int | None) -> dict[str, np.ndarray]:
         matrix, ok = self.vectors(space, shas, dim)
@@ -453,9 +461,16 @@ class ExactRows:
         self, store: DescriptorStore, space: str, start: int, chunk: Sequence[Tile]
     ) -> set[str]:
         """Fill the rows of ``chunk`` (from row ``start``) that the store holds whole;
-        return the digests of the others."""
-        block, ok = store.vectors(space, [t.sha256 for t in chunk], self.dim)
-        self.fill(start, np.arange(len(chunk)), block, ok)
+        return the digests of the others. The store writes them in place."""
+
+        def rows(dim: int) -> np.ndarray:
+            if self.matrix is None:
+                self.allocate(dim)
+            assert self.matrix is not None
+            return self.matrix[start : start + len(chunk)]
+
+        _, ok = store.vectors(space, [t.sha256 for t in chunk], self.dim, rows)
+        self.filled[start : start + len(chunk)] |= ok
         return {t.sha256 for t, whole in zip(chunk, ok.tolist(), strict=True) if not whole}
 
 
