@@ -21,6 +21,8 @@ from uuid import UUID
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
+from prefect.results import get_result_store
+from prefect.transactions import get_transaction
 
 from takeoff_cache import artifacts, corpus, descriptors, scaleout
 from takeoff_cache.backbones import Backbone
@@ -54,14 +56,48 @@ def _index_stem(backbone: str, desc_key: str) -> str:
     return f"{backbone}.{desc_key[:12]}"
 
 
+def _index_paths(work_dir: str, backbone: Backbone, desc_key: str) -> list[Path]:
+    stem = _index_stem(backbone.name, desc_key)
+    return [p.resolve() for p in index_files(indexes_dir(Path(work_dir)), stem)]
+
+
+def _index_key(desc_key: str, paths: list[Path], digests: list[str]) -> str:
+    # The result names the files, so their paths and digests are part of the key:
+    # a file changed or gone since is a cache miss.
+    return content_key(["index", desc_key, [str(p) for p in paths], digests])
+
+
 def _index_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
     desc_key = parameters["desc_key"]
-    stem = _index_stem(parameters["backbone"].name, desc_key)
-    files = [p.resolve() for p in index_files(indexes_dir(Path(parameters["work_dir"])), stem)]
-    if not all(path.is_file() for path in files):
+    paths = _index_paths(parameters["work_dir"], parameters["backbone"], desc_key)
+    if not all(path.is_file() for path in paths):
         return None
-    digests = [sha256_file(path) for path in files]
-    return content_key(["index", desc_key, [str(p) for p in files], digests])
+    return _index_key(desc_key, paths, [sha256_file(path) for path in paths])
+
+
+def _file_for_the_next_build(
+    work_dir: str,
+    backbone: Backbone,
+    desc_key: str,
+    files: descriptors.IndexFiles,
+    result: descriptors.EmbedResult,
+) -> None:
+    """File this run's result under the key the next build will compute from the files
+    just written.
+
+    This run's own key was computed before they were written (None when they did not
+    exist yet), so without this only the second build after it would find the index
+    in Prefect's cache. The cache is only an accelerator: a store that refuses is no
+    reason to fail the build.
+    """
+    key = _index_key(
+        desc_key, _index_paths(work_dir, backbone, desc_key), [files.index_sha256, files.map_sha256]
+    )
+    txn = get_transaction()
+    if txn is not None and txn.key == key:
+        return  # Prefect files it under this very key when the run commits
+    with contextlib.suppress(OSError):
+        get_result_store().write(obj=(files, result), key=key)
 
 
 class _Progress:
@@ -151,6 +187,7 @@ def build_index(
         if files is None:
             # Raised, not returned: Prefect never caches a failed run.
             raise BadTilesError(list(result.bad_tiles), result.generated, result.reused)
+        _file_for_the_next_build(work_dir, backbone, desc_key, files, result)
         return files, result
     finally:
         progress.close()
