@@ -210,9 +210,7 @@ def build_cache(
             held.release()
 
 
-def _finish(
-    report: BuildReport, started: float, cache_root: str | None
-) -> dict[str, Any] | State:
+def _finish(report: BuildReport, started: float, cache_root: str | None) -> dict[str, Any] | State:
     report.elapsed_s = round(time.perf_counter() - started, 4)
     # Submitted, not awaited: the artifact is written while the run winds down
     # (the flow's task runner waits for it before the run ends). A lost UI

@@ -65,8 +65,9 @@ def test_changed_weights_under_the_same_name_force_a_rebuild(demo: Demo) -> None
     assert after.key != before.key and after.file_name != before.file_name
 
 
-def test_another_host_identity_forces_a_rebuild(demo: Demo,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_another_host_identity_forces_a_rebuild(
+    demo: Demo, monkeypatch: pytest.MonkeyPatch
+) -> None:
     backend = CountingBackend()
     here = ensure_engine(vpr(demo), backend, "fp32", None, None, demo.work)
     monkeypatch.setenv(OVERRIDE_ENV, json.dumps({"cpu": {"arch": "aarch64", "isa": ["asimd"]}}))
@@ -83,8 +84,9 @@ def test_new_backend_version_forces_a_rebuild(demo: Demo, monkeypatch: pytest.Mo
     assert new.built and new.key != old.key
 
 
-def test_damaged_engine_is_rebuilt_and_never_loaded(demo: Demo,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_damaged_engine_is_rebuilt_and_never_loaded(
+    demo: Demo, monkeypatch: pytest.MonkeyPatch
+) -> None:
     backend = CountingBackend()
     record = ensure_engine(vpr(demo), backend, "fp32", None, None, demo.work)
     path = Path(record.store_path)
@@ -93,8 +95,9 @@ def test_damaged_engine_is_rebuilt_and_never_loaded(demo: Demo,
     path.write_bytes(bytes(data))
     assert lookup_engine(path, record.key) is None
     loaded: list[Path] = []
-    monkeypatch.setattr(CountingBackend, "load",
-                        lambda self, p, *a: loaded.append(p))  # would show a stale load
+    monkeypatch.setattr(
+        CountingBackend, "load", lambda self, p, *a: loaded.append(p)
+    )  # would show a stale load
     again = ensure_engine(vpr(demo), backend, "fp32", None, None, demo.work)
     assert again.built and backend.compiles == 2
     assert loaded == []
@@ -105,11 +108,14 @@ def broken_model(path: Path) -> None:
     """Valid protobuf with the declared input/output, but an operator no runtime has."""
     node = helper.make_node("NoSuchOperator", ["image"], ["descriptor"], domain="ai.example")
     graph = helper.make_graph(
-        [node], "broken",
+        [node],
+        "broken",
         [helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, ["N", 3, 128, 128])],
-        [helper.make_tensor_value_info("descriptor", onnx.TensorProto.FLOAT, ["N", 8])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                    helper.make_opsetid("ai.example", 1)])
+        [helper.make_tensor_value_info("descriptor", onnx.TensorProto.FLOAT, ["N", 8])],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.example", 1)]
+    )
     onnx.save(model, str(path))
 
 
@@ -128,8 +134,9 @@ def test_int8_engine_needs_a_calibration_file(demo: Demo) -> None:
 
 @pytest.mark.usefixtures("prefect_harness")
 class TestThroughTheBuild:
-    def test_changed_weights_rebuild_only_that_engine(self, capsys: pytest.CaptureFixture[str],
-                                                      demo: Demo) -> None:
+    def test_changed_weights_rebuild_only_that_engine(
+        self, capsys: pytest.CaptureFixture[str], demo: Demo
+    ) -> None:
         assert run_cli(capsys, *demo.build_args()).code == 0
         change_weights(demo.root / "models" / "vpr.onnx")
         result = run_cli(capsys, *demo.build_args("--json"))
@@ -140,8 +147,8 @@ class TestThroughTheBuild:
         verify_cache(demo.cache, load_trust_store(demo.trust))
 
     def test_host_identity_is_recorded_and_another_host_rebuilds(
-            self, capsys: pytest.CaptureFixture[str], demo: Demo,
-            monkeypatch: pytest.MonkeyPatch) -> None:
+        self, capsys: pytest.CaptureFixture[str], demo: Demo, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         assert run_cli(capsys, *demo.build_args()).code == 0
         signed = json.loads((demo.cache / "Manifest.json").read_text())["signed"]
         assert signed["host"]["backend"] == "onnxruntime"
@@ -151,12 +158,14 @@ class TestThroughTheBuild:
         assert result.json()["engines_built"] == 2
         # The cache now holds engines for the simulated host, which this host refuses.
         monkeypatch.delenv(OVERRIDE_ENV)
-        check = run_cli(capsys, "verify", str(demo.cache), "--trust", str(demo.trust),
-                        "--host-check")
+        check = run_cli(
+            capsys, "verify", str(demo.cache), "--trust", str(demo.trust), "--host-check"
+        )
         assert check.code == 7 and "another host" in check.err
 
     def test_failed_compile_exits_8_naming_backbone_and_keeps_cache(
-            self, capsys: pytest.CaptureFixture[str], demo: Demo) -> None:
+        self, capsys: pytest.CaptureFixture[str], demo: Demo
+    ) -> None:
         assert run_cli(capsys, *demo.build_args()).code == 0
         before = (demo.cache / "Manifest.json").read_bytes()
         broken_model(demo.root / "models" / "keypoints.onnx")
@@ -168,14 +177,24 @@ class TestThroughTheBuild:
         assert not (demo.cache / ".staging").exists()
         verify_cache(demo.cache, load_trust_store(demo.trust))
 
-    def test_int8_build_records_drift_and_calibration(self, capsys: pytest.CaptureFixture[str],
-                                                      demo: Demo) -> None:
+    def test_int8_build_records_drift_and_calibration(
+        self, capsys: pytest.CaptureFixture[str], demo: Demo
+    ) -> None:
         calib = demo.root / "calib.npz"
-        made = run_cli(capsys, "calibrate", "--request", str(demo.request), "--out", str(calib),
-                       "--tiles", "24")
+        made = run_cli(
+            capsys,
+            "calibrate",
+            "--request",
+            str(demo.request),
+            "--out",
+            str(calib),
+            "--tiles",
+            "24",
+        )
         assert made.code == 0, made.err
-        result = run_cli(capsys, *demo.build_args("--precision", "int8", "--calibration",
-                                                  str(calib), "--json"))
+        result = run_cli(
+            capsys, *demo.build_args("--precision", "int8", "--calibration", str(calib), "--json")
+        )
         assert result.code == 0, result.err
         drift = result.json()["precision_drift"]["vpr"]
         assert 0.5 < drift <= 1.0
@@ -185,13 +204,16 @@ class TestThroughTheBuild:
         assert all(a["precision"] == "int8" for a in signed["artifacts"] if a["kind"] == "engine")
         verify_cache(demo.cache, load_trust_store(demo.trust))
 
-    @pytest.mark.parametrize(("flags", "words"), [
-        (["--precision", "fp16"], ["precision", "fp16"]),
-        (["--precision", "int8", "--calibration", "backbones.toml"], ["calibration"]),
-    ])
+    @pytest.mark.parametrize(
+        ("flags", "words"),
+        [
+            (["--precision", "fp16"], ["precision", "fp16"]),
+            (["--precision", "int8", "--calibration", "backbones.toml"], ["calibration"]),
+        ],
+    )
     def test_unsupported_precision_or_calibration_is_refused(
-            self, capsys: pytest.CaptureFixture[str], demo: Demo, flags: list[str],
-            words: list[str]) -> None:
+        self, capsys: pytest.CaptureFixture[str], demo: Demo, flags: list[str], words: list[str]
+    ) -> None:
         flags = [str(demo.root / f) if f.endswith(".toml") else f for f in flags]
         result = run_cli(capsys, *demo.build_args(*flags))
         assert result.code == 2, result.err
@@ -199,8 +221,9 @@ class TestThroughTheBuild:
         assert list(demo.cache.iterdir()) == []
 
 
-def test_compile_engines_writes_only_the_work_folder(capsys: pytest.CaptureFixture[str],
-                                                     demo: Demo) -> None:
+def test_compile_engines_writes_only_the_work_folder(
+    capsys: pytest.CaptureFixture[str], demo: Demo
+) -> None:
     args = ["compile-engines", "--request", str(demo.request), "--work-dir", str(demo.work)]
     first = run_cli(capsys, *args)
     assert first.code == 0, first.err
@@ -211,14 +234,18 @@ def test_compile_engines_writes_only_the_work_folder(capsys: pytest.CaptureFixtu
 
 
 @pytest.mark.usefixtures("prefect_harness")
-def test_two_caches_share_the_engine_store(capsys: pytest.CaptureFixture[str], demo: Demo,
-                                           tmp_path: Path) -> None:
-    assert run_cli(capsys, "compile-engines", "--request", str(demo.request), "--work-dir",
-                   str(demo.work)).code == 0
+def test_two_caches_share_the_engine_store(
+    capsys: pytest.CaptureFixture[str], demo: Demo, tmp_path: Path
+) -> None:
+    assert (
+        run_cli(
+            capsys, "compile-engines", "--request", str(demo.request), "--work-dir", str(demo.work)
+        ).code
+        == 0
+    )
     other = tmp_path / "other-cache"
     other.mkdir()
-    result = run_cli(capsys, *demo.build_args("--cache-root", str(other), "--zoom", "16",
-                                              "--json"))
+    result = run_cli(capsys, *demo.build_args("--cache-root", str(other), "--zoom", "16", "--json"))
     assert result.code == 0, result.err
     assert (result.json()["engines_built"], result.json()["engines_reused"]) == (0, 2)
 
@@ -226,10 +253,12 @@ def test_two_caches_share_the_engine_store(capsys: pytest.CaptureFixture[str], d
 @pytest.mark.gpu
 @pytest.mark.usefixtures("prefect_harness")
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_tensorrt_engines_build_and_compute_descriptors(capsys: pytest.CaptureFixture[str],
-                                                        demo: Demo, precision: str) -> None:
-    result = run_cli(capsys, *demo.build_args("--backend", "tensorrt", "--precision", precision,
-                                              "--json"))
+def test_tensorrt_engines_build_and_compute_descriptors(
+    capsys: pytest.CaptureFixture[str], demo: Demo, precision: str
+) -> None:
+    result = run_cli(
+        capsys, *demo.build_args("--backend", "tensorrt", "--precision", precision, "--json")
+    )
     assert result.code == 0, result.err
     signed = json.loads((demo.cache / "Manifest.json").read_text())["signed"]
     assert signed["host"]["backend"] == "tensorrt" and signed["host"]["compute_capability"]
@@ -256,19 +285,25 @@ def test_tensorrt_descriptors_match_onnxruntime(demo: Demo) -> None:
 @pytest.mark.parametrize(
     ("edit", "words"),
     [
-        (lambda t: t.replace('role = "local_features"', 'role = "detector"'),
-         ["'keypoints'", "role"]),
-        (lambda t: t.replace('models/keypoints.onnx', 'models/missing.onnx'),
-         ["'keypoints'", "onnx", "does not exist"]),
-        (lambda t: t.replace('role = "local_features"', 'role = "place_recognition"'),
-         ["exactly one place_recognition"]),
-        (lambda t: t.replace('output = "descriptor"', 'output = "features"'),
-         ["'vpr'", "output"]),
+        (
+            lambda t: t.replace('role = "local_features"', 'role = "detector"'),
+            ["'keypoints'", "role"],
+        ),
+        (
+            lambda t: t.replace("models/keypoints.onnx", "models/missing.onnx"),
+            ["'keypoints'", "onnx", "does not exist"],
+        ),
+        (
+            lambda t: t.replace('role = "local_features"', 'role = "place_recognition"'),
+            ["exactly one place_recognition"],
+        ),
+        (lambda t: t.replace('output = "descriptor"', 'output = "features"'), ["'vpr'", "output"]),
         (lambda t: t.replace("size = 128", "size = 96", 1), ["'vpr'", "input"]),
     ],
 )
 def test_bad_backbones_file_is_refused_before_any_work(
-        capsys: pytest.CaptureFixture[str], demo: Demo, edit, words: list[str]) -> None:  # type: ignore[no-untyped-def]
+    capsys: pytest.CaptureFixture[str], demo: Demo, edit, words: list[str]
+) -> None:  # type: ignore[no-untyped-def]
     path = demo.root / "backbones.toml"
     path.write_text(edit(path.read_text()))
     result = run_cli(capsys, *demo.build_args())

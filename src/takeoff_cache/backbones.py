@@ -225,9 +225,7 @@ def load_backbones(path: Path, checked: Path | None = None) -> tuple[Backbone, .
             f"backbones: exactly one place_recognition backbone is required,"
             f" found {len(named)} ({', '.join(named)})"
         )
-    backbones = tuple(
-        _parse_entry(i, raw, path.parent, checked) for i, raw in enumerate(entries)
-    )
+    backbones = tuple(_parse_entry(i, raw, path.parent, checked) for i, raw in enumerate(entries))
     names = [b.name for b in backbones]
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
