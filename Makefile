@@ -24,6 +24,7 @@ demo: venv
 
 lint: venv
 	$(BIN)/ruff check src tasks flows tests benchmarks scripts
+	$(BIN)/ruff format --check src tasks flows tests benchmarks scripts
 
 typecheck: venv
 	$(BIN)/mypy
