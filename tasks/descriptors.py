@@ -2,8 +2,10 @@
 
 Imported by the flow only when a build has work to do (see :mod:`tasks.build`).
 The phase's task is cached, keyed on the descriptor key, the index files'
-paths and their digests (a missing or damaged file is a cache miss); staging
-its files for the cache happens around it, in the flow, on every build.
+paths and their digests (a missing or damaged file is a cache miss); a run
+files its result under the key of the files it wrote, so the next build that
+needs them finds it. Staging the files for the cache happens around the task,
+in the flow, on every build.
 """
 
 from __future__ import annotations
