@@ -10,6 +10,7 @@ re-run needs none of them.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import Any, cast
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.results import get_result_store
+from prefect.transactions import get_transaction
 from prefect.utilities.annotations import quote
 
 from takeoff_cache import (
@@ -47,6 +50,23 @@ def lock(validated: ValidatedRequest) -> lock_mod.BuildLock:
     # A build killed mid-commit left staging behind; settle it before reading the cache.
     commit.recover(validated.request.cache_root, validated.trusted)
     return held
+
+
+def file_for_the_next_build(key: str, result: object) -> None:
+    """File a cached task's ``result`` in Prefect's result store under ``key``: the
+    cache key the next run will compute from the files this run has just written.
+
+    Such a key holds the files' digests, so the run's own key was computed before
+    they were written (None when they did not exist yet); without this, only the
+    second run after them would find the result cached. Nothing is done when the
+    run's own key is already ``key`` (Prefect files it when the run commits). The
+    cache is only an accelerator: a store that refuses is no reason to fail a build.
+    """
+    transaction = get_transaction()
+    if transaction is not None and transaction.key == key:
+        return
+    with contextlib.suppress(OSError):
+        get_result_store().write(obj=result, key=key)
 
 
 def untracked(selection: corpus.TileSelection) -> corpus.TileSelection:

@@ -23,8 +23,6 @@ from uuid import UUID
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
-from prefect.results import get_result_store
-from prefect.transactions import get_transaction
 
 from takeoff_cache import artifacts, corpus, descriptors, scaleout
 from takeoff_cache.backbones import Backbone
@@ -41,7 +39,7 @@ from takeoff_cache.workdir import (
     store_path,
     touch_index,
 )
-from tasks.build import artifact_key, untracked
+from tasks.build import artifact_key, file_for_the_next_build, untracked
 from tasks.engines import place_recognition_engine
 from tasks.scaleout import embed_on_dask
 
@@ -75,31 +73,6 @@ def _index_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str
     if not all(path.is_file() for path in paths):
         return None
     return _index_key(desc_key, paths, [sha256_file(path) for path in paths])
-
-
-def _file_for_the_next_build(
-    work_dir: str,
-    backbone: Backbone,
-    desc_key: str,
-    files: descriptors.IndexFiles,
-    result: descriptors.EmbedResult,
-) -> None:
-    """File this run's result under the key the next build will compute from the files
-    just written.
-
-    This run's own key was computed before they were written (None when they did not
-    exist yet), so without this only the second build after it would find the index
-    in Prefect's cache. The cache is only an accelerator: a store that refuses is no
-    reason to fail the build.
-    """
-    key = _index_key(
-        desc_key, _index_paths(work_dir, backbone, desc_key), [files.index_sha256, files.map_sha256]
-    )
-    txn = get_transaction()
-    if txn is not None and txn.key == key:
-        return  # Prefect files it under this very key when the run commits
-    with contextlib.suppress(OSError):
-        get_result_store().write(obj=(files, result), key=key)
 
 
 class _Progress:
@@ -189,7 +162,9 @@ def build_index(
         if files is None:
             # Raised, not returned: Prefect never caches a failed run.
             raise BadTilesError(list(result.bad_tiles), result.generated, result.reused)
-        _file_for_the_next_build(work_dir, backbone, desc_key, files, result)
+        digests = [files.index_sha256, files.map_sha256]
+        paths = _index_paths(work_dir, backbone, desc_key)
+        file_for_the_next_build(_index_key(desc_key, paths, digests), (files, result))
         return files, result
     finally:
         progress.close()

@@ -4,7 +4,8 @@ Imported by the flow only when a build has work to do (see :mod:`tasks.build`).
 Compiled engines are cached tasks keyed on the engine key, the stored file's
 path and its digest: while the file is missing the key is None (run, cache
 nothing), so deleting or damaging an engine turns the next run into a cache
-miss, never into a cache that fails ``verify``.
+miss, never into a cache that fails ``verify``. A run files its record under
+the key of the engine it stored, so the next build finds it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from takeoff_cache.engines.store import (
 )
 from takeoff_cache.manifest import Artifact
 from takeoff_cache.validate import ValidatedRequest
+from tasks.build import file_for_the_next_build
 
 
 def _engine_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
@@ -51,8 +53,12 @@ def _engine_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> st
         # Nothing intact to point at: run, and cache nothing under a key that a
         # later deletion would make stale.
         return None
+    return _engine_result_key(key, path, found[0])
+
+
+def _engine_result_key(key: str, path: Path, sha256: str) -> str:
     # The result names the stored file, so its path is part of the key too.
-    return content_key(["engine", key, str(path.resolve()), found[0]])
+    return content_key(["engine", key, str(path.resolve()), sha256])
 
 
 @task(
@@ -69,7 +75,7 @@ def compile_engine(
     calibration_sha256: str | None,
     work_dir: str,
 ) -> EngineRecord:
-    return ensure_engine(
+    record = ensure_engine(
         backbone,
         get_backend(backend_name),
         precision,
@@ -77,6 +83,10 @@ def compile_engine(
         calibration_sha256,
         Path(work_dir),
     )
+    # The next build's key is computed from the stored engine: it finds this record.
+    key = _engine_result_key(record.key, Path(record.store_path), record.sha256)
+    file_for_the_next_build(key, record)
+    return record
 
 
 @task(name="engines", task_run_name="engines", cache_policy=NO_CACHE, persist_result=False)

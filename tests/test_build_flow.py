@@ -149,6 +149,28 @@ def test_an_index_taken_from_prefects_cache_dates_its_descriptor_space(
     assert used >= before
 
 
+def test_the_build_after_a_cold_one_takes_the_engines_from_prefects_cache(
+    capsys: pytest.CaptureFixture[str], demo: Demo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from takeoff_cache.engines import store as engine_store
+
+    build(capsys, demo)
+    hashed: list[str] = []
+    real = engine_store.sha256_file
+
+    def counting(path: Path) -> str:
+        hashed.append(Path(path).name)
+        return real(path)
+
+    monkeypatch.setattr(engine_store, "sha256_file", counting)
+    change_one_tile(demo.root)
+    report = build(capsys, demo)
+    assert report["outcome"] == "success" and report["engines_reused"] == 2
+    # Each engine is hashed once, by its cache key: the compile task itself, which
+    # would look the engine up (and hash it) again, is taken from Prefect's cache.
+    assert len(hashed) == 2 and len(set(hashed)) == 2
+
+
 def test_corrupted_engine_is_recompiled_and_cache_verifies(
     capsys: pytest.CaptureFixture[str], demo: Demo
 ) -> None:
