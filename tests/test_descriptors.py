@@ -337,12 +337,11 @@ def test_tiles_with_equal_bytes_are_embedded_once(vpr: Vpr, corpus: Path, tmp_pa
 
 
 def test_the_store_copies_its_log_into_its_file_while_it_is_still_read(tmp_path: Path) -> None:
-    import hashlib
     import time
 
     path = tmp_path / "store.sqlite"
     store = descriptors.DescriptorStore(path)
-    digests = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(300)]
+    digests = _digests("log", 300)
     vectors = np.eye(336, dtype=np.float32)[:300]
     store.put("space", digests, vectors)
     before = path.stat().st_size  # the new rows are in the write-ahead log

@@ -134,17 +134,16 @@ def _valid_rows(
         sizes = Counter(len(b) for _, b in found if type(b) is bytes and b and len(b) % 4 == 0)
         dim = max((count, size) for size, count in sizes.items())[1] // 4 if sizes else 0
     size = 4 * dim
-    whole = [i for i, b in found if type(b) is bytes and len(b) == size]
+    whole = [(i, b) for i, b in found if type(b) is bytes and len(b) == size]
     ok = np.zeros(n, dtype=bool)
     if not dim or not whole:
         return np.zeros((n, dim), dtype=np.float32), ok
     matrix = out(dim) if out is not None else np.zeros((n, dim), dtype=np.float32)
     # Each blob is copied once, straight into its row: no joined copy of the chunk.
     view = matrix.data.cast("B")
-    for i, b in found:
-        if type(b) is bytes and len(b) == size:
-            view[i * size : (i + 1) * size] = b
-    ok[whole] = True
+    for i, b in whole:
+        view[i * size : (i + 1) * size] = b
+    ok[[i for i, _ in whole]] = True
     with np.errstate(over="ignore", invalid="ignore"):
         norms = np.einsum("ij,ij->i", matrix, matrix)
     ok &= np.isfinite(norms) & (np.abs(norms - 1.0) <= 2 * _NORM_TOLERANCE)
@@ -440,21 +439,10 @@ class ExactRows:
         self.index = index
 
     def fill(self, start: int, positions: np.ndarray, block: np.ndarray, ok: np.ndarray) -> None:
-        """Rows ``start + positions[i]`` take ``block[i]`` where ``ok[i]``."""
-        if self.matrix is None:
-            if not ok.any():
-                return
-            self.allocate(block.shape[1])
-        matrix = self.matrix
-        assert matrix is not None
-        if block.shape[1] != matrix.shape[1]:
-            return  # rows of another size are damaged: written later, or forgotten
-        if ok.all() and np.array_equal(positions, np.arange(len(positions))):
-            matrix[start : start + len(block)] = block  # a whole chunk: the usual case
-            self.filled[start : start + len(block)] = True
-            return
+        """Rows ``start + positions[i]`` (allocated) take ``block[i]`` where ``ok[i]``."""
+        assert self.matrix is not None
         rows = start + positions[ok]
-        matrix[rows] = block[ok]
+        self.matrix[rows] = block[ok]
         self.filled[rows] = True
 
     def read_stored(
@@ -946,12 +934,15 @@ def _exact_index(
         rows.allocate(dim)
     absent: list[Tile] = []
     for start, stop in _chunks(len(tiles)):
+        chunk = tiles[start:stop]
         unfilled = np.flatnonzero(~rows.filled[start:stop])
-        if not len(unfilled):
-            continue
-        block, ok = store.vectors(space, [tiles[start + int(i)].sha256 for i in unfilled], dim)
-        rows.fill(start, unfilled, block, ok)
-        absent += [tiles[start + int(i)] for i in unfilled[~ok]]
+        if len(unfilled) == len(chunk):  # none read yet (a cold build): read in place
+            not_whole = rows.read_stored(store, space, start, chunk)
+            absent += [t for t in chunk if t.sha256 in not_whole]
+        elif len(unfilled):
+            block, ok = store.vectors(space, [chunk[int(i)].sha256 for i in unfilled], dim)
+            rows.fill(start, unfilled, block, ok)
+            absent += [chunk[int(i)] for i in unfilled[~ok]]
     if absent:
         raise _missing(absent)
     assert rows.index is not None
