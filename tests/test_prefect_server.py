@@ -175,9 +175,17 @@ def stack(
 
 def _request(stack: Stack, method: str, path: str, **kwargs: Any) -> httpx.Response:
     # A busy SQLite answers 503 ("database is locked"); Prefect's own client
-    # retries those, and so do we.
+    # retries those, and so do we. A read can also wait out SQLite's lock
+    # timeout without an answer: reads (GET, */filter) are asked again then;
+    # a write is not, since it may have been done.
+    reads = method == "GET" or path.endswith("/filter")
     for attempt in range(6):
-        response = stack.api.request(method, path, **kwargs)
+        try:
+            response = stack.api.request(method, path, **kwargs)
+        except httpx.TimeoutException:
+            if not reads or attempt == 5:
+                raise
+            continue
         if response.status_code not in (429, 503):
             break
         time.sleep(0.5 * 2**attempt)

@@ -675,6 +675,8 @@ def check_vectors(vectors: np.ndarray, n: int) -> None:
 
 def bad_tile_lines(tiles: Sequence[Tile], bad_digests: dict[str, str]) -> list[str]:
     """Every tile with undecodable bytes, duplicates included, as ``z/x/y: reason``."""
+    if not bad_digests:
+        return []  # the usual case: no walk over every selected tile
     return [f"{t.zxy}: {bad_digests[t.sha256]}" for t in tiles if t.sha256 in bad_digests]
 
 
