@@ -403,6 +403,53 @@ def test_stored_vectors_are_read_straight_into_the_rows_given(tmp_path: Path) ->
     store.close()
 
 
+@pytest.mark.parametrize("dim", [None, 4])
+def test_rows_of_one_size_read_at_once_are_still_checked_one_by_one(
+    tmp_path: Path, dim: int | None
+) -> None:
+    path = tmp_path / "store.sqlite"
+    store = descriptors.DescriptorStore(path)
+    digests = _digests("row", 7)
+    unit = np.eye(4, dtype=np.float32)[[0, 1, 2, 3, 0, 1]]
+    store.put("space", digests[:6], unit)
+    db = sqlite3.connect(path)
+    with db:  # every row still a blob of 16 bytes: the statement's one blob is used
+        for i, value in ((1, np.nan), (2, 3.0)):  # not finite; finite, not unit length
+            vector = np.full(4, value, np.float32).tobytes()
+            db.execute(
+                "UPDATE vectors SET vector = ? WHERE tile = ?", (vector, bytes.fromhex(digests[i]))
+            )
+    db.close()
+    storage = np.full((9, 4), 7.0, dtype=np.float32)
+
+    def rows(size: int) -> np.ndarray:
+        storage[1:8] = 0.0  # zeroed, as ExactRows' storage is
+        return storage[1:8]
+
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+    order = [6, 5, 0, 2, 4, 1, 3]  # scattered; digests[6] was never stored
+    matrix, ok = store.vectors("space", [digests[i] for i in order], dim, rows)
+    assert not any("SELECT k.i / 32, v.vector" in sql for sql in statements)
+    assert np.shares_memory(matrix, storage)
+    assert ok.tolist() == [False, True, True, False, True, False, True]
+    np.testing.assert_array_equal(storage[1:8][ok], unit[[5, 0, 4, 3]])
+    np.testing.assert_array_equal(storage[1:8][~ok], 0.0)
+    np.testing.assert_array_equal(storage[[0, 8]], 7.0)  # outside the rows given
+    # A row that is text of a vector's length is not a vector: read one row at a time.
+    db = sqlite3.connect(path)
+    with db:
+        db.execute(
+            "UPDATE vectors SET vector = ? WHERE tile = ?", ("x" * 16, bytes.fromhex(digests[0]))
+        )
+    db.close()
+    matrix, ok = store.vectors("space", digests[:6], dim)
+    assert any("SELECT k.i / 32, v.vector" in sql for sql in statements)
+    assert ok.tolist() == [False, False, False, True, True, True]
+    np.testing.assert_array_equal(matrix[3:], unit[3:])
+    store.close()
+
+
 def _digests(prefix: str, n: int) -> list[str]:
     import hashlib
 
