@@ -405,7 +405,7 @@ def test_stored_vectors_are_read_straight_into_the_rows_given(tmp_path: Path) ->
 
 @pytest.mark.parametrize("dim", [None, 4])
 def test_rows_of_one_size_read_at_once_are_still_checked_one_by_one(
-    tmp_path: Path, dim: int | None
+    tmp_path: Path, dim: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "store.sqlite"
     store = descriptors.DescriptorStore(path)
@@ -447,6 +447,12 @@ def test_rows_of_one_size_read_at_once_are_still_checked_one_by_one(
     assert any("SELECT k.i / 32, v.vector" in sql for sql in statements)
     assert ok.tolist() == [False, False, False, True, True, True]
     np.testing.assert_array_equal(matrix[3:], unit[3:])
+    # Rows too wide to join within the budget: one at a time too, with the same result.
+    monkeypatch.setattr(descriptors, "_GATHER_MAX_BYTES", 16 * 2)
+    statements.clear()
+    matrix, ok = store.vectors("space", digests[3:6], dim)
+    assert ok.all() and not any("group_concat" in sql for sql in statements)
+    np.testing.assert_array_equal(matrix, unit[3:])
     store.close()
 
 

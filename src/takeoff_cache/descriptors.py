@@ -204,6 +204,9 @@ SELECT count(*), min(length(v.vector)), max(length(v.vector)),
     CAST(group_concat(v.vector, '') AS BLOB)
 FROM k JOIN vectors AS v ON v.space = ?2 AND v.tile = substr(?1, k.i + 1, 32)
 """
+# The joined blob is held two or three times over while it is made and copied: a
+# chunk of wider rows than this allows is read one row at a time.
+_GATHER_MAX_BYTES = 64 << 20
 
 
 class DescriptorStore:
@@ -286,18 +289,26 @@ class DescriptorStore:
         if space_id is None or not shas:
             return np.zeros((len(shas), dim or 0), dtype=np.float32), np.zeros(len(shas), bool)
         packed = bytes.fromhex("".join(shas))
-        count, low, high, not_blobs, positions, joined = self._db.execute(
-            _GATHER_SQL, (packed, space_id)
-        ).fetchone()
-        if not count:
-            return _valid_rows(len(shas), [], dim, out)
-        size = 4 * dim if dim else low
-        whole = not not_blobs and low == high == size and len(joined) == count * size
-        if whole and size and size % 4 == 0:
-            return _gathered_rows(len(shas), positions, joined, size // 4, out)
+        if len(shas) * (4 * dim if dim else self._row_size(space_id)) <= _GATHER_MAX_BYTES:
+            count, low, high, not_blobs, positions, joined = self._db.execute(
+                _GATHER_SQL, (packed, space_id)
+            ).fetchone()
+            if not count:
+                return _valid_rows(len(shas), [], dim, out)
+            size = 4 * dim if dim else low
+            whole = not not_blobs and low == high == size and len(joined) == count * size
+            if whole and size and size % 4 == 0:
+                return _gathered_rows(len(shas), positions, joined, size // 4, out)
         # Rows of several sizes, or not blobs (a damaged store): one row at a time.
         found = self._db.execute(_FOUND_SQL, (packed, space_id)).fetchall()
         return _valid_rows(len(shas), found, dim, out)
+
+    def _row_size(self, space_id: int) -> int:
+        """The size of one stored row of the space (0 if none): what a chunk's read costs."""
+        row = self._db.execute(
+            "SELECT length(vector) FROM vectors WHERE space = ? LIMIT 1", (space_id,)
+        ).fetchone()
+        return int(row[0]) if row else 0
 
     def get(self, space: str, shas: Sequence[str], dim: int | None) -> dict[str, np.ndarray]:
         matrix, ok = self.vectors(space, shas, dim)
