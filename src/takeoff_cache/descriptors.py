@@ -281,9 +281,11 @@ class DescriptorStore:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Row i: the stored vector of ``shas[i]``; and which rows are valid (others are zeros).
 
-        One query per call, rows in the given order: call it per chunk, never
-        for a whole corpus. ``out(dim)``, if given, returns the zeroed array the
-        rows are read into (see :func:`_valid_rows`).
+        Call it per chunk, never for a whole corpus. The rows come back joined
+        into one blob when they are all blobs of one size (:data:`_GATHER_SQL`),
+        else one at a time; either way each is checked (:func:`_unit_rows`).
+        ``out(dim)``, if given, returns the zeroed array the rows are read into
+        (see :func:`_valid_rows`).
         """
         space_id = self._space_id(space, create=False)
         if space_id is None or not shas:
