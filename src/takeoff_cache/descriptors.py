@@ -298,10 +298,11 @@ class DescriptorStore:
             if not count:
                 return _valid_rows(len(shas), [], dim, out)
             size = 4 * dim if dim else low
-            whole = not not_blobs and low == high == size and len(joined) == count * size
-            if whole and size and size % 4 == 0:
+            one_size = bool(size) and size % 4 == 0 and not not_blobs and low == high == size
+            if one_size and len(joined) == count * size:
                 return _gathered_rows(len(shas), positions, joined, size // 4, out)
-        # Rows of several sizes, or not blobs (a damaged store): one row at a time.
+        # Rows of several sizes or not blobs (a damaged store), or a chunk over the
+        # budget: one row at a time.
         found = self._db.execute(_FOUND_SQL, (packed, space_id)).fetchall()
         return _valid_rows(len(shas), found, dim, out)
 
