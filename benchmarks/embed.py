@@ -81,7 +81,14 @@ def cpu_s() -> float:
 class Setup:
     """A demo corpus, its selection and the compiled demo VPR engine."""
 
-    def __init__(self, data: Path, tiles: int, work: Path, backend: str = "auto") -> None:
+    def __init__(
+        self,
+        data: Path,
+        tiles: int,
+        work: Path,
+        backend: str = "auto",
+        cuda_streams: int = 0,
+    ) -> None:
         started = time.perf_counter()
         self.demo: DemoInputs = make_demo_data(data, tiles=tiles)
         took = time.perf_counter() - started
@@ -100,10 +107,50 @@ class Setup:
         # Loaded before anything is timed, or the first index write counts its import.
         import faiss  # noqa: F401
 
+        self.cuda_streams = cuda_streams
+        self._cuda: Runner | None = None
+
     def runner(self) -> Runner:
+        if self.cuda_streams:
+            return self.cuda_runner()
         return self.backend.load(
             Path(self.record.store_path), self.backbone, self.backbone.output or ""
         )
+
+    def cuda_runner(self) -> Runner:
+        """The backbone on ONNX Runtime's CUDA execution provider (``--ort-cuda``).
+
+        An engine on the GPU for an NVIDIA host where TensorRT cannot be installed:
+        the pipeline's side of (b)/(a) is then measured as it is on a GPU host, the
+        cores left to decoding. Not a backend of the build: the figures name it.
+        One session, made and warmed once: a session's first run of each batch
+        shape picks its cuDNN algorithms, which is set-up, not throughput.
+        """
+        if self._cuda is None:
+            import onnxruntime as ort
+
+            from takeoff_cache.engines.onnxruntime import OnnxRuntimeRunner
+
+            if hasattr(ort, "preload_dlls"):
+                ort.preload_dlls()  # CUDA and cuDNN from their pip packages
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            session = ort.InferenceSession(
+                str(self.backbone.onnx),
+                options,
+                providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+            )
+            if session.get_providers()[0] != "CUDAExecutionProvider":
+                raise SystemExit("--ort-cuda: ONNX Runtime has no CUDA execution provider here")
+            runner = OnnxRuntimeRunner(
+                session, self.backbone.input.name, self.backbone.output or "", self.cuda_streams
+            )
+            spec = self.backbone.input
+            for size in sorted({1, 8, 16, 32, 64, 128, 256, len(self.selection.tiles) % 256}):
+                if size:
+                    runner.run(np.zeros((size, spec.channels, spec.size, spec.size), np.float32))
+            self._cuda = runner
+        return self._cuda
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -275,8 +322,8 @@ def section_pipeline(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
                 )
         if args.sweep:
             sweep: dict[str, float] = {}
-            for workers in (1, 2, 3):
-                for batch in (16, 32, 64):
+            for workers in (int(w) for w in args.sweep_workers.split(",")):
+                for batch in (int(b) for b in args.sweep_batches.split(",")):
                     r = pipelined(setup, Path(tmp_name), batch, workers)
                     sweep[f"workers={workers},batch={batch}"] = round(r["tiles_per_s"], 1)
                     log(f"    sweep workers={workers} batch={batch}: {r['tiles_per_s']:.0f}")
@@ -590,7 +637,17 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--backend", default="auto", help="auto | onnxruntime | tensorrt")
     p.add_argument("--naive-tiles", type=int, default=1000)
+    p.add_argument(
+        "--ort-cuda",
+        type=int,
+        default=0,
+        metavar="STREAMS",
+        help="pipeline: the engine on ONNX Runtime's CUDA provider (onnxruntime-gpu), with"
+        " STREAMS calls in flight, in place of the backend's engine",
+    )
     p.add_argument("--sweep", action="store_true", help="also sweep decode workers x batch size")
+    p.add_argument("--sweep-workers", default="1,2,3", help="decode worker counts the sweep tries")
+    p.add_argument("--sweep-batches", default="16,32,64", help="batch sizes the sweep tries")
     p.add_argument(
         "--big-incremental", action="store_true", help="also the incremental run on --big-tiles"
     )
@@ -600,8 +657,14 @@ def main() -> None:
     figures: dict[str, Any] = {"benchmark": "embed", "cores": len(os.sched_getaffinity(0))}
     with tempfile.TemporaryDirectory(prefix="embed-engine-", dir=args.tmp) as engine_work:
         if "pipeline" in only:
-            setup = Setup(args.data / f"{args.tiles}", args.tiles, Path(engine_work), args.backend)
-            figures["backend"] = setup.backend.name
+            setup = Setup(
+                args.data / f"{args.tiles}",
+                args.tiles,
+                Path(engine_work),
+                args.backend,
+                args.ort_cuda,
+            )
+            figures["backend"] = "onnxruntime-cuda" if args.ort_cuda else setup.backend.name
             figures["pipeline"] = section_pipeline(setup, args)
         if "incremental" in only:
             figures["incremental"] = section_incremental(args)
