@@ -145,6 +145,7 @@ class Setup:
             runner = OnnxRuntimeRunner(
                 session, self.backbone.input.name, self.backbone.output or "", self.cuda_streams
             )
+            runner.on_accelerator = True
             spec = self.backbone.input
             for size in sorted({1, 8, 16, 32, 64, 128, 256, len(self.selection.tiles) % 256}):
                 if size:
@@ -193,8 +194,10 @@ def pipelined(
 ) -> dict[str, Any]:
     """(b): embed_tiles into a fresh store (reads, decoding, inference, store), then write_index.
 
-    ``streams``: engine calls in flight; the runner's own number unless given."""
+    ``streams``: engine calls in flight; the runner's own number unless given. ``workers``:
+    decoding threads; as many as the build runs unless given."""
     runner = setup.runner()
+    workers = workers or descriptors.decode_workers(runner.on_accelerator)
     store_path = tmp / "store.sqlite"
     store = descriptors.DescriptorStore(store_path)
     stats = descriptors.EmbedStats()
@@ -230,6 +233,7 @@ def pipelined(
         "index_s": round(index_s, 3),
         "index_type": files.index_type,
         "cpu_cores_busy": round(cpu / embed_s, 2),
+        "decode_workers": workers,
         "stats": stats.as_dict(),
     }
 
@@ -375,6 +379,7 @@ def section_pipeline(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
     }
     out["time_per_tile_ms"]["index_write"] = round(1000 * best_b["index_s"] / n, 3)
     out["cpu_cores_busy"] = best_b["cpu_cores_busy"]
+    out["decode_workers"] = best_b["decode_workers"]
     # The same stages as pure CPU work on one thread: what two cores must share.
     work = work_per_tile(setup)
     out["work_cpu_ms_per_tile"] = work

@@ -157,6 +157,7 @@ def build_index(
             indexes_dir(Path(work_dir)),
             _index_stem(backbone.name, desc_key),
             streams=runner.streams,
+            workers=descriptors.decode_workers(runner.on_accelerator),
             progress=progress,
         )
         if files is None:

@@ -247,3 +247,39 @@ def test_a_tile_stored_under_several_file_names_is_selected_once(tmp_path: Path)
     (folder / "10" / "550" / "0335.jpg").write_bytes(jpeg(3))
     selected = zxy(select_tiles(folder, BBOX, ZOOMS))
     assert selected == [(10, 550, 335)]
+
+
+@pytest.mark.parametrize("layout", ["table", "view", "xyz"])
+def test_tiles_read_together_are_the_tiles_read_one_by_one(tmp_path: Path, layout: str) -> None:
+    from takeoff_cache.corpus import open_corpus
+
+    data = tile_bytes()
+    path = {
+        "table": lambda: write_mbtiles(tmp_path / "c.mbtiles", data),
+        "view": lambda: write_mbtiles_view(tmp_path / "c.mbtiles", data),
+        "xyz": lambda: write_xyz(tmp_path / "xyz", data),
+    }[layout]()
+    # Out of order, a tile twice and two that are not stored: each answered in place.
+    wanted = [TILES[5], (10, 9, 9), TILES[0], TILES[5], (12, 0, 0), *TILES[1:4]]
+    with open_corpus(path) as corpus:
+        got = corpus.read_many(wanted)
+        assert corpus.read_many([]) == []
+    assert got == [data.get(t) for t in wanted]
+    assert got[1] is None and got[4] is None
+
+
+def test_tiles_read_together_keep_empty_and_text_tiles_apart(tmp_path: Path) -> None:
+    from takeoff_cache.corpus import open_corpus
+
+    path = write_mbtiles(tmp_path / "c.mbtiles", tile_bytes(TILES[:3]))
+    db = sqlite3.connect(path)
+    db.execute("UPDATE tiles SET tile_data = NULL WHERE tile_row = ?", (tms_row(10, 334),))
+    db.execute("UPDATE tiles SET tile_data = 'not jpeg' WHERE tile_row = ?", (tms_row(10, 335),))
+    db.commit()
+    db.close()
+    with open_corpus(path) as corpus:
+        got = corpus.read_many(TILES[:3])
+    # A NULL tile reads as empty bytes, as read() has it; text as its bytes: both then
+    # fail to decode and are named, never shift their neighbours.
+    assert got[0] == b"" and got[1] == b"not jpeg"
+    assert got[2] == tile_bytes(TILES[:3])[TILES[2]]

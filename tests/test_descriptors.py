@@ -374,6 +374,66 @@ def test_store_lookup_returns_exactly_the_absent_digests(tmp_path: Path) -> None
     store.close()
 
 
+def test_a_batch_is_stored_by_one_statement_row_for_row(tmp_path: Path) -> None:
+    store = descriptors.DescriptorStore(tmp_path / "store.sqlite")
+    digests = _digests("put", 6)
+    rows = np.eye(6, dtype=np.float32)
+    store.put("other", digests, rows[::-1])
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+    store.put("space", digests[:5], rows[:5])
+    assert sum("INTO vectors" in sql for sql in statements) == 1
+    store._db.set_trace_callback(None)
+    # Stored again: the new rows replace the old, the others stay.
+    store.put("space", digests[1:3], rows[[4, 5]])
+    store.put("space", [], rows[:0])
+    matrix, ok = store.vectors("space", digests, 6)
+    assert ok.tolist() == [True] * 5 + [False]
+    np.testing.assert_array_equal(matrix[:5], rows[[0, 4, 5, 3, 4]])
+    other, _ = store.vectors("other", digests, 6)
+    np.testing.assert_array_equal(other, rows[::-1])
+    with pytest.raises(ValueError, match="3 digests for 2 vectors"):
+        store.put("space", digests[:3], rows[:2])
+    store.close()
+
+
+@pytest.mark.parametrize(
+    ("cores", "cpu_engine", "gpu_engine"),
+    [(1, 1, 1), (2, 2, 2), (4, 4, 4), (8, 4, 6), (16, 4, 12), (64, 4, 12)],
+)
+def test_decoding_threads_leave_the_cores_to_a_cpu_engine_and_take_them_beside_a_gpu(
+    monkeypatch: pytest.MonkeyPatch, cores: int, cpu_engine: int, gpu_engine: int
+) -> None:
+    monkeypatch.setattr(descriptors.os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert descriptors.decode_workers() == descriptors.decode_workers(False) == cpu_engine
+    assert descriptors.decode_workers(on_accelerator=True) == gpu_engine
+
+
+def test_a_batch_the_corpus_cannot_read_at_once_is_read_tile_by_tile(
+    vpr: Vpr, corpus: Path
+) -> None:
+    from takeoff_cache.errors import CorpusError
+
+    tiles = vpr.select(corpus).tiles[:5]
+    with open_corpus(corpus) as source:
+        expected = [source.read(t.z, t.x, t.y) for t in tiles]
+        assert descriptors.read_tiles(source, tiles) == expected
+
+        def refuse(coords: object) -> list[bytes | None]:
+            raise CorpusError("corpus: cannot read tiles")
+
+        read_one = source.read
+
+        def read(z: int, x: int, y: int) -> bytes:
+            if (z, x, y) == (tiles[2].z, tiles[2].x, tiles[2].y):
+                raise CorpusError("corpus: tile gone")
+            return read_one(z, x, y)
+
+        source.read_many = refuse  # type: ignore[method-assign]
+        source.read = read  # type: ignore[method-assign]
+        assert descriptors.read_tiles(source, tiles) == [*expected[:2], None, *expected[3:]]
+
+
 def test_stored_vectors_are_read_straight_into_the_rows_given(tmp_path: Path) -> None:
     store = descriptors.DescriptorStore(tmp_path / "store.sqlite")
     digests = _digests("row", 5)

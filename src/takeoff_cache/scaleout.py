@@ -40,7 +40,7 @@ from .descriptors import (
     check_vectors,
     decode_batch,
     l2_normalize,
-    read_tile,
+    read_tiles,
     todo_batches,
 )
 from .engines import Runner, get_backend
@@ -216,5 +216,5 @@ def embed_spread(
 
 
 def _read_chunk(corpus: Corpus, number: int, batches: list[tuple[Tile, ...]]) -> Chunk:
-    data = tuple(tuple(read_tile(corpus, t) for t in batch) for batch in batches)
+    data = tuple(tuple(read_tiles(corpus, batch)) for batch in batches)
     return Chunk(number, tuple(batches), data)

@@ -25,6 +25,8 @@ class Runner(ABC):
 
     # How many run() calls may usefully be in flight at once, from as many threads.
     streams: int = 1
+    # Whether run() computes off the CPU (a GPU): the cores are then decoding's.
+    on_accelerator: bool = False
 
     @abstractmethod
     def run(self, batch: np.ndarray) -> np.ndarray: ...

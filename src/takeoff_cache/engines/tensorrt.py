@@ -114,6 +114,8 @@ def _int8_calibrator(backbone: Backbone, calibration: Path, cache_path: Path) ->
 
 
 class TensorRTRunner(Runner):
+    on_accelerator = True
+
     def __init__(self, engine_bytes: bytes, backbone: Backbone, output: str) -> None:
         trt = _trt()
         self._cudart = _cudart()
