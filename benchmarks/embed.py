@@ -21,6 +21,11 @@ Sections (all by default):
 
 Demo corpora are generated once into ``--data`` and reused. Ends with one
 JSON line holding every figure.
+
+On an NVIDIA host without TensorRT, ``--ort-cuda 2`` runs the pipeline section
+with the engine on ONNX Runtime's CUDA provider (install ``onnxruntime-gpu`` in
+place of ``onnxruntime``): (b)/(a) as on a GPU host, where decoding has the
+cores to itself.
 """
 
 from __future__ import annotations
