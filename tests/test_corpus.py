@@ -250,7 +250,9 @@ def test_a_tile_stored_under_several_file_names_is_selected_once(tmp_path: Path)
 
 
 @pytest.mark.parametrize("layout", ["table", "view", "xyz"])
-def test_tiles_read_together_are_the_tiles_read_one_by_one(tmp_path: Path, layout: str) -> None:
+def test_tiles_read_together_are_the_tiles_read_one_by_one(
+    tmp_path: Path, layout: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from takeoff_cache.corpus import open_corpus
 
     data = tile_bytes()
@@ -266,6 +268,10 @@ def test_tiles_read_together_are_the_tiles_read_one_by_one(tmp_path: Path, layou
         assert corpus.read_many([]) == []
     assert got == [data.get(t) for t in wanted]
     assert got[1] is None and got[4] is None
+    if layout != "xyz":  # more tiles than one statement takes: several statements
+        monkeypatch.setattr("takeoff_cache.corpus._READ_MANY_MAX", 3)
+        with open_corpus(path) as corpus:
+            assert corpus.read_many(wanted) == got
 
 
 def test_tiles_read_together_keep_empty_and_text_tiles_apart(tmp_path: Path) -> None:

@@ -133,13 +133,20 @@ class MBTilesCorpus(Corpus):
         threads then queue for (on 16 cores, reads from more than one thread got
         slower in total). Joined by ``group_concat``, a batch costs one of each.
         """
+        if len(coords) > _READ_MANY_MAX:
+            # Four parameters a tile: older SQLite builds take 999 in a statement.
+            return [
+                blob
+                for start in range(0, len(coords), _READ_MANY_MAX)
+                for blob in self.read_many(coords[start : start + _READ_MANY_MAX])
+            ]
+        out: list[bytes | None] = [None] * len(coords)
         if not coords:
-            return []
+            return out
         args: list[int] = []
         for i, (z, x, y) in enumerate(coords):
             args += (i, z, x, tms_row(z, y))
         positions, joined = next(self._query(_read_many_sql(len(coords)), tuple(args)))
-        out: list[bytes | None] = [None] * len(coords)
         if positions is None:
             return out
         view = memoryview(joined or b"")
@@ -163,7 +170,10 @@ class MBTilesCorpus(Corpus):
         self._db.close()
 
 
-@lru_cache(maxsize=8)
+_READ_MANY_MAX = 200  # tiles in one statement of MBTilesCorpus.read_many
+
+
+@lru_cache(maxsize=64)
 def _read_many_sql(n: int) -> str:
     """The tiles of ``n`` coordinates, each found through the MBTiles index, joined:
     ``i:length`` of each found tile in join order, and their bytes end to end (a
