@@ -256,6 +256,9 @@ def test_two_caches_share_the_engine_store(
 def test_tensorrt_engines_build_and_compute_descriptors(
     capsys: pytest.CaptureFixture[str], demo: Demo, precision: str
 ) -> None:
+    if precision not in get_backend("tensorrt").precisions:
+        # TensorRT 11 has no FP16 builder flag; the refusal is tested without a GPU.
+        pytest.skip(f"this TensorRT builds {get_backend('tensorrt').precisions}")
     result = run_cli(
         capsys, *demo.build_args("--backend", "tensorrt", "--precision", precision, "--json")
     )
@@ -325,3 +328,27 @@ def test_the_onnxruntime_version_is_read_without_importing_it() -> None:
     import onnxruntime
 
     assert out.stdout.split() == [onnxruntime.__version__, "False"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "precisions"),
+    [
+        ({"FP16": 1, "INT8": 2}, ("fp32", "fp16", "int8")),  # TensorRT 8 to 10
+        ({}, ("fp32",)),  # TensorRT 11: strongly typed networks only
+    ],
+)
+def test_tensorrt_builds_only_the_precisions_its_builder_has_flags_for(
+    monkeypatch: pytest.MonkeyPatch, demo: Demo, flags: dict[str, int], precisions: tuple[str, ...]
+) -> None:
+    # No TensorRT here: a stand-in module with the builder flags of each version.
+    from types import SimpleNamespace
+
+    from takeoff_cache.engines import tensorrt
+
+    fake = SimpleNamespace(__version__="11.4.0", BuilderFlag=SimpleNamespace(**flags))
+    monkeypatch.setattr(tensorrt, "_trt", lambda: fake)
+    backend = tensorrt.TensorRTBackend()
+    assert backend.precisions == precisions
+    if "fp16" not in precisions:
+        with pytest.raises(EngineError, match=r"TensorRT 11\.4\.0 builds fp32, not fp16"):
+            backend.compile(vpr(demo), "fp16", None, demo.work / "x.engine", demo.work)

@@ -175,7 +175,14 @@ class TensorRTBackend(Backend):
     name = "tensorrt"
     suffix = "engine"
     runtime = "tensorrt"
-    precisions = ("fp32", "fp16", "int8")
+
+    def __init__(self) -> None:
+        # TensorRT 11 builds strongly typed networks only: its FP16 and INT8 builder
+        # flags are gone, and a reduced precision comes from the ONNX model's own
+        # types. A request for one is then refused at validate, naming what is built.
+        flags = _trt().BuilderFlag
+        reduced = [p for p, flag in (("fp16", "FP16"), ("int8", "INT8")) if hasattr(flags, flag)]
+        self.precisions = ("fp32", *reduced)
 
     @staticmethod
     def usable() -> bool:
@@ -228,6 +235,11 @@ class TensorRTBackend(Backend):
         out_path: Path,
         work_dir: Path,
     ) -> None:
+        if precision not in self.precisions:
+            raise EngineError(
+                f"backbone {backbone.name!r}: TensorRT {self.version} builds"
+                f" {' and '.join(self.precisions)}, not {precision}"
+            )
         trt = _trt()
         logger = trt.Logger(trt.Logger.WARNING)
         builder = trt.Builder(logger)
@@ -247,8 +259,6 @@ class TensorRTBackend(Backend):
                 raise EngineError(f"backbone {backbone.name!r}: this GPU has no fast FP16")
             config.set_flag(trt.BuilderFlag.FP16)
         elif precision == "int8":
-            if not hasattr(trt.BuilderFlag, "INT8"):
-                raise EngineError(f"backbone {backbone.name!r}: this TensorRT has no INT8")
             if calibration is None:
                 raise EngineError(f"backbone {backbone.name!r}: int8 needs a calibration cache")
             config.set_flag(trt.BuilderFlag.INT8)
