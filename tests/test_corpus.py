@@ -274,18 +274,25 @@ def test_tiles_read_together_are_the_tiles_read_one_by_one(
             assert corpus.read_many(wanted) == got
 
 
-def test_tiles_read_together_keep_empty_and_text_tiles_apart(tmp_path: Path) -> None:
+def test_tiles_that_are_not_blobs_read_alike_together_alone_and_when_selected(
+    tmp_path: Path,
+) -> None:
     from takeoff_cache.corpus import open_corpus
 
-    path = write_mbtiles(tmp_path / "c.mbtiles", tile_bytes(TILES[:3]))
+    path = write_mbtiles(tmp_path / "c.mbtiles", tile_bytes(TILES[:4]))
     db = sqlite3.connect(path)
     db.execute("UPDATE tiles SET tile_data = NULL WHERE tile_row = ?", (tms_row(10, 334),))
     db.execute("UPDATE tiles SET tile_data = 'not jpeg' WHERE tile_row = ?", (tms_row(10, 335),))
+    db.execute("UPDATE tiles SET tile_data = 7 WHERE tile_row = ?", (tms_row(10, 337),))
     db.commit()
     db.close()
     with open_corpus(path) as corpus:
-        got = corpus.read_many(TILES[:3])
-    # A NULL tile reads as empty bytes, as read() has it; text as its bytes: both then
-    # fail to decode and are named, never shift their neighbours.
-    assert got[0] == b"" and got[1] == b"not jpeg"
-    assert got[2] == tile_bytes(TILES[:3])[TILES[2]]
+        got = corpus.read_many(TILES[:4])
+    # A NULL tile reads as empty bytes, text and numbers as their text: each then fails
+    # to decode and is named, never shifts its neighbours. Selection hashes the same bytes.
+    assert got[0] == b"" and got[1] == b"not jpeg" and got[3] == b"7"
+    assert got[2] == tile_bytes(TILES[:4])[TILES[2]]
+    with open_corpus(path) as corpus:
+        assert [corpus.read(*t) for t in TILES[:4]] == got
+        selected = {(10, x, y): data for x, y, data in corpus.iter_range(10, 549, 549, 0, 999)}
+    assert [selected[t] for t in TILES[:4]] == got

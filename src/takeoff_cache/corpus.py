@@ -110,7 +110,7 @@ class MBTilesCorpus(Corpus):
             (z, x0, x1, tms_row(z, y1), tms_row(z, y0)),
         )
         for column, row, data in rows:
-            yield int(column), tms_row(z, int(row)), bytes(data) if data is not None else b""
+            yield int(column), tms_row(z, int(row)), _blob(data)
 
     def read(self, z: int, x: int, y: int) -> bytes:
         rows = list(
@@ -122,8 +122,7 @@ class MBTilesCorpus(Corpus):
         )
         if not rows:
             raise CorpusError(f"corpus: tile {z}/{x}/{y} is no longer in {self.path}")
-        data = rows[0][0]
-        return bytes(data) if data is not None else b""
+        return _blob(rows[0][0])
 
     def read_many(self, coords: Sequence[tuple[int, int, int]]) -> list[bytes | None]:
         """One statement for the lot, answered in one step of SQLite's.
@@ -168,6 +167,19 @@ class MBTilesCorpus(Corpus):
 
     def close(self) -> None:
         self._db.close()
+
+
+def _blob(value: object) -> bytes:
+    """A ``tile_data`` value as bytes, as SQLite's ``CAST(... AS BLOB)`` has it: NULL is
+    empty, text its UTF-8, a number its decimal text. Only a blob is a valid tile; the
+    others must still hash and read the same everywhere, then fail to decode."""
+    if value is None:
+        return b""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode()
+    return str(value).encode()
 
 
 _READ_MANY_MAX = 200  # tiles in one statement of MBTilesCorpus.read_many
