@@ -714,21 +714,10 @@ def todo_batches(
         yield batch
 
 
-def read_tile(corpus: Corpus, tile: Tile) -> bytes | None:
-    """A tile's bytes, or None when it is gone from the corpus (decoding reports it)."""
-    try:
-        return corpus.read(tile.z, tile.x, tile.y)
-    except CorpusError:
-        return None
-
-
 def read_tiles(corpus: Corpus, tiles: Sequence[Tile]) -> list[bytes | None]:
-    """Each tile's bytes (None when gone), read together; a batch the corpus cannot
-    read at once is read tile by tile, so only the unreadable tiles are reported."""
-    try:
-        return corpus.read_many([(t.z, t.x, t.y) for t in tiles])
-    except CorpusError:
-        return [read_tile(corpus, tile) for tile in tiles]
+    """Each tile's bytes, read together; None for a tile gone from the corpus
+    (decoding reports it)."""
+    return corpus.read_many([(t.z, t.x, t.y) for t in tiles])
 
 
 def decode_rows(
