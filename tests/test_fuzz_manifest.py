@@ -32,6 +32,13 @@ FILES = {
     "index/vpr.1111.tiles.json": b'{"rows": []}',
 }
 EXAMPLES = {"resigned": 900, "unsigned": 500, "bytes": 700}
+# Hypothesis warns when the global random state moves while it draws. Our strategies
+# never touch it, but other threads of the test session do: the websockets client
+# under Prefect's event worker pays each keepalive ping with random.getrandbits.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Do not use the `random` module inside strategies"
+    ":hypothesis.errors.HypothesisDeprecationWarning"
+)
 SETTINGS = {
     "deadline": None,
     "suppress_health_check": [HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
