@@ -136,6 +136,10 @@ def _heartbeats_only_when_asked() -> Iterator[None]:
 
 def _run_build(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     _prefect_env(args.verbose)
+    from .tempapi import serving, start_early
+
+    # Before Prefect and the flow are imported, so the server starts meanwhile.
+    server = start_early()
     from flows.build import build_cache, recorded_outcomes
 
     params = {k: v for k, v in raw.items() if v is not None}
@@ -148,7 +152,12 @@ def _run_build(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     )
     # As a state: a soft failure is a Failed run, and an unexpected error is the
     # state's data rather than a traceback through Prefect's engine.
-    with _heartbeats_only_when_asked(), recorded_outcomes() as outcomes:
+    # Heartbeats are decided first: toward a temporary API they reach no one.
+    with (
+        _heartbeats_only_when_asked(),
+        serving(server, args.verbose),
+        recorded_outcomes() as outcomes,
+    ):
         state = build_cache(**params, return_state=True)
     if outcomes:
         # What the flow itself ended with; the state's copy can lack it.

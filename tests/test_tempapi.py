@@ -1,0 +1,106 @@
+"""The temporary Prefect API that the CLI starts before importing Prefect."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from takeoff_cache.tempapi import EarlyServer, _profile_names_api, serving, start_early
+
+from .conftest import Demo
+
+# What a build run as an operator runs it reports about Prefect's own temporary server:
+# its module is imported only to start one.
+RUN_AND_TELL = """
+import sys
+from takeoff_cache.cli import main
+code = main(sys.argv[1:])
+print("prefect server module:", "prefect.server.api.server" in sys.modules, file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def test_none_where_prefect_is_loaded_or_the_environment_names_an_api(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import prefect  # noqa: F401  (loaded by now in any case: this module's imports)
+
+    assert start_early() is None
+    monkeypatch.delitem(sys.modules, "prefect", raising=False)
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    assert start_early() is None
+
+
+@pytest.mark.parametrize(
+    "name", ["PREFECT_SERVER_EPHEMERAL_ENABLED", "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"]
+)
+def test_none_where_temporary_apis_are_turned_off(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    monkeypatch.delitem(sys.modules, "prefect", raising=False)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv(name, "false")
+    assert start_early() is None
+
+
+def test_the_active_profile_says_whether_an_api_is_named(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    profiles = tmp_path / "profiles.toml"
+    monkeypatch.setenv("PREFECT_PROFILES_PATH", str(profiles))
+    monkeypatch.delenv("PREFECT_PROFILE", raising=False)
+    assert not _profile_names_api()  # no profiles file: Prefect's defaults
+    profiles.write_text(
+        'active = "remote"\n'
+        '[profiles.remote]\nPREFECT_API_URL = "http://10.0.0.2:4200/api"\n'
+        '[profiles.local]\nPREFECT_LOGGING_LEVEL = "INFO"\n'
+    )
+    assert _profile_names_api()
+    monkeypatch.setenv("PREFECT_PROFILE", "local")
+    assert not _profile_names_api()
+    profiles.write_text("active = [")  # unreadable: leave the server to Prefect
+    assert _profile_names_api()
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_an_early_server_is_stopped_unused_where_the_settings_name_an_api() -> None:
+    from prefect.settings import get_current_settings
+
+    spec = importlib.util.find_spec("prefect")
+    assert spec is not None and spec.submodule_search_locations
+    server = EarlyServer(Path(next(iter(spec.submodule_search_locations))).parent)
+    process = server.process
+    assert process is not None
+    # The harness names its API in Prefect's settings, not in the environment.
+    with serving(server):
+        assert get_current_settings().api.url not in (None, server.url)
+    assert server.process is None
+    assert process.poll() is not None
+
+
+def test_a_build_without_an_api_uses_the_early_server_and_stops_it(demo: Demo) -> None:
+    env = {**os.environ}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", RUN_AND_TELL, *demo.build_args("--json", "--verbose")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["outcome"] == "success"
+    lines = proc.stderr.splitlines()
+    assert lines[-1] == "prefect server module: False"  # Prefect started no server of its own
+    url = next(line.split()[-1] for line in lines if "temporary Prefect API on" in line)
+    port = int(url.split(":")[2].split("/")[0])
+    # Stopped when the build's process ended.
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", port)) != 0
