@@ -10,7 +10,8 @@ same process setup each time:
 - cold, each in a fresh process, as an operator runs it: ``takeoff-cache
   build`` against ``python -c`` running an empty flow, first with Prefect's
   temporary API server (each process starts its own, 13-20 s that dominate
-  and vary), then against one running ``prefect server`` (``make server``'s
+  and vary; ``takeoff-cache`` starts it before loading Prefect, so its
+  start-up overlaps the imports), then against one running ``prefect server`` (``make server``'s
   setup), where what is left is the processes' own work. The empty flow
   runs with Prefect's defaults; ``takeoff-cache build`` sends no flow-run
   heartbeats unless their interval is set (docs/operations.md), whose thread
