@@ -65,6 +65,8 @@ class EarlyServer:
     def wait_healthy(self, timeout_s: float) -> bool:
         """Wait until the API answers its health check; False if it never does."""
         deadline = time.monotonic() + timeout_s
+        # Straight to 127.0.0.1: an http_proxy in the environment must not see it.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         while time.monotonic() < deadline and self.process is not None:
             if self.process.poll() == _PORT_TAKEN:
                 self.port = _free_port()
@@ -73,7 +75,7 @@ class EarlyServer:
                 return False
             with (
                 contextlib.suppress(OSError),
-                urllib.request.urlopen(f"{self.url}/health", timeout=2) as response,
+                opener.open(f"{self.url}/health", timeout=2) as response,
             ):
                 if response.status == 200:
                     return True
