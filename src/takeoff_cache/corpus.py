@@ -105,7 +105,7 @@ class MBTilesCorpus(Corpus):
     ) -> Iterator[tuple[int, int, bytes]]:
         # MBTiles rows are TMS (south-origin): flip the y range for the query.
         rows = self._query(
-            "SELECT tile_column, tile_row, tile_data FROM tiles WHERE zoom_level = ?"
+            "SELECT tile_column, tile_row, CAST(tile_data AS BLOB) FROM tiles WHERE zoom_level = ?"
             " AND tile_column BETWEEN ? AND ? AND tile_row BETWEEN ? AND ?",
             (z, x0, x1, tms_row(z, y1), tms_row(z, y0)),
         )
@@ -115,7 +115,7 @@ class MBTilesCorpus(Corpus):
     def read(self, z: int, x: int, y: int) -> bytes:
         rows = list(
             self._query(
-                "SELECT tile_data FROM tiles"
+                "SELECT CAST(tile_data AS BLOB) FROM tiles"
                 " WHERE zoom_level = ? AND tile_column = ? AND tile_row = ?",
                 (z, x, tms_row(z, y)),
             )
@@ -172,17 +172,12 @@ class MBTilesCorpus(Corpus):
         self._db.close()
 
 
-def _blob(value: object) -> bytes:
-    """A ``tile_data`` value as bytes, as SQLite's ``CAST(... AS BLOB)`` has it: NULL is
-    empty, text its UTF-8, a number its decimal text. Only a blob is a valid tile; the
-    others must still hash and read the same everywhere, then fail to decode."""
-    if value is None:
-        return b""
-    if isinstance(value, bytes | bytearray | memoryview):
-        return bytes(value)
-    if isinstance(value, str):
-        return value.encode()
-    return str(value).encode()
+def _blob(value: bytes | None) -> bytes:
+    """A ``tile_data`` value, which every query reads through SQLite's ``CAST(... AS
+    BLOB)``: text is its UTF-8, a number its text as SQLite writes it. So selection,
+    ``read`` and ``read_many`` see the same bytes; only a real blob then decodes. NULL
+    reads as empty."""
+    return b"" if value is None else bytes(value)
 
 
 _READ_MANY_MAX = 200  # tiles in one statement of MBTilesCorpus.read_many
