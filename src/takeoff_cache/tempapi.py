@@ -38,7 +38,10 @@ class EarlyServer:
     """A temporary Prefect API server in a subprocess, stopped when this process exits
     (an ``atexit`` hook: after Prefect's workers, which drain at thread shutdown)."""
 
-    def __init__(self, app_dir: Path) -> None:
+    def __init__(self) -> None:
+        app_dir = _prefect_app_dir()
+        if app_dir is None:
+            raise OSError("prefect is not installed")
         self._app_dir = app_dir
         self.port = _free_port()
         self.process: subprocess.Popen[bytes] | None = self._spawn()
@@ -68,10 +71,11 @@ class EarlyServer:
         # Straight to 127.0.0.1: an http_proxy in the environment must not see it.
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         while time.monotonic() < deadline and self.process is not None:
-            if self.process.poll() == _PORT_TAKEN:
+            status = self.process.poll()
+            if status == _PORT_TAKEN:
                 self.port = _free_port()
                 self.process = self._spawn()
-            elif self.process.poll() is not None:
+            elif status is not None:
                 return False
             with (
                 contextlib.suppress(OSError),
@@ -98,6 +102,14 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _prefect_app_dir() -> Path | None:
+    """The folder holding the ``prefect`` package, found without importing it."""
+    spec = importlib.util.find_spec("prefect")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))).parent
 
 
 def _profile_names_api() -> bool:
@@ -127,11 +139,10 @@ def start_early() -> EarlyServer | None:
     for name in ("PREFECT_SERVER_EPHEMERAL_ENABLED", "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"):
         if os.environ.get(name, "").strip().lower() in _FALSE:
             return None
-    spec = importlib.util.find_spec("prefect")
-    if spec is None or not spec.submodule_search_locations or _profile_names_api():
+    if _profile_names_api():
         return None
     try:
-        return EarlyServer(Path(next(iter(spec.submodule_search_locations))).parent)
+        return EarlyServer()
     except OSError:
         return None  # Prefect starts its own, or says why it cannot
 
