@@ -58,6 +58,8 @@ from takeoff_cache import corpus as corpus_mod  # noqa: E402
 from takeoff_cache import descriptors  # noqa: E402
 from takeoff_cache.backbones import Backbone, load_backbones, place_recognition  # noqa: E402
 from takeoff_cache.demo import DemoInputs, make_demo_data  # noqa: E402
+from takeoff_cache.descriptor_index import write_index  # noqa: E402
+from takeoff_cache.descriptor_store import DescriptorStore, descriptor_space  # noqa: E402
 from takeoff_cache.engines import Runner, get_backend  # noqa: E402
 from takeoff_cache.engines.store import ensure_engine  # noqa: E402
 from takeoff_cache.preprocess import (  # noqa: E402
@@ -108,7 +110,7 @@ class Setup:
         # cores), ONNX Runtime elsewhere; the figures name the one measured.
         self.backend = get_backend(backend)
         self.record = ensure_engine(self.backbone, self.backend, "fp32", None, None, work)
-        self.space = descriptors.descriptor_space(self.record.key, self.backbone.input)
+        self.space = descriptor_space(self.record.key, self.backbone.input)
         # Loaded before anything is timed, or the first index write counts its import.
         import faiss  # noqa: F401
 
@@ -204,7 +206,7 @@ def pipelined(
     runner = setup.runner()
     workers = workers or descriptors.decode_workers(runner.on_accelerator)
     store_path = tmp / "store.sqlite"
-    store = descriptors.DescriptorStore(store_path)
+    store = DescriptorStore(store_path)
     stats = descriptors.EmbedStats()
     cpu0 = cpu_s()
     start = time.perf_counter()
@@ -222,7 +224,7 @@ def pipelined(
     )
     embed_s = time.perf_counter() - start
     cpu = cpu_s() - cpu0
-    files = descriptors.write_index(setup.selection, store, setup.space, tmp, "bench")
+    files = write_index(setup.selection, store, setup.space, tmp, "bench")
     index_s = time.perf_counter() - start - embed_s
     store.close()
     for path in tmp.glob("store.sqlite*"):
@@ -605,7 +607,7 @@ def section_index(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="embed-index-", dir=args.tmp) as tmp_name:
         tmp = Path(tmp_name)
         # Kept beside the corpus: embedding 50 000 tiles once is enough.
-        store = descriptors.DescriptorStore(setup.demo.root / "bench-store.sqlite")
+        store = DescriptorStore(setup.demo.root / "bench-store.sqlite")
         runner = setup.runner()
         log(f"index: embedding {len(setup.selection.tiles)} tiles (reused when stored) ...")
         descriptors.embed_tiles(
@@ -619,9 +621,7 @@ def section_index(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
         out: dict[str, Any] = {"tiles": len(setup.selection.tiles)}
         for name, exact_max in (("flat", len(setup.selection.tiles)), ("approximate", 0)):
             start = time.perf_counter()
-            files = descriptors.write_index(
-                setup.selection, store, setup.space, tmp, name, exact_max=exact_max
-            )
+            files = write_index(setup.selection, store, setup.space, tmp, name, exact_max=exact_max)
             out[name] = {
                 "index_type": files.index_type,
                 "nprobe": files.nprobe,

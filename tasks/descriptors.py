@@ -27,6 +27,8 @@ from prefect.context import TaskRunContext
 from takeoff_cache import artifacts, corpus, descriptors, scaleout
 from takeoff_cache.backbones import Backbone
 from takeoff_cache.canonical import content_key
+from takeoff_cache.descriptor_index import IndexFiles, descriptor_key
+from takeoff_cache.descriptor_store import DescriptorStore, descriptor_space, prune_store
 from takeoff_cache.engines.store import EngineRecord
 from takeoff_cache.errors import BadTilesError, DescriptorError
 from takeoff_cache.fsutil import sha256_file
@@ -49,7 +51,7 @@ def _place_recognition(
 ) -> tuple[Backbone, EngineRecord, str]:
     """The backbone whose descriptors are indexed, its engine, and their descriptor space."""
     backbone, record = place_recognition_engine(validated, records)
-    return backbone, record, descriptors.descriptor_space(record.key, backbone.input)
+    return backbone, record, descriptor_space(record.key, backbone.input)
 
 
 def _index_stem(backbone: str, desc_key: str) -> str:
@@ -140,11 +142,11 @@ def build_index(
     record: EngineRecord,
     desc_key: str,
     work_dir: str,
-) -> tuple[descriptors.IndexFiles, descriptors.EmbedResult]:
+) -> tuple[IndexFiles, descriptors.EmbedResult]:
     req = validated.request
-    store = descriptors.DescriptorStore(store_path(Path(work_dir)))
+    store = DescriptorStore(store_path(Path(work_dir)))
     progress = _Progress(artifact_key("descriptors", req.cache_root))
-    space = descriptors.descriptor_space(record.key, backbone.input)
+    space = descriptor_space(record.key, backbone.input)
     try:
         runner = validated.backend.load(Path(record.store_path), backbone, backbone.output or "")
         files, result = descriptors.embed_and_index(
@@ -188,7 +190,7 @@ def spread_descriptors(
     req = validated.request
     backbone, record, space = _place_recognition(validated, records)
     engine = scaleout.EngineRef(record.store_path, record.sha256, validated.backend.name, backbone)
-    store = descriptors.DescriptorStore(store_path(work_dir))
+    store = DescriptorStore(store_path(work_dir))
     progress = _Progress(artifact_key("descriptors", req.cache_root))
     try:
         result = embed_on_dask(dask_address, selection, req.corpus, engine, space, store, progress)
@@ -202,7 +204,7 @@ def spread_descriptors(
 
 def _mark_space_used(work_dir: Path, space: str) -> None:
     with contextlib.suppress(DescriptorError, sqlite3.Error, OSError):
-        store = descriptors.DescriptorStore(store_path(work_dir))
+        store = DescriptorStore(store_path(work_dir))
         try:
             store.mark_used(space)
         finally:
@@ -218,7 +220,7 @@ def prune_work_folder(work_dir: Path) -> None:
     with contextlib.suppress(OSError):
         prune_indexes(work_dir)
     with contextlib.suppress(DescriptorError, OSError):
-        descriptors.prune_store(store_path(work_dir))
+        prune_store(store_path(work_dir))
 
 
 def descriptors_phase(
@@ -230,7 +232,7 @@ def descriptors_phase(
 ) -> tuple[descriptors.EmbedResult, list[Artifact], list[str]]:
     """Run (or take from Prefect's cache) the index task, then stage its files."""
     backbone, record, space = _place_recognition(validated, records)
-    desc_key = descriptors.descriptor_key(space, selection.fingerprint)
+    desc_key = descriptor_key(space, selection.fingerprint)
     state = build_index(
         validated,
         untracked(selection),

@@ -15,6 +15,7 @@ from prefect.cache_policies import NO_CACHE
 
 from takeoff_cache import descriptors, scaleout
 from takeoff_cache.corpus import TileSelection
+from takeoff_cache.descriptor_store import DescriptorStore
 from takeoff_cache.errors import DescriptorError
 
 
@@ -34,7 +35,7 @@ def embed_on_dask(
     corpus_path: Path,
     engine: scaleout.EngineRef,
     space: str,
-    store: descriptors.DescriptorStore,
+    store: DescriptorStore,
     progress: descriptors.Progress | None = None,
     stats: scaleout.SpreadStats | None = None,
     *,

@@ -121,7 +121,7 @@ def test_an_index_taken_from_prefects_cache_dates_its_descriptor_space(
 ) -> None:
     import time
 
-    from takeoff_cache.descriptors import DescriptorStore
+    from takeoff_cache.descriptor_store import DescriptorStore
     from takeoff_cache.workdir import store_path
 
     build(capsys, demo)
@@ -309,7 +309,7 @@ def test_a_changed_corpus_build_prunes_the_work_folder_and_a_pruned_index_is_reb
     import shutil
     import time
 
-    from takeoff_cache.descriptors import KEEP_SPACES, SPACE_IDLE_S, DescriptorStore
+    from takeoff_cache.descriptor_store import KEEP_SPACES, SPACE_IDLE_S, DescriptorStore
     from takeoff_cache.workdir import KEEP_INDEXES, store_path
 
     first = build(capsys, demo)

@@ -123,6 +123,7 @@ def test_chunks_run_as_plain_dask_tasks_without_a_prefect_server(
     from takeoff_cache import descriptors
     from takeoff_cache.backbones import load_backbones, place_recognition
     from takeoff_cache.corpus import select_tiles
+    from takeoff_cache.descriptor_store import DescriptorStore, descriptor_space
     from takeoff_cache.engines import get_backend
     from takeoff_cache.engines.store import ensure_engine
     from takeoff_cache.request import parse_request, read_request_file
@@ -132,11 +133,11 @@ def test_chunks_run_as_plain_dask_tasks_without_a_prefect_server(
     backbone = place_recognition(load_backbones(request.backbones))
     backend = get_backend("onnxruntime")
     record = ensure_engine(backbone, backend, "fp32", None, None, tmp_path / "work")
-    space = descriptors.descriptor_space(record.key, backbone.input)
+    space = descriptor_space(record.key, backbone.input)
     selection = select_tiles(request.corpus, request.bbox.as_tuple(), request.zoom_levels)
     engine = scaleout.EngineRef(record.store_path, record.sha256, backend.name, backbone)
 
-    spread = descriptors.DescriptorStore(tmp_path / "spread.sqlite")
+    spread = DescriptorStore(tmp_path / "spread.sqlite")
     stats = scaleout.SpreadStats()
     result = embed_on_dask(
         cluster.scheduler_address,
@@ -151,7 +152,7 @@ def test_chunks_run_as_plain_dask_tasks_without_a_prefect_server(
     assert (result.generated, result.bad_tiles) == (len(selection.tiles), ())
     assert len(stats.workers) == 2 and stats.chunks >= 2
 
-    local = descriptors.DescriptorStore(tmp_path / "local.sqlite")
+    local = DescriptorStore(tmp_path / "local.sqlite")
     runner = backend.load(Path(record.store_path), backbone, backbone.output or "")
     descriptors.embed_tiles(
         selection, request.corpus, runner.run, backbone.input, space, local, streams=2

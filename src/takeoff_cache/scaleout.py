@@ -30,16 +30,15 @@ import numpy as np
 
 from .backbones import Backbone
 from .corpus import Corpus, Tile, TileSelection, open_corpus
+from .descriptor_store import DescriptorStore, l2_normalize
 from .descriptors import (
     BATCH_SIZE,
-    DescriptorStore,
     EmbedResult,
     Progress,
     ProgressTally,
     bad_tile_lines,
     check_vectors,
     decode_batch,
-    l2_normalize,
     read_tiles,
     todo_batches,
 )
