@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -115,6 +115,7 @@ def build_cache(
     held = None
     staging: Path | None = None
     committed = False
+    settle_progress: Callable[[], None] | None = None
     try:
         with phase("validate"):
             if coverage not in ("strict", "lenient"):
@@ -152,6 +153,8 @@ def build_cache(
         preload(validated.backend.runtime, "faiss")
         from tasks import descriptors as td
         from tasks import engines as te
+
+        settle_progress = td.settle_progress
 
         staging = commit.prepare_staging(root)
         with phase("engines"):
@@ -208,6 +211,8 @@ def build_cache(
                 else:
                     commit.discard_staging(validated.request.cache_root)
             held.release()
+        if settle_progress is not None:
+            settle_progress()
 
 
 def _finish(report: BuildReport, started: float, cache_root: str | None) -> dict[str, Any] | State:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any, cast
 
@@ -368,3 +369,30 @@ def test_a_changed_corpus_build_prunes_the_work_folder_and_a_pruned_index_is_reb
     assert again["manifest_hash"] == first["manifest_hash"]
     assert (folder / f"{original}.faiss").is_file()
     verify_cache(demo.cache, load_trust_store(demo.trust))
+
+
+def test_a_closed_progress_artifact_gets_its_last_update_behind_the_build_and_is_settled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tasks import descriptors as td
+
+    release = threading.Event()
+    sent: list[float] = []
+
+    def update(self: Any, value: float) -> None:
+        release.wait(30)
+        sent.append(value)
+
+    monkeypatch.setattr(td._Progress, "_create", staticmethod(lambda key: "artifact-id"))
+    monkeypatch.setattr(td._Progress, "_update", update)
+    progress = td._Progress("descriptors-key")
+    progress(80, 80)
+    progress.close()  # returns with the last update still in flight
+    assert sent == []
+    settling = threading.Thread(target=td.settle_progress)
+    settling.start()
+    settling.join(0.2)
+    assert settling.is_alive()  # waits for the update
+    release.set()
+    settling.join(30)
+    assert not settling.is_alive() and sent == [100.0]
