@@ -13,6 +13,7 @@ also during the recovery of a killed build, and at random instants.
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import time
@@ -26,6 +27,7 @@ import pytest
 from takeoff_cache.cli import main
 from takeoff_cache.errors import VerificationError
 from takeoff_cache.layout import MANIFEST_NAME
+from takeoff_cache.selection_cache import RACY_S
 
 from ._cli import run_cli
 from ._procs import (
@@ -128,13 +130,26 @@ def observe(root: Path) -> Observed:
         return Observed(None, exc.problems, has_manifest, lock_free)
 
 
-def prepare(scenario: str, base: Path, empty: Path, dest: Path) -> tuple[str, ...]:
-    """Copy the scenario's starting point to ``dest``; return the build flags it needs."""
+def prepare(
+    scenario: str, base: Path, empty: Path, dest: Path, *, settled: bool = False
+) -> tuple[str, ...]:
+    """Copy the scenario's starting point to ``dest``; return the build flags it needs.
+
+    ``settled``: wait until the corpus file has been unchanged for RACY_S, so that
+    the build remembers its selection (and passes the ``selection.entry`` points)
+    whatever its start-up time. Without it, whether it does depends on how soon
+    after the copy the select phase runs.
+    """
     copy_sandbox(empty if scenario == "first" else base, dest)
     if scenario in ("update", "tile"):
         change_one_tile(dest)
     if scenario == "update":
         change_model(dest)
+    if settled:
+        files = [Path(f"{dest / 'corpus.mbtiles'}{end}") for end in ("", "-wal", "-journal")]
+        stats = [os.stat(f) for f in files if f.exists()]
+        changed_ns = max(max(st.st_mtime_ns, st.st_ctime_ns) for st in stats)
+        time.sleep(max(0.0, changed_ns / 1e9 + RACY_S + 0.05 - time.time()))
     return ("--zoom", "16") if scenario == "zoom" else ()
 
 
@@ -156,7 +171,8 @@ class Kills:
 
     def _run(self, case: Case) -> Outcome:
         dest = self.tmp / str(case).replace(":", "_")
-        flags = prepare(case.scenario, self.base, self.empty, dest)
+        settled = any(point.startswith("selection.") for point in case.points)
+        flags = prepare(case.scenario, self.base, self.empty, dest, settled=settled)
         outcome = Outcome(dest, flags)
         for point in case.points:
             env = self.server.env(TAKEOFF_CACHE_KILL_AT=point)
@@ -183,7 +199,7 @@ class Trace:
 def traced_build(
     server: PrefectServer, scenario: str, base: Path, empty: Path, dest: Path
 ) -> Trace:
-    flags = prepare(scenario, base, empty, dest)
+    flags = prepare(scenario, base, empty, dest, settled=True)
     trace_file = dest.parent / f"{dest.name}.trace"
     run = run_build(dest, server.env(TAKEOFF_CACHE_FAULT_TRACE=str(trace_file)), *flags)
     assert run.returncode == 0, run.stderr

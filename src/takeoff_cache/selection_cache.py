@@ -106,7 +106,9 @@ def select_tiles_cached(
         }
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(entry, json.dumps(doc, separators=(",", ":")).encode())
+            atomic_write_bytes(
+                entry, json.dumps(doc, separators=(",", ":")).encode(), point="selection.entry"
+            )
         except OSError:
             pass  # a work folder we cannot write to only costs the next run its speed
     return selection
