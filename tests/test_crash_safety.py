@@ -13,7 +13,6 @@ also during the recovery of a killed build, and at random instants.
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import time
@@ -27,7 +26,7 @@ import pytest
 from takeoff_cache.cli import main
 from takeoff_cache.errors import VerificationError
 from takeoff_cache.layout import MANIFEST_NAME
-from takeoff_cache.selection_cache import RACY_S
+from takeoff_cache.selection_cache import RACY_S, _last_change_ns, _signature
 
 from ._cli import run_cli
 from ._procs import (
@@ -146,9 +145,8 @@ def prepare(
     if scenario == "update":
         change_model(dest)
     if settled:
-        files = [Path(f"{dest / 'corpus.mbtiles'}{end}") for end in ("", "-wal", "-journal")]
-        stats = [os.stat(f) for f in files if f.exists()]
-        changed_ns = max(max(st.st_mtime_ns, st.st_ctime_ns) for st in stats)
+        # The corpus's last change as the selection cache itself reads it.
+        changed_ns = _last_change_ns(_signature(dest / "corpus.mbtiles"))
         time.sleep(max(0.0, changed_ns / 1e9 + RACY_S + 0.05 - time.time()))
     return ("--zoom", "16") if scenario == "zoom" else ()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def _tiles(n: int, salt: str = "") -> tuple[Tile, ...]:
 
 
 @pytest.fixture(scope="module")
-def stored(tmp_path_factory: pytest.TempPathFactory) -> Stored:
+def stored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stored]:
     """2,000 tiles whose vectors lie in 60 clusters, as places that look alike do."""
     rng = np.random.default_rng(7)
     centres = rng.standard_normal((60, DIM)).astype(np.float32)
@@ -45,7 +46,8 @@ def stored(tmp_path_factory: pytest.TempPathFactory) -> Stored:
     tiles = _tiles(2000)
     store = DescriptorStore(tmp_path_factory.mktemp("index") / "store.sqlite")
     store.put(SPACE, [t.sha256 for t in tiles], vectors)
-    return Stored(TileSelection(tiles, "fingerprint"), vectors, store)
+    yield Stored(TileSelection(tiles, "fingerprint"), vectors, store)
+    store.close()
 
 
 def test_index_is_exact_below_the_threshold(stored: Stored, tmp_path: Path) -> None:

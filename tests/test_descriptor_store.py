@@ -14,6 +14,10 @@ from takeoff_cache import descriptor_store
 from takeoff_cache.backbones import InputSpec
 
 
+def _digests(prefix: str, n: int) -> list[str]:
+    return [hashlib.sha256(f"{prefix}{i}".encode()).hexdigest() for i in range(n)]
+
+
 def test_descriptor_space_changes_with_the_input_spec_not_only_the_model() -> None:
     spec = InputSpec("image", 128, 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     moved = InputSpec(spec.name, spec.size, spec.channels, spec.mean, (0.5, 0.5, 0.5))
@@ -42,7 +46,7 @@ def test_the_store_copies_its_log_into_its_file_while_it_is_still_read(tmp_path:
 
 def test_store_lookup_returns_exactly_the_absent_digests(tmp_path: Path) -> None:
     store = descriptor_store.DescriptorStore(tmp_path / "store.sqlite")
-    digests = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(9000)]
+    digests = _digests("", 9000)
     vectors = np.eye(8, dtype=np.float32)[np.arange(3000) % 8]
     store.put("space-a", digests[:3000], vectors)
     store.put("space-b", digests[3000:6000], vectors)
@@ -159,10 +163,6 @@ def test_rows_of_one_size_read_at_once_are_still_checked_one_by_one(
     assert ok.all() and not any("group_concat" in sql for sql in statements)
     np.testing.assert_array_equal(matrix, unit[3:])
     store.close()
-
-
-def _digests(prefix: str, n: int) -> list[str]:
-    return [hashlib.sha256(f"{prefix}{i}".encode()).hexdigest() for i in range(n)]
 
 
 def test_store_prunes_spaces_neither_recent_nor_among_the_last_used(tmp_path: Path) -> None:
