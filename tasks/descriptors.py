@@ -78,22 +78,28 @@ def _index_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str
 
 
 class _Progress:
-    """Terminal bar plus a Prefect progress artifact, updated at most twice a second.
+    """Terminal bar plus a Prefect progress artifact, sent at most twice a second.
 
-    API calls go through one background thread (in this task's context, so the
-    artifact belongs to its run): a rebuild that embeds a few tiles does not
-    wait on the artifact's creation, nor, once ``close`` is called, on its last
-    update; :func:`settle_progress` waits for that.
+    The artifact is created at the first value sent: half a second into the
+    phase, or, for a phase that ends sooner (a rebuild that embeds a few
+    tiles), at its close, with its final value. One API call then, where
+    creating it at 0% and updating it at the end took two, both beside the
+    phase's own work. API calls go through one background thread (in this
+    task's context, so the artifact belongs to its run): the phase never waits
+    on one, nor, once ``close`` is called, on the last; :func:`settle_progress`
+    waits for that.
     """
+
+    every_s = 0.5  # between API calls: each is a round trip the server answers
 
     def __init__(self, key: str) -> None:
         self._api = ThreadPoolExecutor(max_workers=1, thread_name_prefix="progress")
-        context = contextvars.copy_context()
-        self._artifact: Future[UUID] = self._api.submit(context.run, self._create, key)
-        self._context = context
-        # Each update is an API round trip: none before half a second, none repeated.
+        self._context = contextvars.copy_context()
+        self._key = key
+        self._artifact: Future[UUID] | None = None
         self._last = time.monotonic()
-        self._sent = 0.0
+        self._value: float | None = None  # the latest value, sent or not
+        self._sent: float | None = None
         self._bar: Any = None
         if sys.stderr.isatty():
             from tqdm import tqdm
@@ -101,33 +107,41 @@ class _Progress:
             self._bar = tqdm(total=0, unit="tile", desc="descriptors", file=sys.stderr)
 
     @staticmethod
-    def _create(key: str) -> UUID:
-        artifact_id = create_progress_artifact(0.0, key=key, description="descriptors computed")
+    def _create(key: str, value: float) -> UUID:
+        artifact_id = create_progress_artifact(value, key=key, description="descriptors computed")
         # Called from a synchronous task, so this is the id, not a coroutine.
         return cast(UUID, artifact_id)
 
     def _update(self, value: float) -> None:
+        assert self._artifact is not None
         update_progress_artifact(self._artifact.result(), value)
+
+    def _send(self, value: float) -> None:
+        self._last = time.monotonic()
+        self._sent = value
+        if self._artifact is None:
+            self._artifact = self._api.submit(self._context.run, self._create, self._key, value)
+        else:
+            self._api.submit(self._context.run, self._update, value)
 
     def __call__(self, done: int, total: int) -> None:
         if self._bar is not None:
             self._bar.total = total
             self._bar.n = done
             self._bar.refresh()
-        now = time.monotonic()
         # The UI prints the value as is: one decimal reads as a percentage.
-        value = round(100.0 * done / max(total, 1), 1)
-        if value != self._sent and (done >= total or now - self._last >= 0.5):
-            self._last = now
-            self._sent = value
-            self._api.submit(self._context.run, self._update, value)
+        self._value = round(100.0 * done / max(total, 1), 1)
+        if self._value != self._sent and time.monotonic() - self._last >= self.every_s:
+            self._send(self._value)
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-        # The last update is a round trip to a server that, on a small host, is busy
-        # recording the run's task runs: 6-17 ms of a 0.13 s rebuild phase spent
-        # waiting. It completes while the build goes on; the flow settles it.
+        if self._value is not None and self._value != self._sent:
+            self._send(self._value)
+        # The last call completes while the build goes on, and the flow settles it:
+        # waiting for it here had the phase wait on a server that, on a small host,
+        # is busy recording the run's task runs (6-17 ms of a 0.13 s rebuild phase).
         self._api.shutdown(wait=False)
         _unsettled.append(self._api)
 

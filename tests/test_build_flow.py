@@ -371,28 +371,72 @@ def test_a_changed_corpus_build_prunes_the_work_folder_and_a_pruned_index_is_reb
     verify_cache(demo.cache, load_trust_store(demo.trust))
 
 
+def _recorded_progress(monkeypatch: pytest.MonkeyPatch, calls: list[tuple[str, float]]) -> Any:
+    """tasks.descriptors with its progress artifact's API calls recorded, not sent."""
+    from tasks import descriptors as td
+
+    def create(key: str, value: float) -> str:
+        calls.append(("create", value))
+        return "artifact-id"
+
+    def update(self: Any, value: float) -> None:
+        assert self._artifact.result() == "artifact-id"
+        calls.append(("update", value))
+
+    monkeypatch.setattr(td._Progress, "_create", staticmethod(create))
+    monkeypatch.setattr(td._Progress, "_update", update)
+    return td
+
+
+def test_a_short_phase_creates_its_progress_artifact_once_at_its_final_value(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[tuple[str, float]] = []
+    td = _recorded_progress(monkeypatch, calls)
+    progress = td._Progress("descriptors-key")
+    for done in (0, 40, 80):
+        progress(done, 80)
+    assert calls == []  # nothing is sent in the phase's first half second
+    progress.close()
+    td.settle_progress()
+    assert calls == [("create", 100.0)]
+
+
+def test_a_long_phase_creates_its_progress_artifact_early_and_updates_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[tuple[str, float]] = []
+    td = _recorded_progress(monkeypatch, calls)
+    monkeypatch.setattr(td._Progress, "every_s", 0.0)  # every value is due at once
+    progress = td._Progress("descriptors-key")
+    for done in (0, 40, 40, 80):
+        progress(done, 80)
+    progress.close()  # the last value was sent: nothing more to send
+    td.settle_progress()
+    assert calls == [("create", 0.0), ("update", 50.0), ("update", 100.0)]
+
+
 def test_a_closed_progress_artifact_gets_its_last_update_behind_the_build_and_is_settled(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from tasks import descriptors as td
-
     release = threading.Event()
-    sent: list[float] = []
+    calls: list[tuple[str, float]] = []
+    td = _recorded_progress(monkeypatch, calls)
+    recorded = td._Progress._create
 
-    def update(self: Any, value: float) -> None:
+    def slow_create(key: str, value: float) -> str:
         release.wait(30)
-        sent.append(value)
+        return cast(str, recorded(key, value))
 
-    monkeypatch.setattr(td._Progress, "_create", staticmethod(lambda key: "artifact-id"))
-    monkeypatch.setattr(td._Progress, "_update", update)
+    monkeypatch.setattr(td._Progress, "_create", staticmethod(slow_create))
     progress = td._Progress("descriptors-key")
     progress(80, 80)
-    progress.close()  # returns with the last update still in flight
-    assert sent == []
+    progress.close()  # returns with the artifact's one call still in flight
+    assert calls == []
     settling = threading.Thread(target=td.settle_progress)
     settling.start()
     settling.join(0.2)
-    assert settling.is_alive()  # waits for the update
+    assert settling.is_alive()  # waits for the call
     release.set()
     settling.join(30)
-    assert not settling.is_alive() and sent == [100.0]
+    assert not settling.is_alive() and calls == [("create", 100.0)]
