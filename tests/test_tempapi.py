@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -101,3 +102,16 @@ def test_a_build_without_an_api_uses_the_early_server_and_stops_it(demo: Demo) -
     # Stopped when the build's process ended.
     with socket.socket() as sock:
         assert sock.connect_ex(("127.0.0.1", port)) != 0
+    # It records task runs in batches, and wrote its last batch as it stopped:
+    # every phase of the build is a completed task run in Prefect's database.
+    with sqlite3.connect(Path(os.environ["PREFECT_HOME"]) / "prefect.db") as db:
+        runs = db.execute(
+            "SELECT id FROM flow_run WHERE parameters LIKE ? ORDER BY start_time DESC",
+            (f"%{json.dumps(str(demo.cache))[1:-1]}%",),
+        ).fetchall()
+        tasks = db.execute(
+            "SELECT name, state_type FROM task_run WHERE flow_run_id = ?", (runs[0][0],)
+        ).fetchall()
+    phases = {"validate", "lock", "select", "engines", "descriptors", "manifest", "commit"}
+    assert phases <= {name for name, _ in tasks}
+    assert {state for _, state in tasks} == {"COMPLETED"}

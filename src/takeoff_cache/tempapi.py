@@ -53,8 +53,16 @@ class EarlyServer:
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         # As Prefect starts its own: no UI, ephemeral mode (only the services a
-        # temporary API needs), errors only on the shared stderr.
+        # temporary API needs), errors only on the shared stderr. One change, which
+        # an operator's own setting overrides: task runs are recorded in batches.
+        # Prefect's default, one database transaction per task-run event, kept a
+        # core busy beside the build: a 2-core host's CLI rebuild of 5,120 tiles
+        # spent 0.116 s in its descriptors phase against 0.098 s batched. This
+        # server has no UI to show the runs sooner, and writes what it holds when
+        # it stops.
         env = {
+            "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "500",
+            "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "2",
             **os.environ,
             "PREFECT_UI_ENABLED": "0",
             "PREFECT__SERVER_EPHEMERAL": "1",
