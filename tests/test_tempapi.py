@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -115,3 +117,46 @@ def test_a_build_without_an_api_uses_the_early_server_and_stops_it(demo: Demo) -
     phases = {"validate", "lock", "select", "engines", "descriptors", "manifest", "commit"}
     assert phases <= {name for name, _ in tasks}
     assert {state for _, state in tasks} == {"COMPLETED"}
+
+
+def _gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie its new parent has not reaped yet."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the parent-death signal is Linux's")
+def test_a_killed_build_leaves_no_server_behind(demo: Demo) -> None:
+    env = {**os.environ}
+    env.pop("PREFECT_API_URL", None)
+    build = subprocess.Popen(
+        [sys.executable, "-m", "takeoff_cache.cli", *demo.build_args("--json", "--verbose")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert build.stderr is not None
+        for line in build.stderr:
+            if "temporary Prefect API on" in line:
+                break
+        children = [
+            int(pid)
+            for task in Path(f"/proc/{build.pid}/task").iterdir()
+            for pid in (task / "children").read_text().split()
+        ]
+        servers = [
+            pid for pid in children if b"create_app" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+        assert len(servers) == 1, children
+    finally:
+        build.send_signal(signal.SIGKILL)  # no atexit hook runs
+        build.wait()
+    deadline = time.monotonic() + 60
+    while not _gone(servers[0]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _gone(servers[0])

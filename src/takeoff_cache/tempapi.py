@@ -36,7 +36,8 @@ _FALSE = ("0", "false", "no", "off")
 
 class EarlyServer:
     """A temporary Prefect API server in a subprocess, stopped when this process exits
-    (an ``atexit`` hook: after Prefect's workers, which drain at thread shutdown)."""
+    (an ``atexit`` hook: after Prefect's workers, which drain at thread shutdown), or
+    on Linux when the thread that made it ends: make it on the main thread."""
 
     def __init__(self) -> None:
         app_dir = _prefect_app_dir()
@@ -68,7 +69,7 @@ class EarlyServer:
             "PREFECT__SERVER_EPHEMERAL": "1",
             "PREFECT__SERVER_FINAL": "1",
         }
-        args = [sys.executable, "-m", "uvicorn", "--app-dir", str(self._app_dir)]
+        args = [sys.executable, "-c", _LAUNCH, str(os.getpid()), "--app-dir", str(self._app_dir)]
         args += ["--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1"]
         args += ["--port", str(self.port), "--log-level", "error", "--lifespan", "on"]
         return subprocess.Popen(args, env=env)
@@ -104,6 +105,27 @@ class EarlyServer:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+# Runs uvicorn as ``python -m uvicorn`` would, once the server is tied to this
+# process: on Linux the kernel sends it SIGTERM when the thread that started it
+# ends, even by SIGKILL, where the atexit hook never runs. A killed build leaves
+# no server behind (it stops as on ``stop``, writing what it holds). argv[1] is
+# the starter's pid: had it died before the tie was made, the server exits.
+_LAUNCH = """
+import os, runpy, signal, sys
+starter = int(sys.argv.pop(1))
+if sys.platform == "linux":
+    import ctypes
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (AttributeError, OSError):
+        pass
+    if os.getppid() != starter:
+        sys.exit(0)
+sys.argv[0] = "uvicorn"
+runpy.run_module("uvicorn", run_name="__main__", alter_sys=True)
+"""
 
 
 def _free_port() -> int:
