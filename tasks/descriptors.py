@@ -131,7 +131,10 @@ class _Progress:
             self._bar.refresh()
         # The UI prints the value as is: one decimal reads as a percentage.
         self._value = round(100.0 * done / max(total, 1), 1)
-        if self._value != self._sent and time.monotonic() - self._last >= self.every_s:
+        # The end goes at once to an artifact the UI already shows: writing the
+        # index can take seconds more before ``close``.
+        due = time.monotonic() - self._last >= self.every_s
+        if self._value != self._sent and (due or (done >= total and self._artifact is not None)):
             self._send(self._value)
 
     def close(self) -> None:

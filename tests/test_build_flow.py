@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -414,6 +415,24 @@ def test_a_long_phase_creates_its_progress_artifact_early_and_updates_it(
     progress.close()  # the last value was sent: nothing more to send
     td.settle_progress()
     assert calls == [("create", 0.0), ("update", 50.0), ("update", 100.0)]
+
+
+def test_a_shown_progress_artifact_gets_the_end_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, float]] = []
+    td = _recorded_progress(monkeypatch, calls)
+    monkeypatch.setattr(td._Progress, "every_s", 0.0)
+    progress = td._Progress("descriptors-key")
+    progress(0, 80)  # created
+    monkeypatch.setattr(td._Progress, "every_s", 3600.0)
+    progress(40, 80)  # not due
+    progress(80, 80)  # the end: due at once, before the index is written and close
+    deadline = time.monotonic() + 30
+    while len(calls) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert calls == [("create", 0.0), ("update", 100.0)]
+    progress.close()
+    td.settle_progress()
+    assert calls == [("create", 0.0), ("update", 100.0)]
 
 
 def test_a_closed_progress_artifact_gets_its_last_update_behind_the_build_and_is_settled(
