@@ -121,8 +121,6 @@ def test_deleted_artifact_is_rebuilt_not_served_from_prefect_cache(
 def test_an_index_taken_from_prefects_cache_dates_its_descriptor_space(
     capsys: pytest.CaptureFixture[str], demo: Demo
 ) -> None:
-    import time
-
     from takeoff_cache.descriptor_store import DescriptorStore
     from takeoff_cache.workdir import store_path
 
@@ -309,7 +307,6 @@ def test_a_changed_corpus_build_prunes_the_work_folder_and_a_pruned_index_is_reb
     capsys: pytest.CaptureFixture[str], demo: Demo
 ) -> None:
     import shutil
-    import time
 
     from takeoff_cache.descriptor_store import KEEP_SPACES, SPACE_IDLE_S, DescriptorStore
     from takeoff_cache.workdir import KEEP_INDEXES, store_path

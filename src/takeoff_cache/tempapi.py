@@ -118,7 +118,7 @@ starter = int(sys.argv.pop(1))
 if sys.platform == "linux":
     import ctypes
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (AttributeError, OSError):
         pass
     if os.getppid() != starter:
