@@ -71,7 +71,7 @@ def build_params(request: Path, work: Path) -> dict[str, Any]:
 def warm(request: Path, work: Path, repeat: int) -> dict[str, Any]:
     from prefect import flow
 
-    from flows.build import build_cache
+    from takeoff_cache_prefect.flows.build import build_cache
 
     @flow(name="nothing", persist_result=False, log_prints=False)
     def nothing() -> int:

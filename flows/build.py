@@ -21,7 +21,7 @@ from takeoff_cache.layout import MANIFEST_NAME
 from takeoff_cache.preload import preload
 from takeoff_cache.report import BuildReport
 from takeoff_cache.workdir import resolve_work_dir
-from tasks import build as t
+from takeoff_cache_prefect.tasks import build as t
 
 # What the runs of this flow ended with, for a caller in the same process (the CLI).
 # The run's final state as the API hands it back can lack its data: a state update
@@ -151,8 +151,8 @@ def build_cache(
         # background, while the engines are settled) and the task modules that
         # use them (numpy, Pillow).
         preload(validated.backend.runtime, "faiss")
-        from tasks import descriptors as td
-        from tasks import engines as te
+        from takeoff_cache_prefect.tasks import descriptors as td
+        from takeoff_cache_prefect.tasks import engines as te
 
         settle_progress = td.settle_progress
 

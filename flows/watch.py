@@ -16,7 +16,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from takeoff_cache.request import parse_request
-from tasks import watch as t
+from takeoff_cache_prefect.tasks import watch as t
 
 
 @flow(name="watch-corpus", validate_parameters=False, persist_result=False, log_prints=False)

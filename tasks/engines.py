@@ -30,7 +30,7 @@ from takeoff_cache.engines.store import (
 )
 from takeoff_cache.manifest import Artifact
 from takeoff_cache.validate import ValidatedRequest
-from tasks.build import file_for_the_next_build
+from takeoff_cache_prefect.tasks.build import file_for_the_next_build
 
 
 def _engine_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:

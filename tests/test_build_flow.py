@@ -17,7 +17,7 @@ from prefect.artifacts import Artifact
 from takeoff_cache.demo.synthetic import replace_tile_bytes
 from takeoff_cache.keys import load_trust_store
 from takeoff_cache.verify import verify_cache
-from tasks.build import artifact_key
+from takeoff_cache_prefect.tasks.build import artifact_key
 
 from ._cli import run_cli
 from ._procs import change_one_tile
@@ -121,7 +121,7 @@ def test_deleted_artifact_is_rebuilt_not_served_from_prefect_cache(
 def test_an_index_taken_from_prefects_cache_dates_its_descriptor_space(
     capsys: pytest.CaptureFixture[str], demo: Demo
 ) -> None:
-    from takeoff_cache.descriptor_store import DescriptorStore
+    from takeoff_cache.descriptors.store import DescriptorStore
     from takeoff_cache.workdir import store_path
 
     build(capsys, demo)
@@ -308,7 +308,7 @@ def test_a_changed_corpus_build_prunes_the_work_folder_and_a_pruned_index_is_reb
 ) -> None:
     import shutil
 
-    from takeoff_cache.descriptor_store import KEEP_SPACES, SPACE_IDLE_S, DescriptorStore
+    from takeoff_cache.descriptors.store import KEEP_SPACES, SPACE_IDLE_S, DescriptorStore
     from takeoff_cache.workdir import KEEP_INDEXES, store_path
 
     first = build(capsys, demo)
@@ -371,7 +371,7 @@ def test_a_changed_corpus_build_prunes_the_work_folder_and_a_pruned_index_is_reb
 
 def _recorded_progress(monkeypatch: pytest.MonkeyPatch, calls: list[tuple[str, float]]) -> Any:
     """tasks.descriptors with its progress artifact's API calls recorded, not sent."""
-    from tasks import descriptors as td
+    from takeoff_cache_prefect.tasks import descriptors as td
 
     def create(key: str, value: float) -> str:
         calls.append(("create", value))

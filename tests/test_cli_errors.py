@@ -154,9 +154,9 @@ def test_lock_held_by_another_process_fails_fast_with_exit_4(
 
 def test_a_run_started_by_prefect_is_refused_by_its_own_lock_phase(built: Demo) -> None:
     """A deployment run has no command line to take the lock early: its lock phase refuses."""
-    from flows.build import build_cache
     from takeoff_cache.errors import LockHeldError
     from takeoff_cache.request import read_request_file
+    from takeoff_cache_prefect.flows.build import build_cache
 
     holder = hold_lock(built.cache / ".build.lock")
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from takeoff_cache.tempapi import EarlyServer, _profile_names_api, serving, start_early
+from takeoff_cache_prefect.tempapi import EarlyServer, _profile_names_api, serving, start_early
 
 from .conftest import Demo
 

@@ -136,11 +136,11 @@ def _heartbeats_only_when_asked() -> Iterator[None]:
 
 def _run_build(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     _prefect_env(args.verbose)
-    from .tempapi import serving, start_early
+    from takeoff_cache_prefect.tempapi import serving, start_early
 
     # Before Prefect and the flow are imported, so the server starts meanwhile.
     server = start_early()
-    from flows.build import build_cache, recorded_outcomes
+    from takeoff_cache_prefect.flows.build import build_cache, recorded_outcomes
 
     params = {k: v for k, v in raw.items() if v is not None}
     params.update(
