@@ -6,8 +6,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from takeoff_cache.engines import onnxruntime as ort_backend
 from takeoff_cache.fsutil import sha256_file
 from takeoff_cache.keys import Signer, TrustedKey
 from takeoff_cache.manifest import MANIFEST_NAME, Artifact, compose_signed, sign_manifest
@@ -15,6 +17,11 @@ from takeoff_cache.manifest import MANIFEST_NAME, Artifact, compose_signed, sign
 HOST: dict[str, Any] = {"backend": "onnxruntime", "backend_version": "1.0", "arch": "x86_64"}
 CREATED = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 REQUEST: dict[str, Any] = {"bbox": [48.44, 35.02, 48.47, 35.07], "zoom_levels": [16, 17]}
+
+
+def on_another_cpu(monkeypatch: pytest.MonkeyPatch, cpu: dict[str, Any]) -> None:
+    """Make the ONNX Runtime backend detect ``cpu`` in this process, as it would on that host."""
+    monkeypatch.setattr(ort_backend, "cpu_identity", lambda: cpu)
 
 
 def new_signer() -> Signer:

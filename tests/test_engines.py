@@ -16,11 +16,11 @@ from takeoff_cache.engines import get_backend
 from takeoff_cache.engines.onnxruntime import OnnxRuntimeBackend
 from takeoff_cache.engines.store import ensure_engine, lookup_engine
 from takeoff_cache.errors import EngineError
-from takeoff_cache.hostinfo import OVERRIDE_ENV
 from takeoff_cache.keys import load_trust_store
 from takeoff_cache.verify import verify_cache
 
 from ._cli import run_cli
+from ._factories import on_another_cpu
 from .conftest import Demo
 
 
@@ -70,7 +70,7 @@ def test_another_host_identity_forces_a_rebuild(
 ) -> None:
     backend = CountingBackend()
     here = ensure_engine(vpr(demo), backend, "fp32", None, None, demo.work)
-    monkeypatch.setenv(OVERRIDE_ENV, json.dumps({"cpu": {"arch": "aarch64", "isa": ["asimd"]}}))
+    on_another_cpu(monkeypatch, {"arch": "aarch64", "isa": ["asimd"]})
     there = ensure_engine(vpr(demo), backend, "fp32", None, None, demo.work)
     assert there.built and there.key != here.key
     assert "aarch64-neon" in there.file_name
@@ -153,11 +153,11 @@ class TestThroughTheBuild:
         signed = json.loads((demo.cache / "Manifest.json").read_text())["signed"]
         assert signed["host"]["backend"] == "onnxruntime"
         assert signed["host"]["cpu"]["arch"]
-        monkeypatch.setenv(OVERRIDE_ENV, json.dumps({"cpu": {"arch": "aarch64", "isa": []}}))
-        result = run_cli(capsys, *demo.build_args("--json"))
+        with monkeypatch.context() as there:
+            on_another_cpu(there, {"arch": "aarch64", "isa": []})
+            result = run_cli(capsys, *demo.build_args("--json"))
         assert result.json()["engines_built"] == 2
         # The cache now holds engines for the simulated host, which this host refuses.
-        monkeypatch.delenv(OVERRIDE_ENV)
         check = run_cli(
             capsys, "verify", str(demo.cache), "--trust", str(demo.trust), "--host-check"
         )

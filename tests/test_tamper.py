@@ -17,12 +17,11 @@ from typing import Any
 import pytest
 
 from takeoff_cache.cli import main
-from takeoff_cache.hostinfo import OVERRIDE_ENV
 from takeoff_cache.keys import load_signer
 from takeoff_cache.manifest import parse_time, sign_manifest
 
 from ._cli import CliResult, run_cli
-from ._factories import new_signer
+from ._factories import new_signer, on_another_cpu
 from ._procs import assert_clean, copy_sandbox
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -302,10 +301,10 @@ def test_the_state_file_refuses_a_restored_older_cache(
 def test_host_check_refuses_a_cache_for_another_cpu_set_at_verify_time(
     capsys: pytest.CaptureFixture[str], root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(OVERRIDE_ENV, '{"cpu": {"arch": "aarch64", "isa": []}}')
-    assert verify(capsys, root).code == 0  # without --host-check the host is not compared
-    refused(verify(capsys, root, "--host-check"), "engines were built for another host")
-    monkeypatch.delenv(OVERRIDE_ENV)
+    with monkeypatch.context() as there:
+        on_another_cpu(there, {"arch": "aarch64", "isa": []})
+        assert verify(capsys, root).code == 0  # without --host-check the host is not compared
+        refused(verify(capsys, root, "--host-check"), "engines were built for another host")
     assert verify(capsys, root, "--host-check").code == 0
 
 

@@ -7,7 +7,6 @@ engines are tied to the GPU, CUDA, driver and TensorRT versions.
 
 from __future__ import annotations
 
-import os
 import platform
 from functools import lru_cache
 from pathlib import Path
@@ -34,9 +33,6 @@ _X86_FLAGS = (
     "amx_bf16",
 )
 _ARM_FLAGS = ("asimd", "asimdhp", "asimddp", "fphp", "i8mm", "bf16", "sve", "sve2")
-
-# Simulate another host in tests and dry runs: a JSON object merged over the detected identity.
-OVERRIDE_ENV = "TAKEOFF_CACHE_HOST_OVERRIDE"
 
 
 def _cpu_flags() -> set[str]:
@@ -87,12 +83,3 @@ def jetson_release() -> str | None:
     if not path.is_file():
         return None
     return path.read_text(errors="replace").splitlines()[0].strip()
-
-
-def apply_override(identity: dict[str, Any]) -> dict[str, Any]:
-    import json
-
-    raw = os.environ.get(OVERRIDE_ENV)
-    if not raw:
-        return identity
-    return {**identity, **json.loads(raw)}

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..backbones import Backbone
 from ..errors import EngineError
-from ..hostinfo import apply_override, cpu_identity, isa_tag
+from ..hostinfo import cpu_identity, isa_tag
 from . import Backend, Runner
 
 if TYPE_CHECKING:
@@ -103,9 +103,7 @@ class OnnxRuntimeBackend(Backend):
         return ort_version()
 
     def host_identity(self) -> dict[str, Any]:
-        return apply_override(
-            {"backend": self.name, "backend_version": self.version, "cpu": cpu_identity()}
-        )
+        return {"backend": self.name, "backend_version": self.version, "cpu": cpu_identity()}
 
     def host_tag(self) -> str:
         ident = self.host_identity()

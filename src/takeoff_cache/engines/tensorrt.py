@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ..backbones import Backbone
 from ..errors import EngineError, InvalidRequestError
 from ..fsutil import atomic_write_bytes, sha256_file
-from ..hostinfo import apply_override, cpu_identity, jetson_release
+from ..hostinfo import cpu_identity, jetson_release
 from . import Backend, Runner
 
 # numpy and the calibration reader are imported where they are used: this
@@ -201,18 +201,16 @@ class TensorRTBackend(Backend):
         cudart = _cudart()
         props = _check(cudart.cudaGetDeviceProperties(0))
         name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
-        return apply_override(
-            {
-                "backend": self.name,
-                "backend_version": self.version,
-                "gpu": name.strip("\x00 "),
-                "compute_capability": f"{props.major}.{props.minor}",
-                "cuda_runtime": int(_check(cudart.cudaRuntimeGetVersion())),
-                "cuda_driver": int(_check(cudart.cudaDriverGetVersion())),
-                "l4t": jetson_release(),
-                "cpu": cpu_identity(),
-            }
-        )
+        return {
+            "backend": self.name,
+            "backend_version": self.version,
+            "gpu": name.strip("\x00 "),
+            "compute_capability": f"{props.major}.{props.minor}",
+            "cuda_runtime": int(_check(cudart.cudaRuntimeGetVersion())),
+            "cuda_driver": int(_check(cudart.cudaDriverGetVersion())),
+            "l4t": jetson_release(),
+            "cpu": cpu_identity(),
+        }
 
     def host_tag(self) -> str:
         ident = self.host_identity()
