@@ -2,22 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
-
-PHASES = (
-    "validate",
-    "lock",
-    "select",
-    "identity",
-    "noop",
-    "engines",
-    "descriptors",
-    "manifest",
-    "coverage",
-    "commit",
-)
 
 
 @dataclass
@@ -39,9 +25,6 @@ class BuildReport:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
-
-    def dumps(self) -> str:
-        return json.dumps(self.to_json(), sort_keys=False)
 
     def markdown(self) -> str:
         rows = [f"| {k} | {v} |" for k, v in self.to_json().items() if k != "phases"]
