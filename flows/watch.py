@@ -15,7 +15,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from takeoff_cache.request import parse_request
+from takeoff_cache.request import FIELDS, parse_request
 from takeoff_cache_prefect.tasks import watch as t
 
 
@@ -26,33 +26,19 @@ def watch_corpus(
     zoom_levels: list[int] | str | None = None,
     sector_class: str | None = None,
     backbones: str | None = None,
+    precision: str = "fp32",
+    calibration: str | None = None,
     cache_root: str | None = None,
     key: str | None = None,
     trust: str | None = None,
-    precision: str = "fp32",
-    calibration: str | None = None,
     takeoff_origin: list[float] | str | None = None,
     flight_id: str | None = None,
     work_dir: str | None = None,
     backend: str = "auto",
 ) -> dict[str, Any]:
     """Check one cache's corpus; emit the corpus-changed event when it differs from the build."""
-    request = parse_request(
-        {
-            "corpus": corpus,
-            "bbox": bbox,
-            "zoom_levels": zoom_levels,
-            "sector_class": sector_class,
-            "backbones": backbones,
-            "cache_root": cache_root,
-            "key": key,
-            "trust": trust,
-            "precision": precision,
-            "calibration": calibration,
-            "takeoff_origin": takeoff_origin,
-            "flight_id": flight_id,
-        }
-    )
+    params = dict(locals())
+    request = parse_request({name: params[name] for name in FIELDS})
     check = t.check_corpus(request)
     logger = get_run_logger()
     result: dict[str, Any] = {

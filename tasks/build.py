@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -31,25 +32,33 @@ from takeoff_cache import (
     identity,
     noop,
     selection_cache,
+    workdir,
 )
 from takeoff_cache import lock as lock_mod
 from takeoff_cache import validate as validate_mod
 from takeoff_cache.manifest import Artifact, Manifest, compose_signed, sign_manifest
+from takeoff_cache.options import BuildOptions
 from takeoff_cache.report import BuildReport
 from takeoff_cache.validate import ValidatedRequest
 
 
 @task(name="validate", task_run_name="validate", cache_policy=NO_CACHE, persist_result=False)
-def validate(raw: dict[str, Any], backend: str, work_dir: Path | None = None) -> ValidatedRequest:
-    return validate_mod.validate(raw, backend, work_dir)
+def validate(raw: dict[str, Any], options: BuildOptions) -> ValidatedRequest:
+    return validate_mod.validate(raw, options.backend, options.work_dir)
 
 
 @task(name="lock", task_run_name="lock", cache_policy=NO_CACHE, persist_result=False)
-def lock(validated: ValidatedRequest) -> lock_mod.BuildLock:
-    held = lock_mod.acquire(validated.request.cache_root)
+def lock(validated: ValidatedRequest, run: ExitStack) -> None:
+    """Hold the cache's lock until ``run`` ends."""
+    run.enter_context(lock_mod.acquire(validated.request.cache_root))
     # A build killed mid-commit left staging behind; settle it before reading the cache.
     commit.recover(validated.request.cache_root, validated.trusted)
-    return held
+
+
+@task(name="staging", task_run_name="staging", cache_policy=NO_CACHE, persist_result=False)
+def open_staging(validated: ValidatedRequest, run: ExitStack) -> Path:
+    """A fresh staging folder in the cache root, settled when ``run`` ends."""
+    return run.enter_context(commit.staging(validated.request.cache_root, validated.trusted))
 
 
 def file_for_the_next_build(key: str, result: object) -> None:
@@ -80,12 +89,17 @@ def untracked(selection: corpus.TileSelection) -> corpus.TileSelection:
 
 
 @task(name="select", task_run_name="select", cache_policy=NO_CACHE, persist_result=False)
-def select(validated: ValidatedRequest, work_dir: Path | None = None) -> corpus.TileSelection:
+def select(validated: ValidatedRequest, work_dir: Path) -> corpus.TileSelection:
     req = validated.request
-    if work_dir is None:
-        return corpus.select_tiles(req.corpus, req.bbox.as_tuple(), req.zoom_levels)
     return selection_cache.select_tiles_cached(
-        req.corpus, req.bbox.as_tuple(), req.zoom_levels, work_dir / "selections"
+        req.corpus, req.bbox.as_tuple(), req.zoom_levels, workdir.selections_dir(work_dir)
+    )
+
+
+def no_tiles_reason(validated: ValidatedRequest) -> str:
+    return (
+        "no tiles of the corpus intersect the bbox at zoom levels "
+        f"{list(validated.request.zoom_levels)}: download tiles for this area first"
     )
 
 
@@ -113,10 +127,11 @@ def manifest(
     build_id: str,
     selection: corpus.TileSelection,
     described: list[Artifact],
-    expires_in_s: float | None,
+    options: BuildOptions,
 ) -> bytes:
     root = validated.request.cache_root
     now = datetime.now(UTC)
+    expires_in_s = options.expires_in_s
     signed = compose_signed(
         version=noop.previous_version(root) + 1,
         created_at=now,

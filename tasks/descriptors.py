@@ -24,15 +24,17 @@ from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
 
-from takeoff_cache import artifacts, corpus, descriptors, scaleout
+from takeoff_cache import artifacts, corpus
 from takeoff_cache.backbones import Backbone
 from takeoff_cache.canonical import content_key
-from takeoff_cache.descriptor_index import IndexFiles, descriptor_key
-from takeoff_cache.descriptor_store import DescriptorStore, descriptor_space, prune_store
+from takeoff_cache.descriptors import decode, pipeline, scaleout
+from takeoff_cache.descriptors.index import IndexFiles, descriptor_key
+from takeoff_cache.descriptors.store import DescriptorStore, descriptor_space, prune_store
 from takeoff_cache.engines.store import EngineRecord
 from takeoff_cache.errors import BadTilesError, DescriptorError
 from takeoff_cache.fsutil import sha256_file
 from takeoff_cache.manifest import Artifact
+from takeoff_cache.options import BuildOptions
 from takeoff_cache.validate import ValidatedRequest
 from takeoff_cache.workdir import (
     index_files,
@@ -41,9 +43,9 @@ from takeoff_cache.workdir import (
     store_path,
     touch_index,
 )
-from tasks.build import artifact_key, file_for_the_next_build, untracked
-from tasks.engines import place_recognition_engine
-from tasks.scaleout import embed_on_dask
+from takeoff_cache_prefect.tasks.build import artifact_key, file_for_the_next_build, untracked
+from takeoff_cache_prefect.tasks.engines import place_recognition_engine
+from takeoff_cache_prefect.tasks.scaleout import embed_on_dask
 
 
 def _place_recognition(
@@ -144,7 +146,7 @@ class _Progress:
             self._send(self._value)
         # The last call completes while the build goes on, and the flow settles it:
         # waiting for it here had the phase wait on a server that, on a small host,
-        # is busy recording the run's task runs (6-17 ms of a 0.13 s rebuild phase).
+        # is busy recording the run's task runs.
         self._api.shutdown(wait=False)
         _unsettled.append(self._api)
 
@@ -160,7 +162,7 @@ def settle_progress() -> None:
 
 
 # One task for the whole phase: a nested task for the index would add a task
-# run's API round trips to every rebuild (~25 ms, a tenth of a small one).
+# run's API round trips to every rebuild.
 @task(
     name="descriptors",
     task_run_name="descriptors",
@@ -174,14 +176,14 @@ def build_index(
     record: EngineRecord,
     desc_key: str,
     work_dir: str,
-) -> tuple[IndexFiles, descriptors.EmbedResult]:
+) -> tuple[IndexFiles, pipeline.EmbedResult]:
     req = validated.request
     store = DescriptorStore(store_path(Path(work_dir)))
     progress = _Progress(artifact_key("descriptors", req.cache_root))
     space = descriptor_space(record.key, backbone.input)
     try:
         runner = validated.backend.load(Path(record.store_path), backbone, backbone.output or "")
-        files, result = descriptors.embed_and_index(
+        files, result = pipeline.embed_and_index(
             selection,
             req.corpus,
             runner.run,
@@ -191,7 +193,7 @@ def build_index(
             indexes_dir(Path(work_dir)),
             _index_stem(backbone.name, desc_key),
             streams=runner.streams,
-            workers=descriptors.decode_workers(runner.on_accelerator),
+            workers=decode.decode_workers(runner.on_accelerator),
             progress=progress,
         )
         if files is None:
@@ -212,10 +214,10 @@ def spread_descriptors(
     records: list[EngineRecord],
     work_dir: Path,
     dask_address: str,
-) -> descriptors.EmbedResult:
+) -> pipeline.EmbedResult:
     """Embed missing descriptors on a Dask cluster, ahead of the descriptors phase.
 
-    Called from the flow, not from a task: chunk task runs carry their parent's
+    Called outside any task (by :func:`descriptors`): chunk task runs carry their parent's
     context to the workers, and a task's context holds its arguments (the
     signing key among them), which must not, and cannot, travel.
     """
@@ -255,14 +257,23 @@ def prune_work_folder(work_dir: Path) -> None:
         prune_store(store_path(work_dir))
 
 
-def descriptors_phase(
+def descriptors(
     validated: ValidatedRequest,
     selection: corpus.TileSelection,
     records: list[EngineRecord],
-    work_dir: Path,
+    options: BuildOptions,
     staging: Path,
-) -> tuple[descriptors.EmbedResult, list[Artifact], list[str]]:
-    """Run (or take from Prefect's cache) the index task, then stage its files."""
+) -> tuple[int, list[Artifact], list[str]]:
+    """The descriptors phase: embed (on a Dask cluster when one is named) what the
+    store lacks, run or take from Prefect's cache the index task, stage its files.
+
+    Returns how many descriptors were computed, and the index's artifacts and
+    staged paths.
+    """
+    work_dir = options.work_dir
+    spread = None
+    if options.dask_address:
+        spread = spread_descriptors(validated, selection, records, work_dir, options.dask_address)
     backbone, record, space = _place_recognition(validated, records)
     desc_key = descriptor_key(space, selection.fingerprint)
     state = build_index(
@@ -276,7 +287,7 @@ def descriptors_phase(
     )
     files, result = state.result()
     if state.name == "Cached":
-        result = descriptors.EmbedResult(0, len(selection.tiles), ())
+        result = pipeline.EmbedResult(0, len(selection.tiles), ())
         # Used again: the work folder's pruning keeps the most recently used indexes
         # and descriptor spaces.
         with contextlib.suppress(OSError):
@@ -287,4 +298,6 @@ def descriptors_phase(
         artifacts.stage(Path(files.index_path), staging, described[0]),
         artifacts.stage(Path(files.map_path), staging, described[1]),
     ]
-    return result, described, staged
+    # Descriptors embedded on the cluster were found stored by the index task.
+    generated = result.generated + (spread.generated if spread else 0)
+    return generated, described, staged

@@ -31,11 +31,13 @@ PHASES = {
     "select",
     "identity",
     "noop",
+    "staging",
     "engines",
     "descriptors",
     "manifest",
     "coverage",
     "commit",
+    "prune",
 }
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from takeoff_cache.commit import commit, discard_staging, prepare_staging, recover
+from takeoff_cache.commit import commit, prepare_staging, recover, staging
 from takeoff_cache.keys import Signer, TrustedKey
 from takeoff_cache.layout import PENDING_MANIFEST, RETIRED_MANIFEST, STAGING_NAME
 from takeoff_cache.manifest import MANIFEST_NAME, Manifest
@@ -108,12 +108,13 @@ def test_commit_removes_folders_emptied_by_deletion(
     check(first, trusted)
 
 
-def test_discard_staging_leaves_the_previous_cache_in_force(
-    first: Path, signer: Signer, trusted: tuple[TrustedKey, ...]
+def test_staging_left_before_the_commit_point_leaves_the_previous_cache_in_force(
+    first: Path, trusted: tuple[TrustedKey, ...]
 ) -> None:
     before = (first / MANIFEST_NAME).read_bytes()
-    stage(first, SECOND, signer, 2)
-    discard_staging(first)
+    with pytest.raises(RuntimeError), staging(first, trusted) as folder:
+        write_files(folder, SECOND)
+        raise RuntimeError("the build failed before its commit phase")
     assert not (first / STAGING_NAME).exists()
     assert (first / MANIFEST_NAME).read_bytes() == before
     check(first, trusted)

@@ -64,7 +64,7 @@ def race(server: PrefectServer, root: Path, round_no: int) -> dict[str, object]:
         start_build(
             root,
             server.env(
-                TAKEOFF_CACHE_STOP_AT="cli.before_lock",
+                TAKEOFF_CACHE_STOP_AT="lock.acquire:1",
                 TAKEOFF_CACHE_FAULT_TRACE=str(trace),
             ),
         )

@@ -60,19 +60,17 @@ SCENARIOS = ("update", "tile", "zoom", "first")
 
 # One point per distinct state a build passes through, in the order an update reaches them.
 DEFAULT_POINTS = (
-    "flow.after_validate",
+    "lock.acquire",  # validated, nothing written
     "lock.acquired",
     "commit.staging",
     "store.compile",
     "store.rename",  # engine compiled to its temp file, not yet renamed into the store
     "store.record.write",  # engine in the store, its record (digest, key) not yet written
     "fsutil.link:2",  # one engine staged
-    "flow.after_engines",
     "descriptors.batch_stored",
     "descriptors.index_write",
     "descriptors.map_write",  # new index renamed into the work folder, its tile map not yet
-    "flow.after_descriptors",
-    "flow.after_coverage",
+    "commit.pending.write",  # manifest signed and coverage checked, nothing committed
     "commit.pending.rename",  # pending manifest written to its temp file, not yet renamed
     "commit.move:1",  # pending manifest in staging, nothing moved
     "commit.move:3",  # two artifacts moved into the cache root
@@ -81,10 +79,10 @@ DEFAULT_POINTS = (
     "commit.delete:1",  # new manifest in force (the commit point), nothing deleted
     "commit.delete:3",  # two old files deleted
     "commit.cleanup",  # every old file deleted, staging still there
-    "flow.after_commit",  # committed and cleaned up, lock not yet released
+    "commit.done",  # committed and cleaned up, lock not yet released
 )
 # Points past the commit point (the rename of Manifest.json): the new cache is in force.
-AFTER_COMMIT_POINT = ("commit.delete", "commit.cleanup", "commit.done", "flow.after_commit")
+AFTER_COMMIT_POINT = ("commit.delete", "commit.cleanup", "commit.done")
 # Killed once mid-commit, then killed again while the next build recovers from it.
 DEFAULT_DOUBLE_KILLS = (
     ("commit.move:4", "recover.remove:2"),
@@ -358,7 +356,7 @@ def test_builds_killed_at_random_instants_leave_caches_that_verify(
     tmp_path: Path,
 ) -> None:
     # Killed just before it exits, this build measured how long a whole update takes.
-    duration = kills.get(Case("update", ("flow.after_commit",))).runs[0].wall_s
+    duration = kills.get(Case("update", ("commit.done",))).runs[0].wall_s
     tally = random_kills(capsys, prefect_server, sandboxes, tmp_path, duration, 3, seed=1)
     assert sum(tally.values()) == 3
 

@@ -57,7 +57,7 @@ def test_heartbeats_only_toward_a_server_and_when_their_interval_was_set(
 ) -> None:
     from prefect.settings import get_current_settings, temporary_settings
 
-    from takeoff_cache.cli import HEARTBEAT_SETTINGS, _heartbeats_only_when_asked
+    from takeoff_cache_prefect.run import HEARTBEAT_SETTINGS, heartbeats_only_when_asked
 
     for name in HEARTBEAT_SETTINGS:
         monkeypatch.delenv(name, raising=False)
@@ -65,6 +65,6 @@ def test_heartbeats_only_toward_a_server_and_when_their_interval_was_set(
     if interval is not None:
         monkeypatch.setenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", interval)
         updates["flows.heartbeat_frequency"] = int(interval)
-    with temporary_settings(updates=updates), _heartbeats_only_when_asked():
+    with temporary_settings(updates=updates), heartbeats_only_when_asked():
         value = get_current_settings().flows.heartbeat_frequency
     assert value == (int(interval) if kept and interval else None)

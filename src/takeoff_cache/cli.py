@@ -11,7 +11,7 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,53 +28,19 @@ class _Parser(argparse.ArgumentParser):
         )
 
 
-def _prefect_env(verbose: bool) -> None:
-    """Defaults for Prefect, set before it is imported: no telemetry, quiet unless asked."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # The Python client's own usage events, off before it would ask the server.
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY", "false")
-    os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
-    # The embedded API starts in a subprocess; on a busy 2-core host 20 s is not enough.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    if not verbose:
-        # Run logs still reach the Prefect API (and UI); only the terminal copy is muted,
-        # so an operator sees our one-line errors, not Prefect's tracebacks.
-        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
-
-
 def _request_args(p: argparse.ArgumentParser, with_options: bool = True) -> None:
+    from .options import OPTION_FIELDS
+    from .request import REQUEST_FIELDS
+
     p.add_argument("--request", type=Path, help="request TOML; flags override its fields")
-    p.add_argument("--corpus", help="MBTiles file or XYZ folder")
-    p.add_argument("--bbox", help="LAT_MIN,LON_MIN,LAT_MAX,LON_MAX (degrees)")
-    p.add_argument("--zoom", dest="zoom_levels", help="Z[,Z...]")
-    p.add_argument("--sector", dest="sector_class", help="active_conflict | stable_rear")
-    p.add_argument("--backbones", help="backbones TOML")
-    p.add_argument("--precision", help="fp32 (default) | fp16 | int8")
-    p.add_argument("--calibration", help="INT8 calibration file")
-    p.add_argument(
-        "--cache-root", dest="cache_root", help="existing folder that receives the cache"
-    )
-    p.add_argument(
-        "--key", help="Ed25519 private key (PEM); passphrase from TAKEOFF_CACHE_KEY_PASSPHRASE"
-    )
-    p.add_argument("--trust", help="trust store: PEM file or folder of public keys")
-    p.add_argument("--takeoff-origin", dest="takeoff_origin", help="LAT,LON,ALT")
-    p.add_argument("--flight-id", dest="flight_id", help="UUID")
-    p.add_argument(
-        "--work-dir", dest="work_dir", help="work folder (default ~/.cache/takeoff-cache)"
-    )
-    p.add_argument("--backend", default="auto", help="auto | onnxruntime | tensorrt")
+    for field in REQUEST_FIELDS:
+        p.add_argument(field.flag, dest=field.name, help=field.help)
+    for field in OPTION_FIELDS:
+        # Commands that only compile take the work folder and backend, nothing more.
+        if with_options or field.name in ("work_dir", "backend"):
+            p.add_argument(field.flag, dest=field.name, help=field.help)
     if with_options:
-        p.add_argument("--coverage", default="strict", help="strict (default) | lenient")
-        p.add_argument("--expires-in", dest="expires_in", help="manifest lifetime, e.g. 36h, 7d")
         p.add_argument("--json", action="store_true", help="print the build report as JSON")
-        p.add_argument(
-            "--dask-address",
-            dest="dask_address",
-            help="embed descriptors on the Dask cluster whose scheduler is here"
-            " (tcp://HOST:PORT); workers need the work folder at the same path",
-        )
     p.add_argument("-v", "--verbose", action="store_true", help="show Prefect's run logs")
 
 
@@ -89,88 +55,22 @@ def _raw_request(args: argparse.Namespace) -> dict[str, Any]:
     return raw
 
 
-def parse_duration(text: str | None) -> float | None:
-    if not text:
-        return None
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    try:
-        value = float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
-    except (ValueError, IndexError):
-        raise InvalidRequestError(
-            f"expires-in: {text!r} is not a duration like 36h or 7d"
-        ) from None
-    if value <= 0:
-        raise InvalidRequestError(f"expires-in: {text!r} must be positive")
-    return value
+def _options(args: argparse.Namespace) -> Any:
+    from .options import build_options, parse_duration
 
-
-# Prefect's names for the flow-run heartbeat interval (the second is its legacy alias).
-HEARTBEAT_SETTINGS = ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY")
-
-
-@contextlib.contextmanager
-def _heartbeats_only_when_asked() -> Iterator[None]:
-    """Flow-run heartbeats only when the operator set their interval, toward a server.
-
-    Heartbeats let an automation on a Prefect server mark a killed run
-    Crashed (Prefect's zombie-flow recipe, docs/operations.md). Without that
-    automation, or toward the temporary API (which ends with this process),
-    they reach no one, yet Prefect sends them by default and joins their
-    thread, which sleeps in one-second steps, at the end of every run: up to
-    a second of every build. Deployment runs do not come through here and
-    keep Prefect's setting.
-    """
-    from prefect.context import get_settings_context
-    from prefect.settings import get_current_settings, temporary_settings
-
-    profile = get_settings_context().profile.settings
-    asked = any(name in os.environ for name in HEARTBEAT_SETTINGS) or any(
-        getattr(setting, "name", None) in HEARTBEAT_SETTINGS for setting in profile
+    return build_options(
+        work_dir=args.work_dir,
+        backend=args.backend,
+        coverage=getattr(args, "coverage", None),
+        expires_in_s=parse_duration(getattr(args, "expires_in_s", None)),
+        dask_address=getattr(args, "dask_address", None),
     )
-    if asked and get_current_settings().api.url:
-        yield
-        return
-    with temporary_settings(updates={"flows.heartbeat_frequency": None}):
-        yield
 
 
 def _run_build(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    _prefect_env(args.verbose)
-    from takeoff_cache_prefect.tempapi import serving, start_early
+    from takeoff_cache_prefect.run import run_build
 
-    # Before Prefect and the flow are imported, so the server starts meanwhile.
-    server = start_early()
-    from takeoff_cache_prefect.flows.build import build_cache, recorded_outcomes
-
-    params = {k: v for k, v in raw.items() if v is not None}
-    params.update(
-        work_dir=args.work_dir,
-        backend=args.backend,
-        coverage=args.coverage,
-        expires_in_s=parse_duration(args.expires_in),
-        dask_address=getattr(args, "dask_address", None),
-    )
-    # As a state: a soft failure is a Failed run, and an unexpected error is the
-    # state's data rather than a traceback through Prefect's engine.
-    # Heartbeats are decided first: toward a temporary API they reach no one.
-    with (
-        _heartbeats_only_when_asked(),
-        serving(server, args.verbose),
-        recorded_outcomes() as outcomes,
-    ):
-        state = build_cache(**params, return_state=True)
-    if outcomes:
-        # What the flow itself ended with; the state's copy can lack it.
-        outcome = outcomes[-1]
-        if isinstance(outcome, TakeoffCacheError):
-            raise outcome
-        return outcome
-    result = state.result(raise_on_failure=False)
-    if isinstance(result, BaseException):
-        raise result
-    if not isinstance(result, dict):
-        raise TypeError(f"build-cache returned {type(result).__name__}, not a report")
-    return result
+    return run_build(raw, _options(args), args.verbose)
 
 
 def _cache_root_of(raw: dict[str, Any]) -> Path | None:
@@ -185,14 +85,12 @@ def _cache_root_of(raw: dict[str, Any]) -> Path | None:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from .faults import checkpoint
     from .lock import held_early
     from .report import BuildReport
 
     try:
         raw = _raw_request(args)
         root = _cache_root_of(raw)
-        checkpoint("cli.before_lock", root)
         with held_early(root) if root is not None else contextlib.nullcontext():
             report = _run_build(raw, args)
     except TakeoffCacheError as exc:
@@ -273,7 +171,7 @@ def cmd_compile_engines(args: argparse.Namespace) -> int:
 
     # Only what engines need: no corpus, no cache root, no key, no lock.
     request = _partial_request(args, {**_NO_AREA, **_NO_TARGET})
-    backbones, calibration_sha, backend = check_engine_inputs(request, args.backend)
+    backbones, calibration_sha, backend = check_engine_inputs(request, args.backend or "auto")
     work = resolve_work_dir(args.work_dir)
     for backbone in backbones:
         record = ensure_engine(
@@ -372,7 +270,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     args.work_dir = args.work_dir or str(inputs.root / "work")
     for name in FIELDS:  # the demo request file says it all
         setattr(args, name, None)
-    args.coverage, args.expires_in = "strict", None
+    args.coverage, args.expires_in_s = "strict", None
     report = BuildReport(**_run_build(_raw_request(args), args))
     print(report.text())
     if report.outcome == "failure":

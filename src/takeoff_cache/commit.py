@@ -18,6 +18,7 @@ commit point) or forward (after it) under the next build's lock.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -93,17 +94,29 @@ def recover(cache_root: Path, trusted: tuple[TrustedKey, ...]) -> bool:
 
 
 def prepare_staging(cache_root: Path) -> Path:
-    staging = staging_dir(cache_root)
-    shutil.rmtree(staging, ignore_errors=True)
-    with _step(f"create {staging}"):
-        checkpoint("commit.staging", staging)
-        staging.mkdir()
-    return staging
+    folder = staging_dir(cache_root)
+    shutil.rmtree(folder, ignore_errors=True)
+    with _step(f"create {folder}"):
+        checkpoint("commit.staging", folder)
+        folder.mkdir()
+    return folder
 
 
-def discard_staging(cache_root: Path) -> None:
-    """Drop an uncommitted build's staging folder (nothing in it is referenced yet)."""
-    shutil.rmtree(staging_dir(cache_root), ignore_errors=True)
+@contextmanager
+def staging(cache_root: Path, trusted: tuple[TrustedKey, ...]) -> Iterator[Path]:
+    """A fresh staging folder for one build; settled on the way out, however it ends.
+
+    Before the commit point there is nothing in it that the cache refers to, and
+    it goes; past it, :func:`recover` finishes what :func:`commit` left. If the
+    disk still fails, staging stays and ``verify`` still accepts the cache (its
+    signed manifests vouch for the files); the next build's lock phase settles it.
+    """
+    folder = prepare_staging(cache_root)
+    try:
+        yield folder
+    finally:
+        with contextlib.suppress(OSError):
+            recover(cache_root, trusted)
 
 
 def commit(

@@ -33,6 +33,7 @@ class BuildLock:
         )
 
     def acquire(self) -> BuildLock:
+        checkpoint("lock.acquire", self.path)
         try:
             self._lock.acquire(timeout=0)
         except Timeout:
@@ -52,6 +53,12 @@ class BuildLock:
     def release(self) -> None:
         if self._lock.is_locked:
             self._lock.release()
+
+    def __enter__(self) -> BuildLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
     @property
     def held(self) -> bool:

@@ -8,9 +8,9 @@ import threading
 
 
 def preload(*modules: str) -> threading.Thread:
-    """Import ``modules`` in a background thread (faiss ~0.17 s, an engine runtime
-    ~0.15 s). An import that fails here fails again, with its message, where the
-    module is used.
+    """Import ``modules`` in a background thread: faiss and an engine runtime each
+    take a noticeable part of a small rebuild to import. An import that fails here
+    fails again, with its message, where the module is used.
 
     numpy is imported first, here on the calling thread: the runtimes and the
     decoders all load numpy's C extension, and two threads loading it at once can

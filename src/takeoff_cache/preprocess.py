@@ -3,13 +3,13 @@
 Decoding is a third of a CPU build's work (the engine the rest), so:
 
 - JPEG tiles are decoded straight at the reduced scale the input needs
-  (libjpeg's DCT-domain downscaling, e.g. 256 px tiles decoded as 128 px):
-  0.39 instead of 1.6 CPU-ms per demo tile. (libjpeg's fast IDCT saved
-  nothing measurable on top, so the accurate one is kept);
+  (libjpeg's DCT-domain downscaling, e.g. 256 px tiles decoded as 128 px), a
+  quarter of the full decode's cost. (libjpeg's fast IDCT saved nothing
+  measurable on top, so the accurate one is kept);
 - where the scale is one libjpeg and Pillow's ``draft`` share (tile size =
   input size times 1, 2, 4 or 8), simplejpeg runs libjpeg-turbo straight into the
   batch buffer, skipping Pillow's Python-level header parsing and the copy
-  out of an Image: about 35% less decode time, the very same pixels (tested).
+  out of an Image: a third less decode time, the very same pixels (tested).
   Everything else (other scales, PNG, WebP, damaged bytes) goes through
   Pillow, which also names what is wrong with a bad tile;
 - tiles are decoded into a caller's uint8 buffer, so a batch is never
@@ -18,9 +18,8 @@ Decoding is a third of a CPU build's work (the engine the rest), so:
   straight into a reusable NCHW buffer (the transpose happens inside the
   multiply, not as a copy of its own). Folding it into the engine graph instead
   (uint8 NHWC in: Cast, Transpose, Mul, Add) was measured on ONNX Runtime's CPU
-  provider and lost: 0.094 against 0.065 ms per demo tile for the normalization
-  alone, 1.273 against 1.249 ms for normalization and inference together (one
-  thread, batches of 32, medians of 5). An engine on a GPU is another matter: there
+  provider and lost, alone and together with inference (benchmarks/embed.py,
+  docs/design.md). An engine on a GPU is another matter: there
   it would take this work off the cores, which decoding needs.
 
 :data:`PREPROCESS_ID` names this recipe: descriptors made by a different recipe

@@ -18,21 +18,42 @@ from .tilemath import MAX_LAT
 
 SECTOR_CLASSES = ("active_conflict", "stable_rear")
 PRECISIONS = ("fp32", "fp16", "int8")
-PATH_FIELDS = ("corpus", "backbones", "calibration", "cache_root", "key", "trust")
-FIELDS = (
-    "corpus",
-    "bbox",
-    "zoom_levels",
-    "sector_class",
-    "backbones",
-    "precision",
-    "calibration",
-    "cache_root",
-    "key",
-    "trust",
-    "takeoff_origin",
-    "flight_id",
+
+
+@dataclass(frozen=True)
+class Field:
+    """One request field of SPEC §2: its name (TOML key, flow parameter), flag and help."""
+
+    name: str
+    flag: str
+    help: str
+    path: bool = False
+
+
+# The request's fields, once: the CLI's flags, the flows' parameters, the
+# deployments and the docs are checked against this table (tests/test_request_fields.py).
+REQUEST_FIELDS = (
+    Field("corpus", "--corpus", "MBTiles file or XYZ folder", path=True),
+    Field("bbox", "--bbox", "LAT_MIN,LON_MIN,LAT_MAX,LON_MAX in degrees"),
+    Field("zoom_levels", "--zoom", "zoom levels, Z[,Z...]"),
+    Field("sector_class", "--sector", "active_conflict | stable_rear"),
+    Field("backbones", "--backbones", "backbones TOML", path=True),
+    Field("precision", "--precision", "fp32 (default) | fp16 | int8"),
+    Field("calibration", "--calibration", "INT8 calibration file", path=True),
+    Field("cache_root", "--cache-root", "existing folder that receives the cache", path=True),
+    Field(
+        "key",
+        "--key",
+        "Ed25519 private key (PEM); passphrase from TAKEOFF_CACHE_KEY_PASSPHRASE",
+        path=True,
+    ),
+    Field("trust", "--trust", "trust store: PEM file or folder of public keys", path=True),
+    Field("takeoff_origin", "--takeoff-origin", "LAT,LON,ALT (altitude in metres)"),
+    Field("flight_id", "--flight-id", "flight UUID"),
 )
+FIELDS = tuple(f.name for f in REQUEST_FIELDS)
+PATH_FIELDS = tuple(f.name for f in REQUEST_FIELDS if f.path)
+FLAGS = {f.name: f.flag for f in REQUEST_FIELDS}
 # Web Mercator's latitude limit rounded as SPEC §2 states it.
 LAT_LIMIT = round(MAX_LAT, 4)
 
@@ -181,7 +202,7 @@ def _optional_path(field: str, value: Any) -> Path | None:
 def _required_path(field: str, raw: dict[str, Any]) -> Path:
     path = _optional_path(field, raw.get(field))
     if path is None:
-        raise InvalidRequestError(f"{field}: missing (give --{field.replace('_', '-')})")
+        raise InvalidRequestError(f"{field}: missing (give {FLAGS[field]})")
     return path
 
 

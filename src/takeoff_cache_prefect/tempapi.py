@@ -2,9 +2,9 @@
 
 With no API URL, Prefect starts a temporary API server in a subprocess when a
 flow first needs it. By then this process has already imported Prefect and the
-flow: 3-6 s on a 2-core host. The server then imports Prefect itself and starts,
-6-8 s more, while this process only polls it. Started here instead, before the
-imports, the two start-ups run side by side. It is the same server: Prefect's
+flow, and the server then imports Prefect itself and starts while this process
+only polls it. Started here instead, before the imports, the two start-ups run
+side by side (docs/design.md has the figures). It is the same server: Prefect's
 own application and command line, in its ephemeral mode.
 
 The server is started on a guess, because reading Prefect's settings imports
@@ -56,11 +56,9 @@ class EarlyServer:
         # As Prefect starts its own: no UI, ephemeral mode (only the services a
         # temporary API needs), errors only on the shared stderr. One change, which
         # an operator's own setting overrides: task runs are recorded in batches.
-        # Prefect's default, one database transaction per task-run event, kept a
-        # core busy beside the build: a 2-core host's CLI rebuild of 5,120 tiles
-        # spent 0.116 s in its descriptors phase against 0.098 s batched. This
-        # server has no UI to show the runs sooner, and writes what it holds when
-        # it stops.
+        # Prefect's default, one database transaction per task-run event, keeps a
+        # core busy beside the build on a small host (docs/design.md). This server
+        # has no UI to show the runs sooner, and writes what it holds when it stops.
         env = {
             "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "500",
             "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "2",
