@@ -55,11 +55,11 @@ os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
 os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
 
 from takeoff_cache import corpus as corpus_mod  # noqa: E402
-from takeoff_cache import descriptors  # noqa: E402
 from takeoff_cache.backbones import Backbone, load_backbones, place_recognition  # noqa: E402
 from takeoff_cache.demo import DemoInputs, make_demo_data  # noqa: E402
-from takeoff_cache.descriptor_index import write_index  # noqa: E402
-from takeoff_cache.descriptor_store import DescriptorStore, descriptor_space  # noqa: E402
+from takeoff_cache.descriptors import decode, pipeline  # noqa: E402
+from takeoff_cache.descriptors.index import write_index  # noqa: E402
+from takeoff_cache.descriptors.store import DescriptorStore, descriptor_space  # noqa: E402
 from takeoff_cache.engines import Runner, get_backend  # noqa: E402
 from takeoff_cache.engines.store import ensure_engine  # noqa: E402
 from takeoff_cache.preprocess import (  # noqa: E402
@@ -204,13 +204,13 @@ def pipelined(
     ``streams``: engine calls in flight; the runner's own number unless given. ``workers``:
     decoding threads; as many as the build runs unless given."""
     runner = setup.runner()
-    workers = workers or descriptors.decode_workers(runner.on_accelerator)
+    workers = workers or decode.decode_workers(runner.on_accelerator)
     store_path = tmp / "store.sqlite"
     store = DescriptorStore(store_path)
-    stats = descriptors.EmbedStats()
+    stats = pipeline.EmbedStats()
     cpu0 = cpu_s()
     start = time.perf_counter()
-    result = descriptors.embed_tiles(
+    result = pipeline.embed_tiles(
         setup.selection,
         setup.request.corpus,
         runner.run,
@@ -484,7 +484,7 @@ def changed_jpeg(z: int, x: int, y: int, seed: int = 12345) -> bytes:
 
 def build_in_process(demo: DemoInputs, work: Path) -> dict[str, Any]:
     """One build in this process, as a long-running Prefect worker would run it."""
-    from flows.build import build_cache
+    from takeoff_cache_prefect.flows.build import build_cache
 
     raw = read_request_file(demo.request)
     params: dict[str, Any] = {
@@ -610,7 +610,7 @@ def section_index(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
         store = DescriptorStore(setup.demo.root / "bench-store.sqlite")
         runner = setup.runner()
         log(f"index: embedding {len(setup.selection.tiles)} tiles (reused when stored) ...")
-        descriptors.embed_tiles(
+        pipeline.embed_tiles(
             setup.selection,
             setup.request.corpus,
             runner.run,
@@ -643,7 +643,7 @@ def main() -> None:
     p.add_argument("--tmp", type=Path, default=None, help="scratch folder (default: system tmp)")
     p.add_argument("--only", default="pipeline,incremental,memory,index")
     p.add_argument("--rounds", type=int, default=5, help="paired rounds of (a), (b), (c)")
-    p.add_argument("--batch", type=int, default=descriptors.BATCH_SIZE)
+    p.add_argument("--batch", type=int, default=pipeline.BATCH_SIZE)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--backend", default="auto", help="auto | onnxruntime | tensorrt")
     p.add_argument("--naive-tiles", type=int, default=1000)

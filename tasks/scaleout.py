@@ -13,9 +13,9 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from takeoff_cache import descriptors, scaleout
 from takeoff_cache.corpus import TileSelection
-from takeoff_cache.descriptor_store import DescriptorStore
+from takeoff_cache.descriptors import pipeline, scaleout
+from takeoff_cache.descriptors.store import DescriptorStore
 from takeoff_cache.errors import DescriptorError
 
 
@@ -36,11 +36,11 @@ def embed_on_dask(
     engine: scaleout.EngineRef,
     space: str,
     store: DescriptorStore,
-    progress: descriptors.Progress | None = None,
+    progress: pipeline.Progress | None = None,
     stats: scaleout.SpreadStats | None = None,
     *,
     task_runs: bool | None = None,
-) -> descriptors.EmbedResult:
+) -> pipeline.EmbedResult:
     """Embed the selection's missing tiles on the Dask cluster at ``address``.
 
     With a Prefect server (``PREFECT_API_URL``) each chunk is an ``embed-chunk``

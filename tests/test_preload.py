@@ -14,7 +14,7 @@ from takeoff_cache.preload import preload
 
 loading = preload("onnxruntime", "faiss")
 import faiss  # noqa: F401
-from takeoff_cache import descriptors  # noqa: F401
+from takeoff_cache.descriptors import pipeline  # noqa: F401
 loading.join()
 import onnxruntime  # noqa: F401
 print("numpy" in sys.modules and "onnxruntime" in sys.modules)

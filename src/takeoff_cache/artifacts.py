@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .descriptor_index import METRIC, IndexFiles
+from .descriptors.index import METRIC, IndexFiles
 from .engines.store import EngineRecord
 from .fsutil import link_or_copy
 from .manifest import Artifact

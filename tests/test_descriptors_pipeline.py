@@ -22,19 +22,19 @@ import pytest
 from PIL import Image
 from prefect.artifacts import Artifact
 
-from takeoff_cache import descriptors
 from takeoff_cache.backbones import Backbone, InputSpec, load_backbones, place_recognition
 from takeoff_cache.corpus import TileSelection, open_corpus, select_tiles
 from takeoff_cache.demo.synthetic import render_tile, replace_tile_bytes
-from takeoff_cache.descriptor_index import write_index
-from takeoff_cache.descriptor_store import DescriptorStore, descriptor_space, l2_normalize
+from takeoff_cache.descriptors import decode, pipeline
+from takeoff_cache.descriptors.index import write_index
+from takeoff_cache.descriptors.store import DescriptorStore, descriptor_space, l2_normalize
 from takeoff_cache.engines import get_backend
 from takeoff_cache.engines.store import EngineRecord, ensure_engine
 from takeoff_cache.keys import load_trust_store
 from takeoff_cache.preprocess import Normalizer, decode_tile
 from takeoff_cache.request import BuildRequest, parse_request, read_request_file
 from takeoff_cache.verify import verify_cache
-from tasks.build import artifact_key
+from takeoff_cache_prefect.tasks.build import artifact_key
 
 from ._cli import run_cli
 from .conftest import Demo
@@ -83,8 +83,8 @@ def other_jpeg(z: int, x: int, y: int) -> bytes:
     return buf.getvalue()
 
 
-def embed(vpr: Vpr, corpus: Path, store: DescriptorStore, **kw: Any) -> descriptors.EmbedResult:
-    return descriptors.embed_tiles(
+def embed(vpr: Vpr, corpus: Path, store: DescriptorStore, **kw: Any) -> pipeline.EmbedResult:
+    return pipeline.embed_tiles(
         vpr.select(corpus), corpus, vpr.run, vpr.backbone.input, vpr.space, store, **kw
     )
 
@@ -213,7 +213,7 @@ def test_the_engine_runs_the_next_batch_while_the_last_one_is_stored(
         return vpr.run(batch)
 
     store = _StoreThatWaitsForTheEngine(tmp_path / "store.sqlite", started)
-    result = descriptors.embed_tiles(
+    result = pipeline.embed_tiles(
         vpr.select(corpus),
         corpus,
         run,
@@ -238,7 +238,7 @@ def test_a_few_tiles_to_embed_come_in_smaller_batches_and_a_cold_build_in_full_o
     store = DescriptorStore(tmp_path / "store.sqlite")
 
     def sizes() -> list[int]:
-        batches = descriptors.todo_batches(tiles, store, "space", 32, lambda n: None)
+        batches = pipeline.todo_batches(tiles, store, "space", 32, lambda n: None)
         return [len(batch) for batch in batches]
 
     cold = sizes()
@@ -251,7 +251,7 @@ def test_a_few_tiles_to_embed_come_in_smaller_batches_and_a_cold_build_in_full_o
     store.close()
     assert sum(rebuild) == len(changed) == 52
     assert len(rebuild) >= 4 and max(rebuild) < 32
-    assert min(rebuild[:-1]) >= descriptors.MIN_BATCH
+    assert min(rebuild[:-1]) >= pipeline.MIN_BATCH
 
 
 class _CountingStore(DescriptorStore):
@@ -278,7 +278,7 @@ class _CountingStore(DescriptorStore):
 def _index_and_vectors(
     vpr: Vpr, corpus: Path, store: DescriptorStore, out: Path, stem: str
 ) -> np.ndarray:
-    files, _ = descriptors.embed_and_index(
+    files, _ = pipeline.embed_and_index(
         vpr.select(corpus), corpus, vpr.run, vpr.backbone.input, vpr.space, store, out, stem
     )
     assert files is not None
@@ -335,9 +335,9 @@ def test_tiles_with_equal_bytes_are_embedded_once(vpr: Vpr, corpus: Path, tmp_pa
 def test_decoding_threads_leave_the_cores_to_a_cpu_engine_and_take_them_beside_a_gpu(
     monkeypatch: pytest.MonkeyPatch, cores: int, cpu_engine: int, gpu_engine: int
 ) -> None:
-    monkeypatch.setattr(descriptors.os, "sched_getaffinity", lambda pid: set(range(cores)))
-    assert descriptors.decode_workers() == descriptors.decode_workers(False) == cpu_engine
-    assert descriptors.decode_workers(on_accelerator=True) == gpu_engine
+    monkeypatch.setattr(decode.os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert decode.decode_workers() == decode.decode_workers(False) == cpu_engine
+    assert decode.decode_workers(on_accelerator=True) == gpu_engine
 
 
 def test_a_batch_the_corpus_cannot_read_at_once_is_read_tile_by_tile(
@@ -348,7 +348,7 @@ def test_a_batch_the_corpus_cannot_read_at_once_is_read_tile_by_tile(
     tiles = vpr.select(corpus).tiles[:5]
     with open_corpus(corpus) as source:
         expected = [source.read(t.z, t.x, t.y) for t in tiles]
-        assert descriptors.read_tiles(source, tiles) == expected
+        assert decode.read_tiles(source, tiles) == expected
 
         # The joined statement fails (as on a damaged file), one tile is gone.
         monkeypatch.setattr(
@@ -362,7 +362,7 @@ def test_a_batch_the_corpus_cannot_read_at_once_is_read_tile_by_tile(
             return read_one(z, x, y)
 
         source.read = read  # type: ignore[method-assign]
-        assert descriptors.read_tiles(source, tiles) == [*expected[:2], None, *expected[3:]]
+        assert decode.read_tiles(source, tiles) == [*expected[:2], None, *expected[3:]]
 
 
 def test_embedding_dates_the_space(vpr: Vpr, corpus: Path, tmp_path: Path) -> None:
@@ -396,7 +396,7 @@ def test_store_never_serves_a_damaged_vector(vpr: Vpr, corpus: Path, tmp_path: P
     # A rebuild looks rows up by key only: the damage is found when the index reads
     # the vectors, and those tiles are embedded again.
     assert store.missing(vpr.space, shas) == set()
-    files, result = descriptors.embed_and_index(
+    files, result = pipeline.embed_and_index(
         vpr.select(corpus),
         corpus,
         vpr.run,
@@ -419,8 +419,8 @@ def test_store_never_serves_a_damaged_vector(vpr: Vpr, corpus: Path, tmp_path: P
 _KILLED_CHILD = """
 import sys, time
 from pathlib import Path
-from takeoff_cache import descriptors
-from takeoff_cache.descriptor_store import DescriptorStore
+from takeoff_cache.descriptors import pipeline
+from takeoff_cache.descriptors.store import DescriptorStore
 from takeoff_cache.backbones import load_backbones, place_recognition
 from takeoff_cache.corpus import select_tiles
 from takeoff_cache.engines import get_backend
@@ -441,7 +441,7 @@ def progress(done, total):
     print(done, flush=True)
 
 store = DescriptorStore(store_path)
-descriptors.embed_tiles(selection, corpus, run, backbone.input, space, store,
+pipeline.embed_tiles(selection, corpus, run, backbone.input, space, store,
                         batch_size=2, workers=1, progress=progress)
 print("finished", flush=True)
 """

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbones import InputSpec
-from .canonical import content_key
-from .errors import DescriptorError
-from .preprocess import PREPROCESS_ID
+from ..backbones import InputSpec
+from ..canonical import content_key
+from ..errors import DescriptorError
+from ..preprocess import PREPROCESS_ID
 
 # Descriptor spaces the store keeps however long unused (most recently used
 # first); beyond them, a space goes once unused for a week. A pruned space is

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from takeoff_cache import descriptor_store
 from takeoff_cache.backbones import InputSpec
+from takeoff_cache.descriptors import store as descriptor_store
 
 
 def _digests(prefix: str, n: int) -> list[str]:

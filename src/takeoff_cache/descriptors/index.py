@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .canonical import content_key
-from .corpus import Tile, TileSelection
-from .descriptor_store import CHUNK_ROWS, DescriptorStore, l2_normalize
-from .errors import DescriptorError, MissingDescriptorsError
-from .faults import checkpoint
-from .fsutil import fsync_dir, fsync_file, sha256_file, sha256_stream
-from .workdir import index_files
+from ..canonical import content_key
+from ..corpus import Tile, TileSelection
+from ..errors import DescriptorError, MissingDescriptorsError
+from ..faults import checkpoint
+from ..fsutil import fsync_dir, fsync_file, sha256_file, sha256_stream
+from ..workdir import index_files
+from .store import CHUNK_ROWS, DescriptorStore, l2_normalize
 
 if TYPE_CHECKING:
     import faiss

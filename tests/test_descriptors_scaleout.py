@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from distributed import Client, LocalCluster
 
-from takeoff_cache import scaleout
+from takeoff_cache.descriptors import scaleout
 from takeoff_cache.keys import load_trust_store
 from takeoff_cache.verify import verify_cache
 
@@ -120,14 +120,14 @@ def test_chunks_run_as_plain_dask_tasks_without_a_prefect_server(
     demo_source: Path, tmp_path: Path, cluster: LocalCluster
 ) -> None:
     """Prefect's temporary local API is out of the workers' reach: chunks skip task runs."""
-    from takeoff_cache import descriptors
     from takeoff_cache.backbones import load_backbones, place_recognition
     from takeoff_cache.corpus import select_tiles
-    from takeoff_cache.descriptor_store import DescriptorStore, descriptor_space
+    from takeoff_cache.descriptors import pipeline
+    from takeoff_cache.descriptors.store import DescriptorStore, descriptor_space
     from takeoff_cache.engines import get_backend
     from takeoff_cache.engines.store import ensure_engine
     from takeoff_cache.request import parse_request, read_request_file
-    from tasks.scaleout import embed_on_dask
+    from takeoff_cache_prefect.tasks.scaleout import embed_on_dask
 
     request = parse_request(read_request_file(demo_source / "request.toml"))
     backbone = place_recognition(load_backbones(request.backbones))
@@ -154,7 +154,7 @@ def test_chunks_run_as_plain_dask_tasks_without_a_prefect_server(
 
     local = DescriptorStore(tmp_path / "local.sqlite")
     runner = backend.load(Path(record.store_path), backbone, backbone.output or "")
-    descriptors.embed_tiles(
+    pipeline.embed_tiles(
         selection, request.corpus, runner.run, backbone.input, space, local, streams=2
     )
     shas = [t.sha256 for t in selection.tiles]

@@ -12,9 +12,9 @@ import faiss
 import numpy as np
 import pytest
 
-from takeoff_cache import descriptor_index
 from takeoff_cache.corpus import Tile, TileSelection
-from takeoff_cache.descriptor_store import DescriptorStore, l2_normalize
+from takeoff_cache.descriptors import index as descriptor_index
+from takeoff_cache.descriptors.store import DescriptorStore, l2_normalize
 from takeoff_cache.errors import MissingDescriptorsError
 
 SPACE = "space"

@@ -13,18 +13,16 @@ engine runs at ~0.93 of its own throughput and decoding is hidden
 (benchmarks/embed.py measures all of these).
 
 Per-tile descriptors live in the descriptor store of the work folder
-(:mod:`.descriptor_store`), so a rebuild after a corpus change embeds only the
+(:mod:`.store`), so a rebuild after a corpus change embeds only the
 tiles that changed; the index is then written from the store
-(:mod:`.descriptor_index`). Nothing corpus-sized is held in memory but the
+(:mod:`.index`). Nothing corpus-sized is held in memory but the
 index itself: the store is looked up and the index filled chunk by chunk, in
 row order.
 """
 
 from __future__ import annotations
 
-import os
 import sqlite3
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -33,16 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import UnidentifiedImageError
-from PIL.Image import DecompressionBombError
 
-from .backbones import InputSpec
-from .corpus import Corpus, Tile, TileSelection, open_corpus
-from .descriptor_index import EXACT_INDEX_MAX, ExactRows, IndexFiles, write_index
-from .descriptor_store import CHUNK_ROWS, DescriptorStore, l2_normalize
-from .errors import CorpusError, DescriptorError, MissingDescriptorsError
-from .faults import checkpoint
-from .preprocess import Normalizer, decode_into
+from ..backbones import InputSpec
+from ..corpus import Tile, TileSelection
+from ..errors import DescriptorError, MissingDescriptorsError
+from ..faults import checkpoint
+from .decode import Decoded, Decoder, decode_workers
+from .index import EXACT_INDEX_MAX, ExactRows, IndexFiles, write_index
+from .store import CHUNK_ROWS, DescriptorStore, l2_normalize
 
 Progress = Callable[[int, int], None]
 
@@ -78,108 +74,6 @@ class EmbedResult:
     generated: int
     reused: int
     bad_tiles: tuple[str, ...]  # "z/x/y: reason", in tile order
-
-
-def _reason(exc: BaseException) -> str:
-    """A short, stable reason for an operator (no object addresses, no byte counts)."""
-    if isinstance(exc, CorpusError):
-        return "gone from the corpus"
-    if isinstance(exc, UnidentifiedImageError):
-        return "not an image"
-    if isinstance(exc, DecompressionBombError):
-        return "image too large"
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    if "truncated" in text.lower():
-        return "truncated"
-    return f"{type(exc).__name__}: {text[:60]}" if text else type(exc).__name__
-
-
-# What Pillow raises for bytes that are not a complete image.
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, DecompressionBombError)
-
-
-@dataclass
-class _Decoded:
-    tiles: list[Tile]
-    batch: np.ndarray  # the whole reusable buffer; rows [:len(tiles)] are filled
-    bad: list[tuple[Tile, str]]
-    read_s: float
-    decode_s: float
-    preprocess_s: float
-
-
-class _Decoder:
-    """Reads and decodes batches in worker threads into reusable buffers.
-
-    Each thread keeps its own corpus handle and uint8 scratch batch; float
-    batches come from a small free list that the inference loop refills.
-    """
-
-    def __init__(self, corpus_path: Path, spec: InputSpec, batch_size: int) -> None:
-        self._corpus_path = corpus_path
-        self._spec = spec
-        self._batch_size = batch_size
-        self._normalize = Normalizer.for_spec(spec)
-        self._local = threading.local()
-        self._opened: list[Corpus] = []
-        self._free: list[np.ndarray] = []
-        self._lock = threading.Lock()
-
-    def _thread_state(self) -> tuple[Corpus, np.ndarray]:
-        state = getattr(self._local, "state", None)
-        if state is None:
-            spec = self._spec
-            corpus = open_corpus(self._corpus_path)
-            pixels = np.empty(
-                (self._batch_size, spec.size, spec.size, spec.channels), dtype=np.uint8
-            )
-            state = (corpus, pixels)
-            self._local.state = state
-            with self._lock:
-                self._opened.append(corpus)
-        return state  # type: ignore[no-any-return]
-
-    def _take_buffer(self) -> np.ndarray:
-        with self._lock:
-            if self._free:
-                return self._free.pop()
-        spec = self._spec
-        return np.empty((self._batch_size, spec.channels, spec.size, spec.size), dtype=np.float32)
-
-    def give_back(self, buffer: np.ndarray) -> None:
-        with self._lock:
-            self._free.append(buffer)
-
-    def __call__(self, tiles: list[Tile]) -> _Decoded:
-        corpus, pixels = self._thread_state()
-        t0 = time.perf_counter()
-        data = read_tiles(corpus, tiles)
-        t1 = time.perf_counter()
-        good, bad = decode_rows(tiles, data, self._spec, pixels)
-        t2 = time.perf_counter()
-        batch = self._take_buffer()
-        if good:
-            self._normalize(pixels[: len(good)], batch[: len(good)])
-        return _Decoded(good, batch, bad, t1 - t0, t2 - t1, time.perf_counter() - t2)
-
-    def close(self) -> None:
-        for corpus in self._opened:
-            corpus.close()
-
-
-def decode_workers(on_accelerator: bool = False) -> int:
-    """Decoding threads for an engine that runs on the CPU, or on an accelerator.
-
-    An engine on the CPU keeps every core busy itself: past four decoding
-    threads, a 16-core host embedded slower (7,150 tiles/s with 4, 6,100 with
-    15). An engine on a GPU leaves the cores to decoding, bar one for the loop
-    that stores and one for the engine's calls; on 16 cores the phase peaked at
-    12 threads (14,100 tiles/s with an instant engine; 12,000 with 14, where
-    threads start to queue for Python's GIL).
-    """
-    cores = len(os.sched_getaffinity(0))
-    cpu = max(1, min(4, cores))
-    return max(cpu, min(12, cores - 2)) if on_accelerator else cpu
 
 
 class ProgressTally:
@@ -252,40 +146,6 @@ def todo_batches(
         yield batch
 
 
-def read_tiles(corpus: Corpus, tiles: Sequence[Tile]) -> list[bytes | None]:
-    """Each tile's bytes, read together; None for a tile gone from the corpus
-    (decoding reports it)."""
-    return corpus.read_many([(t.z, t.x, t.y) for t in tiles])
-
-
-def decode_rows(
-    tiles: Sequence[Tile], data: Sequence[bytes | None], spec: InputSpec, pixels: np.ndarray
-) -> tuple[list[Tile], list[tuple[Tile, str]]]:
-    """Decode tile bytes into the first rows of ``pixels``: the good tiles, and the bad
-    ones with a short reason (None bytes: gone from the corpus)."""
-    good: list[Tile] = []
-    bad: list[tuple[Tile, str]] = []
-    for tile, blob in zip(tiles, data, strict=True):
-        if blob is None:
-            bad.append((tile, _reason(CorpusError(tile.zxy))))
-            continue
-        try:
-            decode_into(blob, spec, pixels[len(good)])
-            good.append(tile)
-        except _DECODE_ERRORS as exc:
-            bad.append((tile, _reason(exc)))
-    return good, bad
-
-
-def decode_batch(
-    tiles: Sequence[Tile], data: Sequence[bytes | None], spec: InputSpec
-) -> tuple[list[Tile], np.ndarray, list[tuple[Tile, str]]]:
-    """Decode given tile bytes into one new normalized batch of the good tiles."""
-    pixels = np.empty((len(tiles), spec.size, spec.size, spec.channels), dtype=np.uint8)
-    good, bad = decode_rows(tiles, data, spec, pixels)
-    return good, Normalizer.for_spec(spec)(pixels[: len(good)]), bad
-
-
 def check_vectors(vectors: np.ndarray, n: int) -> None:
     if vectors.ndim != 2 or vectors.shape[0] != n or not np.all(np.isfinite(vectors)):
         raise DescriptorError(
@@ -339,7 +199,7 @@ def embed_tiles(
     generated = 0
     bad_digests: dict[str, str] = {}
     workers = workers or decode_workers()
-    decoder = _Decoder(corpus_path, spec, batch_size)
+    decoder = Decoder(corpus_path, spec, batch_size)
     # A couple of batches decode ahead of inference: enough to hide decoding,
     # never the corpus.
     depth = workers + streams
@@ -348,8 +208,8 @@ def embed_tiles(
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool,
             ThreadPoolExecutor(max_workers=streams, thread_name_prefix="infer") as engine,
         ):
-            decoding: deque[Future[_Decoded]] = deque()
-            inferring: deque[tuple[_Decoded, Future[tuple[np.ndarray, float]] | None]] = deque()
+            decoding: deque[Future[Decoded]] = deque()
+            inferring: deque[tuple[Decoded, Future[tuple[np.ndarray, float]] | None]] = deque()
             batches = todo_batches(tiles, store, space, batch_size, tally.add, stats, rows)
             for chunk in batches:
                 decoding.append(pool.submit(decoder, chunk))

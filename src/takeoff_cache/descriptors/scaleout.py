@@ -28,23 +28,22 @@ from typing import Protocol
 
 import numpy as np
 
-from .backbones import Backbone
-from .corpus import Corpus, Tile, TileSelection, open_corpus
-from .descriptor_store import DescriptorStore, l2_normalize
-from .descriptors import (
+from ..backbones import Backbone
+from ..corpus import Corpus, Tile, TileSelection, open_corpus
+from ..engines import Runner, get_backend
+from ..errors import DescriptorError, EngineError
+from ..fsutil import sha256_file
+from .decode import decode_batch, read_tiles
+from .pipeline import (
     BATCH_SIZE,
     EmbedResult,
     Progress,
     ProgressTally,
     bad_tile_lines,
     check_vectors,
-    decode_batch,
-    read_tiles,
     todo_batches,
 )
-from .engines import Runner, get_backend
-from .errors import DescriptorError, EngineError
-from .fsutil import sha256_file
+from .store import DescriptorStore, l2_normalize
 
 # At most this many tiles travel in one chunk: about 4 MB of demo JPEG tiles.
 MAX_CHUNK_TILES = 512
