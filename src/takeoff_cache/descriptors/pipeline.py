@@ -35,7 +35,6 @@ import numpy as np
 from ..backbones import InputSpec
 from ..corpus import Tile, TileSelection
 from ..errors import DescriptorError, MissingDescriptorsError
-from ..faults import checkpoint
 from .decode import Decoded, Decoder, decode_workers
 from .index import EXACT_INDEX_MAX, ExactRows, IndexFiles, write_index
 from .store import CHUNK_ROWS, DescriptorStore, l2_normalize
@@ -243,7 +242,6 @@ def embed_tiles(
                     vectors = l2_normalize(raw)
                     check_vectors(vectors, n)
                     store.put(space, [t.sha256 for t in decoded.tiles], vectors)
-                    checkpoint("descriptors.batch_stored")
                     stats.store_s += time.perf_counter() - t2
                     generated += n
                 decoder.give_back(decoded.batch)

@@ -21,6 +21,7 @@ import numpy as np
 from ..backbones import InputSpec
 from ..canonical import content_key
 from ..errors import DescriptorError
+from ..faults import checkpoint
 from ..preprocess import PREPROCESS_ID
 
 # Descriptor spaces the store keeps however long unused (most recently used
@@ -311,6 +312,7 @@ class DescriptorStore:
             self._db.execute(
                 _PUT_SQL, (space_id, bytes.fromhex("".join(shas)), rows.tobytes(), rows[0].nbytes)
             )
+        checkpoint("descriptors.batch_stored")  # the batch is durable in the store
 
     def mark_used(self, space: str, now: float | None = None) -> None:
         """Date ``space`` as used now, creating it if it is new."""
