@@ -56,7 +56,7 @@ def test_store_lookup_returns_exactly_the_absent_digests(tmp_path: Path) -> None
     assert store.missing("space-b", asked) == set(digests[:3000] + digests[6000:])
     assert store.missing("space-c", digests[:5]) == set(digests[:5])
     assert store.missing("space-a", []) == set()
-    assert store.have("space-a", digests[2990:3010]) == set(digests[2990:3000])
+    assert store.missing("space-a", digests[2990:3010]) == set(digests[3000:3010])
     store.close()
 
 

@@ -285,10 +285,6 @@ class DescriptorStore:
             absent.update(tile.hex() for (tile,) in rows)
         return absent
 
-    def have(self, space: str, shas: Sequence[str]) -> set[str]:
-        """Which of ``shas`` have a stored row."""
-        return set(shas) - self.missing(space, shas)
-
     def forget(self, space: str, shas: Sequence[str]) -> None:
         """Drop the rows of ``shas`` (damaged ones) so that they are embedded again."""
         space_id = self._space_id(space, create=False)
@@ -346,11 +342,6 @@ class DescriptorStore:
         for _, key in gone:
             self._spaces.pop(key, None)
         return [key for _, key in gone]
-
-    def integrity_problems(self) -> list[str]:
-        """SQLite's own check of the file; empty when the database is sound."""
-        rows = [str(r[0]) for r in self._db.execute("PRAGMA integrity_check")]
-        return [] if rows == ["ok"] else rows
 
     def checkpoint_behind(self) -> None:
         """Start copying the write-ahead log into the store's file, on a thread of its own.
