@@ -18,6 +18,7 @@ from .errors import CorpusError, InvalidRequestError
 from .fsutil import sha256_file
 from .keys import Signer, TrustedKey, check_trusted, load_signer, load_trust_store
 from .request import BuildRequest, parse_request
+from .workdir import checked_backbones_dir
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ def check_engine_inputs(
     request: BuildRequest, backend_name: str, work_dir: Path | None = None
 ) -> tuple[tuple[Backbone, ...], str | None, Backend]:
     """What compile-engines needs: backbones, calibration and a backend."""
-    checked = work_dir / "checked-backbones" if work_dir is not None else None
+    checked = checked_backbones_dir(work_dir) if work_dir is not None else None
     backbones = load_backbones(request.backbones, checked)
     calibration_sha = None
     if request.calibration is not None:

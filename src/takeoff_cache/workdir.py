@@ -1,4 +1,7 @@
-"""The work folder: what a build machine keeps between builds and never flies."""
+"""The work folder: what a build machine keeps between builds and never flies.
+
+Its layout is defined here only: every other module asks for its folder.
+"""
 
 from __future__ import annotations
 
@@ -34,6 +37,16 @@ PRUNE_AFTER_S = 3600.0
 INDEX_SUFFIXES = (".faiss", ".tiles.json")
 
 
+def engines_dir(work: Path) -> Path:
+    """The engine store: compiled engines and their records (engines/store.py)."""
+    return work / "engines"
+
+
+def tensorrt_dir(work: Path) -> Path:
+    """TensorRT's timing and INT8 calibration caches, reused across engine builds."""
+    return work / "tensorrt"
+
+
 def store_path(work: Path) -> Path:
     """The descriptor store, shared by every cache built with this work folder."""
     return work / "descriptors.sqlite"
@@ -41,6 +54,16 @@ def store_path(work: Path) -> Path:
 
 def indexes_dir(work: Path) -> Path:
     return work / "indexes"
+
+
+def selections_dir(work: Path) -> Path:
+    """Remembered tile selections (selection_cache.py)."""
+    return work / "selections"
+
+
+def checked_backbones_dir(work: Path) -> Path:
+    """Markers of backbone graphs that passed their check (backbones.py)."""
+    return work / "checked-backbones"
 
 
 def index_files(folder: Path, stem: str) -> tuple[Path, Path]:

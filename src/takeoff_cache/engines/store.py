@@ -22,6 +22,7 @@ from ..canonical import content_key
 from ..errors import CacheIOError, EngineError
 from ..faults import checkpoint
 from ..fsutil import atomic_write_bytes, sha256_file
+from ..workdir import engines_dir
 from . import Backend
 
 
@@ -96,7 +97,7 @@ def ensure_engine(
     work_dir: Path,
 ) -> EngineRecord:
     """Return the stored engine for ``backbone``, compiling it first if needed."""
-    store = work_dir / "engines"
+    store = engines_dir(work_dir)
     try:
         store.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -17,6 +17,7 @@ from ..backbones import Backbone
 from ..errors import EngineError, InvalidRequestError
 from ..fsutil import atomic_write_bytes, sha256_file
 from ..hostinfo import cpu_identity, jetson_release
+from ..workdir import tensorrt_dir
 from . import Backend, Runner
 
 # numpy and the calibration reader are imported where they are used: this
@@ -261,8 +262,7 @@ class TensorRTBackend(Backend):
                 raise EngineError(f"backbone {backbone.name!r}: int8 needs a calibration cache")
             config.set_flag(trt.BuilderFlag.INT8)
             calib_cache = (
-                work_dir
-                / "tensorrt"
+                tensorrt_dir(work_dir)
                 / f"calib-{backbone.name}-{sha256_file(calibration)[:16]}.cache"
             )
             calib_cache.parent.mkdir(parents=True, exist_ok=True)
@@ -276,7 +276,7 @@ class TensorRTBackend(Backend):
             (MAX_BATCH, size.channels, size.size, size.size),
         )
         config.add_optimization_profile(profile)
-        timing_path = work_dir / "tensorrt" / f"timing-{self.host_tag()}.cache"
+        timing_path = tensorrt_dir(work_dir) / f"timing-{self.host_tag()}.cache"
         timing_path.parent.mkdir(parents=True, exist_ok=True)
         timing = config.create_timing_cache(
             timing_path.read_bytes() if timing_path.exists() else b""
