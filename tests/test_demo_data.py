@@ -12,7 +12,8 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from takeoff_cache.demo import synthetic
+from takeoff_cache import demo
+from takeoff_cache.demo import make_demo_data, synthetic
 from takeoff_cache.demo.models import VPR_DIM, build_keypoints_model, build_vpr_model
 from takeoff_cache.demo.synthetic import (
     CorpusLayout,
@@ -21,7 +22,10 @@ from takeoff_cache.demo.synthetic import (
     replace_tile_bytes,
     write_corpus,
 )
+from takeoff_cache.errors import InvalidRequestError
 from takeoff_cache.tilemath import tile_range, tms_row
+
+from ._cli import run_cli
 
 SIZE = 128
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -258,3 +262,122 @@ def test_keypoints_model_runs(tmp_path: Path) -> None:
     assert features.shape == (2, 16, SIZE // 4, SIZE // 4)
     assert np.isfinite(scores).all() and np.isfinite(features).all()
     assert scores.max() > 0  # real imagery has corners
+
+
+# --------------------------------------------------------------------------- the folder
+def _tree(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.fixture
+def operators_folder(tmp_path: Path) -> Path:
+    """A folder an operator owns: their signing key and a colleague's public key."""
+    root = tmp_path / "mine"
+    (root / "trust").mkdir(parents=True)
+    (root / "operator.key").write_bytes(b"-----BEGIN PRIVATE KEY-----\nmine\n")
+    (root / "operator.key").chmod(0o600)
+    (root / "trust" / "colleague.pub").write_bytes(b"-----BEGIN PUBLIC KEY-----\ntheirs\n")
+    return root
+
+
+def test_demo_data_refuses_a_folder_it_did_not_make_and_names_what_is_there(
+    capsys: pytest.CaptureFixture[str], operators_folder: Path
+) -> None:
+    before = _tree(operators_folder)
+    result = run_cli(capsys, "demo-data", str(operators_folder), "--tiles", "5")
+    assert result.code == 2, result.err
+    (line,) = result.err_lines
+    assert "not empty" in line and "operator.key" in line and "trust" in line and "--force" in line
+    assert _tree(operators_folder) == before
+    assert sorted(p.name for p in operators_folder.iterdir()) == ["operator.key", "trust"]
+
+
+def test_force_never_replaces_a_key_or_trust_store_it_did_not_write(
+    capsys: pytest.CaptureFixture[str], operators_folder: Path
+) -> None:
+    before = _tree(operators_folder)
+    result = run_cli(capsys, "demo-data", str(operators_folder), "--tiles", "5", "--force")
+    assert result.code == 2, result.err
+    (line,) = result.err_lines
+    assert "operator.key" in line and "trust/" in line and "refusing to replace" in line
+    assert _tree(operators_folder) == before
+    assert sorted(p.name for p in operators_folder.iterdir()) == ["operator.key", "trust"]
+
+
+def test_force_adds_the_demo_inputs_beside_files_it_does_not_write(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    root = tmp_path / "notes"
+    root.mkdir()
+    (root / "README.txt").write_bytes(b"my notes\n")
+    assert run_cli(capsys, "demo-data", str(root), "--tiles", "5").code == 2
+    result = run_cli(capsys, "demo-data", str(root), "--tiles", "5", "--force")
+    assert result.code == 0, result.err
+    assert (root / "README.txt").read_bytes() == b"my notes\n"
+    assert (root / "request.toml").is_file() and (root / "trust" / "operator.pub").is_file()
+    # Made by demo-data now: a re-run needs no --force.
+    assert run_cli(capsys, "demo-data", str(root), "--tiles", "5", "--seed", "1").code == 0
+    assert (root / "README.txt").read_bytes() == b"my notes\n"
+
+
+def test_demo_data_onto_a_file_is_one_line_exit_2(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    target = tmp_path / "file"
+    target.write_bytes(b"keep me")
+    for extra in ([], ["--force"]):
+        result = run_cli(capsys, "demo-data", str(target), "--tiles", "5", *extra)
+        assert result.code == 2, result.err
+        (line,) = result.err_lines
+        assert "not a folder" in line
+        assert target.read_bytes() == b"keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_rerun_of_its_own_folder_keeps_or_refreshes_only_its_own_outputs(tmp_path: Path) -> None:
+    root = tmp_path / "demo"
+    first = make_demo_data(root, tiles=5, seed=0)
+    made = _tree(root)
+    # A colleague's key added to the demo's trust store, and a build's work folder.
+    (root / "trust" / "colleague.pub").write_bytes(b"theirs")
+    (root / "work").mkdir()
+    (root / "work" / "x").write_bytes(b"work")
+
+    again = make_demo_data(root, tiles=5, seed=0)
+    assert again == first
+    assert {k: v for k, v in _tree(root).items() if k in made} == made
+
+    # Other settings: its own unchanged files are replaced, nothing else is touched.
+    make_demo_data(root, tiles=5, seed=1)
+    assert (root / "operator.key").read_bytes() != made["operator.key"]
+    assert (root / "trust" / "colleague.pub").read_bytes() == b"theirs"
+    assert (root / "work" / "x").read_bytes() == b"work"
+
+
+def test_a_demo_output_changed_since_it_was_written_is_never_replaced(tmp_path: Path) -> None:
+    root = tmp_path / "demo"
+    make_demo_data(root, tiles=5, seed=0)
+    (root / "operator.key").write_bytes(b"the operator's own key now")
+    with pytest.raises(InvalidRequestError, match=r"operator\.key"):
+        make_demo_data(root, tiles=5, seed=1, force=True)
+    assert (root / "operator.key").read_bytes() == b"the operator's own key now"
+
+
+def test_a_run_killed_while_writing_can_be_run_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "demo"
+
+    def killed(path: Path, size: int) -> None:
+        path.write_bytes(b"half a model")
+        raise RuntimeError("killed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(demo, "build_keypoints_model", killed)
+        with pytest.raises(RuntimeError, match="killed"):
+            make_demo_data(root, tiles=5)
+    inputs = make_demo_data(root, tiles=5)
+    assert inputs.tile_count == 5
+    assert (root / "models" / "keypoints.onnx").read_bytes() != b"half a model"

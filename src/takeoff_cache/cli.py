@@ -249,7 +249,7 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
     if not 1 <= args.tiles <= 1_000_000:
         raise InvalidRequestError(f"tiles: {args.tiles} is outside [1, 1000000]")
-    inputs = make_demo_data(args.dir, tiles=args.tiles, seed=args.seed)
+    inputs = make_demo_data(args.dir, tiles=args.tiles, seed=args.seed, force=args.force)
     print(
         f"demo inputs in {inputs.root}: {inputs.tile_count} tiles; build with:\n"
         f"  takeoff-cache build --request {inputs.request}"
@@ -264,7 +264,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .request import FIELDS
     from .verify import verify_cache
 
-    inputs = make_demo_data(args.workdir, tiles=args.tiles, seed=args.seed)
+    if not 1 <= args.tiles <= 1_000_000:
+        raise InvalidRequestError(f"tiles: {args.tiles} is outside [1, 1000000]")
+    inputs = make_demo_data(args.workdir, tiles=args.tiles, seed=args.seed, force=args.force)
     print(f"demo inputs: {inputs.root} ({inputs.tile_count} tiles)", file=sys.stderr)
     args.request = inputs.request
     args.work_dir = args.work_dir or str(inputs.root / "work")
@@ -283,6 +285,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f" {len(manifest.artifacts)} artifacts) — {cache_root}"
     )
     return 0
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tiles", type=int, default=320, help="corpus size (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of all demo data (default: 0)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a non-empty folder not made by demo-data;"
+        " files and folders it did not write are never replaced",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -321,18 +334,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("demo-data", help="generate demo inputs")
-    p.add_argument("dir", type=Path)
-    p.add_argument("--tiles", type=int, default=320)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("dir", type=Path, help="folder to write them to (created if missing)")
+    _demo_args(p)
     p.set_defaults(func=cmd_demo_data)
 
     p = sub.add_parser("demo", help="generate demo inputs, build, verify, print the report")
-    p.add_argument("--workdir", type=Path, default=Path("takeoff-cache-demo"))
-    p.add_argument("--tiles", type=int, default=320)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("takeoff-cache-demo"),
+        help="folder for the demo inputs, cache and work folder (default: %(default)s)",
+    )
+    _demo_args(p)
     p.add_argument("--work-dir", dest="work_dir", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--backend", default="auto")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument(
+        "--backend", default="auto", help="engine backend: auto, onnxruntime or tensorrt"
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="show Prefect's run logs")
     p.set_defaults(func=cmd_demo)
     return parser
 
