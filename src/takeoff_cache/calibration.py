@@ -9,7 +9,6 @@ SHA-256 is part of every int8 engine key.
 from __future__ import annotations
 
 import io
-import os
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ from PIL import Image
 from .backbones import InputSpec
 from .corpus import TileSelection, open_corpus
 from .errors import InvalidRequestError
-from .fsutil import fsync_file
+from .fsutil import atomic_output
 from .preprocess import Normalizer
 
 FORMAT = "takeoff-cache-calibration-1"
@@ -51,16 +50,10 @@ def write_calibration(
             names.append(tile.zxy)
     if not images:
         raise InvalidRequestError("calibrate: none of the sampled tiles could be decoded")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            np.savez_compressed(
-                fh, format=np.array(FORMAT), tiles=np.stack(images), names=np.array(names)
-            )
-        fsync_file(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_output(path) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(
+            fh, format=np.array(FORMAT), tiles=np.stack(images), names=np.array(names)
+        )
     return len(images)
 
 

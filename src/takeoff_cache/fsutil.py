@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
 from .faults import checkpoint
 
 _CHUNK = 1 << 20
+_TEMP_MARK = ".tmp-"
 
 
 def sha256_file(path: Path) -> str:
@@ -39,31 +42,54 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def temp_path(path: Path) -> Path:
+    """The temporary name beside ``path`` that a write goes to before its rename."""
+    return path.with_name(f".{path.name}{_TEMP_MARK}{os.getpid()}")
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is a :func:`temp_path` name (one a killed writer may have left)."""
+    return name.startswith(".") and _TEMP_MARK in name
+
+
+@contextmanager
+def atomic_output(path: Path, *, point: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write; on a clean exit, make it ``path``.
+
+    Readers see the old file or the new one, never a mix: the temporary file
+    is fsynced and renamed over ``path``, and the directory is fsynced so the
+    rename survives a power cut. On any error the temporary file is removed.
+    ``point`` names the fault points before the fsync and the rename
+    (``<point>.fsync``, ``<point>.rename``, see faults.py).
+    """
+    tmp = temp_path(path)
+    tmp.unlink(missing_ok=True)  # left by a killed writer whose pid this one now has
+    try:
+        yield tmp
+        if point is not None:
+            checkpoint(f"{point}.fsync", tmp)
+        fsync_file(tmp)
+        if point is not None:
+            checkpoint(f"{point}.rename", path)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
 def atomic_write_bytes(
     path: Path, data: bytes, mode: int = 0o644, *, point: str = "fsutil"
 ) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix.
+    """Write ``data`` to ``path`` through :func:`atomic_output`.
 
-    The bytes go to a temporary file in the same directory, are fsynced, and
-    the file is renamed over ``path``; the directory is fsynced so the rename
-    survives a power cut. ``point`` names the fault points before the write,
-    the fsync and the rename (``<point>.write`` …, see faults.py).
+    ``point`` names the fault points before the write, the fsync and the
+    rename (``<point>.write`` …, see faults.py).
     """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    checkpoint(f"{point}.write", tmp)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
+    with atomic_output(path, point=point) as tmp:
+        checkpoint(f"{point}.write", tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-            fh.flush()
-            checkpoint(f"{point}.fsync", tmp)
-            os.fsync(fh.fileno())
-        checkpoint(f"{point}.rename", path)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def fsync_file(path: Path) -> None:
@@ -89,14 +115,6 @@ def link_or_copy(src: Path, dst: Path, *, link: bool = True) -> None:
             return
         except OSError:
             pass
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    try:
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            while chunk := fin.read(_CHUNK):
-                fout.write(chunk)
-            fout.flush()
-            os.fsync(fout.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_output(dst) as tmp, open(src, "rb") as fin, open(tmp, "wb") as fout:
+        while chunk := fin.read(_CHUNK):
+            fout.write(chunk)

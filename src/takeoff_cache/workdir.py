@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from .errors import CacheIOError
+from .fsutil import is_temp_name
 
 
 def default_work_dir() -> Path:
@@ -104,7 +105,7 @@ def prune_indexes(
             mtime = entry.stat(follow_symlinks=False).st_mtime
         except FileNotFoundError:
             continue  # removed meanwhile by another build's pruning
-        if entry.name.startswith(".") and ".tmp-" in entry.name:
+        if is_temp_name(entry.name):
             if now - mtime > older_than_s:
                 removed += _unlink(Path(entry.path))
             continue

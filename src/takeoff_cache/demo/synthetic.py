@@ -22,7 +22,6 @@ import io
 import math
 import os
 import sqlite3
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from takeoff_cache.fsutil import fsync_dir, fsync_file
+from takeoff_cache.fsutil import atomic_output
 from takeoff_cache.tilemath import lonlat_to_fractional_tile, tile_bounds, tms_row
 
 TILE_SIZE = 256
@@ -706,10 +705,7 @@ def write_corpus(
     path.parent.mkdir(parents=True, exist_ok=True)
     # Build under a temporary name in the same directory, then rename: a run
     # killed half-way leaves only a stray temp file, never a short corpus.
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_output(path) as tmp:
         db = sqlite3.connect(tmp, isolation_level=None)
         try:
             # No journal: atomicity comes from the rename, not from SQLite.
@@ -738,13 +734,7 @@ def write_corpus(
             db.execute("COMMIT")
         finally:
             db.close()
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a corpus is for reading
-        fsync_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+        os.chmod(tmp, 0o644)  # a corpus is for reading, whatever the umask
     inset = _BBOX_INSET_DEG
     bbox = (lat_min + inset, lon_min + inset, lat_max - inset, lon_max - inset)
     return CorpusLayout(path, bbox, (z0, z1), count)

@@ -9,10 +9,10 @@ the row → tile map; both written atomically.
 from __future__ import annotations
 
 import math
-import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +23,7 @@ from ..canonical import content_key
 from ..corpus import Tile, TileSelection
 from ..errors import DescriptorError, MissingDescriptorsError
 from ..faults import checkpoint
-from ..fsutil import fsync_dir, fsync_file, sha256_file, sha256_stream
+from ..fsutil import atomic_output, sha256_file, sha256_stream
 from ..workdir import index_files
 from .store import CHUNK_ROWS, DescriptorStore, l2_normalize
 
@@ -243,22 +243,14 @@ def _approximate_index(
 
 def _write_tile_map(path: Path, tiles: Sequence[Tile]) -> None:
     """Write the row → tile JSON in chunks, atomically (temp file, fsync, rename)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="ascii") as fh:
-            fh.write('{"format":"takeoff-cache-tile-map","version":1,"columns":["z","x","y"],')
-            fh.write('"rows":[')
-            for start, stop in _chunks(len(tiles)):
-                if start:
-                    fh.write(",")
-                fh.write(",".join(f"[{t.z},{t.x},{t.y}]" for t in tiles[start:stop]))
-            fh.write("]}")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    with atomic_output(path) as tmp, open(tmp, "w", encoding="ascii") as fh:
+        fh.write('{"format":"takeoff-cache-tile-map","version":1,"columns":["z","x","y"],')
+        fh.write('"rows":[')
+        for start, stop in _chunks(len(tiles)):
+            if start:
+                fh.write(",")
+            fh.write(",".join(f"[{t.z},{t.x},{t.y}]" for t in tiles[start:stop]))
+        fh.write("]}")
 
 
 _DIM_PROBE = 64
@@ -336,26 +328,22 @@ def write_index(
     except sqlite3.Error as exc:
         raise DescriptorError(f"descriptor store {store.path}: {exc}") from exc
     index_path, map_path = index_files(out_dir, stem)
-    tmp = out_dir / f".{stem}.faiss.tmp-{os.getpid()}"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint("descriptors.index_write", tmp)
-        faiss.write_index(index, str(tmp))
-        # Hashed on another core while the index is synced and the tile map written:
-        # the digest is the longest step of writing a rebuild's index.
-        with open(tmp, "rb") as fh, ThreadPoolExecutor(1, "index-sha256") as hasher:
-            index_sha256 = hasher.submit(sha256_stream, fh)
-            fsync_file(tmp)
-            checkpoint("descriptors.index_rename", index_path)
-            os.replace(tmp, index_path)
+        with ExitStack() as stack:
+            hasher = stack.enter_context(ThreadPoolExecutor(1, "index-sha256"))
+            with atomic_output(index_path, point="descriptors.index") as tmp:
+                checkpoint("descriptors.index_write", tmp)
+                faiss.write_index(index, str(tmp))
+                # Hashed on another core while the index is synced and the tile map
+                # written: the digest is the longest step of writing a rebuild's index.
+                index_sha256 = hasher.submit(sha256_stream, stack.enter_context(open(tmp, "rb")))
             checkpoint("descriptors.map_write", map_path)
             _write_tile_map(map_path, tiles)
             map_sha256 = sha256_file(map_path)
             digest = index_sha256.result()
     except (RuntimeError, OSError) as exc:  # faiss reports I/O failures as RuntimeError
         raise DescriptorError(f"descriptors: cannot write index {index_path}: {exc}") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
     return IndexFiles(
         str(index_path),
         str(map_path),

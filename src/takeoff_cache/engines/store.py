@@ -10,7 +10,6 @@ version or a damaged file never yields a stale engine.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from ..backbones import Backbone
 from ..canonical import content_key
 from ..errors import CacheIOError, EngineError
 from ..faults import checkpoint
-from ..fsutil import atomic_write_bytes, sha256_file
+from ..fsutil import atomic_output, atomic_write_bytes, sha256_file
 from ..workdir import engines_dir
 from . import Backend
 
@@ -126,26 +125,17 @@ def ensure_engine(
         found = lookup_engine(path, key)
         if found is not None:
             return record(*found, built=False)
-        tmp = store / f".{name}.tmp-{os.getpid()}"
         try:
-            checkpoint("store.compile", tmp)
-            backend.compile(backbone, precision, calibration, tmp, work_dir)
-            sha, size = sha256_file(tmp), tmp.stat().st_size
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            checkpoint("store.rename", path)
-            os.replace(tmp, path)
+            with atomic_output(path, point="store") as tmp:
+                checkpoint("store.compile", tmp)
+                backend.compile(backbone, precision, calibration, tmp, work_dir)
+                sha, size = sha256_file(tmp), tmp.stat().st_size
         except EngineError:
             raise
         except OSError as exc:
             raise EngineError(
                 f"backbone {backbone.name!r}: writing engine {path} failed: {exc.strerror}"
             ) from exc
-        finally:
-            tmp.unlink(missing_ok=True)
         sidecar = {
             "key": key,
             "sha256": sha,
