@@ -69,6 +69,12 @@ class Backend(ABC):
     def load(self, engine_path: Path, backbone: Backbone, output: str) -> Runner: ...
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message: runtimes raise pages, a report wants a line."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
 def tensorrt_available() -> bool:
     from .tensorrt import TensorRTBackend
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ..backbones import Backbone
 from ..errors import EngineError
 from ..hostinfo import cpu_identity, isa_tag
-from . import Backend, Runner
+from . import Backend, Runner, first_line
 
 if TYPE_CHECKING:
     import numpy as np
@@ -69,11 +69,6 @@ def ort_version() -> str:
 
 def _threads() -> int:
     return max(1, len(os.sched_getaffinity(0)))
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 class OnnxRuntimeRunner(Runner):

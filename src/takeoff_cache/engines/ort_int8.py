@@ -23,7 +23,7 @@ from ..backbones import Backbone
 from ..calibration import batches as calibration_batches
 from ..calibration import load_samples
 from ..errors import EngineError
-from .onnxruntime import first_line
+from . import first_line
 
 
 class _Samples(CalibrationDataReader):  # type: ignore[misc]
