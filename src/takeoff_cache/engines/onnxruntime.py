@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     import numpy as np
     import onnxruntime as ort
 
-# Static QDQ quantization: int8 weights per channel, int8 activations, min/max calibration.
+# Static QDQ quantization: int8 weights per channel, int8 activations, min/max
+# calibration. Hashed into the engine key and handed to the quantizer as is.
 _QUANT_OPTIONS = {
     "format": "QDQ",
     "weight_type": "QInt8",
@@ -133,7 +134,7 @@ class OnnxRuntimeBackend(Backend):
                 # Imported only for int8: ONNX Runtime's quantizer takes ~0.08 s to load.
                 from .ort_int8 import quantize
 
-                quantize(backbone, calibration, quantized)
+                quantize(backbone, calibration, quantized, _QUANT_OPTIONS)
                 source = quantized
             ort = _ort()
             options = ort.SessionOptions()

@@ -6,8 +6,9 @@ ONNX Runtime's quantizer.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from onnxruntime.quantization import (
@@ -36,7 +37,14 @@ class _Samples(CalibrationDataReader):  # type: ignore[misc]
         return None if batch is None else {self._input: batch}
 
 
-def quantize(backbone: Backbone, calibration: Path | None, out_path: Path) -> None:
+def quantize(
+    backbone: Backbone, calibration: Path | None, out_path: Path, settings: Mapping[str, Any]
+) -> None:
+    """Write ``backbone`` quantized to ``out_path``.
+
+    ``settings`` are the backend's quantization build options, the very values
+    the engine key hashes; ONNX Runtime's enums are looked up by their names.
+    """
     if calibration is None:
         raise EngineError(f"backbone {backbone.name!r}: int8 needs a calibration file")
     samples = load_samples(calibration)
@@ -49,11 +57,11 @@ def quantize(backbone: Backbone, calibration: Path | None, out_path: Path) -> No
             str(prepared),
             str(out_path),
             reader,
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
+            quant_format=QuantFormat[settings["format"]],
+            per_channel=settings["per_channel"],
+            activation_type=QuantType[settings["activation_type"]],
+            weight_type=QuantType[settings["weight_type"]],
+            calibrate_method=CalibrationMethod[settings["calibrate_method"]],
         )
     except Exception as exc:  # the quantizer raises plain Exceptions of many kinds
         raise EngineError(
