@@ -38,6 +38,16 @@ class InputSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
+    def identity(self) -> dict[str, Any]:
+        """The spec as it is hashed into build identities and descriptor spaces."""
+        return {
+            "name": self.name,
+            "size": self.size,
+            "channels": self.channels,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
 
 @dataclass(frozen=True)
 class Backbone:
@@ -54,13 +64,7 @@ class Backbone:
             "name": self.name,
             "role": self.role,
             "onnx_sha256": self.onnx_sha256,
-            "input": {
-                "name": self.input.name,
-                "size": self.input.size,
-                "channels": self.input.channels,
-                "mean": list(self.input.mean),
-                "std": list(self.input.std),
-            },
+            "input": self.input.identity(),
             "output": self.output,
         }
 
@@ -141,6 +145,7 @@ def _check_key(sha256: str, spec: InputSpec, role: str, output: str | None) -> s
     return content_key(
         {
             "onnx_sha256": sha256,
+            # Only what the graph check reads: mean and std cannot change its verdict.
             "input": [spec.name, spec.size, spec.channels],
             "role": role,
             "output": output,

@@ -43,13 +43,7 @@ def descriptor_space(engine_key: str, spec: InputSpec) -> str:
     return content_key(
         {
             "engine_key": engine_key,
-            "input": {
-                "name": spec.name,
-                "size": spec.size,
-                "channels": spec.channels,
-                "mean": list(spec.mean),
-                "std": list(spec.std),
-            },
+            "input": spec.identity(),
             "preprocess": PREPROCESS_ID,
         }
     )
