@@ -27,8 +27,8 @@ from . import MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION
 from .canonical import canonical_json
 from .errors import SigningError, VerificationError
 from .keys import Signer, TrustedKey
-
-MANIFEST_NAME = "Manifest.json"
+from .layout import MANIFEST_NAME as MANIFEST_NAME  # re-exported for callers of this module
+from .layout import RESERVED
 
 
 def canonical_bytes(obj: Any) -> bytes:
@@ -118,7 +118,7 @@ def _check_artifact_entry(i: int, entry: Any, problems: list[str]) -> None:
             problems.append(
                 f"artifacts[{i}].path {path!r} is not a plain relative path inside the cache root"
             )
-        elif pure.parts[0] in {MANIFEST_NAME, ".staging", ".build.lock"}:
+        elif pure.parts[0] in RESERVED:
             problems.append(f"artifacts[{i}].path {path!r} names a reserved entry")
     if not isinstance(entry.get("kind"), str):
         problems.append(f"artifacts[{i}].kind is missing or not a string")
