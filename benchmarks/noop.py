@@ -1,9 +1,13 @@
-"""No-op benchmark: re-running a finished build vs. a Prefect flow that does nothing.
+"""No-op benchmark: re-running a finished build, from the shell and as a flow.
 
     python benchmarks/noop.py [--tiles 10000] [--data DIR] [--repeat 5]
 
-Builds the demo cache once (reused when already built), then times, in the
-same process setup each time:
+Builds the demo cache (320 tiles) and one of ``--tiles`` tiles once (reused
+when already built). First, for both, the whole wall time of a fresh
+``takeoff-cache build`` process re-run on the unchanged request, as an operator
+runs it without a configured Prefect API (answered before Prefect starts),
+next to ``takeoff-cache verify`` on the same cache. Then, for the larger one,
+in the same process setup each time:
 
 - warm, in one process with Prefect's API already up: the build-cache flow
   on the unchanged request (an ``idempotent_no_op``) against an empty flow;
@@ -157,6 +161,48 @@ def cold(request: Path, work: Path, repeat: int, api_url: str | None = None) -> 
     }
 
 
+def _wall(argv: list[str], env: dict[str, str]) -> float:
+    started = time.perf_counter()
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(argv[:3])} failed: {proc.stderr.strip()}")
+    return wall
+
+
+def shell(request: Path, work: Path, repeat: int) -> dict[str, Any]:
+    """Whole-process wall time of a no-op CLI re-run and of verify, alternating."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    cli = [sys.executable, "-m", "takeoff_cache.cli"]
+    doc = read_request_file(request)
+    build = [*cli, "build", "--request", str(request), "--work-dir", str(work), "--json"]
+    verify = [*cli, "verify", doc["cache_root"], "--trust", doc["trust"]]
+    builds, verifies = [], []
+    for _ in range(repeat):
+        builds.append(_wall(build, env))
+        verifies.append(_wall(verify, env))
+    last = subprocess.run(build, cwd=ROOT, env=env, capture_output=True, text=True)
+    outcome = json.loads(last.stdout)["outcome"]
+    return {
+        "outcome": outcome,
+        "noop_wall_s": round(statistics.median(builds), 3),
+        "noop_wall_min_s": round(min(builds), 3),
+        "verify_wall_s": round(statistics.median(verifies), 3),
+        "verify_wall_min_s": round(min(verifies), 3),
+    }
+
+
+def built(data: Path, tiles: int, work: Path) -> Any:
+    demo = make_demo_data(data / f"{tiles}", tiles=tiles)
+    if not (demo.root / "cache" / "Manifest.json").is_file():
+        log(f"building the {demo.tile_count}-tile cache once ...")
+        argv = [sys.executable, "-m", "takeoff_cache.cli", "build", "--request", str(demo.request)]
+        proc = subprocess.run([*argv, "--work-dir", str(work)], cwd=ROOT)
+        if proc.returncode != 0:
+            raise SystemExit("the first build failed")
+    return demo
+
+
 def cold_with_server(request: Path, work: Path, repeat: int) -> dict[str, Any]:
     from tests._procs import PrefectServer
 
@@ -176,26 +222,18 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--cold-repeat", type=int, default=3)
     args = p.parse_args()
-    demo = make_demo_data(args.data / f"{args.tiles}", tiles=args.tiles)
-    work = args.work or args.data / f"work-{args.tiles}"
-    if not (demo.root / "cache" / "Manifest.json").is_file():
-        log(f"building the {demo.tile_count}-tile cache once ...")
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "takeoff_cache.cli",
-                "build",
-                "--request",
-                str(demo.request),
-                "--work-dir",
-                str(work),
-            ],
-            cwd=ROOT,
-        )
-        if proc.returncode != 0:
-            raise SystemExit("the first build failed")
     figures: dict[str, Any] = {"benchmark": "noop", "load_before": os.getloadavg()[0]}
+    figures["shell"] = {}
+    for tiles in sorted({320, args.tiles}):
+        shell_work = args.data / f"work-{tiles}"
+        shell_demo = built(args.data, tiles, shell_work)
+        log(f"shell: no-op CLI re-run and verify, {shell_demo.tile_count} tiles ...")
+        figures["shell"][str(shell_demo.tile_count)] = shell(
+            shell_demo.request, shell_work, args.repeat
+        )
+        log(f"    {figures['shell'][str(shell_demo.tile_count)]}")
+    work = args.work or args.data / f"work-{args.tiles}"
+    demo = built(args.data, args.tiles, work)
     log("warm: no-op build vs empty flow, one process ...")
     figures["warm"] = warm(demo.request, work, args.repeat)
     log(f"    {figures['warm']}")
@@ -209,7 +247,12 @@ def main() -> None:
     figures["target_s"] = 1.0
     figures["within_target"] = all(
         figures[k]["difference_s"] <= 1.0 for k in ("warm", "cold", "cold_server")
-    )
+    ) and all(v["noop_wall_s"] <= 1.0 for v in figures["shell"].values())
+    for tiles, shell_figures in figures["shell"].items():
+        log(
+            f"shell no-op re-run of {tiles} tiles: {shell_figures['noop_wall_s']} s wall"
+            f" (verify {shell_figures['verify_wall_s']} s)"
+        )
     log(
         f"no-op of {figures['warm']['tiles']} tiles: warm +{figures['warm']['difference_s']} s,"
         f" cold +{figures['cold']['difference_s']} s (temporary API),"

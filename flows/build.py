@@ -51,9 +51,9 @@ def build_cache(
         if not selection.tiles:
             return run.end(failure_reason=t.no_tiles_reason(validated))
         with run.phase("identity"):
-            report.manifest_hash = t.build_identity(validated, selection.fingerprint)
+            report.build_identity = t.build_identity(validated, selection.fingerprint)
         with run.phase("noop"):
-            previous, is_noop = t.noop_check(validated, report.manifest_hash)
+            previous, is_noop = t.noop_check(validated, report.build_identity)
         if is_noop:
             return run.end(
                 "idempotent_no_op",
@@ -85,7 +85,7 @@ def build_cache(
         staged += index_staged
         with run.phase("manifest"):
             manifest = t.manifest(
-                validated, report.manifest_hash, t.untracked(selection), described, options
+                validated, report.build_identity, t.untracked(selection), described, options
             )
         with run.phase("coverage"):
             new_paths = {a.path for a in described}

@@ -17,7 +17,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
-from takeoff_cache import artifacts, calibration
+from takeoff_cache import artifacts, calibration, workdir
 from takeoff_cache.backbones import Backbone, place_recognition
 from takeoff_cache.canonical import content_key
 from takeoff_cache.engines import get_backend
@@ -43,10 +43,8 @@ def _engine_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> st
         parameters["precision"],
         parameters["calibration_sha256"],
     )
-    path = (
-        Path(parameters["work_dir"])
-        / "engines"
-        / engine_file_name(backbone, backend, parameters["precision"], key)
+    path = workdir.engines_dir(Path(parameters["work_dir"])) / engine_file_name(
+        backbone, backend, parameters["precision"], key
     )
     found = lookup_engine(path, key)
     if found is None:

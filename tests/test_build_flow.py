@@ -60,7 +60,7 @@ def test_first_build_succeeds_and_verifies(capsys: pytest.CaptureFixture[str], d
     assert set(report["phases"]) == PHASES
     assert report["manifest_path"] == str(demo.cache / "Manifest.json")
     manifest = verify_cache(demo.cache, load_trust_store(demo.trust))
-    assert manifest.build_identity == report["manifest_hash"]
+    assert manifest.build_identity == report["build_identity"] == report["manifest_hash"]
     kinds = sorted(a.kind for a in manifest.artifacts)
     assert kinds == ["engine", "engine", "faiss_index", "tile_map"]
     assert not (demo.cache / ".staging").exists()
@@ -366,7 +366,7 @@ def test_a_changed_corpus_build_prunes_the_work_folder_and_a_pruned_index_is_reb
     again = build(capsys, demo)
     assert again["outcome"] == "success"
     assert again["descriptors_generated"] == 0 and again["descriptors_reused"] == 80
-    assert again["manifest_hash"] == first["manifest_hash"]
+    assert again["build_identity"] == first["build_identity"]
     assert (folder / f"{original}.faiss").is_file()
     verify_cache(demo.cache, load_trust_store(demo.trust))
 

@@ -282,7 +282,7 @@ def next_build_succeeds(
     assert report["outcome"] == ("idempotent_no_op" if found == final else "success"), report
     manifest = assert_clean(root)
     assert manifest.version == final
-    assert manifest.build_identity == report["manifest_hash"]
+    assert manifest.build_identity == report["build_identity"]
 
 
 def expected_update_version(point: str) -> int:

@@ -79,20 +79,15 @@ def acquire(cache_root: Path) -> BuildLock:
 
 
 @contextmanager
-def held_early(cache_root: Path) -> Iterator[BuildLock | None]:
-    """Take a cache's lock before Prefect starts, so a second build is refused at once.
+def held_early(cache_root: Path) -> Iterator[BuildLock]:
+    """Take a validated request's cache lock before Prefect starts, so a second build
+    is refused at once; the flow's lock phase adopts it.
 
-    Starting Prefect, and recording a refused run as Failed, take seconds; the
-    command line takes the lock first and the flow's lock phase adopts it.
-    Only a lock file that already exists is taken here: creating one would be
-    a write before validation, which must leave a fresh cache root untouched
-    (an untrusted key writes zero files). A first build is decided by its
-    lock phase as before. Yields None when the lock was not taken here.
+    Starting Prefect, and recording a refused run as Failed, take seconds. Only
+    after validation: the lock file is the first write to a cache root, and an
+    invalid request (an untrusted key) must leave it untouched.
     """
     path = (cache_root / LOCK_NAME).resolve()
-    if not path.is_file():
-        yield None
-        return
     lock = BuildLock(cache_root).acquire()
     _early[path] = lock
     try:

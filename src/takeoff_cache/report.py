@@ -14,7 +14,7 @@ class BuildReport:
     descriptors_generated: int = 0
     descriptors_reused: int = 0
     tiles: int = 0
-    manifest_hash: str | None = None
+    build_identity: str | None = None
     manifest_path: str | None = None
     failure_reason: str | None = None
     elapsed_s: float = 0.0
@@ -24,10 +24,17 @@ class BuildReport:
     precision_drift: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        # The name of build_identity until 0.1; kept one release for scripts that read it.
+        out["manifest_hash"] = self.build_identity
+        return out
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> BuildReport:
+        return cls(**{k: v for k, v in doc.items() if k != "manifest_hash"})
 
     def markdown(self) -> str:
-        rows = [f"| {k} | {v} |" for k, v in self.to_json().items() if k != "phases"]
+        rows = [f"| {k} | {v} |" for k, v in asdict(self).items() if k != "phases"]
         phases = " · ".join(f"{k} {v:.2f}s" for k, v in self.phases.items())
         return "\n".join(
             [
@@ -52,7 +59,7 @@ class BuildReport:
             f"engines_reused:        {self.engines_reused}",
             f"descriptors_generated: {self.descriptors_generated}",
             f"descriptors_reused:    {self.descriptors_reused}",
-            f"manifest_hash:         {self.manifest_hash}",
+            f"build_identity:        {self.build_identity}",
             f"manifest_path:         {self.manifest_path}",
             f"elapsed_s:             {self.elapsed_s:.2f}",
             "phases:                " + ", ".join(f"{k} {v:.2f}s" for k, v in self.phases.items()),

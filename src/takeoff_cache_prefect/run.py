@@ -7,6 +7,7 @@ options; Prefect is configured and imported here, never in the library.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -58,6 +59,24 @@ def heartbeats_only_when_asked() -> Iterator[None]:
         yield
 
 
+class _NoTracebackForExpectedErrors(logging.Filter):
+    """Run logs keep the one-line reason of an error we raised on purpose, not its
+    traceback: that is for the unexpected (``-v`` shows run logs on the terminal)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], TakeoffCacheError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def quiet_expected_errors() -> None:
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoTracebackForExpectedErrors) for f in logger.filters):
+            logger.addFilter(_NoTracebackForExpectedErrors())
+
+
 def run_build(raw: dict[str, Any], options: BuildOptions, verbose: bool) -> dict[str, Any]:
     """Run build-cache for one request; return its report or raise its typed error."""
     prefect_env(verbose)
@@ -67,6 +86,8 @@ def run_build(raw: dict[str, Any], options: BuildOptions, verbose: bool) -> dict
     server = start_early()
     from takeoff_cache_prefect.flows.build import build_cache
     from takeoff_cache_prefect.flows.phases import recorded_outcomes
+
+    quiet_expected_errors()
 
     params = {k: v for k, v in raw.items() if v is not None}
     params.update(

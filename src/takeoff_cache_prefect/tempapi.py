@@ -156,19 +156,23 @@ def _profile_names_api() -> bool:
     return not isinstance(profile, dict) or "PREFECT_API_URL" in profile
 
 
+def api_configured() -> bool:
+    """Whether the environment or the active profile most likely names a Prefect API
+    (read without importing Prefect)."""
+    return bool(os.environ.get("PREFECT_API_URL")) or _profile_names_api()
+
+
 def start_early() -> EarlyServer | None:
     """Start a temporary API now if Prefect will most likely need one; else None.
 
     None too where Prefect is already loaded (a caller in a long-lived process):
     there is no import left to overlap, and Prefect's settings decide alone.
     """
-    if "prefect" in sys.modules or os.environ.get("PREFECT_API_URL"):
+    if "prefect" in sys.modules or api_configured():
         return None
     for name in ("PREFECT_SERVER_EPHEMERAL_ENABLED", "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"):
         if os.environ.get(name, "").strip().lower() in _FALSE:
             return None
-    if _profile_names_api():
-        return None
     try:
         return EarlyServer()
     except OSError:
