@@ -210,38 +210,82 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    path = args.cache_root / "Manifest.json"
     try:
-        doc = json.loads(path.read_bytes())
-        signed = doc["signed"]
-    except FileNotFoundError:
-        raise VerificationError(f"{path} does not exist") from None
-    except (ValueError, KeyError, TypeError, RecursionError):
-        raise VerificationError(f"{path} is not a takeoff-cache manifest") from None
-    req = signed.get("request", {})
-    print(f"cache:          {args.cache_root}")
-    print(
-        f"version:        {signed.get('version')}  created {signed.get('created_at')}"
-        f"  expires {signed.get('expires_at') or 'never'}"
-    )
-    print(f"build identity: {signed.get('build_identity')}")
-    print(
-        f"area:           bbox {req.get('bbox')} zoom {req.get('zoom_levels')}"
-        f" sector {req.get('sector_class')}"
-    )
-    print(
-        f"corpus:         {signed.get('corpus', {}).get('tile_count')} tiles,"
-        f" fingerprint {signed.get('corpus', {}).get('fingerprint', '')[:16]}"
-    )
-    print(f"host:           {json.dumps(signed.get('host'), sort_keys=True)}")
-    print("artifacts:")
-    for a in signed.get("artifacts", []):
-        print(f"  {a.get('kind', '?'):12} {a.get('size', 0):>12,}  {a.get('path')}")
-    print(
-        "signatures:     " + ", ".join(s.get("keyid", "?")[:16] for s in doc.get("signatures", []))
-    )
-    print("(inspect does not verify; run 'takeoff-cache verify')")
+        lines = _inspect(args.cache_root)
+    except TakeoffCacheError as exc:
+        problems = exc.problems if isinstance(exc, VerificationError) else [str(exc)]
+        for problem in problems:
+            print(f"takeoff-cache: inspect: {_printable(problem)}", file=sys.stderr)
+        return exc.exit_code
+    print("\n".join(_printable(line) for line in lines))
     return 0
+
+
+def _inspect(cache_root: Path) -> list[str]:
+    """The summary of a cache's manifest, read through the parser ``verify`` uses."""
+    import stat
+
+    from .layout import MANIFEST_NAME
+    from .manifest import parse_manifest_bytes
+
+    try:
+        if not stat.S_ISDIR(cache_root.stat().st_mode):
+            raise InvalidRequestError(f"{cache_root} is a file, not a folder")
+    except FileNotFoundError:
+        raise InvalidRequestError(f"{cache_root} does not exist") from None
+    except OSError as exc:
+        raise InvalidRequestError(f"{cache_root} cannot be read: {exc.strerror}") from None
+    path = cache_root / MANIFEST_NAME
+    try:
+        # lstat first: opening a FIFO or a device could block or read forever.
+        mode = os.lstat(path).st_mode
+        if stat.S_ISDIR(mode):
+            raise VerificationError(f"{MANIFEST_NAME} is a folder, not a file")
+        if not stat.S_ISREG(mode):
+            raise VerificationError(f"{MANIFEST_NAME} is not a regular file (symlink or special)")
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise VerificationError(f"{MANIFEST_NAME} is missing from {cache_root}") from None
+    except OSError as exc:
+        raise VerificationError(f"{MANIFEST_NAME} cannot be read: {exc.strerror}") from None
+    manifest = parse_manifest_bytes(data)
+    signed = manifest.signed
+    request, corpus = _object(signed.get("request")), _object(signed.get("corpus"))
+    lines = [
+        f"cache:          {cache_root}",
+        f"version:        {signed['version']}  created {signed['created_at']}"
+        f"  expires {signed.get('expires_at') or 'never'}",
+        f"build identity: {signed['build_identity']}",
+        f"area:           bbox {_shown(request.get('bbox'))}"
+        f" zoom {_shown(request.get('zoom_levels'))} sector {_shown(request.get('sector_class'))}",
+        f"corpus:         {_shown(corpus.get('tile_count'))} tiles,"
+        f" fingerprint {_shown(corpus.get('fingerprint'))[:16]}",
+        f"host:           {_shown(signed.get('host'))}",
+        "artifacts:",
+        *(f"  {a.kind[:12]:12} {a.size:>12,}  {a.path}" for a in manifest.artifacts),
+        "signatures:     " + ", ".join(keyid[:16] for keyid in manifest.keyids),
+        "(inspect does not verify; run 'takeoff-cache verify')",
+    ]
+    return lines
+
+
+def _object(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _shown(value: Any) -> str:
+    """A value read from a manifest, as JSON text; a string as itself."""
+    if isinstance(value, str):
+        return value
+    try:
+        return json.dumps(value, sort_keys=True)
+    except (ValueError, RecursionError):
+        return "(not showable)"
+
+
+def _printable(text: str) -> str:
+    """Text taken from a file, with control characters and lone surrogates escaped."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:

@@ -73,11 +73,27 @@ class Manifest:
 
     @property
     def artifacts(self) -> list[Artifact]:
-        out = []
-        for entry in self.signed["artifacts"]:
-            rest = {k: v for k, v in entry.items() if k not in {"path", "kind", "size", "sha256"}}
-            out.append(Artifact(entry["path"], entry["kind"], entry["size"], entry["sha256"], rest))
-        return out
+        return _artifacts(self.signed)
+
+
+@dataclass(frozen=True)
+class UnverifiedManifest:
+    """A manifest checked as a verified one is, but for its signature: to show, never to trust."""
+
+    signed: dict[str, Any]
+    keyids: list[str]  # what the signatures claim, unchecked
+
+    @property
+    def artifacts(self) -> list[Artifact]:
+        return _artifacts(self.signed)
+
+
+def _artifacts(signed: dict[str, Any]) -> list[Artifact]:
+    out = []
+    for entry in signed["artifacts"]:
+        rest = {k: v for k, v in entry.items() if k not in {"path", "kind", "size", "sha256"}}
+        out.append(Artifact(entry["path"], entry["kind"], entry["size"], entry["sha256"], rest))
+    return out
 
 
 def format_time(moment: datetime) -> str:
@@ -163,21 +179,8 @@ def _check_signed_structure(signed: dict[str, Any], problems: list[str]) -> None
             seen.add(entry["path"])
 
 
-def verify_manifest_bytes(
-    data: bytes,
-    trusted: list[TrustedKey],
-    *,
-    now: datetime | None = None,
-    min_version: int | None = None,
-    check_expiry: bool = True,
-) -> Manifest:
-    """Parse Manifest.json bytes and check signature, format, expiry and version.
-
-    Trust is decided by the key that actually verifies the signature; the
-    ``keyid`` in the file only says which key to try first. ``check_expiry=False``
-    is for the manifests a killed commit leaves in staging: they only account
-    for files, and must go on doing so after their lifetime ran out.
-    """
+def _parse_document(data: bytes) -> tuple[dict[str, Any], list[tuple[str, bytes]]]:
+    """Manifest.json bytes -> its ``signed`` object and its (keyid, signature) pairs."""
     try:
         doc = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -216,7 +219,52 @@ def verify_manifest_bytes(
         problems.append("manifest carries duplicated signatures")
     if problems:
         raise VerificationError(problems[0], problems)
+    return signed, raw_sigs
 
+
+def _signed_problems(signed: dict[str, Any]) -> list[str]:
+    """What is wrong with the format or the structure of ``signed``."""
+    problems: list[str] = []
+    if signed.get("format") != MANIFEST_FORMAT:
+        problems.append(f"unknown manifest format {signed.get('format')!r}")
+    # type() and not ==: true and 1.0 are not the format version 1.
+    format_version = signed.get("format_version")
+    if type(format_version) is not int or format_version != MANIFEST_FORMAT_VERSION:
+        problems.append(
+            f"unknown manifest format_version {signed.get('format_version')!r}"
+            f" (this tool reads version {MANIFEST_FORMAT_VERSION})"
+        )
+    _check_signed_structure(signed, problems)
+    return problems
+
+
+def parse_manifest_bytes(data: bytes) -> UnverifiedManifest:
+    """Parse Manifest.json bytes through every check of verification but the signature's,
+    expiry and version: for showing a manifest (``inspect``), never for trusting it."""
+    signed, raw_sigs = _parse_document(data)
+    problems = _signed_problems(signed)
+    if problems:
+        raise VerificationError(problems[0], problems)
+    return UnverifiedManifest(signed, [keyid for keyid, _ in raw_sigs])
+
+
+def verify_manifest_bytes(
+    data: bytes,
+    trusted: list[TrustedKey],
+    *,
+    now: datetime | None = None,
+    min_version: int | None = None,
+    check_expiry: bool = True,
+) -> Manifest:
+    """Parse Manifest.json bytes and check signature, format, expiry and version.
+
+    Trust is decided by the key that actually verifies the signature; the
+    ``keyid`` in the file only says which key to try first. ``check_expiry=False``
+    is for the manifests a killed commit leaves in staging: they only account
+    for files, and must go on doing so after their lifetime ran out.
+    """
+    signed, raw_sigs = _parse_document(data)
+    keyids = [k for k, _ in raw_sigs]
     try:
         message = canonical_bytes(signed)
     except SigningError as exc:
@@ -231,16 +279,7 @@ def verify_manifest_bytes(
     if verified_by is None:
         raise VerificationError("signature does not verify with any trusted key")
 
-    if signed.get("format") != MANIFEST_FORMAT:
-        problems.append(f"unknown manifest format {signed.get('format')!r}")
-    # type() and not ==: true and 1.0 are not the format version 1.
-    format_version = signed.get("format_version")
-    if type(format_version) is not int or format_version != MANIFEST_FORMAT_VERSION:
-        problems.append(
-            f"unknown manifest format_version {signed.get('format_version')!r}"
-            f" (this tool reads version {MANIFEST_FORMAT_VERSION})"
-        )
-    _check_signed_structure(signed, problems)
+    problems = _signed_problems(signed)
     if not problems:
         moment = now or datetime.now(UTC)
         expires = signed.get("expires_at")

@@ -157,6 +157,12 @@ def verify_cache(
     if manifest_path.is_symlink():
         raise VerificationError(f"{MANIFEST_NAME} is a symlink; it must be a regular file")
     try:
+        # Checked before opening: a FIFO would block the open, a device read forever.
+        mode = os.lstat(manifest_path).st_mode
+        if stat.S_ISDIR(mode):
+            raise VerificationError(f"{MANIFEST_NAME} is a folder, not a file")
+        if not stat.S_ISREG(mode):
+            raise VerificationError(f"{MANIFEST_NAME} is not a regular file")
         data = manifest_path.read_bytes()
     except FileNotFoundError:
         raise VerificationError(f"{MANIFEST_NAME} is missing from {cache_root}") from None
