@@ -21,11 +21,21 @@ EXIT_FAILURE = 3
 
 
 class _Parser(argparse.ArgumentParser):
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            # Reported here, where the command is known, not by the top-level parser.
+            command = getattr(parsed, "command", None)
+            prog = f"{self.prog} {command}" if command else self.prog
+            raise InvalidRequestError(
+                f"usage: unrecognized arguments: {' '.join(extras)} (see {prog} --help)"
+            )
+        return parsed
+
     def error(self, message: str) -> None:  # type: ignore[override]
         # argparse's own usage errors: one line and exit code 2, as for any invalid input.
-        raise InvalidRequestError(
-            f"usage: {message} (see takeoff-cache {self.prog.split()[-1]} --help)"
-        )
+        # prog is "takeoff-cache" or "takeoff-cache build": it names the command once.
+        raise InvalidRequestError(f"usage: {message} (see {self.prog} --help)")
 
 
 def _request_args(p: argparse.ArgumentParser, with_options: bool = True) -> None:
@@ -108,6 +118,16 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    try:
+        return _verify(args)
+    except TakeoffCacheError as exc:
+        if args.json:
+            problems = exc.problems if isinstance(exc, VerificationError) else [str(exc)]
+            print(json.dumps({"ok": False, "exit_code": exc.exit_code, "problems": problems}))
+        raise
+
+
+def _verify(args: argparse.Namespace) -> int:
     from .engines import get_backend
     from .keys import load_trust_store
     from .verify import verify_cache
@@ -351,11 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("verify", help="verify a cache before takeoff")
-    p.add_argument("cache_root", type=Path)
-    p.add_argument("--trust", type=Path, required=True)
+    p.add_argument("cache_root", type=Path, help="the cache folder to verify")
+    p.add_argument(
+        "--trust", type=Path, required=True, help="trust store: public key file or folder (PEM)"
+    )
     p.add_argument("--state", type=Path, help="file remembering the highest version seen")
     p.add_argument("--host-check", action="store_true", help="engines must be for this host")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result (or the problems) as JSON")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("compile-engines", help="compile or reuse engines in the work folder only")
@@ -366,15 +388,17 @@ def build_parser() -> argparse.ArgumentParser:
     _request_args(p, with_options=False)
     p.add_argument("--out", type=Path, required=True, help="calibration file to write (.npz)")
     p.add_argument("--tiles", type=int, default=128, help="how many tiles to sample")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the tile sample (default: 0)")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("keygen", help="write a new Ed25519 key pair")
-    p.add_argument("keyfile", type=Path)
+    p.add_argument(
+        "keyfile", type=Path, help="private key to write (mode 0600); KEYFILE.pub beside it"
+    )
     p.set_defaults(func=cmd_keygen)
 
-    p = sub.add_parser("inspect", help="summarize a cache's manifest")
-    p.add_argument("cache_root", type=Path)
+    p = sub.add_parser("inspect", help="summarize a cache's manifest (does not verify)")
+    p.add_argument("cache_root", type=Path, help="the cache folder to summarize")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("demo-data", help="generate demo inputs")
@@ -390,7 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder for the demo inputs, cache and work folder (default: %(default)s)",
     )
     _demo_args(p)
-    p.add_argument("--work-dir", dest="work_dir", default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--work-dir", dest="work_dir", default=None, help="work folder (default: WORKDIR/work)"
+    )
     p.add_argument(
         "--backend", default="auto", help="engine backend: auto, onnxruntime or tensorrt"
     )
