@@ -65,6 +65,22 @@ def test_changed_weights_under_the_same_name_force_a_rebuild(demo: Demo) -> None
     assert after.key != before.key and after.file_name != before.file_name
 
 
+def test_a_changed_input_spec_for_the_same_model_forces_a_rebuild(demo: Demo) -> None:
+    # An int8 engine is calibrated through the input spec, and a TensorRT profile
+    # takes its shapes from it: the same ONNX bytes with another spec are another engine.
+    import dataclasses
+
+    backend = CountingBackend()
+    backbone = vpr(demo)
+    before = ensure_engine(backbone, backend, "fp32", None, None, demo.work)
+    other = dataclasses.replace(
+        backbone, input=dataclasses.replace(backbone.input, std=(0.5, 0.5, 0.5))
+    )
+    after = ensure_engine(other, backend, "fp32", None, None, demo.work)
+    assert after.built and backend.compiles == 2
+    assert after.key != before.key
+
+
 def test_another_host_identity_forces_a_rebuild(
     demo: Demo, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -92,6 +108,7 @@ def test_damaged_engine_is_rebuilt_and_never_loaded(
     path = Path(record.store_path)
     data = bytearray(path.read_bytes())
     data[100] ^= 0x01
+    path.chmod(0o644)  # stored read-only; damage comes from outside the tool
     path.write_bytes(bytes(data))
     assert lookup_engine(path, record.key) is None
     loaded: list[Path] = []

@@ -49,6 +49,9 @@ def engine_key(
     return content_key(
         {
             "model_sha256": backbone.onnx_sha256,
+            # int8 calibration preprocesses by the input spec, and TensorRT's
+            # optimization profile takes its shapes from it.
+            "input": backbone.input.identity(),
             "backend": backend.name,
             "backend_version": backend.version,
             "host": host,
@@ -120,13 +123,14 @@ def ensure_engine(
             built,
         )
 
-    # Several caches share the store: one compile per engine at a time.
+    # Several caches share the store: one compile per engine at a time. Stored
+    # files are read-only (0444); a cache holds its own copy, never the store's file.
     with FileLock(str(store / f".{name}.lock")):
         found = lookup_engine(path, key)
         if found is not None:
             return record(*found, built=False)
         try:
-            with atomic_output(path, point="store") as tmp:
+            with atomic_output(path, point="store", read_only=True) as tmp:
                 checkpoint("store.compile", tmp)
                 backend.compile(backbone, precision, calibration, tmp, work_dir)
                 sha, size = sha256_file(tmp), tmp.stat().st_size
@@ -149,6 +153,7 @@ def ensure_engine(
         atomic_write_bytes(
             path.with_name(name + ".json"),
             json.dumps(sidecar, indent=2, sort_keys=True).encode(),
+            0o444,
             point="store.record",
         )
         return record(sha, size, built=True)
