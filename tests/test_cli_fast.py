@@ -21,18 +21,13 @@ from takeoff_cache.keys import load_trust_store
 from takeoff_cache.layout import STAGING_NAME
 from takeoff_cache.verify import verify_cache
 
-from ._cli import run_cli
 from ._procs import lock_is_free
 from .conftest import Demo
+from .test_cli_errors import built
+
+__all__ = ["built"]  # the fixture: a demo cache built once, by the command line
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
-
-
-@pytest.fixture
-def built(capsys: pytest.CaptureFixture[str], demo: Demo) -> Demo:
-    result = run_cli(capsys, *demo.build_args())
-    assert result.code == 0, result.err
-    return demo
 
 
 def _env(home: Path, **extra: str) -> dict[str, str]:
