@@ -7,10 +7,11 @@ of its error class; a traceback is never shown to an operator.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -78,31 +79,29 @@ def _options(args: argparse.Namespace) -> Any:
 
 
 def _run_build(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    from takeoff_cache_prefect.run import run_build
+    """Build: checked and locked here first, then the flow, unless there is nothing to do.
 
-    return run_build(raw, _options(args), args.verbose)
+    Without a configured Prefect API a no-op is answered here, with no flow run:
+    the temporary API that would record it keeps no UI and ends with the process.
+    """
+    from takeoff_cache_prefect.tempapi import api_configured
 
+    from .precheck import prechecked
 
-def _cache_root_of(raw: dict[str, Any]) -> Path | None:
-    """The request's cache root if it names an existing folder; validation speaks otherwise."""
-    from .request import parse_request
+    options = _options(args)
+    with prechecked(raw, options) as pre:
+        if pre.noop_report is not None and not api_configured():
+            return pre.noop_report.to_json()
+        from takeoff_cache_prefect.run import run_build
 
-    try:
-        root = parse_request(raw).cache_root
-    except InvalidRequestError:
-        return None
-    return root if root.is_dir() else None
+        return run_build(raw, options, args.verbose)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from .lock import held_early
     from .report import BuildReport
 
     try:
-        raw = _raw_request(args)
-        root = _cache_root_of(raw)
-        with held_early(root) if root is not None else contextlib.nullcontext():
-            report = _run_build(raw, args)
+        report = _run_build(_raw_request(args), args)
     except TakeoffCacheError as exc:
         if args.json:
             print(json.dumps(BuildReport(failure_reason=str(exc)).to_json()))
@@ -110,7 +109,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report))
     else:
-        print(BuildReport(**report).text())
+        print(BuildReport.from_json(report).text())
     if report["outcome"] == "failure":
         print(f"takeoff-cache: build failed: {report['failure_reason']}", file=sys.stderr)
         return EXIT_FAILURE
@@ -337,7 +336,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for name in FIELDS:  # the demo request file says it all
         setattr(args, name, None)
     args.coverage, args.expires_in_s = "strict", None
-    report = BuildReport(**_run_build(_raw_request(args), args))
+    report = BuildReport.from_json(_run_build(_raw_request(args), args))
     print(report.text())
     if report.outcome == "failure":
         print(f"takeoff-cache: build failed: {report.failure_reason}", file=sys.stderr)
@@ -425,7 +424,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is, as Ctrl-C raises KeyboardInterrupt:
+    the build unwinds (staging settled, lock released) and the cache stays as it was."""
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise _Stopped
+
+
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop)
     try:
         args = build_parser().parse_args(argv)
         code: int = args.func(args)
@@ -437,9 +447,14 @@ def main(argv: list[str] | None = None) -> int:
     except TakeoffCacheError as exc:
         print(f"takeoff-cache: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("takeoff-cache: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, _Stopped)
+        print(
+            f"takeoff-cache: {'terminated' if terminated else 'interrupted'};"
+            " the cache holds its last complete build",
+            file=sys.stderr,
+        )
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     except Exception as exc:
         print(f"takeoff-cache: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
