@@ -117,7 +117,7 @@ def engines(
             described.append(artifact)
         if req.calibration is not None and validated.calibration_sha256:
             artifact = artifacts.calibration_artifact(req.calibration, validated.calibration_sha256)
-            staged.append(artifacts.stage(req.calibration, staging, artifact, link=False))
+            staged.append(artifacts.stage(req.calibration, staging, artifact))
             described.append(artifact)
     return records, described, staged
 

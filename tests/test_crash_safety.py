@@ -66,7 +66,7 @@ DEFAULT_POINTS = (
     "store.compile",
     "store.rename",  # engine compiled to its temp file, not yet renamed into the store
     "store.record.write",  # engine in the store, its record (digest, key) not yet written
-    "fsutil.link:2",  # one engine staged
+    "fsutil.copy:2",  # one engine staged
     "descriptors.batch_stored",
     "descriptors.index_write",
     "descriptors.map_write",  # new index renamed into the work folder, its tile map not yet

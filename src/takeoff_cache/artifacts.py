@@ -1,4 +1,4 @@
-"""What goes into a cache root: engines and index files, placed from the work folder.
+"""What goes into a cache root: engines and index files, copied from the work folder.
 
 Artifact names carry their content key, so a path names one content: a file
 already in the cache under the same name is the same artifact, and a changed
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .descriptors.index import METRIC, IndexFiles
 from .engines.store import EngineRecord
-from .fsutil import link_or_copy
+from .fsutil import copy_file
 from .manifest import Artifact
 
 ENGINES_DIR = "engines"
@@ -76,11 +76,13 @@ def calibration_artifact(path: Path, sha256: str) -> Artifact:
     )
 
 
-def stage(source: Path, staging: Path, artifact: Artifact, *, link: bool = True) -> str:
-    """Place ``source`` at the artifact's path inside staging; return that relative path.
+def stage(source: Path, staging: Path, artifact: Artifact) -> str:
+    """Place a copy of ``source`` at the artifact's path inside staging; return that path.
 
-    Files the build owns (engines, indexes) are hard-linked; operator files
-    (calibration) are copied so editing the original never alters the cache.
+    Every cache gets its own copy (a copy-on-write clone where the file system
+    offers one): a file damaged in one cache never damages another cache built
+    from the same work folder, nor the work folder's store, nor the operator's
+    original (a calibration file).
     """
-    link_or_copy(source, staging / artifact.path, link=link)
+    copy_file(source, staging / artifact.path)
     return artifact.path

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +16,32 @@ from .faults import checkpoint
 
 _CHUNK = 1 << 20
 _TEMP_MARK = ".tmp-"
+# Linux's FICLONE ioctl, _IOW(0x94, 9, int): share the source's extents copy-on-write.
+_FICLONE = 0x40049409
+# What a file system without clones or in-kernel copies answers; anything else is a real error.
+_UNSUPPORTED = frozenset(
+    {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.ENOTTY, errno.EOPNOTSUPP, errno.EBADF}
+)
+
+
+def kind_problem(path: Path, want: str) -> str | None:
+    """Why ``path`` is not a ``want`` ("file", "folder" or "file or folder"), symlinks
+    followed; None if it is.
+
+    Only stat is called, so a FIFO or a device is named without being opened
+    (opening a FIFO blocks until a writer comes).
+    """
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "does not exist"
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror}"
+    if stat.S_ISREG(mode):
+        return None if "file" in want else "is a file, not a folder"
+    if stat.S_ISDIR(mode):
+        return None if "folder" in want else "is a folder, not a file"
+    return f"is a FIFO, socket or device, not a {want}"
 
 
 def sha256_file(path: Path) -> str:
@@ -53,19 +82,25 @@ def is_temp_name(name: str) -> bool:
 
 
 @contextmanager
-def atomic_output(path: Path, *, point: str | None = None) -> Iterator[Path]:
+def atomic_output(
+    path: Path, *, point: str | None = None, read_only: bool = False
+) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write; on a clean exit, make it ``path``.
 
     Readers see the old file or the new one, never a mix: the temporary file
     is fsynced and renamed over ``path``, and the directory is fsynced so the
     rename survives a power cut. On any error the temporary file is removed.
     ``point`` names the fault points before the fsync and the rename
-    (``<point>.fsync``, ``<point>.rename``, see faults.py).
+    (``<point>.fsync``, ``<point>.rename``, see faults.py). ``read_only``
+    makes the file mode 0444 before it takes the name: the work folder's
+    engines and indexes are never written in place once stored.
     """
     tmp = temp_path(path)
     tmp.unlink(missing_ok=True)  # left by a killed writer whose pid this one now has
     try:
         yield tmp
+        if read_only:
+            os.chmod(tmp, 0o444)
         if point is not None:
             checkpoint(f"{point}.fsync", tmp)
         fsync_file(tmp)
@@ -100,21 +135,44 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def link_or_copy(src: Path, dst: Path, *, link: bool = True) -> None:
-    """Place ``src`` at ``dst`` by hard link where the file system allows, else by copy.
+def copy_file(src: Path, dst: Path) -> None:
+    """Place a copy of ``src`` at ``dst`` that shares nothing writable with it.
 
-    Engines are immutable once stored, so sharing the inode is safe; a copy is
-    written through a temporary name and fsynced so ``dst`` is never partial.
+    A copy-on-write clone where the file system offers one (Linux ``FICLONE``:
+    btrfs, XFS), else an in-kernel copy (``copy_file_range``), else a plain
+    one; never a hard link, so damaging one cache's file leaves every other
+    cache and the work folder's store intact. The copy is written through a
+    temporary name and fsynced, so ``dst`` is never partial.
     """
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.unlink(missing_ok=True)
-    checkpoint("fsutil.link", dst)
-    if link:
-        try:
-            os.link(src, dst)
-            return
-        except OSError:
-            pass
+    checkpoint("fsutil.copy", dst)
     with atomic_output(dst) as tmp, open(src, "rb") as fin, open(tmp, "wb") as fout:
-        while chunk := fin.read(_CHUNK):
-            fout.write(chunk)
+        _copy_contents(fin, fout)
+
+
+def _copy_contents(fin: BinaryIO, fout: BinaryIO) -> None:
+    try:
+        fcntl.ioctl(fout.fileno(), _FICLONE, fin.fileno())
+        return
+    except OSError as exc:
+        if exc.errno not in _UNSUPPORTED and exc.errno != errno.EPERM:
+            raise
+    size = os.fstat(fin.fileno()).st_size
+    try:
+        copied = 0
+        while copied < size:
+            n = os.copy_file_range(fin.fileno(), fout.fileno(), size - copied)
+            if n == 0:
+                break  # the source shrank under us: verify's digest check will say so
+            copied += n
+        return
+    except OSError as exc:
+        if exc.errno not in _UNSUPPORTED:
+            raise
+    # Start over: an in-kernel copy may have stopped part-way.
+    fin.seek(0)
+    fout.seek(0)
+    fout.truncate()
+    while chunk := fin.read(_CHUNK):
+        fout.write(chunk)

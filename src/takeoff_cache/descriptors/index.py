@@ -243,7 +243,7 @@ def _approximate_index(
 
 def _write_tile_map(path: Path, tiles: Sequence[Tile]) -> None:
     """Write the row → tile JSON in chunks, atomically (temp file, fsync, rename)."""
-    with atomic_output(path) as tmp, open(tmp, "w", encoding="ascii") as fh:
+    with atomic_output(path, read_only=True) as tmp, open(tmp, "w", encoding="ascii") as fh:
         fh.write('{"format":"takeoff-cache-tile-map","version":1,"columns":["z","x","y"],')
         fh.write('"rows":[')
         for start, stop in _chunks(len(tiles)):
@@ -332,7 +332,8 @@ def write_index(
         out_dir.mkdir(parents=True, exist_ok=True)
         with ExitStack() as stack:
             hasher = stack.enter_context(ThreadPoolExecutor(1, "index-sha256"))
-            with atomic_output(index_path, point="descriptors.index") as tmp:
+            # Read-only once written: caches get copies, the work folder keeps this one.
+            with atomic_output(index_path, point="descriptors.index", read_only=True) as tmp:
                 checkpoint("descriptors.index_write", tmp)
                 faiss.write_index(index, str(tmp))
                 # Hashed on another core while the index is synced and the tile map
