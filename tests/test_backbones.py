@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from takeoff_cache.backbones import load_backbones, place_recognition
 from takeoff_cache.errors import BackboneError
@@ -23,16 +25,17 @@ def make_onnx(
     input_shape: tuple[int | str, ...] = ("N", 3, 32, 32),
     output_name: str = "descriptor",
     flatten: bool = True,
+    dtype: int = TensorProto.FLOAT,
 ) -> Path:
     """image (N,3,32,32) -> GlobalAveragePool -> Flatten -> descriptor (N,3)."""
     nodes = [helper.make_node("GlobalAveragePool", [input_name], ["pooled"])]
     if flatten:
         nodes.append(helper.make_node("Flatten", ["pooled"], [output_name], axis=1))
-        out = helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["N", 3])
+        out = helper.make_tensor_value_info(output_name, dtype, ["N", 3])
     else:
         nodes.append(helper.make_node("Identity", ["pooled"], [output_name]))
-        out = helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["N", 3, 1, 1])
-    inp = helper.make_tensor_value_info(input_name, TensorProto.FLOAT, list(input_shape))
+        out = helper.make_tensor_value_info(output_name, dtype, ["N", 3, 1, 1])
+    inp = helper.make_tensor_value_info(input_name, dtype, list(input_shape))
     graph = helper.make_graph(nodes, "tiny", [inp], [out])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
@@ -306,3 +309,90 @@ def test_a_remembered_check_does_not_cover_a_changed_entry_or_model(
     make_onnx(models / "models" / "vpr.onnx", output_name="other")
     with pytest.raises(BackboneError, match="descriptor"):
         load_backbones(write_file(models, entry()), checked)
+
+
+# --------------------------------------------------------------------------- what the file holds
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('titel = "my models"\n\n' + entry(), "titel"),
+        (entry().replace('output = "descriptor"', 'outptu = "descriptor"'), "outptu"),
+    ],
+)
+def test_an_unknown_key_is_refused_by_name(models: Path, text: str, key: str) -> None:
+    path = models / "backbones.toml"
+    path.write_text(text)
+    refused(path, f"unknown key {key!r}")
+
+
+def test_a_typo_inside_the_input_table_is_refused_naming_the_backbone(models: Path) -> None:
+    # "sdt" for "std": ignored, it would normalize every tile with the default std of 1.
+    typo = INPUT.replace("std =", "sdt =")
+    refused(write_file(models, entry(input_spec=typo)), "backbone 'vpr'.input", "'sdt'")
+
+
+def test_a_float16_input_is_refused_at_validate(tmp_path: Path) -> None:
+    make_onnx(tmp_path / "models" / "vpr.onnx", dtype=TensorProto.FLOAT16)
+    refused(write_file(tmp_path, entry()), "backbone 'vpr'.input", "FLOAT16", "float32")
+
+
+def test_a_float16_model_is_checked_again_where_an_older_check_passed_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from takeoff_cache import backbones as mod
+
+    make_onnx(tmp_path / "models" / "vpr.onnx", dtype=TensorProto.FLOAT16)
+    checked = tmp_path / "checked"
+    with monkeypatch.context() as patch:
+        patch.setattr(mod, "_CHECKS_VERSION", 1)
+        patch.setattr(mod, "_check_graph", lambda *args: None)  # as before the dtype check
+        load_backbones(write_file(tmp_path, entry()), checked)
+    with pytest.raises(BackboneError, match="FLOAT16"):
+        load_backbones(write_file(tmp_path, entry()), checked)
+
+
+def test_weights_in_external_data_files_are_refused_at_validate(tmp_path: Path) -> None:
+    # raw bytes: only those go to an external file.
+    weight = numpy_helper.from_array(np.full((1, 3, 1, 1), 0.5, np.float32), "w")
+    nodes = [
+        helper.make_node("Mul", ["image", "w"], ["scaled"]),
+        helper.make_node("GlobalAveragePool", ["scaled"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["descriptor"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "external",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 32, 32])],
+        [helper.make_tensor_value_info("descriptor", TensorProto.FLOAT, ["N", 3])],
+        initializer=[weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    (tmp_path / "models").mkdir()
+    onnx.save_model(
+        model,
+        str(tmp_path / "models" / "vpr.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="vpr.weights",
+        size_threshold=0,
+    )
+    assert (tmp_path / "models" / "vpr.weights").is_file()
+    refused(write_file(tmp_path, entry()), "backbone 'vpr'.onnx", "external data")
+
+
+# ----------------------------------------------------------------- paths of the wrong kind
+def test_an_onnx_path_that_is_a_folder_says_so(models: Path) -> None:
+    (models / "models" / "dir.onnx").mkdir()
+    path = write_file(models, entry(onnx_file="models/dir.onnx"))
+    refused(path, "backbone 'vpr'.onnx", "is a folder, not a file")
+
+
+def test_an_onnx_path_that_is_a_fifo_is_refused_without_opening_it(models: Path) -> None:
+    os.mkfifo(models / "models" / "pipe.onnx")
+    refused(write_file(models, entry(onnx_file="models/pipe.onnx")), "'vpr'.onnx", "FIFO")
+
+
+def test_a_backbones_file_that_is_a_fifo_is_refused_without_opening_it(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "backbones.toml")
+    refused(tmp_path / "backbones.toml", "backbones", "FIFO")

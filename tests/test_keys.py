@@ -160,7 +160,7 @@ def test_a_missing_key_is_refused(tmp_path: Path) -> None:
 def test_a_folder_as_key_is_refused(tmp_path: Path) -> None:
     folder = tmp_path / "keydir"
     folder.mkdir(mode=0o700)
-    with pytest.raises(SigningKeyError, match="not a regular file"):
+    with pytest.raises(SigningKeyError, match="is a folder, not a file"):
         load_signer(folder)
 
 

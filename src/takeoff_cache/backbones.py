@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from . import __version__
 from .canonical import content_key
 from .errors import BackboneError
+from .fsutil import kind_problem
 
 if TYPE_CHECKING:
     import onnx
@@ -28,6 +29,21 @@ if TYPE_CHECKING:
 ROLES = ("place_recognition", "local_features", "matcher", "other")
 PLACE_RECOGNITION = "place_recognition"
 _NAME = re.compile(r"[a-z0-9_-]+")
+# The keys each table may hold: anything else is a typo that would be silently ignored.
+_FILE_KEYS = frozenset({"backbone"})
+_ENTRY_KEYS = frozenset({"name", "role", "onnx", "input", "output"})
+_INPUT_KEYS = frozenset({"name", "size", "channels", "mean", "std"})
+# Raised when the graph check learns something new, so that checks remembered
+# from before are made again.
+_CHECKS_VERSION = 2
+
+
+def _refuse_unknown(where: str, table: dict[str, Any], known: frozenset[str]) -> None:
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise BackboneError(
+            f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})"
+        )
 
 
 @dataclass(frozen=True)
@@ -87,6 +103,7 @@ def _number_list(where: str, value: Any, length: int) -> tuple[float, ...]:
 def _parse_input(where: str, raw: Any) -> InputSpec:
     if not isinstance(raw, dict):
         raise BackboneError(f"{where}.input: must be a table {{name, size, channels, mean, std}}")
+    _refuse_unknown(f"{where}.input", raw, _INPUT_KEYS)
     name = raw.get("name")
     if not isinstance(name, str) or not name:
         raise BackboneError(f"{where}.input.name: missing")
@@ -112,6 +129,14 @@ def _check_graph(
         raise BackboneError(
             f"{where}.input.name: the ONNX graph has no input {spec.name!r}"
             f" (it has {sorted(inputs)})"
+        )
+    from onnx import TensorProto
+
+    elem_type = inputs[spec.name].type.tensor_type.elem_type
+    if elem_type != TensorProto.FLOAT:
+        raise BackboneError(
+            f"{where}.input: input {spec.name!r} is {TensorProto.DataType.Name(elem_type)};"
+            " the pipeline feeds float32 (FLOAT): export the model with a float32 input"
         )
     dims = _dims(inputs[spec.name])
     if len(dims) != 4:
@@ -150,7 +175,25 @@ def _check_key(sha256: str, spec: InputSpec, role: str, output: str | None) -> s
             "role": role,
             "output": output,
             "tool_version": __version__,
+            "checks": _CHECKS_VERSION,
         }
+    )
+
+
+def _has_external_data(graph: onnx.GraphProto) -> bool:
+    """Whether any tensor of ``graph`` or its subgraphs keeps its bytes in another file."""
+    from onnx import TensorProto
+
+    tensors = list(graph.initializer)
+    subgraphs = []
+    for node in graph.node:
+        for attr in node.attribute:
+            tensors += [attr.t] if attr.HasField("t") else []
+            tensors += attr.tensors
+            subgraphs += [attr.g] if attr.HasField("g") else []
+            subgraphs += attr.graphs
+    return any(t.data_location == TensorProto.EXTERNAL for t in tensors) or any(
+        _has_external_data(g) for g in subgraphs
     )
 
 
@@ -165,6 +208,14 @@ def _load_graph(where: str, onnx_path: Path, data: bytes) -> onnx.ModelProto:
         ) from exc
     if len(model.graph.node) == 0:
         raise BackboneError(f"{where}.onnx: {onnx_path} is not an ONNX model (empty graph)")
+    # Weights in external files would be outside the model's SHA-256, so outside every
+    # engine key and build identity: a changed weight file would reuse a stale engine.
+    if _has_external_data(model.graph):
+        raise BackboneError(
+            f"{where}.onnx: {onnx_path} keeps its weights in external data files, which"
+            " are not supported; save the model with its weights inside"
+            " (onnx.save_model(model, path, save_as_external_data=False))"
+        )
     return model
 
 
@@ -172,6 +223,9 @@ def _parse_entry(i: int, raw: Any, base: Path, checked: Path | None) -> Backbone
     if not isinstance(raw, dict):
         raise BackboneError(f"backbone[{i}]: must be a table")
     name = raw.get("name")
+    _refuse_unknown(
+        f"backbone {name!r}" if isinstance(name, str) else f"backbone[{i}]", raw, _ENTRY_KEYS
+    )
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise BackboneError(f"backbone[{i}].name: must match [a-z0-9_-]+, got {name!r}")
     where = f"backbone {name!r}"
@@ -182,8 +236,8 @@ def _parse_entry(i: int, raw: Any, base: Path, checked: Path | None) -> Backbone
     if not isinstance(onnx_field, str) or not onnx_field:
         raise BackboneError(f"{where}.onnx: missing")
     onnx_path = (base / onnx_field).resolve()
-    if not onnx_path.is_file():
-        raise BackboneError(f"{where}.onnx: {onnx_path} does not exist")
+    if problem := kind_problem(onnx_path, "file"):
+        raise BackboneError(f"{where}.onnx: {onnx_path} {problem}")
     spec = _parse_input(where, raw.get("input"))
     output = raw.get("output")
     if output is not None and not isinstance(output, str):
@@ -207,6 +261,8 @@ def load_backbones(path: Path, checked: Path | None = None) -> tuple[Backbone, .
 
     ``checked``: the work folder's record of graphs that passed (module docstring).
     """
+    if problem := kind_problem(path, "file"):
+        raise BackboneError(f"backbones: {path} {problem}")
     try:
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
@@ -218,6 +274,7 @@ def load_backbones(path: Path, checked: Path | None = None) -> tuple[Backbone, .
     entries = doc.get("backbone")
     if not isinstance(entries, list) or not entries:
         raise BackboneError(f"backbones: {path} has no [[backbone]] entries")
+    _refuse_unknown(f"backbones: {path}", doc, _FILE_KEYS)
     # Count roles before opening any model: "two place_recognition backbones" is
     # the error to report, not whatever the second one's graph lacks.
     named = [

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CorpusError
+from .fsutil import kind_problem
 from .tilemath import tile_range, tms_row
 
 _XYZ_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -240,8 +241,9 @@ class XYZCorpus(Corpus):
 
 
 def open_corpus(path: Path) -> Corpus:
-    if not path.exists():
-        raise CorpusError(f"corpus: {path} does not exist")
+    # Checked by stat alone: opening a FIFO would block.
+    if problem := kind_problem(path, "file or folder"):
+        raise CorpusError(f"corpus: {path} {problem}")
     if path.is_dir():
         return XYZCorpus(path)
     return MBTilesCorpus(path)

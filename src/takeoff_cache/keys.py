@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from .errors import SigningKeyError
+from .fsutil import kind_problem
 
 PASSPHRASE_ENV = "TAKEOFF_CACHE_KEY_PASSPHRASE"
 
@@ -112,7 +113,7 @@ def load_signer(key_path: Path, passphrase_env: str = PASSPHRASE_ENV) -> Signer:
     except OSError as exc:
         raise SigningKeyError(f"key: cannot read {key_path}: {exc.strerror}") from exc
     if not stat.S_ISREG(st.st_mode):
-        raise SigningKeyError(f"key: {key_path} is not a regular file")
+        raise SigningKeyError(f"key: {key_path} {kind_problem(key_path, 'file')}")
     if st.st_mode & 0o077:
         raise SigningKeyError(
             f"key: {key_path} is readable by group or others (mode {stat.S_IMODE(st.st_mode):04o});"
@@ -157,8 +158,8 @@ def _load_public(path: Path) -> Ed25519PublicKey:
 
 def load_trust_store(path: Path) -> list[TrustedKey]:
     """Load allowed public keys from a PEM file or from every ``*.pem``/``*.pub`` in a folder."""
-    if not path.exists():
-        raise SigningKeyError(f"trust: {path} does not exist")
+    if problem := kind_problem(path, "file or folder"):
+        raise SigningKeyError(f"trust: {path} {problem}")
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in {".pem", ".pub"})
         if not files:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidRequestError
+from .fsutil import kind_problem
 from .tilemath import MAX_LAT
 
 SECTOR_CLASSES = ("active_conflict", "stable_rear")
@@ -97,6 +98,8 @@ class BuildRequest:
 
 def read_request_file(path: Path) -> dict[str, Any]:
     """Read a request TOML; relative paths in it are made relative to the file."""
+    if problem := kind_problem(path, "file"):
+        raise InvalidRequestError(f"request: {path} {problem}")
     try:
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:

@@ -15,7 +15,7 @@ from .backbones import Backbone, load_backbones
 from .corpus import open_corpus
 from .engines import Backend, get_backend
 from .errors import CorpusError, InvalidRequestError
-from .fsutil import sha256_file
+from .fsutil import kind_problem, sha256_file
 from .keys import Signer, TrustedKey, check_trusted, load_signer, load_trust_store
 from .request import BuildRequest, parse_request
 from .workdir import checked_backbones_dir
@@ -47,8 +47,8 @@ def check_engine_inputs(
     backbones = load_backbones(request.backbones, checked)
     calibration_sha = None
     if request.calibration is not None:
-        if not request.calibration.is_file():
-            raise InvalidRequestError(f"calibration: {request.calibration} does not exist")
+        if problem := kind_problem(request.calibration, "file"):
+            raise InvalidRequestError(f"calibration: {request.calibration} {problem}")
         calibration_sha = sha256_file(request.calibration)
     backend = get_backend(backend_name)
     if request.precision not in backend.precisions:
@@ -71,10 +71,11 @@ def validate(
     raw: dict[str, Any], backend_name: str = "auto", work_dir: Path | None = None
 ) -> ValidatedRequest:
     request = parse_request(raw)
-    if not request.cache_root.is_dir():
+    if problem := kind_problem(request.cache_root, "folder"):
+        hint = "; create it first (a build never creates the cache root)"
         raise InvalidRequestError(
-            f"cache_root: {request.cache_root} does not exist; create it first"
-            " (a build never creates the cache root)"
+            f"cache_root: {request.cache_root} {problem}"
+            + (hint if problem == "does not exist" else "")
         )
     check_corpus(request.corpus)
     backbones, calibration_sha, backend = check_engine_inputs(request, backend_name, work_dir)
