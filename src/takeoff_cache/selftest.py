@@ -236,10 +236,11 @@ class _Noise:
         return self.field[oy : oy + self.px, ox : ox + self.px]
 
 
-def render_view(mosaic: np.ndarray, view: View, tile_px: int, noise: _Noise) -> bytes:
+def render_view(mosaic: np.ndarray, view: View, tile_px: int, noise: _Noise | None = None) -> bytes:
     """The view as the JPEG a camera would deliver, from its 3x3 mosaic.
 
-    ``tile_px``: the corpus tile size, which the blur radius is measured in.
+    ``tile_px``: the corpus tile size, which the blur radius is measured in;
+    ``noise``: a shared noise field (else one is drawn for this view alone).
     """
     t = mosaic.shape[0] // 3
     theta = math.radians(view.rotation_deg)
@@ -258,7 +259,8 @@ def render_view(mosaic: np.ndarray, view: View, tile_px: int, noise: _Noise) -> 
     pixels = np.asarray(image, dtype=np.float32)
     pixels = (pixels - 128.0) * view.contrast + (128.0 + view.brightness)
     if view.noise_sigma > 0:
-        pixels += noise.window(view.noise_seed) * view.noise_sigma
+        field = noise or _Noise(view.noise_seed, t)
+        pixels += field.window(view.noise_seed) * view.noise_sigma
     out = Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8))
     buf = io.BytesIO()
     out.save(buf, format="JPEG", quality=view.jpeg_quality)
