@@ -61,13 +61,11 @@ def area_rings(geojson: dict[str, Any]) -> list[Ring]:
         return [r for f in geojson.get("features", []) for r in area_rings(f)]
     if kind == "Feature":
         return area_rings(geojson.get("geometry") or {})
+    if kind not in ("Polygon", "MultiPolygon"):
+        raise InvalidRequestError(f"area: a Polygon or MultiPolygon is needed, got {kind!r}")
     try:
-        if kind == "Polygon":
-            polygons = [geojson["coordinates"]]
-        elif kind == "MultiPolygon":
-            polygons = list(geojson["coordinates"])
-        else:
-            raise InvalidRequestError(f"area: a Polygon or MultiPolygon is needed, got {kind!r}")
+        coords = geojson["coordinates"]
+        polygons = [coords] if kind == "Polygon" else list(coords)
         return [[(float(p[1]), float(p[0])) for p in ring] for poly in polygons for ring in poly]
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise InvalidRequestError(f"area: unreadable {kind} coordinates") from exc
