@@ -313,6 +313,21 @@ def run_self_test(
         raise InvalidRequestError(f"self-test: the number of views must be >= 1, got {k}")
     started = time.perf_counter()
     views = draw_views(localizer.tiles, k, seed, jitter)
+    return evaluate_views(localizer, corpus_path, views, workers=workers, started=started)
+
+
+def evaluate_views(
+    localizer: Localizer,
+    corpus_path: Path,
+    views: Sequence[View],
+    *,
+    workers: int = 2,
+    started: float | None = None,
+) -> SelfTestResult:
+    """Render, embed and query the given views (:func:`run_self_test` draws them)."""
+    if not views:
+        raise InvalidRequestError("self-test: no views to evaluate")
+    started = time.perf_counter() if started is None else started
     pixels = localizer.empty_pixels(len(views))
     render_and_decode(views, corpus_path, localizer.spec, pixels, workers)
     answers = localizer.query(pixels, TOP)
