@@ -19,6 +19,10 @@ class InvalidRequestError(TakeoffCacheError, ValueError):
     exit_code = 2
 
 
+class ImageError(InvalidRequestError):
+    """An image given to ``locate`` cannot be read as a JPEG, PNG or WebP picture."""
+
+
 class CorpusError(InvalidRequestError):
     """The tile corpus is missing or cannot be read as MBTiles or an XYZ folder."""
 

@@ -10,6 +10,8 @@ import math
 
 # Web Mercator is undefined at the poles; this is where the square world ends.
 MAX_LAT = 85.0511287798066
+# IUGG mean Earth radius: distances between nearby points, not survey geodesy.
+EARTH_RADIUS_M = 6371008.8
 # A millionth of a tile: far below any real bbox precision, far above float error.
 _EDGE = 1e-6
 
@@ -22,6 +24,27 @@ def lonlat_to_fractional_tile(lat: float, lon: float, z: int) -> tuple[float, fl
     rad = math.radians(lat)
     y = (1.0 - math.asinh(math.tan(rad)) / math.pi) / 2.0 * n
     return x, y
+
+
+def fractional_tile_to_latlon(x: float, y: float, z: int) -> tuple[float, float]:
+    """Return ``(lat, lon)`` in degrees of fractional tile coordinates at zoom ``z``."""
+    n = 2.0**z
+    lon = x / n * 360.0 - 180.0
+    lat = math.degrees(math.atan(math.sinh(math.pi * (1.0 - 2.0 * y / n))))
+    return lat, lon
+
+
+def tile_center(z: int, x: int, y: int) -> tuple[float, float]:
+    """Return ``(lat, lon)`` of a tile's centre (the Mercator centre, not the degrees midpoint)."""
+    return fractional_tile_to_latlon(x + 0.5, y + 0.5, z)
+
+
+def haversine_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
+    """Great-circle distance in metres on the mean Earth sphere."""
+    p1, p2 = math.radians(lat1), math.radians(lat2)
+    dp, dl = p2 - p1, math.radians(lon2 - lon1)
+    h = math.sin(dp / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(dl / 2) ** 2
+    return 2.0 * EARTH_RADIUS_M * math.asin(min(1.0, math.sqrt(h)))
 
 
 def tile_bounds(z: int, x: int, y: int) -> tuple[float, float, float, float]:

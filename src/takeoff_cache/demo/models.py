@@ -334,3 +334,24 @@ def build_keypoints_model(path: Path, size: int = 128) -> None:
         outputs,
         "Demo local features: Harris scores and rectified-gradient histograms per 4x4 cell.",
     )
+
+
+def build_weak_vpr_model(path: Path, size: int = 128) -> None:
+    """Write a deliberately weak place-recognition backbone: ``image`` -> ``descriptor`` (N, 3).
+
+    The descriptor is the image's mean normalised colour, nothing else: it
+    ignores layout and texture, so neighbouring fields of one crop look the
+    same to it. It is built like the demo backbone so that a self-test can be
+    shown failing on the very same corpus and pipeline.
+    """
+    g = _Graph()
+    g.op("Flatten", [g.op("GlobalAveragePool", ["image"])], "descriptor", axis=1)
+    out = helper.make_tensor_value_info("descriptor", TensorProto.FLOAT, ["N", 3])
+    _save(
+        path,
+        g,
+        "takeoff_cache_demo_weak_vpr",
+        size,
+        [out],
+        "Weak demo descriptor: the mean colour of the image.",
+    )

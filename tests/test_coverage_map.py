@@ -1,0 +1,89 @@
+"""The coverage map of a real demo cache and its self-test: size, legend colours, layers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from takeoff_cache.coverage_map import (
+    HIT_COLOUR,
+    MISS_COLOUR,
+    ZOOM_COLOURS,
+    area_rings,
+    missing_tiles,
+    write_coverage_map,
+)
+from takeoff_cache.errors import InvalidRequestError
+from takeoff_cache.selftest import run_self_test
+
+from ._caches import build_demo_cache, localizer_of
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+@pytest.fixture(scope="module")
+def built(demo_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_demo_cache(demo_source, tmp_path_factory.mktemp("map") / "demo")
+
+
+def colours_in(path: Path) -> set[tuple[int, int, int]]:
+    pixels = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3)
+    return {tuple(int(v) for v in p) for p in np.unique(pixels, axis=0)}
+
+
+def test_the_map_shows_tiles_missing_tiles_hits_and_misses(built: Path, tmp_path: Path) -> None:
+    manifest, localizer = localizer_of(built)
+    result = run_self_test(localizer, built / "corpus.mbtiles", seed="map")
+    assert 0 < sum(q.hit for q in result.queries) < result.k  # both kinds are drawn
+    bbox = tuple(manifest.signed["request"]["bbox"])
+    wider = (bbox[0] - 0.003, bbox[1], bbox[2], bbox[3] + 0.004)  # beyond the corpus
+    missing = missing_tiles(wider, [16, 17], localizer.tiles)
+    assert missing and not set(missing) & set(localizer.tiles)
+    path = write_coverage_map(
+        tmp_path / "map.png",
+        bbox=wider,
+        tiles=localizer.tiles,
+        missing=missing,
+        queries=result.queries,
+        title="Coverage and self-test",
+    )
+    image = Image.open(path)
+    assert image.format == "PNG"
+    # The map is 900 px on its longer side, plus the legend panel, title and footer.
+    map_width, map_height = image.width - 320, image.height - 56 - 64
+    assert max(map_width, map_height) == 900
+    found = colours_in(path)
+    for colour in (ZOOM_COLOURS[0], ZOOM_COLOURS[1], HIT_COLOUR, MISS_COLOUR):
+        assert colour in found, colour
+
+
+def test_an_area_polygon_is_drawn_instead_of_the_bbox(built: Path, tmp_path: Path) -> None:
+    manifest, localizer = localizer_of(built)
+    lat0, lon0, lat1, lon1 = manifest.signed["request"]["bbox"]
+    triangle = [[lon0, lat0], [lon1, lat0], [(lon0 + lon1) / 2, lat1], [lon0, lat0]]
+    area = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [triangle]}}
+    assert len(area_rings(area)) == 1
+    with_area = tmp_path / "area.png"
+    write_coverage_map(with_area, bbox=(lat0, lon0, lat1, lon1), tiles=localizer.tiles, area=area)
+    plain = tmp_path / "bbox.png"
+    write_coverage_map(plain, bbox=(lat0, lon0, lat1, lon1), tiles=localizer.tiles)
+    assert Image.open(with_area).size == Image.open(plain).size
+    assert with_area.read_bytes() != plain.read_bytes()
+
+
+def test_an_area_that_is_not_a_polygon_is_refused() -> None:
+    with pytest.raises(InvalidRequestError, match="Polygon or MultiPolygon"):
+        area_rings({"type": "LineString", "coordinates": [[0, 0], [1, 1]]})
+    with pytest.raises(InvalidRequestError, match="unreadable Polygon"):
+        area_rings({"type": "Polygon", "coordinates": [[["a"]]]})
+
+
+def test_missing_tiles_are_those_the_bbox_needs_and_the_corpus_lacks() -> None:
+    bbox = (48.44, 35.02, 48.47, 35.07)
+    needed = missing_tiles(bbox, [16], [])
+    assert len(needed) == len(set(needed)) > 0
+    assert missing_tiles(bbox, [16], needed) == []
+    assert missing_tiles(bbox, [16], needed[1:]) == needed[:1]
