@@ -36,7 +36,13 @@ from takeoff_cache import (
 )
 from takeoff_cache import lock as lock_mod
 from takeoff_cache import validate as validate_mod
-from takeoff_cache.manifest import Artifact, Manifest, compose_signed, sign_manifest
+from takeoff_cache.manifest import (
+    Artifact,
+    Manifest,
+    compose_signed,
+    new_lineage,
+    sign_manifest,
+)
 from takeoff_cache.options import BuildOptions
 from takeoff_cache.report import BuildReport
 from takeoff_cache.validate import ValidatedRequest
@@ -132,8 +138,12 @@ def manifest(
     root = validated.request.cache_root
     now = datetime.now(UTC)
     expires_in_s = options.expires_in_s
+    # The cache's lineage outlives every rebuild of it; only a first build (or one
+    # over a manifest that no trusted key signed) starts a new one.
+    current = noop.current_manifest(root, validated.trusted)
     signed = compose_signed(
         version=noop.previous_version(root) + 1,
+        lineage=(current.lineage if current else None) or new_lineage(),
         created_at=now,
         expires_at=now + timedelta(seconds=expires_in_s) if expires_in_s else None,
         build_identity=build_id,

@@ -17,6 +17,7 @@ from takeoff_cache.manifest import MANIFEST_NAME, Artifact, compose_signed, sign
 HOST: dict[str, Any] = {"backend": "onnxruntime", "backend_version": "1.0", "arch": "x86_64"}
 CREATED = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 REQUEST: dict[str, Any] = {"bbox": [48.44, 35.02, 48.47, 35.07], "zoom_levels": [16, 17]}
+LINEAGE = "6f1d2c3b-4a5e-4f60-8a7b-9c0d1e2f3a4b"
 
 
 def on_another_cpu(monkeypatch: pytest.MonkeyPatch, cpu: dict[str, Any]) -> None:
@@ -45,9 +46,11 @@ def signed_doc(
     host: dict[str, Any] | None = None,
     expires_at: datetime | None = None,
     build_identity: str = "b" * 64,
+    lineage: str = LINEAGE,
 ) -> dict[str, Any]:
     return compose_signed(
         version=version,
+        lineage=lineage,
         created_at=CREATED,
         expires_at=expires_at,
         build_identity=build_identity,

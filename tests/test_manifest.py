@@ -238,6 +238,23 @@ def test_unknown_format_name_fails_even_when_signed(
     rejected(data, trusted, "unknown manifest format")
 
 
+@pytest.mark.parametrize(
+    "lineage", ["", "cache-1", "6F1D2C3B-4A5E-4F60-8A7B-9C0D1E2F3A4B", None, 7, ["x"]]
+)
+def test_a_malformed_lineage_fails_even_when_signed(
+    signer: Signer, trusted: list[TrustedKey], lineage: Any
+) -> None:
+    data = resigned(signed_doc(ARTIFACTS), lambda s: s.update(lineage=lineage), signer)
+    rejected(data, trusted, "lineage")
+
+
+def test_a_manifest_without_a_lineage_still_verifies(
+    signer: Signer, trusted: list[TrustedKey]
+) -> None:
+    data = resigned(signed_doc(ARTIFACTS), lambda s: s.pop("lineage"), signer)
+    assert verify_manifest_bytes(data, trusted).lineage is None
+
+
 @pytest.mark.parametrize("format_version", [MANIFEST_FORMAT_VERSION + 1, 0, "1", None])
 def test_unknown_format_version_fails_even_when_signed(
     signer: Signer, trusted: list[TrustedKey], format_version: Any

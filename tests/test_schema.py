@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
@@ -57,6 +58,7 @@ def test_a_real_build_manifest_validates(
     assert kinds == ["engine", "engine", "faiss_index", "tile_map"]
     assert built_manifest["signed"]["expires_at"] is not None
     assert built_manifest["signed"]["request"]["flight_id"] == FLIGHT
+    assert re.fullmatch(r"[0-9a-f-]{36}", built_manifest["signed"]["lineage"])
 
 
 def test_a_manifest_with_calibration_and_a_tensorrt_host_validates(
@@ -76,6 +78,7 @@ def test_a_manifest_with_calibration_and_a_tensorrt_host_validates(
     calibration = Artifact("calibration/0123456789ab.calib.bin", "calibration", 10, "0" * 64, {})
     rebuilt = compose_signed(
         version=3,
+        lineage=signed["lineage"],
         created_at=datetime(2026, 1, 1, tzinfo=UTC),
         expires_at=None,
         build_identity=signed["build_identity"],
@@ -117,6 +120,8 @@ def _broken(doc: dict[str, Any], edit: str) -> dict[str, Any]:
         signed["created_at"] = "2026-01-01T12:00:00+02:00"
     elif edit == "missing build identity":
         del signed["build_identity"]
+    elif edit == "lineage not a UUID":
+        signed["lineage"] = "cache-1"
     elif edit == "uppercase digest":
         engine["sha256"] = engine["sha256"].upper()
     elif edit == "negative size":
@@ -158,6 +163,7 @@ def _broken(doc: dict[str, Any], edit: str) -> dict[str, Any]:
         "version as string",
         "local time",
         "missing build identity",
+        "lineage not a UUID",
         "uppercase digest",
         "negative size",
         "path escaping the cache",

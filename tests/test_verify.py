@@ -4,18 +4,29 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from takeoff_cache import faults
 from takeoff_cache.errors import VerificationError
 from takeoff_cache.keys import Signer, TrustedKey
 from takeoff_cache.layout import LOCK_NAME, PENDING_MANIFEST, RETIRED_MANIFEST, STAGING_NAME
 from takeoff_cache.manifest import MANIFEST_NAME, Manifest, sign_manifest
-from takeoff_cache.verify import verify_cache
+from takeoff_cache.verify import STATE_FORMAT, verify_cache
 
-from ._factories import HOST, artifact_for, make_cache, new_signer, signed_doc, trust_for
+from ._factories import (
+    HOST,
+    LINEAGE,
+    artifact_for,
+    make_cache,
+    new_signer,
+    signed_doc,
+    trust_for,
+    write_files,
+)
 
 FILES = {
     "engines/vpr.onnxruntime.fp32.abc123.onnx": b"engine bytes " * 100,
@@ -167,11 +178,22 @@ def test_a_manifest_that_is_a_folder_fails_verification(
     assert names(problems_of(cache, trusted), MANIFEST_NAME)
 
 
+def state_for(path: Path, lineage: str, version: int) -> bytes:
+    data = json.dumps({"format": STATE_FORMAT, "lineages": {lineage: {"version": version}}})
+    path.write_text(data)
+    return data.encode()
+
+
+def seen(state: Path) -> dict[str, Any]:
+    lineages: dict[str, Any] = json.loads(state.read_text())["lineages"]
+    return lineages
+
+
 def test_a_state_file_with_a_higher_version_fails_as_rollback(
     cache: Path, trusted: list[TrustedKey], tmp_path: Path
 ) -> None:
     state = tmp_path / "state.json"
-    state.write_text(json.dumps({"caches": {str(cache.resolve()): {"version": 2}}}))
+    state_for(state, LINEAGE, 2)
     assert names(problems_of(cache, trusted, state_file=state), "rollback")
 
 
@@ -185,21 +207,127 @@ def test_a_state_file_records_the_version_and_catches_a_later_rollback(
     verify_cache(root, trusted, state_file=state)
     make_cache(root, signer, FILES, version=2)
     verify_cache(root, trusted, state_file=state)
-    assert json.loads(state.read_text())["caches"][str(root.resolve())]["version"] == 2
+    assert seen(state) == {LINEAGE: {"version": 2}}
     (root / MANIFEST_NAME).write_bytes(old)  # an old, validly signed manifest
     assert names(problems_of(root, trusted, state_file=state), "rollback")
     verify_cache(root, trusted)  # without the state file the old manifest is fine
 
 
-def test_a_state_file_for_another_cache_does_not_interfere(
+def test_a_copy_of_an_older_cache_in_another_folder_is_refused(
+    tmp_path: Path, signer: Signer, trusted: list[TrustedKey]
+) -> None:
+    root, elsewhere = tmp_path / "cache", tmp_path / "usb" / "cache"
+    state = tmp_path / "state.json"
+    make_cache(root, signer, FILES, version=1)
+    shutil.copytree(root, elsewhere)
+    make_cache(root, signer, FILES, version=2)
+    verify_cache(root, trusted, state_file=state)
+    before = state.read_bytes()
+    problems = problems_of(elsewhere, trusted, state_file=state)
+    assert names(problems, "rollback") and names(problems, LINEAGE)
+    assert state.read_bytes() == before
+
+
+def test_a_state_file_for_another_lineage_does_not_interfere(
     cache: Path, trusted: list[TrustedKey], tmp_path: Path
 ) -> None:
     state = tmp_path / "state.json"
-    state.write_text(json.dumps({"caches": {"/elsewhere": {"version": 99}}}))
+    other = "00000000-0000-4000-8000-000000000000"
+    state_for(state, other, 99)
     verify_cache(cache, trusted, state_file=state)
-    caches = json.loads(state.read_text())["caches"]
-    assert caches["/elsewhere"] == {"version": 99}
-    assert caches[str(cache.resolve())] == {"version": 1}
+    assert seen(state) == {other: {"version": 99}, LINEAGE: {"version": 1}}
+
+
+def test_a_state_file_keyed_by_path_still_counts_for_that_cache_and_moves_to_its_lineage(
+    cache: Path, trusted: list[TrustedKey], signer: Signer, tmp_path: Path
+) -> None:
+    state = tmp_path / "state.json"
+    key = str(cache.resolve())
+    state.write_text(json.dumps({"caches": {key: {"version": 2}, "/elsewhere": {"version": 5}}}))
+    assert names(problems_of(cache, trusted, state_file=state), "rollback")
+    make_cache(cache, signer, FILES, version=2)
+    verify_cache(cache, trusted, state_file=state)
+    written = json.loads(state.read_text())
+    assert written["lineages"] == {LINEAGE: {"version": 2}}
+    assert written["caches"] == {"/elsewhere": {"version": 5}}
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"{not json",
+        b"\xff\xfe",
+        b"[1, 2]",
+        b'{"lineages": []}',
+        b'{"lineages": {"x": {"version": "2"}}}',
+        b'{"lineages": {"x": {"version": 0}}}',
+        b'{"lineages": {"x": 3}}',
+        b'{"format": "something-else", "lineages": {}}',
+        b'{"lineages": {}, "comment": "mine"}',
+        b'{"lineages": {}} trailing',
+    ],
+)
+def test_a_state_file_that_cannot_be_parsed_is_an_error_and_is_left_as_it_was(
+    cache: Path, trusted: list[TrustedKey], tmp_path: Path, content: bytes
+) -> None:
+    state = tmp_path / "state.json"
+    state.write_bytes(content)
+    problems = problems_of(cache, trusted, state_file=state)
+    assert problems[0].startswith("state: ") and len(problems) == 1
+    assert state.read_bytes() == content
+
+
+def test_a_state_path_that_is_a_folder_is_refused_before_verifying(
+    cache: Path, trusted: list[TrustedKey], tmp_path: Path
+) -> None:
+    (cache / MANIFEST_NAME).unlink()  # verifying would fail too, but later
+    state = tmp_path / "state"
+    state.mkdir()
+    assert problems_of(cache, trusted, state_file=state) == [
+        f"state: {state} is a folder, not a file"
+    ]
+    assert list(state.iterdir()) == []
+
+
+def test_a_state_path_in_a_missing_folder_is_refused_before_verifying(
+    cache: Path, trusted: list[TrustedKey], tmp_path: Path
+) -> None:
+    (cache / MANIFEST_NAME).unlink()
+    state = tmp_path / "nowhere" / "state.json"
+    problems = problems_of(cache, trusted, state_file=state)
+    assert problems[0].startswith("state: ") and len(problems) == 1
+
+
+def test_a_failed_state_write_leaves_the_old_state(
+    cache: Path, trusted: list[TrustedKey], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = tmp_path / "state.json"
+    before = state_for(state, "00000000-0000-4000-8000-000000000000", 3)
+    monkeypatch.setenv(faults.FAIL_ENV, "verify.state.rename:EIO")
+    faults.reset()
+    try:
+        problems = problems_of(cache, trusted, state_file=state)
+    finally:
+        monkeypatch.delenv(faults.FAIL_ENV)
+        faults.reset()
+    assert problems[0].startswith(f"state: cannot write {state}")
+    assert state.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["cache", "state.json"]
+
+
+def test_a_manifest_without_a_lineage_is_refused_with_a_state_file(
+    tmp_path: Path, signer: Signer, trusted: list[TrustedKey]
+) -> None:
+    root = tmp_path / "cache"
+    write_files(root, FILES)
+    signed = signed_doc([artifact_for(root, r) for r in sorted(FILES)])
+    del signed["lineage"]  # as builds wrote it before lineages
+    (root / MANIFEST_NAME).write_bytes(sign_manifest(signed, signer))
+    verify_cache(root, trusted)
+    state = tmp_path / "state.json"
+    assert names(problems_of(root, trusted, state_file=state), "no lineage")
+    assert not state.exists()
 
 
 def test_a_differing_host_fails_the_host_check(cache: Path, trusted: list[TrustedKey]) -> None:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
@@ -29,6 +31,14 @@ from .errors import SigningError, VerificationError
 from .keys import Signer, TrustedKey
 from .layout import MANIFEST_NAME as MANIFEST_NAME  # re-exported for callers of this module
 from .layout import RESERVED
+
+# A lineage is a random UUID in its canonical lowercase form.
+_LINEAGE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def new_lineage() -> str:
+    """A fresh lineage id, made by the first build of a cache root."""
+    return str(uuid.uuid4())
 
 
 def canonical_bytes(obj: Any) -> bytes:
@@ -70,6 +80,12 @@ class Manifest:
     @property
     def build_identity(self) -> str:
         return str(self.signed["build_identity"])
+
+    @property
+    def lineage(self) -> str | None:
+        """The cache's lineage id; None in manifests written before lineages existed."""
+        lineage = self.signed.get("lineage")
+        return lineage if isinstance(lineage, str) else None
 
     @property
     def artifacts(self) -> list[Artifact]:
@@ -156,6 +172,9 @@ def _check_signed_structure(signed: dict[str, Any], problems: list[str]) -> None
         problems.append("signed.version is not a positive integer")
     if not isinstance(signed.get("build_identity"), str):
         problems.append("signed.build_identity is missing")
+    lineage = signed.get("lineage")
+    if "lineage" in signed and not (isinstance(lineage, str) and _LINEAGE.fullmatch(lineage)):
+        problems.append("signed.lineage is not a lowercase UUID")
     for field in ("created_at", "expires_at"):
         value = signed.get(field)
         if value is None and field == "expires_at":
@@ -298,6 +317,7 @@ def verify_manifest_bytes(
 def compose_signed(
     *,
     version: int,
+    lineage: str,
     created_at: datetime,
     expires_at: datetime | None,
     build_identity: str,
@@ -313,6 +333,7 @@ def compose_signed(
         "format": MANIFEST_FORMAT,
         "format_version": MANIFEST_FORMAT_VERSION,
         "version": version,
+        "lineage": lineage,
         "created_at": format_time(created_at),
         "expires_at": format_time(expires_at) if expires_at else None,
         "build_identity": build_identity,

@@ -10,9 +10,9 @@ import json
 import os
 import stat
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, cast
 
-from .errors import CacheIOError, VerificationError
+from .errors import VerificationError
 from .fsutil import atomic_write_bytes, sha256_file
 from .keys import TrustedKey
 from .layout import (
@@ -25,32 +25,95 @@ from .layout import (
 )
 from .manifest import Artifact, Manifest, verify_manifest_bytes
 
+STATE_FORMAT = "takeoff-cache-verify-state"
+_STATE_KEYS = {"format", "lineages", "caches"}
 
-def _read_state(state_file: Path | None, cache_id: str) -> int | None:
-    if state_file is None or not state_file.exists():
-        return None
+
+def _state_problem(state: Any) -> str | None:
+    """What is wrong with the shape of a parsed state file, if anything."""
+    if not isinstance(state, dict):
+        return "is not a JSON object"
+    if unknown := sorted(set(state) - _STATE_KEYS):
+        return f"holds unknown keys {unknown}"
+    if "format" in state and state["format"] != STATE_FORMAT:
+        return f"has format {state['format']!r}, not {STATE_FORMAT!r}"
+    for key in ("lineages", "caches"):
+        table = state.get(key, {})
+        if not isinstance(table, dict):
+            return f"{key!r} is not an object"
+        for name, entry in table.items():
+            seen = entry.get("version") if isinstance(entry, dict) else None
+            if type(seen) is not int or seen < 1:
+                return f"{key}[{name!r}] holds no positive version"
+    return None
+
+
+def load_state(state_file: Path) -> dict[str, Any]:
+    """The versions seen so far, from ``--state FILE``; empty when the file does not exist yet.
+
+    Anything else that cannot be read as a state file is an error, never a fresh
+    start: a fresh start would let an older cache pass.
+    """
     try:
-        state = json.loads(state_file.read_text())
-        seen = state["caches"][cache_id]["version"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return seen if isinstance(seen, int) else None
-
-
-def _write_state(state_file: Path, cache_id: str, version: int) -> None:
-    state: dict[str, Any] = {"caches": {}}
-    if state_file.exists():
-        try:
-            loaded = json.loads(state_file.read_text())
-            if isinstance(loaded, dict) and isinstance(loaded.get("caches"), dict):
-                state = loaded
-        except (OSError, ValueError):
-            pass
-    state["caches"][cache_id] = {"version": version}
-    try:
-        atomic_write_bytes(state_file, json.dumps(state, indent=2, sort_keys=True).encode())
+        st = os.stat(state_file)
+    except FileNotFoundError:
+        if os.path.lexists(state_file):
+            raise VerificationError(f"state: {state_file} is a broken symlink") from None
+        if not state_file.parent.is_dir():
+            raise VerificationError(f"state: the folder of {state_file} does not exist") from None
+        return {}
     except OSError as exc:
-        raise CacheIOError(f"state: cannot write {state_file}: {exc.strerror}") from exc
+        raise VerificationError(f"state: cannot read {state_file}: {exc.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise VerificationError(f"state: {state_file} is a folder, not a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise VerificationError(f"state: {state_file} is not a regular file")
+    try:
+        state = json.loads(state_file.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise VerificationError(f"state: cannot read {state_file}: {exc.strerror}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise VerificationError(
+            f"state: {state_file} cannot be parsed ({exc}); rollback cannot be checked"
+        ) from None
+    if problem := _state_problem(state):
+        raise VerificationError(
+            f"state: {state_file} {problem}; it is not a takeoff-cache verify state file"
+        )
+    return cast(dict[str, Any], state)
+
+
+def _seen_version(state: dict[str, Any], manifest: Manifest, cache_id: str) -> int | None:
+    lineage = manifest.lineage
+    if lineage is None:
+        raise VerificationError(
+            "manifest has no lineage (written by an older takeoff-cache): rollback"
+            " cannot be checked with --state; rebuild the cache"
+        )
+    entry = state.get("lineages", {}).get(lineage)
+    if entry is None:
+        # Written before lineages, keyed by the cache's path: still a floor for it.
+        entry = state.get("caches", {}).get(cache_id)
+    return int(entry["version"]) if entry is not None else None
+
+
+def _write_state(
+    state_file: Path, state: dict[str, Any], manifest: Manifest, cache_id: str
+) -> None:
+    lineages = {**state.get("lineages", {}), str(manifest.lineage): {"version": manifest.version}}
+    new_state: dict[str, Any] = {"format": STATE_FORMAT, "lineages": lineages}
+    legacy = {k: v for k, v in state.get("caches", {}).items() if k != cache_id}
+    if legacy:
+        new_state["caches"] = legacy
+    try:
+        # Through a symlink to its target: the link is the operator's.
+        atomic_write_bytes(
+            Path(os.path.realpath(state_file)),
+            (json.dumps(new_state, indent=2, sort_keys=True) + "\n").encode(),
+            point="verify.state",
+        )
+    except OSError as exc:
+        raise VerificationError(f"state: cannot write {state_file}: {exc.strerror or exc}") from exc
 
 
 def _check_artifact(root: Path, artifact: Artifact) -> str | None:
@@ -149,6 +212,9 @@ def verify_cache(
 
     ``host``: when given (``--host-check``), the identity the engines must have been built for.
     """
+    # Before anything else: a state that cannot be read must not be found out only
+    # once the cache has been checked (nor be replaced by a fresh one).
+    state = load_state(state_file) if state_file is not None else None
     root = cache_root.resolve()
     cache_id = str(root)
     if not root.is_dir():
@@ -168,7 +234,13 @@ def verify_cache(
         raise VerificationError(f"{MANIFEST_NAME} is missing from {cache_root}") from None
     except OSError as exc:
         raise VerificationError(f"{MANIFEST_NAME} cannot be read: {exc.strerror}") from None
-    manifest = verify_manifest_bytes(data, trusted, min_version=_read_state(state_file, cache_id))
+    manifest = verify_manifest_bytes(data, trusted)
+    seen = _seen_version(state, manifest, cache_id) if state is not None else None
+    if seen is not None and manifest.version < seen:
+        raise VerificationError(
+            f"manifest version {manifest.version} is below version {seen} already seen"
+            f" for lineage {manifest.lineage} (rollback)"
+        )
 
     problems = [p for a in manifest.artifacts if (p := _check_artifact(root, a))]
     listed = {a.path for a in manifest.artifacts}
@@ -186,6 +258,6 @@ def verify_cache(
         problems.append(problem)
     if problems:
         raise VerificationError(problems[0], problems)
-    if state_file is not None:
-        _write_state(state_file, cache_id, manifest.version)
+    if state_file is not None and state is not None:
+        _write_state(state_file, state, manifest, cache_id)
     return manifest
