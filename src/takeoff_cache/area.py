@@ -232,7 +232,8 @@ def _web_mercator_part(geometry: BaseGeometry) -> BaseGeometry:
 
 
 def _area(geometry: BaseGeometry) -> Area:
-    rounded = shapely.set_precision(geometry, 10.0**-_DIGITS)
+    # normalize() fixes ring order and start points, so equal areas give equal GeoJSON.
+    rounded = shapely.normalize(shapely.set_precision(geometry, 10.0**-_DIGITS))
     polygons = [
         orient(g, sign=1.0)
         for g in getattr(rounded, "geoms", [rounded])
