@@ -110,6 +110,9 @@ class TileServer:
 def _handler(server: TileServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # Headers and body are two writes: with Nagle's algorithm and delayed ACKs
+        # each keep-alive answer would wait 40 ms.
+        disable_nagle_algorithm = True
 
         def log_message(self, format: str, *args: object) -> None:
             pass

@@ -131,6 +131,8 @@ class MBTilesWriter:
         self._commit_interval_s = commit_interval_s
         self._pending = 0
         self._last_commit = time.monotonic()
+        self._tiles: list[tuple[int, int, int, bytes]] = []
+        self._fetches: list[tuple[object, ...]] = []
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -191,18 +193,11 @@ class MBTilesWriter:
         last_modified: str | None,
         fetched_at: float,
     ) -> None:
-        """Store (or replace) one tile and what it was fetched with."""
+        """Store (or replace) one tile and what it was fetched with, at the next commit."""
         z, x, y = coord
         row = tms_row(z, y)
-        self._write(
-            "INSERT OR REPLACE INTO tiles (zoom_level, tile_column, tile_row, tile_data)"
-            " VALUES (?, ?, ?, ?)",
-            (z, x, row, data),
-        )
-        self._write(
-            "INSERT OR REPLACE INTO tile_fetch VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (z, x, row, sha256, etag, last_modified, fetched_at),
-        )
+        self._tiles.append((z, x, row, data))
+        self._fetches.append((z, x, row, sha256, etag, last_modified, fetched_at))
         self._step()
 
     def renew(
@@ -215,10 +210,7 @@ class MBTilesWriter:
     ) -> None:
         """A revalidated tile: same bytes, fresh age (and the server's newest validators)."""
         z, x, y = coord
-        self._write(
-            "INSERT OR REPLACE INTO tile_fetch VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (z, x, tms_row(z, y), sha256, etag, last_modified, at),
-        )
+        self._fetches.append((z, x, tms_row(z, y), sha256, etag, last_modified, at))
         self._step()
 
     def set_format(self, tile_format: str) -> None:
@@ -232,7 +224,7 @@ class MBTilesWriter:
             raise CacheIOError(f"corpus: cannot write {self.path}: {exc}") from exc
 
     def _step(self) -> None:
-        self._pending += 1
+        self._pending = len(self._fetches)
         now = time.monotonic()
         if (
             self._pending >= self._commit_every
@@ -248,16 +240,28 @@ class MBTilesWriter:
     def commit(self) -> None:
         """Make every stored tile durable against a kill; start the next batch."""
         try:
+            # One statement a batch: per-tile statements cost more than the writes.
+            self._db.executemany(
+                "INSERT OR REPLACE INTO tiles (zoom_level, tile_column, tile_row, tile_data)"
+                " VALUES (?, ?, ?, ?)",
+                self._tiles,
+            )
+            self._db.executemany(
+                "INSERT OR REPLACE INTO tile_fetch VALUES (?, ?, ?, ?, ?, ?, ?)", self._fetches
+            )
             self._db.execute("COMMIT")
             self._db.execute("BEGIN")
         except sqlite3.OperationalError as exc:
             raise CacheIOError(f"corpus: cannot commit tiles to {self.path}: {exc}") from exc
+        self._tiles.clear()
+        self._fetches.clear()
         self._pending = 0
         self._last_commit = time.monotonic()
 
     def close(self) -> None:
         """Commit, set bounds and zooms from what the file holds, fold the WAL back in."""
         try:
+            self.commit()
             self._update_extent()
             self._db.execute("COMMIT")
             try:

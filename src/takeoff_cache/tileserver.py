@@ -105,12 +105,13 @@ def retry_after_s(value: str | None, now: float | None = None) -> float | None:
 def image_format(data: bytes) -> str | None:
     """``"jpg"``, ``"png"`` or ``"webp"`` if ``data`` decodes completely as that image, else None.
 
-    JPEGs are decoded by libjpeg-turbo at 1/8 scale: every entropy-coded byte is
-    still read (a truncated tile fails), at a fraction of a full decode's time.
+    JPEGs are decoded by libjpeg-turbo at 1/8 scale and in grey: every
+    entropy-coded byte is still read (a truncated or damaged tile fails), for 0.20
+    CPU-ms a 20 kB tile against 0.43 for a full decode (0.25 at 1/8 in colour).
     """
     if data[:3] == b"\xff\xd8\xff":
         try:
-            simplejpeg.decode_jpeg(data, min_height=1, min_width=1, strict=True)
+            simplejpeg.decode_jpeg(data, colorspace="GRAY", min_height=1, min_width=1, strict=True)
         except ValueError:
             pass  # unusual JPEGs (CMYK, arithmetic coding): Pillow decides
         else:
