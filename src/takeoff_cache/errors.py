@@ -116,3 +116,69 @@ class BadTilesError(DescriptorError):
     def __reduce__(self) -> tuple[type[BadTilesError], tuple[list[str], int, int]]:
         # Prefect may keep a failed task's exception pickled: keep the counts too.
         return type(self), (self.tiles, self.generated, self.reused)
+
+
+# prepare's phases before the build have exit codes of their own, so a script can
+# tell "the flight is wrong" from "the tile server is down" without reading stderr.
+EXIT_RESOLVE = 9
+EXIT_DOWNLOAD = 10
+
+
+class FlightError(TakeoffCacheError):
+    """The flight could not be resolved into positions (prepare's resolve phase)."""
+
+    exit_code = EXIT_RESOLVE
+
+
+class FlightFileError(FlightError, OSError):
+    """A flight file is missing, unreadable or cannot be parsed."""
+
+
+class NotAPlanError(FlightError, ValueError):
+    """A file parses but is none of the flight formats prepare reads."""
+
+
+class NoPositionError(FlightError, ValueError):
+    """A flight names no usable global position."""
+
+
+class FlightNotFoundError(FlightError, LookupError):
+    """The flights API knows no flight with this id (HTTP 404)."""
+
+
+class FlightsAuthError(FlightError, PermissionError):
+    """The flights API refused the token (HTTP 401 or 403)."""
+
+
+class FlightsUnreachableError(FlightError, ConnectionError):
+    """The flights API could not be reached, timed out or answered with a server error."""
+
+
+class MalformedFlightError(FlightError, ValueError):
+    """A flight (file or API answer) has the right shape's name but not its content."""
+
+
+class AntimeridianError(FlightError, ValueError):
+    """The flight or its area crosses the antimeridian, which tile ranges cannot express."""
+
+
+class DownloadError(TakeoffCacheError, RuntimeError):
+    """Downloading tiles into the corpus failed (prepare's download phase)."""
+
+    exit_code = EXIT_DOWNLOAD
+
+
+class HostFailingError(DownloadError, ConnectionError):
+    """A tile server keeps failing; the download stopped rather than hammer it."""
+
+    def __init__(self, message: str, host: str, status: str) -> None:
+        super().__init__(message)
+        self.host = host
+        self.status = status
+
+    def __reduce__(self) -> tuple[type[HostFailingError], tuple[str, str, str]]:
+        return type(self), (str(self), self.host, self.status)
+
+
+class TooManyTilesError(DownloadError, ValueError):
+    """A download job is larger than the operator's ``max_tiles`` guard."""

@@ -1,0 +1,466 @@
+"""Download an area's tiles from an XYZ tile server into an MBTiles corpus.
+
+Polite: at most ``concurrency`` requests in flight per host; 429, 5xx, resets
+and timeouts are retried with exponential backoff and jitter, never sooner than
+the server's ``Retry-After`` (which pauses every request to that host, not only
+the one that got it); after ``max_retries`` a tile is listed as failed; a host
+that fails ``breaker_failures`` times in a row, refuses the key (401/403) or asks
+to wait longer than ``max_wait_s`` stops the download with :class:`HostFailingError`.
+
+Careful: a body is stored only if it decodes as a JPEG, PNG or WebP image (a 200
+with an HTML page is a failure); each tile's SHA-256 and validators are kept;
+tiles already present are not fetched again, and with ``max_age_days`` older
+ones are revalidated (``If-None-Match`` / ``If-Modified-Since``; a 304 renews
+their age). See :mod:`takeoff_cache.mbtiles` for why a kill loses nothing committed.
+
+The API key (``TAKEOFF_CACHE_TILES_API_KEY``) goes in the header or query
+parameter the operator names; every message, result and log line that could
+carry it has it replaced by ``[redacted]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from . import USER_AGENT
+from .errors import HostFailingError, InvalidRequestError, TooManyTilesError
+from .mbtiles import Coord, MBTilesWriter, StoredTile, mean_tile_bytes, stored_tiles
+from .tileserver import TileSource, image_format, redact, redacting_logs, retry_after_s
+
+TILES_KEY_ENV = "TAKEOFF_CACHE_TILES_API_KEY"
+DEFAULT_TILE_BYTES = 20_000  # a 256 px satellite JPEG, for estimates of unseen zooms
+_COMMIT_INTERVAL_S = 1.0  # the most a kill can cost: tiles received in the last second
+
+
+@dataclass(frozen=True)
+class DownloadOptions:
+    concurrency: int = 4  # requests in flight per host
+    timeout_s: float = 15.0
+    max_retries: int = 4
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 30.0
+    max_wait_s: float = 120.0  # a longer Retry-After stops the download
+    breaker_failures: int = 12  # failed attempts in a row that stop the download
+    max_age_days: float | None = None
+    max_tiles: int = 50_000
+
+
+@dataclass(frozen=True)
+class FailedTile:
+    z: int
+    x: int
+    y: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class DownloadEstimate:
+    """What a download would do, from the corpus alone (nothing fetched)."""
+
+    per_zoom: dict[int, int]  # tiles to request per zoom (missing + stale)
+    missing: int
+    stale: int
+    kept: int
+    estimated_bytes: int
+
+    @property
+    def to_fetch(self) -> int:
+        return self.missing + self.stale
+
+
+@dataclass(frozen=True)
+class DownloadResult:
+    requested: int  # tiles of the job
+    fetched: int  # bodies stored (new or changed)
+    kept: int  # present and fresh: not asked for
+    revalidated: int  # asked for again, unchanged (304 or the same bytes): age renewed
+    failed: tuple[FailedTile, ...]  # the first 20 by z/x/y
+    failed_count: int
+    bytes: int
+    seconds: float
+
+    @property
+    def tiles_per_s(self) -> float:
+        done = self.fetched + self.revalidated
+        return done / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "requested": self.requested,
+            "fetched": self.fetched,
+            "kept": self.kept,
+            "revalidated": self.revalidated,
+            "failed": [f"{f.z}/{f.x}/{f.y}: {f.reason}" for f in self.failed],
+            "failed_count": self.failed_count,
+            "bytes": self.bytes,
+            "seconds": round(self.seconds, 3),
+            "tiles_per_s": round(self.tiles_per_s, 1),
+        }
+
+
+def missing_tiles(corpus_path: Path, tiles: Sequence[Coord]) -> list[Coord]:
+    """The tiles of ``tiles`` the corpus does not hold, sorted (all of them if no file)."""
+    have = stored_tiles(corpus_path, tiles)
+    return sorted(set(tiles) - have.keys())
+
+
+def estimate_download(
+    corpus_path: Path, tiles: Sequence[Coord], options: DownloadOptions | None = None
+) -> DownloadEstimate:
+    """Tiles to request per zoom and their estimated bytes; reads the corpus only."""
+    options = options or DownloadOptions()
+    have = stored_tiles(corpus_path, tiles)
+    todo, stale = _todo(tiles, have, options.max_age_days, time.time())
+    per_zoom: dict[int, int] = {}
+    for z, _, _ in todo:
+        per_zoom[z] = per_zoom.get(z, 0) + 1
+    sizes = mean_tile_bytes(corpus_path)
+    estimated = sum(n * sizes.get(z, DEFAULT_TILE_BYTES) for z, n in per_zoom.items())
+    unique = len(set(tiles))
+    return DownloadEstimate(
+        dict(sorted(per_zoom.items())),
+        missing=len(todo) - stale,
+        stale=stale,
+        kept=unique - len(todo),
+        estimated_bytes=round(estimated),
+    )
+
+
+def download_tiles(
+    corpus_path: Path,
+    tiles: Sequence[Coord],
+    source: TileSource,
+    options: DownloadOptions | None = None,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    api_key: str | None = None,
+) -> DownloadResult:
+    """Fetch every tile of ``tiles`` the corpus lacks (or holds too old) into it.
+
+    ``progress(done, total)`` is called from this thread after each tile.
+    ``api_key`` defaults to ``TAKEOFF_CACHE_TILES_API_KEY``.
+    """
+    options = options or DownloadOptions()
+    started = time.monotonic()
+    key = api_key if api_key is not None else os.environ.get(TILES_KEY_ENV) or None
+    if (source.key_header or source.key_param) and not key:
+        raise InvalidRequestError(
+            f"tiles key: {TILES_KEY_ENV} is not set (the source sends it as"
+            f" {source.key_header or source.key_param})"
+        )
+    unique = sorted(set(tiles))
+    have = stored_tiles(corpus_path, unique)
+    todo, _ = _todo(unique, have, options.max_age_days, time.time())
+    if len(todo) > options.max_tiles:
+        raise TooManyTilesError(
+            f"download: {len(todo):,} tiles to fetch, more than max_tiles {options.max_tiles:,};"
+            " narrow the area or the zoom levels, or raise the limit"
+        )
+    run = _Run(source, options, key)
+    counts = {"fetched": 0, "revalidated": 0, "bytes": 0}
+    failed: list[FailedTile] = []
+    if todo:
+        name = source.name or urlsplit(source.url_template).netloc
+        with (
+            redacting_logs(key),
+            MBTilesWriter(
+                corpus_path, name=name, attribution=source.attribution, planned=todo
+            ) as writer,
+        ):
+            formats: set[str] = set()
+            done = 0
+            for outcome in run.outcomes(todo, have, tick_s=_COMMIT_INTERVAL_S):
+                if outcome is None:
+                    writer.commit_if_due()  # a stalled server must not hold tiles uncommitted
+                    continue
+                _record(writer, outcome, counts, failed, formats)
+                done += 1
+                if progress is not None:
+                    progress(done, len(todo))
+            if len(formats) == 1 and not have:
+                writer.set_format(formats.pop())  # a new corpus says what it holds
+    if run.tripped is not None:
+        raise run.tripped
+    failed.sort(key=lambda f: (f.z, f.x, f.y))
+    return DownloadResult(
+        requested=len(unique),
+        fetched=counts["fetched"],
+        kept=len(unique) - len(todo),
+        revalidated=counts["revalidated"],
+        failed=tuple(failed[:20]),
+        failed_count=len(failed),
+        bytes=counts["bytes"],
+        seconds=time.monotonic() - started,
+    )
+
+
+# --------------------------------------------------------------------------- internals
+
+
+def _todo(
+    tiles: Sequence[Coord], have: dict[Coord, StoredTile], max_age_days: float | None, now: float
+) -> tuple[list[Coord], int]:
+    """Tiles to request (missing ones, then stale ones), and how many are stale."""
+    missing = sorted(set(tiles) - have.keys())
+    stale: list[Coord] = []
+    if max_age_days is not None:
+        limit = now - max_age_days * 86400.0
+        stale = sorted(c for c, t in have.items() if t.fetched_at is None or t.fetched_at < limit)
+    return missing + stale, len(stale)
+
+
+@dataclass
+class _Outcome:
+    coord: Coord
+    kind: str  # "stored", "same", "failed", "cancelled"
+    data: bytes = b""
+    sha256: str | None = None
+    etag: str | None = None
+    last_modified: str | None = None
+    tile_format: str = ""
+    reason: str = ""
+
+
+def _record(
+    writer: MBTilesWriter,
+    outcome: _Outcome,
+    counts: dict[str, int],
+    failed: list[FailedTile],
+    formats: set[str],
+) -> None:
+    now = time.time()
+    if outcome.kind == "stored":
+        writer.put(
+            outcome.coord,
+            outcome.data,
+            outcome.sha256 or "",
+            outcome.etag,
+            outcome.last_modified,
+            now,
+        )
+        counts["fetched"] += 1
+        counts["bytes"] += len(outcome.data)
+        formats.add(outcome.tile_format)
+    elif outcome.kind == "same":
+        writer.renew(outcome.coord, outcome.sha256, outcome.etag, outcome.last_modified, now)
+        counts["revalidated"] += 1
+        counts["bytes"] += len(outcome.data)
+    elif outcome.kind == "failed":
+        failed.append(FailedTile(*outcome.coord, outcome.reason))
+
+
+@dataclass
+class _Host:
+    """One host's shared state: its request slots, pause and run of failures."""
+
+    slots: threading.Semaphore
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    not_before: float = 0.0
+    failures: int = 0
+    last_status: str = ""
+
+
+class _Run:
+    """One download's worker side: fetch, check, retry, and stop a failing host."""
+
+    def __init__(self, source: TileSource, options: DownloadOptions, key: str | None) -> None:
+        self.source = source
+        self.options = options
+        self.key = key
+        self.stop = threading.Event()
+        self.tripped: HostFailingError | None = None
+        self.hosts: dict[str, _Host] = {}
+        self._trip_lock = threading.Lock()
+
+    def outcomes(
+        self, todo: list[Coord], have: dict[Coord, StoredTile], tick_s: float
+    ) -> Iterator[_Outcome | None]:
+        """Each tile's outcome as it arrives; None after ``tick_s`` without one."""
+        urls = {c: self.source.url(*c) for c in todo}
+        for url in urls.values():
+            host = url.split("/", 3)[2]
+            if host not in self.hosts:
+                self.hosts[host] = _Host(threading.Semaphore(self.options.concurrency))
+        headers = {"User-Agent": USER_AGENT}
+        if self.key and self.source.key_header:
+            headers[self.source.key_header] = self.key
+        workers = self.options.concurrency * len(self.hosts)
+        limits = httpx.Limits(max_connections=workers, max_keepalive_connections=workers)
+        with (
+            httpx.Client(
+                headers=headers,
+                timeout=self.options.timeout_s,
+                limits=limits,
+                follow_redirects=True,
+            ) as client,
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tiles") as pool,
+        ):
+            done: queue.SimpleQueue[Future[_Outcome]] = queue.SimpleQueue()
+            futures: list[Future[_Outcome]] = []
+            for c in todo:
+                future = pool.submit(self._fetch, client, c, urls[c], have.get(c))
+                future.add_done_callback(done.put)
+                futures.append(future)
+            seen: set[int] = set()
+            try:
+                while len(seen) < len(futures) and not self.stop.is_set():
+                    try:
+                        future = done.get(timeout=tick_s)
+                    except queue.Empty:
+                        yield None  # a quiet moment: the caller commits what it holds
+                        continue
+                    seen.add(id(future))
+                    outcome = future.result()
+                    if outcome.kind != "cancelled":
+                        yield outcome
+            finally:
+                # Stop workers between attempts and drop what has not started.
+                self.stop.set()
+                pool.shutdown(wait=True, cancel_futures=True)
+        # Tiles that arrived while the others were being stopped are kept all the same.
+        for future in futures:
+            if id(future) in seen or future.cancelled() or future.exception() is not None:
+                continue
+            outcome = future.result()
+            if outcome.kind in ("stored", "same"):
+                yield outcome
+
+    def _fetch(
+        self, client: httpx.Client, coord: Coord, url: str, old: StoredTile | None
+    ) -> _Outcome:
+        host_name = url.split("/", 3)[2]  # the netloc, cheaper than urlsplit
+        host = self.hosts[host_name]
+        params = {self.source.key_param: self.key} if self.key and self.source.key_param else None
+        headers = {}
+        if old is not None and old.etag:
+            headers["If-None-Match"] = old.etag
+        if old is not None and old.last_modified:
+            headers["If-Modified-Since"] = old.last_modified
+        problem = ""
+        for attempt in range(self.options.max_retries + 1):
+            if attempt:
+                self._wait(self._backoff(attempt))
+            self._wait(host.not_before - time.monotonic())
+            if self.stop.is_set():
+                return _Outcome(coord, "cancelled")
+            with host.slots:
+                try:
+                    response = client.get(url, params=params, headers=headers)
+                except httpx.TimeoutException:
+                    problem = f"timed out after {self.options.timeout_s:g} s"
+                    response = None
+                except httpx.TransportError as exc:
+                    problem = f"connection failed ({type(exc).__name__})"
+                    response = None
+            if response is None:
+                self._failure(host_name, problem)
+                continue
+            status = response.status_code
+            if status == 304 and old is not None:
+                self._success(host)
+                etag, modified = _validators(response, old)
+                return _Outcome(coord, "same", sha256=old.sha256, etag=etag, last_modified=modified)
+            if status == 200:
+                data = response.content
+                fmt, problem = _check_body(data, response.headers.get("content-type", ""))
+                if fmt is not None:
+                    self._success(host)
+                    sha = hashlib.sha256(data).hexdigest()
+                    kind = "same" if old is not None and old.sha256 == sha else "stored"
+                    etag, modified = _validators(response, None)
+                    return _Outcome(coord, kind, data, sha, etag, modified, fmt)
+                self._failure(host_name, problem)
+                continue
+            problem = f"HTTP {status}"
+            if status in (401, 403):
+                self._trip(host_name, problem, "the server refused the request: check the API key")
+                return _Outcome(coord, "cancelled")
+            if status == 429 or status >= 500:
+                wait = retry_after_s(response.headers.get("retry-after"))
+                if wait is not None:
+                    if wait > self.options.max_wait_s:
+                        self._trip(host_name, problem, f"it asks to wait {wait:.0f} s")
+                        return _Outcome(coord, "cancelled")
+                    with host.lock:
+                        host.not_before = max(host.not_before, time.monotonic() + wait)
+                self._failure(host_name, problem)
+                continue
+            # 404 and other client errors: the server answered; this tile is not to be had.
+            self._success(host)
+            return _Outcome(coord, "failed", reason=problem)
+        return _Outcome(
+            coord,
+            "failed",
+            reason=self._redact(f"{problem} after {self.options.max_retries + 1} attempts"),
+        )
+
+    def _backoff(self, attempt: int) -> float:
+        delay = min(self.options.backoff_max_s, self.options.backoff_base_s * 2.0 ** (attempt - 1))
+        return delay * random.uniform(0.5, 1.0)  # jitter: retries of many tiles spread out
+
+    def _wait(self, seconds: float) -> None:
+        if seconds > 0:
+            self.stop.wait(seconds)
+
+    def _success(self, host: _Host) -> None:
+        with host.lock:
+            host.failures = 0
+
+    def _failure(self, host_name: str, problem: str) -> None:
+        host = self.hosts[host_name]
+        with host.lock:
+            host.failures += 1
+            host.last_status = problem
+            tripped = host.failures >= self.options.breaker_failures
+        if tripped:
+            self._trip(host_name, problem, f"{host.failures} failed attempts in a row")
+
+    def _trip(self, host_name: str, status: str, why: str) -> None:
+        with self._trip_lock:
+            if self.tripped is None:
+                self.tripped = HostFailingError(
+                    self._redact(
+                        f"download: tile server {host_name} keeps failing ({why}; last: {status});"
+                        " stopped. Tiles stored so far are kept; run again later to resume"
+                    ),
+                    host=host_name,
+                    status=self._redact(status),
+                )
+            self.stop.set()
+
+    def _redact(self, text: str) -> str:
+        return redact(text, self.key)
+
+
+def _validators(response: httpx.Response, old: StoredTile | None) -> tuple[str | None, str | None]:
+    """The tile's ETag and Last-Modified: the answer's, else what was known before."""
+    etag = response.headers.get("etag") or (old.etag if old else None)
+    modified = response.headers.get("last-modified") or (old.last_modified if old else None)
+    return etag, modified
+
+
+_NOT_IMAGES = ("text/html", "text/plain", "application/json", "application/xml", "text/xml")
+
+
+def _check_body(data: bytes, content_type: str) -> tuple[str | None, str]:
+    """``(format, "")`` for a tile, ``(None, why)`` for a body that is not one."""
+    kind = content_type.split(";")[0].strip().lower()
+    if kind in _NOT_IMAGES:
+        return None, f"HTTP 200 with a {kind} body, not an image"
+    fmt = image_format(data)
+    if fmt is None:
+        return None, f"HTTP 200 with a body that is not a decodable image ({len(data)} bytes)"
+    return fmt, ""
