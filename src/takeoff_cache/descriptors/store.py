@@ -340,8 +340,8 @@ class DescriptorStore:
     def checkpoint_behind(self) -> None:
         """Start copying the write-ahead log into the store's file, on a thread of its own.
 
-        Closing the last connection does that copy and syncs the file (15-30 ms
-        on a slow disk); done behind the caller's back, while it still reads,
+        Closing the last connection does that copy and syncs the file, which is
+        slow on a slow disk; done behind the caller's back, while it still reads,
         the close finds nothing left to copy. A failed copy loses nothing: the
         log stays, and the close copies it.
         """

@@ -37,7 +37,7 @@ _QUANT_OPTIONS = {
 
 def _ort() -> Any:
     # Imported on first use: validating a request (and so a no-op re-run) only
-    # needs the version, and importing ONNX Runtime costs ~0.15 s.
+    # needs the version, and importing ONNX Runtime is a noticeable part of a no-op.
     import onnxruntime
 
     return onnxruntime
@@ -131,7 +131,7 @@ class OnnxRuntimeBackend(Backend):
         quantized = out_path.with_name(out_path.name + ".qdq.onnx")
         try:
             if precision == "int8":
-                # Imported only for int8: ONNX Runtime's quantizer takes ~0.08 s to load.
+                # Imported only for int8: ONNX Runtime's quantizer is slow to load.
                 from .ort_int8 import quantize
 
                 quantize(backbone, calibration, quantized, _QUANT_OPTIONS)
@@ -160,8 +160,7 @@ class OnnxRuntimeBackend(Backend):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         # One thread per call and one call per core: whole batches in parallel
         # need no per-operator barrier, so a core busy decoding tiles (or lent
-        # to another process) never stalls the other. Measured on 2 cores,
-        # 1.6x the throughput of one call on 2 intra-op threads under load.
+        # to another process) never stalls the other (docs/design.md).
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
