@@ -29,6 +29,7 @@ def build_cache(
     trust: str | None = None,
     takeoff_origin: list[float] | str | None = None,
     flight_id: str | None = None,
+    area: dict[str, Any] | str | None = None,
     work_dir: str | None = None,
     backend: str = "auto",
     coverage: str = "strict",

@@ -98,13 +98,18 @@ def untracked(selection: corpus.TileSelection) -> corpus.TileSelection:
 def select(validated: ValidatedRequest, work_dir: Path) -> corpus.TileSelection:
     req = validated.request
     return selection_cache.select_tiles_cached(
-        req.corpus, req.bbox.as_tuple(), req.zoom_levels, workdir.selections_dir(work_dir)
+        req.corpus,
+        req.bbox.as_tuple(),
+        req.zoom_levels,
+        workdir.selections_dir(work_dir),
+        area=req.area,
     )
 
 
 def no_tiles_reason(validated: ValidatedRequest) -> str:
+    where = "bbox" if validated.request.area is None else "area"
     return (
-        "no tiles of the corpus intersect the bbox at zoom levels "
+        f"no tiles of the corpus intersect the {where} at zoom levels "
         f"{list(validated.request.zoom_levels)}: download tiles for this area first"
     )
 

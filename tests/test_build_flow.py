@@ -228,6 +228,31 @@ def test_request_flags_override_the_request_file(
     assert manifest_of(demo)["request"]["zoom_levels"] == [16]
 
 
+def test_an_area_builds_only_its_tiles_and_is_recorded(
+    capsys: pytest.CaptureFixture[str], demo: Demo, tmp_path: Path
+) -> None:
+    from takeoff_cache.area import load_area
+
+    lat0, lon0, lat1, lon1 = manifest_of_request(demo)["bbox"]
+    ring = [[lon0, lat0], [lon1, lat0], [lon1, lat1], [lon0, lat0]]
+    area = tmp_path / "area.geojson"
+    area.write_text(json.dumps({"type": "Polygon", "coordinates": [ring]}))
+    report = build(capsys, demo, "--area", str(area))
+    whole = build(capsys, demo)
+    assert 0 < report["tiles"] < whole["tiles"]
+    assert whole["outcome"] == "success"  # another identity: not a no-op
+    assert build(capsys, demo, "--area", str(area))["outcome"] == "success"
+    assert build(capsys, demo, "--area", str(area))["outcome"] == "idempotent_no_op"
+    assert manifest_of(demo)["request"]["area"] == load_area(area).geojson
+    verify_cache(demo.cache, load_trust_store(demo.trust))
+
+
+def manifest_of_request(demo: Demo) -> dict[str, Any]:
+    from takeoff_cache.request import parse_request, read_request_file
+
+    return parse_request(read_request_file(demo.request)).to_json()
+
+
 def test_build_runs_as_a_subprocess_with_json_report(demo: Demo) -> None:
     """The installed console script, in a fresh process with its own ephemeral Prefect API."""
     import subprocess

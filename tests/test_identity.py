@@ -12,6 +12,7 @@ same bytes elsewhere and validating again.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from dataclasses import fields, replace
@@ -23,6 +24,7 @@ import pytest
 from onnx import numpy_helper
 
 from takeoff_cache import identity as identity_module
+from takeoff_cache.area import parse_area, tiles_for_area
 from takeoff_cache.backbones import Backbone, InputSpec
 from takeoff_cache.corpus import select_tiles
 from takeoff_cache.demo.synthetic import replace_tile_bytes
@@ -47,7 +49,9 @@ def identify(raw: Raw, work_dir: Path | None = None) -> str:
 def identity_for(validated: ValidatedRequest, fingerprint: str | None = None) -> str:
     if fingerprint is None:
         req = validated.request
-        fingerprint = select_tiles(req.corpus, req.bbox.as_tuple(), req.zoom_levels).fingerprint
+        fingerprint = select_tiles(
+            req.corpus, req.bbox.as_tuple(), req.zoom_levels, req.area
+        ).fingerprint
     return build_identity(validated, fingerprint)
 
 
@@ -81,7 +85,25 @@ REQUEST_CHANGES: dict[str, Callable[[BuildRequest], list[Any]]] = {
     "precision": lambda r: ["fp16", "int8"],
     "takeoff_origin": lambda r: _origins(r.takeoff_origin),
     "flight_id": lambda r: [FLIGHT, "00000000-0000-0000-0000-000000000001"],
+    # No area, a corridor, and the same corridor a little wider.
+    "area": lambda r: [_corridor(r.bbox), _corridor(r.bbox, 0.12)],
 }
+
+
+def _corridor(bbox: Bbox, width: float = 0.08) -> dict[str, Any]:
+    """A diagonal strip across ``bbox``, ``width`` of its size wide: GeoJSON, [lon, lat]."""
+    lat0, lon0, lat1, lon1 = bbox.as_tuple()
+    dlat, dlon = (lat1 - lat0) * width, (lon1 - lon0) * width
+    ring = [
+        [lon0, lat0],
+        [lon0 + dlon, lat0],
+        [lon1, lat1 - dlat],
+        [lon1, lat1],
+        [lon1 - dlon, lat1],
+        [lon0, lat0 + dlat],
+        [lon0, lat0],
+    ]
+    return parse_area({"type": "Polygon", "coordinates": [ring]}, "test").geojson
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -231,6 +253,37 @@ def test_the_backbones_file_may_name_the_same_onnx_bytes_at_another_path(
     text = src.read_text().replace('onnx = "models/', f'onnx = "{models}/')
     moved = {**raw, "backbones": str(_backbones_file(text, src.parent / "moved.toml"))}
     assert identify(moved) == identify(raw)
+
+
+def test_a_corridor_area_selects_its_tiles_and_has_its_own_identity(raw: Raw) -> None:
+    plain = validate(raw, "onnxruntime")
+    corridor = _corridor(plain.request.bbox)
+    with_area = validate({**raw, "area": corridor}, "onnxruntime")
+    req = with_area.request
+    assert req.area == corridor and req.bbox == plain.request.bbox
+    bbox_tiles = select_tiles(req.corpus, req.bbox.as_tuple(), req.zoom_levels).tiles
+    area_tiles = select_tiles(req.corpus, req.bbox.as_tuple(), req.zoom_levels, req.area).tiles
+    assert 0 < len(area_tiles) < len(bbox_tiles) / 2
+    assert {(t.z, t.x, t.y) for t in area_tiles} == set(tiles_for_area(corridor, req.zoom_levels))
+    assert identity_for(with_area) != identify(raw)
+
+
+def test_the_same_area_from_a_file_keeps_the_identity(raw: Raw, tmp_path: Path) -> None:
+    corridor = _corridor(validate(raw, "onnxruntime").request.bbox)
+    for name in ("a.geojson", "elsewhere/b.json"):
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(
+            json.dumps(
+                {
+                    "type": "FeatureCollection",
+                    "features": [
+                        {"type": "Feature", "properties": {"name": name}, "geometry": corridor}
+                    ],
+                }
+            )
+        )
+        assert identify({**raw, "area": str(path)}) == identify({**raw, "area": corridor})
 
 
 def test_the_work_folder_does_not_matter(raw: Raw, tmp_path: Path) -> None:

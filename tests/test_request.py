@@ -308,3 +308,66 @@ def test_missing_request_file_is_refused(tmp_path: Path) -> None:
 def test_request_path_that_is_a_folder_is_refused_as_invalid_input(tmp_path: Path) -> None:
     with pytest.raises(InvalidRequestError, match="request"):
         read_request_file(tmp_path)
+
+
+# A square of about 1.1 x 0.7 km inside the bbox above, as GeoJSON writes it: [lon, lat].
+AREA = {
+    "type": "Polygon",
+    "coordinates": [
+        [[35.04, 48.45], [35.05, 48.45], [35.05, 48.46], [35.04, 48.46], [35.04, 48.45]]
+    ],
+}
+
+
+def test_area_from_a_file_a_table_and_a_flag_normalize_identically(tmp_path: Path) -> None:
+    import json
+
+    mission = tmp_path / "mission"
+    mission.mkdir()
+    (mission / "area.geojson").write_text(json.dumps({"type": "Feature", "geometry": AREA}))
+    path = mission / "request.toml"
+    path.write_text(REQUEST_TOML.format(key=tmp_path / "k") + 'area = "area.geojson"\n')
+    from_file = parse_request(read_request_file(path))
+    inline = mission / "inline.toml"
+    inline.write_text(
+        REQUEST_TOML.format(key=tmp_path / "k")
+        + "[area]\ntype = 'Polygon'\ncoordinates = "
+        + json.dumps(AREA["coordinates"])
+        + "\n"
+    )
+    from_table = parse_request(read_request_file(inline))
+    from_flag = parse_request({**read_request_file(inline), "area": str(mission / "area.geojson")})
+    assert from_file.area is not None and from_file.area["type"] == "Polygon"
+    assert from_file == from_table == from_flag
+    # The manifest records the geometry, never the file, and reads back the same.
+    recorded = from_file.to_json()
+    assert recorded["area"] == from_file.area
+    assert parse_request({**read_request_file(path), "area": recorded["area"]}) == from_file
+
+
+def test_a_request_without_an_area_records_none(tmp_path: Path) -> None:
+    request = parse_request(as_toml(tmp_path))
+    assert request.area is None
+    assert request.to_json()["area"] is None
+
+
+def test_the_bbox_defaults_to_the_area_bounds(tmp_path: Path) -> None:
+    raw = as_toml(tmp_path)
+    del raw["bbox"]
+    request = parse_request({**raw, "area": AREA})
+    assert request.bbox == Bbox(48.45, 35.04, 48.46, 35.05)
+
+
+@pytest.mark.parametrize(
+    "area",
+    [
+        {"type": "Point", "coordinates": [35.04, 48.45]},
+        {"type": "Polygon", "coordinates": [[[200, 48], [201, 48], [201, 49], [200, 48]]]},
+        "does-not-exist.geojson",
+        42,
+    ],
+)
+def test_a_bad_area_is_refused(tmp_path: Path, area: Any) -> None:
+    if isinstance(area, str):
+        area = str(tmp_path / area)
+    refused({**as_toml(tmp_path), "area": area}, "area")

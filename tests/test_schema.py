@@ -61,6 +61,20 @@ def test_a_real_build_manifest_validates(
     assert re.fullmatch(r"[0-9a-f-]{36}", built_manifest["signed"]["lineage"])
 
 
+def test_the_request_records_its_area_or_none(
+    validator: Draft202012Validator, built_manifest: dict[str, Any]
+) -> None:
+    assert built_manifest["signed"]["request"]["area"] is None
+    doc = copy.deepcopy(built_manifest)
+    ring = [[35.03, 48.44], [35.05, 48.44], [35.05, 48.46], [35.03, 48.44]]
+    doc["signed"]["request"]["area"] = {"type": "Polygon", "coordinates": [ring]}
+    assert errors(validator, doc) == []
+    del doc["signed"]["request"]["area"]  # written before areas existed
+    assert errors(validator, doc) == []
+    doc["signed"]["request"]["area"] = {"type": "Point", "coordinates": [35.03, 48.44]}
+    assert errors(validator, doc) != []
+
+
 def test_a_manifest_with_calibration_and_a_tensorrt_host_validates(
     validator: Draft202012Validator, built_manifest: dict[str, Any]
 ) -> None:

@@ -96,3 +96,19 @@ def test_damaged_entry_is_recomputed(setup: Setup, tmp_path: Path) -> None:
     entry = next(cache.iterdir())
     entry.write_bytes(entry.read_bytes().replace(first.tiles[5].sha256.encode(), b"0" * 64))
     assert select(setup, cache, racy_s=0) == first
+
+
+def test_an_area_is_remembered_apart_from_its_bbox(setup: Setup, tmp_path: Path) -> None:
+    corpus, bbox, zooms = setup
+    lat0, lon0, lat1, lon1 = bbox
+    half = [[lon0, lat0], [lon1, lat0], [lon1, lat1], [lon0, lat0]]  # half the bbox
+    area = {"type": "Polygon", "coordinates": [half]}
+    cache = tmp_path / "selections"
+    whole = select(setup, cache, racy_s=0)
+    part = selection_cache.select_tiles_cached(corpus, bbox, zooms, cache, area=area, racy_s=0)
+    assert 0 < len(part.tiles) < len(whole.tiles)
+    assert part == select_tiles(corpus, bbox, zooms, area)
+    assert len(list(cache.iterdir())) == 2
+    # Served again from its own entry, not from the bbox's.
+    again = selection_cache.select_tiles_cached(corpus, bbox, zooms, cache, area=area, racy_s=0)
+    assert again == part and select(setup, cache, racy_s=0) == whole

@@ -213,7 +213,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if not args.out.parent.is_dir():
         raise InvalidRequestError(f"out: folder {args.out.parent} does not exist")
     check_corpus(request.corpus)
-    selection = select_tiles(request.corpus, request.bbox.as_tuple(), request.zoom_levels)
+    selection = select_tiles(
+        request.corpus, request.bbox.as_tuple(), request.zoom_levels, request.area
+    )
     count = write_calibration(args.out, selection, request.corpus, args.tiles, args.seed)
     print(f"wrote {args.out}: {count} calibration tiles sampled from {len(selection.tiles)}")
     return 0

@@ -1,9 +1,10 @@
 """Tile corpora (MBTiles files and XYZ folders) and the select phase.
 
-The selection is every tile that intersects the bbox at the requested zoom
-levels, sorted by ``(z, x, y)``, each with the SHA-256 of its bytes; the
-corpus fingerprint is the SHA-256 over that sorted list, so it changes when
-any selected tile's bytes change and for nothing else.
+The selection is every tile that intersects the bbox (or, when the request
+has one, the area) at the requested zoom levels, sorted by ``(z, x, y)``,
+each with the SHA-256 of its bytes; the corpus fingerprint is the SHA-256
+over that sorted list, so it changes when any selected tile's bytes change
+and for nothing else.
 """
 
 from __future__ import annotations
@@ -257,15 +258,43 @@ def fingerprint(tiles: tuple[Tile, ...]) -> str:
 
 
 def select_tiles(
-    corpus_path: Path, bbox: tuple[float, float, float, float], zoom_levels: tuple[int, ...]
+    corpus_path: Path,
+    bbox: tuple[float, float, float, float],
+    zoom_levels: tuple[int, ...],
+    area: dict[str, Any] | None = None,
 ) -> TileSelection:
-    """Select, hash and sort the tiles covering ``bbox`` at ``zoom_levels``."""
+    """Select, hash and sort the tiles covering ``bbox`` at ``zoom_levels``; with an
+    ``area`` (GeoJSON), the tiles that intersect the area instead."""
     tiles: list[Tile] = []
     with open_corpus(corpus_path) as corpus:
-        for z in zoom_levels:
-            x0, x1, y0, y1 = tile_range(bbox, z)
+        for z, x0, x1, y0, y1 in _ranges(bbox, zoom_levels, area):
             for x, y, data in corpus.iter_range(z, x0, x1, y0, y1):
                 tiles.append(Tile(z, x, y, hashlib.sha256(data).hexdigest()))
     tiles.sort()
     selected = tuple(tiles)
     return TileSelection(selected, fingerprint(selected))
+
+
+def _ranges(
+    bbox: tuple[float, float, float, float],
+    zoom_levels: tuple[int, ...],
+    area: dict[str, Any] | None,
+) -> Iterator[tuple[int, int, int, int, int]]:
+    """``(z, x0, x1, y0, y1)`` ranges to read: the bbox's per zoom, or the area's runs of
+    adjacent tiles in each row (a corridor reads a corridor, never its bbox)."""
+    if area is None:
+        for z in zoom_levels:
+            yield (z, *tile_range(bbox, z))
+        return
+    from .area import tiles_for_area  # shapely loads only for requests with an area
+
+    run: list[int] | None = None  # [z, x0, x1, y]
+    for z, x, y in tiles_for_area(area, zoom_levels):
+        if run is not None and run[0] == z and run[3] == y and run[2] == x - 1:
+            run[2] = x
+            continue
+        if run is not None:
+            yield run[0], run[1], run[2], run[3], run[3]
+        run = [z, x, x, y]
+    if run is not None:
+        yield run[0], run[1], run[2], run[3], run[3]

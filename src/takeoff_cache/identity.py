@@ -6,6 +6,8 @@ matching identity in the current manifest means there is nothing to do.
 
 from __future__ import annotations
 
+from typing import Any
+
 from . import MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION
 from .canonical import content_key
 from .validate import ValidatedRequest
@@ -13,18 +15,21 @@ from .validate import ValidatedRequest
 
 def build_identity(validated: ValidatedRequest, corpus_fingerprint: str) -> str:
     req = validated.request
-    return content_key(
-        {
-            "manifest_format": [MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION],
-            "corpus_fingerprint": corpus_fingerprint,
-            "bbox": list(req.bbox.as_tuple()),
-            "zoom_levels": list(req.zoom_levels),
-            "sector_class": req.sector_class,
-            "takeoff_origin": list(req.takeoff_origin) if req.takeoff_origin else None,
-            "flight_id": req.flight_id,
-            "backbones": [b.identity() for b in validated.backbones],
-            "precision": req.precision,
-            "calibration_sha256": validated.calibration_sha256,
-            "host": validated.host,
-        }
-    )
+    inputs: dict[str, Any] = {
+        "manifest_format": [MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION],
+        "corpus_fingerprint": corpus_fingerprint,
+        "bbox": list(req.bbox.as_tuple()),
+        "zoom_levels": list(req.zoom_levels),
+        "sector_class": req.sector_class,
+        "takeoff_origin": list(req.takeoff_origin) if req.takeoff_origin else None,
+        "flight_id": req.flight_id,
+        "backbones": [b.identity() for b in validated.backbones],
+        "precision": req.precision,
+        "calibration_sha256": validated.calibration_sha256,
+        "host": validated.host,
+    }
+    # Only a request with an area hashes one, so caches built before areas existed
+    # keep their identity; its geometry counts, never the file it was read from.
+    if req.area is not None:
+        inputs["area"] = req.area
+    return content_key(inputs)

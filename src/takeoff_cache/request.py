@@ -51,6 +51,13 @@ REQUEST_FIELDS = (
     Field("trust", "--trust", "trust store: PEM file or folder of public keys", path=True),
     Field("takeoff_origin", "--takeoff-origin", "LAT,LON,ALT (altitude in metres)"),
     Field("flight_id", "--flight-id", "flight UUID"),
+    # A path in TOML and on the command line, or an inline GeoJSON table in TOML.
+    Field(
+        "area",
+        "--area",
+        "mission area: GeoJSON Polygon/MultiPolygon (WGS84); selects its tiles, not the bbox's",
+        path=True,
+    ),
 )
 FIELDS = tuple(f.name for f in REQUEST_FIELDS)
 PATH_FIELDS = tuple(f.name for f in REQUEST_FIELDS if f.path)
@@ -84,6 +91,8 @@ class BuildRequest:
     trust: Path
     takeoff_origin: tuple[float, float, float] | None
     flight_id: str | None
+    # The area's normalized GeoJSON geometry (area.parse_area), never the file it came from.
+    area: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The request as recorded in the manifest (paths as given, resolved)."""
@@ -93,6 +102,7 @@ class BuildRequest:
         out["takeoff_origin"] = list(self.takeoff_origin) if self.takeoff_origin else None
         for name in PATH_FIELDS:
             out[name] = str(out[name]) if out[name] is not None else None
+        out["area"] = self.area
         return out
 
 
@@ -209,13 +219,39 @@ def _required_path(field: str, raw: dict[str, Any]) -> Path:
     return path
 
 
+def parse_area_field(value: Any) -> dict[str, Any] | None:
+    """The ``area`` field: a GeoJSON file's path, or GeoJSON itself (a TOML table, a flow
+    parameter, a manifest's record), normalized to the geometry the build hashes."""
+    if value is None or value == "":
+        return None
+    # shapely and pyproj load only for requests with an area.
+    from .area import load_area, parse_area
+
+    if isinstance(value, str | Path):
+        return load_area(Path(value).expanduser()).geojson
+    if isinstance(value, dict):
+        return parse_area(value, "the request's inline table").geojson
+    raise InvalidRequestError(f"area: expected a GeoJSON file or object, got {value!r:.80}")
+
+
+def _area_bbox(area: dict[str, Any]) -> Bbox:
+    from .area import Area
+
+    lat_min, lon_min, lat_max, lon_max = Area(area, 0.0).bbox
+    # The area may reach Web Mercator's exact limit; SPEC §2's bbox stops at its rounding.
+    return Bbox(max(lat_min, -LAT_LIMIT), lon_min, min(lat_max, LAT_LIMIT), lon_max)
+
+
 def parse_request(raw: dict[str, Any]) -> BuildRequest:
     """Normalize raw field values; nothing here touches the disk but path resolution."""
     unknown = sorted(set(raw) - set(FIELDS))
     if unknown:
         raise InvalidRequestError(f"request: unknown field {unknown[0]!r}")
-    if raw.get("bbox") is None:
-        raise InvalidRequestError("bbox: missing (give --bbox LAT_MIN,LON_MIN,LAT_MAX,LON_MAX)")
+    area = parse_area_field(raw.get("area"))
+    if raw.get("bbox") is None and area is None:
+        raise InvalidRequestError(
+            "bbox: missing (give --bbox LAT_MIN,LON_MIN,LAT_MAX,LON_MAX or --area FILE)"
+        )
     if raw.get("zoom_levels") is None:
         raise InvalidRequestError("zoom_levels: missing (give --zoom Z[,Z...])")
     sector = raw.get("sector_class")
@@ -243,7 +279,7 @@ def parse_request(raw: dict[str, Any]) -> BuildRequest:
         )
     request = BuildRequest(
         corpus=_required_path("corpus", raw),
-        bbox=parse_bbox(raw["bbox"]),
+        bbox=parse_bbox(raw["bbox"]) if area is None or raw.get("bbox") else _area_bbox(area),
         zoom_levels=parse_zoom_levels(raw["zoom_levels"]),
         sector_class=str(sector),
         backbones=_required_path("backbones", raw),
@@ -254,5 +290,6 @@ def parse_request(raw: dict[str, Any]) -> BuildRequest:
         trust=_required_path("trust", raw),
         takeoff_origin=parse_origin(raw.get("takeoff_origin")),
         flight_id=flight_id,
+        area=area,
     )
     return request

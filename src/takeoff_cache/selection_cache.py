@@ -2,7 +2,7 @@
 
 Selecting hashes every selected tile's bytes (the corpus fingerprint needs
 them): about a second for 10 000 tiles, most of a no-op run. The result is
-kept in the work folder, one entry per (corpus file, bbox, zoom levels), and
+kept in the work folder, one entry per (corpus file, bbox, zoom levels, area), and
 used only while the file still has the identity it had when the entry was
 made: device, inode, size, mtime and ctime of the MBTiles file and of its
 SQLite ``-wal`` and ``-journal`` companions (a WAL-mode write changes only the
@@ -51,18 +51,23 @@ def _last_change_ns(signature: list[list[int] | None]) -> int:
 
 
 def _entry_path(
-    cache_dir: Path, corpus: Path, bbox: tuple[float, ...], zooms: tuple[int, ...]
+    cache_dir: Path,
+    corpus: Path,
+    bbox: tuple[float, ...],
+    zooms: tuple[int, ...],
+    area: dict[str, Any] | None,
 ) -> Path:
-    key = content_key(
-        {
-            "corpus": str(corpus.resolve()),
-            "bbox": list(bbox),
-            "zoom_levels": list(zooms),
-            # Selection rules live in code: another version may select differently.
-            "tool_version": __version__,
-            "format": FORMAT,
-        }
-    )
+    fields: dict[str, Any] = {
+        "corpus": str(corpus.resolve()),
+        "bbox": list(bbox),
+        "zoom_levels": list(zooms),
+        # Selection rules live in code: another version may select differently.
+        "tool_version": __version__,
+        "format": FORMAT,
+    }
+    if area is not None:  # entries made without an area keep their keys
+        fields["area"] = area
+    key = content_key(fields)
     return cache_dir / f"{key[:32]}.json"
 
 
@@ -85,18 +90,19 @@ def select_tiles_cached(
     zoom_levels: tuple[int, ...],
     cache_dir: Path,
     *,
+    area: dict[str, Any] | None = None,
     racy_s: float = RACY_S,
 ) -> TileSelection:
     """:func:`corpus.select_tiles`, from the work folder when the corpus file is unchanged."""
     if corpus.is_dir():
-        return select_tiles(corpus, bbox, zoom_levels)
+        return select_tiles(corpus, bbox, zoom_levels, area)
     started_ns = time.time_ns()
     before = _signature(corpus)
-    entry = _entry_path(cache_dir, corpus, bbox, zoom_levels)
+    entry = _entry_path(cache_dir, corpus, bbox, zoom_levels, area)
     cached = _load(entry, before)
     if cached is not None:
         return cached
-    selection = select_tiles(corpus, bbox, zoom_levels)
+    selection = select_tiles(corpus, bbox, zoom_levels, area)
     if _signature(corpus) == before and started_ns - _last_change_ns(before) >= racy_s * 1e9:
         doc = {
             "format": FORMAT,

@@ -45,7 +45,9 @@ def check_corpus(
     the build lock, so a running build does not delay the check.
     """
     keys = tuple(trusted) if trusted is not None else tuple(load_trust_store(request.trust))
-    selection = corpus.select_tiles(request.corpus, request.bbox.as_tuple(), request.zoom_levels)
+    selection = corpus.select_tiles(
+        request.corpus, request.bbox.as_tuple(), request.zoom_levels, request.area
+    )
     manifest = noop.current_manifest(request.cache_root, keys)
     built = manifest.signed.get("corpus", {}) if manifest is not None else {}
     return CorpusCheck(
