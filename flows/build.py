@@ -35,6 +35,8 @@ def build_cache(
     coverage: str = "strict",
     expires_in_s: float | None = None,
     dask_address: str | None = None,
+    self_test: int = 200,
+    min_recall: float | None = None,
 ) -> dict[str, Any] | State:
     """Build (or confirm) the signed takeoff cache for one request; return the build report."""
     params = dict(locals())
@@ -67,6 +69,7 @@ def build_cache(
         preload(validated.backend.runtime, "faiss")
         from takeoff_cache_prefect.tasks import descriptors as td
         from takeoff_cache_prefect.tasks import engines as te
+        from takeoff_cache_prefect.tasks import selftest as ts
 
         run.callback(td.settle_progress)  # after the lock is released
         with run.phase("staging"):
@@ -84,9 +87,16 @@ def build_cache(
         report.descriptors_reused = len(selection.tiles) - generated
         described += index_described
         staged += index_staged
+        with run.phase("self_test"):
+            tested = ts.self_test(
+                validated, selection, records, index_described, options, report.build_identity
+            )
+        report.self_test, report.coverage_map = tested.summary, tested.coverage_map
+        if tested.failure_reason:
+            return run.end(failure_reason=tested.failure_reason)
         with run.phase("manifest"):
             manifest = t.manifest(
-                validated, report.build_identity, t.untracked(selection), described, options
+                validated, report.build_identity, t.untracked(selection), described, options, tested
             )
         with run.phase("coverage"):
             new_paths = {a.path for a in described}

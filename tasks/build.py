@@ -10,12 +10,13 @@ re-run needs none of them.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import re
 from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
@@ -46,6 +47,9 @@ from takeoff_cache.manifest import (
 from takeoff_cache.options import BuildOptions
 from takeoff_cache.report import BuildReport
 from takeoff_cache.validate import ValidatedRequest
+
+if TYPE_CHECKING:  # the self-test's module pulls in numpy, Pillow and faiss
+    from takeoff_cache_prefect.tasks.selftest import SelfTested
 
 
 @task(name="validate", task_run_name="validate", cache_policy=NO_CACHE, persist_result=False)
@@ -139,6 +143,7 @@ def manifest(
     selection: corpus.TileSelection,
     described: list[Artifact],
     options: BuildOptions,
+    tested: SelfTested,
 ) -> bytes:
     root = validated.request.cache_root
     now = datetime.now(UTC)
@@ -158,6 +163,7 @@ def manifest(
         tile_count=len(selection.tiles),
         artifacts=described,
         tool_version=__version__,
+        self_test=tested.signed,
     )
     return sign_manifest(signed, validated.signer)
 
@@ -185,10 +191,28 @@ def commit_cache(
     return commit.commit(validated.request.cache_root, manifest_bytes, staged, previous, new_paths)
 
 
+# A map above this is linked by its path only: the artifact lives in Prefect's database.
+MAX_EMBEDDED_MAP = 2 * 1024 * 1024
+
+
+def _embedded_map(path: str | None) -> str:
+    """The coverage map inline, as a data: URI image: the Prefect UI renders markdown
+    images but cannot fetch a file from the build machine's work folder."""
+    if not path:
+        return ""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return ""
+    if len(data) > MAX_EMBEDDED_MAP:
+        return f"\ncoverage map: `{path}`\n"
+    return f"\n![coverage map](data:image/png;base64,{base64.b64encode(data).decode()})\n"
+
+
 @task(name="report", task_run_name="report", cache_policy=NO_CACHE, persist_result=False)
 def publish_report(report: BuildReport, cache_root: str) -> None:
     create_markdown_artifact(
-        report.markdown(),
+        report.markdown() + _embedded_map(report.coverage_map),
         key=artifact_key("build-report", Path(cache_root)),
         description=f"takeoff-cache build report for {cache_root}",
     )

@@ -34,6 +34,7 @@ PHASES = {
     "staging",
     "engines",
     "descriptors",
+    "self_test",
     "manifest",
     "coverage",
     "commit",

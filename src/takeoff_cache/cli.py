@@ -75,6 +75,8 @@ def _options(args: argparse.Namespace) -> Any:
         coverage=getattr(args, "coverage", None),
         expires_in_s=parse_duration(getattr(args, "expires_in_s", None)),
         dask_address=getattr(args, "dask_address", None),
+        self_test=getattr(args, "self_test", None),
+        min_recall=getattr(args, "min_recall", None),
     )
 
 

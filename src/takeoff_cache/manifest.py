@@ -327,9 +327,11 @@ def compose_signed(
     tile_count: int,
     artifacts: list[Artifact],
     tool_version: str,
+    self_test: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The ``signed`` object of a new manifest (see schema/manifest.schema.json)."""
-    return {
+    """The ``signed`` object of a new manifest (see schema/manifest.schema.json);
+    ``self_test``: the self-test's figures, absent from a build that skipped it."""
+    signed: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
         "format_version": MANIFEST_FORMAT_VERSION,
         "version": version,
@@ -343,3 +345,6 @@ def compose_signed(
         "artifacts": [a.to_json() for a in sorted(artifacts, key=lambda a: a.path)],
         "tool": {"name": "takeoff-cache", "version": tool_version},
     }
+    if self_test is not None:
+        signed["self_test"] = self_test
+    return signed

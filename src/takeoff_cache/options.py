@@ -19,6 +19,10 @@ COVERAGE_MODES = ("strict", "lenient")
 # A manifest lifetime beyond this cannot be written as a date (datetime's year 9999).
 MAX_EXPIRES_IN_S = 100 * 365 * 86400
 
+# Views the self-test draws by default (SPEC §11).
+DEFAULT_SELF_TEST = 200
+MAX_SELF_TEST = 100_000
+
 # The options' flow parameters, as REQUEST_FIELDS lists the request's.
 OPTION_FIELDS = (
     Field("work_dir", "--work-dir", "work folder (default $XDG_CACHE_HOME/takeoff-cache)"),
@@ -31,6 +35,16 @@ OPTION_FIELDS = (
         "embed descriptors on the Dask cluster whose scheduler is here (tcp://HOST:PORT);"
         " workers need the work folder at the same path",
     ),
+    Field(
+        "self_test",
+        "--self-test",
+        "synthetic drone views the self-test queries the new index with (default 200; 0 skips it)",
+    ),
+    Field(
+        "min_recall",
+        "--min-recall",
+        "fail the build when the self-test's Recall@1 is below R, in [0, 1] (default: none)",
+    ),
 )
 
 
@@ -41,6 +55,8 @@ class BuildOptions:
     coverage: str = "strict"
     expires_in_s: float | None = None
     dask_address: str | None = None
+    self_test: int = DEFAULT_SELF_TEST
+    min_recall: float | None = None
 
     @property
     def strict(self) -> bool:
@@ -53,6 +69,8 @@ def build_options(
     coverage: str | None = "strict",
     expires_in_s: float | None = None,
     dask_address: str | None = None,
+    self_test: float | str | None = DEFAULT_SELF_TEST,
+    min_recall: float | str | None = None,
 ) -> BuildOptions:
     """Validate the options as a flow or the command line received them."""
     backend = backend or "auto"
@@ -70,13 +88,52 @@ def build_options(
             raise InvalidRequestError(
                 f"expires-in: {expires_in_s:.0f} s is more than 100 years; give a shorter lifetime"
             )
+    views = _self_test_views(self_test)
+    threshold = _min_recall(min_recall)
+    if threshold is not None and views == 0:
+        raise InvalidRequestError("min-recall: needs the self-test, which --self-test 0 turns off")
     return BuildOptions(
         work_dir=resolve_work_dir(str(work_dir) if work_dir is not None else None),
         backend=backend,
         coverage=coverage,
         expires_in_s=float(expires_in_s) if expires_in_s is not None else None,
         dask_address=dask_address or None,
+        self_test=views,
+        min_recall=threshold,
     )
+
+
+def _self_test_views(value: float | str | None) -> int:
+    # A flow parameter arrives as a number, a flag as text.
+    if value is None or value == "":
+        return DEFAULT_SELF_TEST
+    try:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        views = int(value)
+    except (ValueError, OverflowError):
+        raise InvalidRequestError(
+            f"self-test: expected a whole number of views, got {value!r}"
+        ) from None
+    if not 0 <= views <= MAX_SELF_TEST:
+        raise InvalidRequestError(f"self-test: {views} views is outside [0, {MAX_SELF_TEST}]")
+    return views
+
+
+def _min_recall(value: float | str | None) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        threshold = float(value)
+    except ValueError:
+        raise InvalidRequestError(
+            f"min-recall: expected a number in [0, 1], got {value!r}"
+        ) from None
+    if not 0.0 <= threshold <= 1.0:  # also refuses NaN
+        raise InvalidRequestError(f"min-recall: {value!r} is outside [0, 1]")
+    return threshold
 
 
 def parse_duration(text: str | None) -> float | None:

@@ -22,6 +22,10 @@ class BuildReport:
     warnings: list[str] = field(default_factory=list)
     # int8 builds: mean cosine similarity of int8 vs fp32 descriptors, per backbone.
     precision_drift: dict[str, float] = field(default_factory=dict)
+    # The self-test's figures (k, recall_at_1, recall_at_5, median_error_m, seconds);
+    # None when it did not run. The coverage map it drew, in the work folder.
+    self_test: dict[str, Any] | None = None
+    coverage_map: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -34,19 +38,30 @@ class BuildReport:
         return cls(**{k: v for k, v in doc.items() if k != "manifest_hash"})
 
     def markdown(self) -> str:
-        rows = [f"| {k} | {v} |" for k, v in asdict(self).items() if k != "phases"]
+        rows = [
+            f"| {k} | {v} |" for k, v in asdict(self).items() if k not in ("phases", "self_test")
+        ]
         phases = " · ".join(f"{k} {v:.2f}s" for k, v in self.phases.items())
-        return "\n".join(
-            [
-                "# takeoff-cache build report",
-                "",
-                "| field | value |",
-                "|---|---|",
-                *rows,
-                "",
-                f"**phases:** {phases}",
-                "",
-            ]
+        lines = [
+            "# takeoff-cache build report",
+            "",
+            "| field | value |",
+            "|---|---|",
+            *rows,
+            "",
+            f"**phases:** {phases}",
+            "",
+        ]
+        if self.self_test:
+            lines += [f"**self-test:** {self.self_test_line()}", ""]
+        return "\n".join(lines)
+
+    def self_test_line(self) -> str:
+        st = self.self_test or {}
+        return (
+            f"Recall@1 {st.get('recall_at_1', 0):.3f}, Recall@5 {st.get('recall_at_5', 0):.3f},"
+            f" median error {st.get('median_error_m', 0):.0f} m"
+            f" ({st.get('k', 0)} views, {st.get('seconds', 0):.2f}s)"
         )
 
     def text(self) -> str:
@@ -68,5 +83,9 @@ class BuildReport:
             f"int8 drift:            {name}: mean cosine {value:.4f} vs fp32"
             for name, value in self.precision_drift.items()
         ]
+        if self.self_test:
+            lines.append(f"self_test:             {self.self_test_line()}")
+        if self.coverage_map:
+            lines.append(f"coverage_map:          {self.coverage_map}")
         lines += [f"warning:               {w}" for w in self.warnings]
         return "\n".join(lines)

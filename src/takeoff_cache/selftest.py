@@ -117,6 +117,78 @@ class SelfTestResult:
             "seconds": round(self.seconds, 3),
         }
 
+    def signed(self) -> dict[str, Any]:
+        """The figures a manifest signs: no timing (a property of the build machine, not
+        of the cache), and each query as one row of :data:`QUERY_COLUMNS`, for a map."""
+        return {
+            "k": self.k,
+            "recall_at_1": round(self.recall_at_1, 4),
+            "recall_at_5": round(self.recall_at_5, 4),
+            "median_error_m": round(self.median_error_m, 1),
+            "queries": [_query_row(q) for q in self.queries],
+        }
+
+
+# One self-test query in a manifest: its tile, the rank of the first hit (null: none
+# in the top 5), true and estimated positions, the top-1 tile, and how it was seen.
+QUERY_COLUMNS = (
+    "z",
+    "x",
+    "y",
+    "rank",
+    "lat",
+    "lon",
+    "estimate_lat",
+    "estimate_lon",
+    "found_x",
+    "found_y",
+    "rotation_deg",
+    "scale",
+)
+
+
+def _query_row(q: QueryOutcome) -> list[Any]:
+    z, x, y = q.tile
+    return [
+        z,
+        x,
+        y,
+        q.rank,
+        round(q.true[0], 7),
+        round(q.true[1], 7),
+        round(q.estimate[0], 7),
+        round(q.estimate[1], 7),
+        q.found[1],
+        q.found[2],
+        round(q.rotation_deg, 1),
+        round(q.scale, 3),
+    ]
+
+
+def queries_from_signed(rows: Any) -> list[QueryOutcome]:
+    """The queries a manifest's ``self_test.queries`` holds; rows of another shape are
+    skipped (the manifest's signature, not this reader, vouches for them)."""
+    out = []
+    for row in rows if isinstance(rows, list) else []:
+        try:
+            z, x, y, rank, lat, lon, elat, elon, fx, fy, rotation, scale = row
+            true, estimate = (float(lat), float(lon)), (float(elat), float(elon))
+            out.append(
+                QueryOutcome(
+                    (int(z), int(x), int(y)),
+                    None if rank is None else int(rank),
+                    true,
+                    estimate,
+                    haversine_m(*true, *estimate),
+                    (int(z), int(fx), int(fy)),
+                    float(rotation),
+                    float(scale),
+                )
+            )
+        except (TypeError, ValueError):
+            continue
+    return out
+
 
 def seed_of(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")

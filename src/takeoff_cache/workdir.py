@@ -62,6 +62,11 @@ def selections_dir(work: Path) -> Path:
     return work / "selections"
 
 
+def maps_dir(work: Path) -> Path:
+    """Coverage maps, one per cache root, redrawn by each build's self-test."""
+    return work / "maps"
+
+
 def checked_backbones_dir(work: Path) -> Path:
     """Markers of backbone graphs that passed their check (backbones.py)."""
     return work / "checked-backbones"

@@ -96,6 +96,8 @@ def run_build(raw: dict[str, Any], options: BuildOptions, verbose: bool) -> dict
         coverage=options.coverage,
         expires_in_s=options.expires_in_s,
         dask_address=options.dask_address,
+        self_test=options.self_test,
+        min_recall=options.min_recall,
     )
     # As a state: a soft failure is a Failed run, and an unexpected error is the
     # state's data rather than a traceback through Prefect's engine.

@@ -1,0 +1,135 @@
+"""The self-test phase: does the new index find drone-like views of its own tiles?
+
+Runs after the descriptors phase, on the index files it wrote to the work
+folder (the staged copies are byte for byte the same) and the
+place-recognition engine already compiled, before anything is signed: a
+Recall@1 below ``--min-recall`` ends the build with the previous cache in
+force. Imported by the flow only when a build has work to do.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from takeoff_cache import corpus
+from takeoff_cache.coverage_map import missing_tiles, write_coverage_map
+from takeoff_cache.descriptors.decode import decode_workers
+from takeoff_cache.descriptors.index import read_index
+from takeoff_cache.engines.store import EngineRecord
+from takeoff_cache.errors import DescriptorError
+from takeoff_cache.locate import Localizer, read_tile_map
+from takeoff_cache.manifest import Artifact
+from takeoff_cache.options import BuildOptions
+from takeoff_cache.selftest import SelfTestResult, min_recall, run_self_test
+from takeoff_cache.validate import ValidatedRequest
+from takeoff_cache.workdir import indexes_dir, maps_dir
+from takeoff_cache_prefect.tasks.build import untracked
+from takeoff_cache_prefect.tasks.engines import place_recognition_engine
+
+
+@dataclass(frozen=True)
+class SelfTested:
+    """What the phase hands on: figures for the report and for the manifest, the map."""
+
+    summary: dict[str, Any] | None = None  # the report's figures, with the phase's seconds
+    signed: dict[str, Any] | None = None  # the manifest's, with every query
+    coverage_map: str | None = None
+    failure_reason: str | None = None
+
+
+SKIPPED = SelfTested()
+
+
+def map_path(work_dir: Path, cache_root: Path) -> Path:
+    """The cache's coverage map in the work folder: one per cache root, redrawn by each build."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", str(cache_root)).strip("-.") or "cache"
+    folder = maps_dir(work_dir)
+    folder.mkdir(exist_ok=True)
+    return folder / f"{slug[-120:]}.png"
+
+
+def _localizer(
+    validated: ValidatedRequest, records: list[EngineRecord], index: Artifact, work_dir: Path
+) -> Localizer:
+    backbone, record = place_recognition_engine(validated, records)
+    runner = validated.backend.load(Path(record.store_path), backbone, backbone.output or "")
+    # The cache's index files are copies of these, under the same names.
+    folder = indexes_dir(work_dir)
+    try:
+        faiss_index = read_index(folder / PurePosixPath(index.path).name)
+    except RuntimeError as exc:  # faiss reports unreadable files as RuntimeError
+        raise DescriptorError(f"self-test: index {index.path} cannot be read: {exc}") from exc
+    tiles = read_tile_map(folder / PurePosixPath(str(index.fields["tile_map"])).name)
+    return Localizer(runner, backbone.input, faiss_index, tiles)
+
+
+def _draw(
+    validated: ValidatedRequest,
+    selection: corpus.TileSelection,
+    result: SelfTestResult,
+    path: Path,
+) -> Path:
+    req = validated.request
+    bbox = req.bbox.as_tuple()
+    tiles = [(t.z, t.x, t.y) for t in selection.tiles]
+    return write_coverage_map(
+        path,
+        bbox=bbox,
+        tiles=tiles,
+        missing=missing_tiles(bbox, req.zoom_levels, tiles),
+        queries=result.queries,
+        title=f"takeoff cache {req.cache_root.name}",
+        subtitle=(
+            f"self-test: Recall@1 {result.recall_at_1:.2f}, Recall@5 {result.recall_at_5:.2f},"
+            f" median error {result.median_error_m:.0f} m over {result.k} views"
+        ),
+    )
+
+
+def self_test(
+    validated: ValidatedRequest,
+    selection: corpus.TileSelection,
+    records: list[EngineRecord],
+    index_described: list[Artifact],
+    options: BuildOptions,
+    build_id: str,
+) -> SelfTested:
+    """The phase: skipped, with no task run, under ``--self-test 0``."""
+    if not options.self_test:
+        return SKIPPED
+    return self_test_task(
+        validated, untracked(selection), records, index_described, options, build_id
+    )
+
+
+@task(name="self_test", task_run_name="self_test", cache_policy=NO_CACHE, persist_result=False)
+def self_test_task(
+    validated: ValidatedRequest,
+    selection: corpus.TileSelection,
+    records: list[EngineRecord],
+    index_described: list[Artifact],
+    options: BuildOptions,
+    build_id: str,
+) -> SelfTested:
+    """Query ``options.self_test`` views of the new index, seeded by the build identity
+    (a re-run draws the same views); draw the coverage map into the work folder."""
+    index = next(a for a in index_described if a.kind == "faiss_index")
+    localizer = _localizer(validated, records, index, options.work_dir)
+    result = run_self_test(
+        localizer,
+        validated.request.corpus,
+        k=options.self_test,
+        seed=build_id,
+        workers=decode_workers(localizer.runner.on_accelerator),
+    )
+    drawn = _draw(
+        validated, selection, result, map_path(options.work_dir, validated.request.cache_root)
+    )
+    reason = min_recall(result, options.min_recall) if options.min_recall is not None else None
+    return SelfTested(result.summary(), result.signed(), str(drawn), reason)
