@@ -290,8 +290,8 @@ def test_the_state_file_refuses_a_restored_older_cache(
     assert result.code == 0, result.err
     assert signed_of(root)["signed"]["version"] == 2
     assert verify(capsys, root, "--state", str(state)).code == 0
-    seen = json.loads(state.read_text())["caches"][str((root / "cache").resolve())]
-    assert seen == {"version": 2}
+    lineage = signed_of(root)["signed"]["lineage"]
+    assert json.loads(state.read_text())["lineages"] == {lineage: {"version": 2}}
     shutil.rmtree(root / "cache")
     shutil.copytree(old_cache, root / "cache")
     assert verify(capsys, root).code == 0  # the old cache is intact and signed ...
