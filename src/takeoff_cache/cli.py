@@ -436,6 +436,39 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
+MAX_K = 100
+
+
+def cmd_locate(args: argparse.Namespace) -> int:
+    try:
+        return _locate(args)
+    except VerificationError as exc:
+        for problem in exc.problems:
+            print(f"takeoff-cache: locate: {_printable(problem)}", file=sys.stderr)
+        return exc.exit_code
+
+
+def _locate(args: argparse.Namespace) -> int:
+    from .keys import load_trust_store
+    from .locate import locate
+
+    if not 1 <= args.k <= MAX_K:
+        raise InvalidRequestError(f"k: {args.k} is outside [1, {MAX_K}]")
+    trusted = load_trust_store(args.trust)
+    found = locate(args.cache_root, args.images, trusted, k=args.k, backbones=args.backbones)
+    if args.json:
+        print(json.dumps([{**loc.to_json(), "ms": round(loc.seconds * 1000, 3)} for loc in found]))
+        return 0
+    for loc in found:
+        print(_printable(loc.image))
+        for rank, match in enumerate(loc.matches, 1):
+            print(f"  {rank:>2}  {match.zxy:<20} score {match.score:.4f}")
+        print(f"  best tile centre:   {loc.best[0]:.6f}, {loc.best[1]:.6f}")
+        print(f"  weighted estimate:  {loc.weighted[0]:.6f}, {loc.weighted[1]:.6f}")
+        print(f"  query:              {loc.seconds * 1000:.1f} ms")
+    return 0
+
+
 def cmd_demo_data(args: argparse.Namespace) -> int:
     from .demo import make_demo_data
 
@@ -551,6 +584,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="summarize a cache's manifest (does not verify)")
     p.add_argument("cache_root", type=Path, help="the cache folder to summarize")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("locate", help="which tiles of a cache an image shows, and where")
+    p.add_argument("cache_root", type=Path, help="the cache folder (verified before any query)")
+    p.add_argument("images", type=Path, nargs="+", metavar="IMAGE", help="JPEG, PNG or WebP")
+    p.add_argument(
+        "--trust", type=Path, required=True, help="trust store: public key file or folder (PEM)"
+    )
+    p.add_argument("--k", type=int, default=5, help="tiles to list per image (default: 5)")
+    p.add_argument(
+        "--backbones",
+        type=Path,
+        help="backbones TOML, if the manifest's engine lacks its input spec"
+        " (default: the one the build used)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON list of the answers")
+    p.set_defaults(func=cmd_locate)
 
     p = sub.add_parser("demo-data", help="generate demo inputs")
     p.add_argument("dir", type=Path, help="folder to write them to (created if missing)")
