@@ -184,7 +184,7 @@ def coverage_check(
 def commit_cache(
     validated: ValidatedRequest,
     manifest_bytes: bytes,
-    staged: list[str],
+    staged: list[tuple[str, str]],
     previous: Manifest | None,
     new_paths: set[str],
 ) -> list[str]:

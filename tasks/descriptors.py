@@ -263,12 +263,12 @@ def descriptors(
     records: list[EngineRecord],
     options: BuildOptions,
     staging: Path,
-) -> tuple[int, list[Artifact], list[str]]:
+) -> tuple[int, list[Artifact], list[tuple[str, str]]]:
     """The descriptors phase: embed (on a Dask cluster when one is named) what the
-    store lacks, run or take from Prefect's cache the index task, stage its files.
+    store lacks, run or take from Prefect's cache the index task.
 
-    Returns how many descriptors were computed, and the index's artifacts and
-    staged paths.
+    Returns how many descriptors were computed, the index's artifacts, and the
+    files the commit copies into the cache (cache path, work-folder file).
     """
     work_dir = options.work_dir
     spread = None
@@ -294,10 +294,7 @@ def descriptors(
             touch_index(Path(files.index_path), Path(files.map_path))
         _mark_space_used(work_dir, space)
     described = artifacts.index_artifacts(files, backbone.name, record.key, desc_key)
-    staged = [
-        artifacts.stage(Path(files.index_path), staging, described[0]),
-        artifacts.stage(Path(files.map_path), staging, described[1]),
-    ]
+    staged = [(described[0].path, files.index_path), (described[1].path, files.map_path)]
     # Descriptors embedded on the cluster were found stored by the index task.
     generated = result.generated + (spread.generated if spread else 0)
     return generated, described, staged

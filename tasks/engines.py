@@ -90,8 +90,9 @@ def compile_engine(
 @task(name="engines", task_run_name="engines", cache_policy=NO_CACHE, persist_result=False)
 def engines(
     validated: ValidatedRequest, work_dir: Path, staging: Path | None
-) -> tuple[list[EngineRecord], list[Artifact], list[str]]:
-    """Compile or reuse every backbone's engine; stage them when building a cache."""
+) -> tuple[list[EngineRecord], list[Artifact], list[tuple[str, str]]]:
+    """Compile or reuse every backbone's engine; when building a cache, describe them
+    and name the files the commit copies into it (cache path, source)."""
     req = validated.request
     records: list[EngineRecord] = []
     for backbone in validated.backbones:
@@ -108,16 +109,16 @@ def engines(
         if state.name == "Cached":
             record = EngineRecord(**{**record.__dict__, "built": False})
         records.append(record)
-    staged: list[str] = []
+    staged: list[tuple[str, str]] = []
     described: list[Artifact] = []
     if staging is not None:
         for record in records:
             artifact = artifacts.engine_artifact(record)
-            staged.append(artifacts.stage(Path(record.store_path), staging, artifact))
+            staged.append((artifact.path, record.store_path))
             described.append(artifact)
         if req.calibration is not None and validated.calibration_sha256:
             artifact = artifacts.calibration_artifact(req.calibration, validated.calibration_sha256)
-            staged.append(artifacts.stage(req.calibration, staging, artifact))
+            staged.append((artifact.path, str(req.calibration)))
             described.append(artifact)
     return records, described, staged
 

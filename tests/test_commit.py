@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from takeoff_cache.commit import commit, prepare_staging, recover, staging
+from takeoff_cache.errors import CacheIOError
 from takeoff_cache.keys import Signer, TrustedKey
 from takeoff_cache.layout import PENDING_MANIFEST, RETIRED_MANIFEST, STAGING_NAME
 from takeoff_cache.manifest import MANIFEST_NAME, Manifest
@@ -33,10 +34,27 @@ def trusted(signer: Signer) -> tuple[TrustedKey, ...]:
 
 
 def stage(root: Path, files: dict[str, bytes], signer: Signer, version: int) -> bytes:
-    """Prepare staging, place ``files`` in it and return the signed manifest listing them."""
+    """Prepare staging, place ``files`` in it and return the signed manifest listing them:
+    staging as a commit leaves it once it has copied the artifacts in."""
     staging = prepare_staging(root)
     write_files(staging, files)
     return manifest_for(staging, sorted(files), signer, version=version)
+
+
+def work_files(root: Path, files: dict[str, bytes]) -> list[tuple[str, str]]:
+    """Write ``files`` to a work folder beside ``root``: what commit copies from."""
+    work = root.parent / "work"
+    write_files(work, files)
+    return [(rel, str(work / rel)) for rel in sorted(files)]
+
+
+def prepared(
+    root: Path, files: dict[str, bytes], signer: Signer, version: int
+) -> tuple[bytes, list[tuple[str, str]]]:
+    """A fresh staging folder, and the signed manifest and sources of a build of ``files``."""
+    prepare_staging(root)
+    sources = work_files(root, files)
+    return manifest_for(root.parent / "work", sorted(files), signer, version=version), sources
 
 
 def build(
@@ -47,8 +65,8 @@ def build(
     version: int,
 ) -> list[str]:
     previous = verify_cache(root, list(trusted)) if (root / MANIFEST_NAME).exists() else None
-    data = stage(root, files, signer, version)
-    return commit(root, data, sorted(files), previous, set(files))
+    data, sources = prepared(root, files, signer, version)
+    return commit(root, data, sources, previous, set(files))
 
 
 @pytest.fixture
@@ -93,8 +111,8 @@ def test_commit_never_deletes_unknown_files(
 ) -> None:
     previous = check(first, trusted)
     (first / "index" / "operator-notes.txt").write_text("mine")
-    data = stage(first, SECOND, signer, 2)
-    commit(first, data, sorted(SECOND), previous, set(SECOND))
+    data, sources = prepared(first, SECOND, signer, 2)
+    commit(first, data, sources, previous, set(SECOND))
     assert (first / "index" / "operator-notes.txt").read_text() == "mine"
 
 
@@ -118,6 +136,35 @@ def test_staging_left_before_the_commit_point_leaves_the_previous_cache_in_force
     assert not (first / STAGING_NAME).exists()
     assert (first / MANIFEST_NAME).read_bytes() == before
     check(first, trusted)
+
+
+def test_the_pending_manifest_is_in_staging_before_any_artifact_is_copied(
+    first: Path, signer: Signer, trusted: tuple[TrustedKey, ...]
+) -> None:
+    previous = check(first, trusted)
+    data, sources = prepared(first, SECOND, signer, 2)
+    Path(sources[-1][1]).unlink()  # the second copy fails
+    with pytest.raises(CacheIOError, match="commit: cannot copy"):
+        commit(first, data, sources, previous, set(SECOND))
+    staging = first / STAGING_NAME
+    assert (staging / PENDING_MANIFEST).read_bytes() == data
+    assert (staging / sources[0][0]).is_file()
+    assert check(first, trusted).version == 1  # the pending manifest vouches for the copy
+
+
+def test_a_symlink_on_a_listed_path_is_replaced_by_the_commit(
+    first: Path, signer: Signer, trusted: tuple[TrustedKey, ...], tmp_path: Path
+) -> None:
+    previous = check(first, trusted)
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(FIRST[SHARED])
+    (first / SHARED).unlink()
+    (first / SHARED).symlink_to(outside)
+    data, sources = prepared(first, SECOND, signer, 2)
+    commit(first, data, sources, previous, set(SECOND))
+    assert not (first / SHARED).is_symlink()
+    assert outside.read_bytes() == FIRST[SHARED]
+    assert check(first, trusted).version == 2
 
 
 def kill_after_moving_artifacts(root: Path, signer: Signer) -> bytes:

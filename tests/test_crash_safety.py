@@ -66,13 +66,13 @@ DEFAULT_POINTS = (
     "store.compile",
     "store.rename",  # engine compiled to its temp file, not yet renamed into the store
     "store.record.write",  # engine in the store, its record (digest, key) not yet written
-    "fsutil.copy:2",  # one engine staged
     "descriptors.batch_stored",
     "descriptors.index_write",
     "descriptors.map_write",  # new index renamed into the work folder, its tile map not yet
     "commit.pending.write",  # manifest signed and coverage checked, nothing committed
     "commit.pending.rename",  # pending manifest written to its temp file, not yet renamed
-    "commit.move:1",  # pending manifest in staging, nothing moved
+    "fsutil.copy:2",  # pending manifest in staging, one artifact copied in beside it
+    "commit.move:1",  # every artifact copied into staging, nothing moved
     "commit.move:3",  # two artifacts moved into the cache root
     "commit.retire",  # every artifact moved, old manifest not yet kept
     "commit.switch",  # old manifest kept in staging, new one not yet in force

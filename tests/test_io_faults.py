@@ -87,7 +87,7 @@ def fail_at(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
             ["commit: cannot write", "Manifest.pending", ENOSPC],
             False,
         ),
-        ("fsutil.copy:1:ENOSPC", 1, ["engines:", ".staging", ENOSPC], False),
+        ("fsutil.copy:1:ENOSPC", 1, ["commit: cannot copy", ".staging", ENOSPC], False),
         ("commit.move:2:EIO", 1, ["commit: cannot move", EIO], False),
         ("commit.switch:ENOSPC", 1, ["commit: cannot rename", "Manifest.json", ENOSPC], False),
         ("commit.delete:1:EIO", 1, ["commit: cannot delete", EIO], True),

@@ -12,6 +12,7 @@ import pytest
 
 from takeoff_cache import faults
 from takeoff_cache.errors import VerificationError
+from takeoff_cache.fsutil import temp_path
 from takeoff_cache.keys import Signer, TrustedKey
 from takeoff_cache.layout import LOCK_NAME, PENDING_MANIFEST, RETIRED_MANIFEST, STAGING_NAME
 from takeoff_cache.manifest import MANIFEST_NAME, Manifest, sign_manifest
@@ -392,18 +393,23 @@ def test_a_pending_manifest_signed_by_another_trusted_key_also_vouches(
     verify_cache(cache, trust_for(signer, other))
 
 
+UNTRUSTED_PENDING = (
+    f"{STAGING_NAME}/{PENDING_MANIFEST}: not a manifest of this cache signed by a trusted key"
+)
+
+
 def test_a_pending_manifest_by_an_untrusted_key_does_not_vouch(
     cache: Path, trusted: list[TrustedKey]
 ) -> None:
     pending_listing_new(cache, new_signer())
-    assert problems_of(cache, trusted) == [f"{NEW}: not listed in the manifest"]
+    assert problems_of(cache, trusted) == [f"{NEW}: not listed in the manifest", UNTRUSTED_PENDING]
 
 
 def test_an_old_signed_manifest_dropped_into_staging_vouches_for_nothing(
     cache: Path, signer: Signer, trusted: list[TrustedKey]
 ) -> None:
     pending_listing_new(cache, signer, version=1)
-    assert problems_of(cache, trusted) == [f"{NEW}: not listed in the manifest"]
+    assert problems_of(cache, trusted) == [f"{NEW}: not listed in the manifest", UNTRUSTED_PENDING]
 
 
 def test_a_symlink_inside_staging_fails_verification(
@@ -442,3 +448,82 @@ def test_a_pending_manifest_does_not_excuse_a_tampered_listed_artifact(
     (cache / INDEX).write_bytes(b"tampered")
     problems = problems_of(cache, trusted)
     assert names(problems, INDEX) and not names(problems, NEW)
+
+
+def test_a_stray_file_in_staging_fails(cache: Path, trusted: list[TrustedKey]) -> None:
+    (cache / STAGING_NAME / "engines").mkdir(parents=True)
+    (cache / STAGING_NAME / "engines" / "extra.onnx").write_bytes(b"rides along")
+    assert problems_of(cache, trusted) == [
+        f"{STAGING_NAME}/engines/extra.onnx: not vouched for by a signed manifest in {STAGING_NAME}"
+    ]
+
+
+def staged_copy(cache: Path, signer: Signer) -> Path:
+    """A pending manifest listing NEW, and NEW's copy in staging (not yet moved)."""
+    pending_listing_new(cache, signer)
+    staged = cache / STAGING_NAME / NEW
+    staged.parent.mkdir(parents=True)
+    os.replace(cache / NEW, staged)
+    return staged
+
+
+def test_a_copy_in_staging_vouched_for_by_the_pending_manifest_is_accepted(
+    cache: Path, signer: Signer, trusted: list[TrustedKey]
+) -> None:
+    staged_copy(cache, signer)
+    verify_cache(cache, trusted)
+
+
+def test_a_copy_in_staging_that_differs_from_the_pending_manifest_fails(
+    cache: Path, signer: Signer, trusted: list[TrustedKey]
+) -> None:
+    staged = staged_copy(cache, signer)
+    data = bytearray(staged.read_bytes())
+    data[0] ^= 0x01
+    staged.write_bytes(bytes(data))
+    assert problems_of(cache, trusted) == [
+        f"{STAGING_NAME}/{NEW}: not vouched for by a signed manifest in {STAGING_NAME}"
+    ]
+
+
+def test_staging_files_vouched_for_by_nothing_fail_without_a_pending_manifest(
+    cache: Path, signer: Signer, trusted: list[TrustedKey]
+) -> None:
+    staged_copy(cache, signer)
+    (cache / STAGING_NAME / PENDING_MANIFEST).unlink()
+    assert names(problems_of(cache, trusted), f"{STAGING_NAME}/{NEW}")
+
+
+@pytest.mark.parametrize(("cut", "accepted"), [(10, True), (0, True), (-1, False)])
+def test_an_interrupted_copy_in_staging_is_accepted_only_if_no_larger_than_the_artifact(
+    cache: Path, signer: Signer, trusted: list[TrustedKey], cut: int, accepted: bool
+) -> None:
+    staged = staged_copy(cache, signer)
+    data = staged.read_bytes()
+    temp = temp_path(staged)
+    temp.write_bytes(data[: len(data) - cut] if cut >= 0 else data + b"x")
+    staged.unlink()
+    if accepted:
+        verify_cache(cache, trusted)
+    else:
+        assert names(problems_of(cache, trusted), temp.name)
+
+
+def test_a_written_but_not_renamed_pending_manifest_is_accepted_only_when_signed(
+    cache: Path, signer: Signer, trusted: list[TrustedKey]
+) -> None:
+    pending_listing_new(cache, signer)
+    (cache / NEW).unlink()
+    pending = cache / STAGING_NAME / PENDING_MANIFEST
+    temp = temp_path(pending)
+    os.replace(pending, temp)
+    verify_cache(cache, trusted)
+    temp.write_bytes(temp.read_bytes()[:-10])
+    assert names(problems_of(cache, trusted), temp.name)
+
+
+def test_a_lock_file_with_content_fails(cache: Path, trusted: list[TrustedKey]) -> None:
+    (cache / LOCK_NAME).write_bytes(b"hidden cargo")
+    assert problems_of(cache, trusted) == [
+        f"{LOCK_NAME}: holds 12 bytes; the lock file is always empty"
+    ]

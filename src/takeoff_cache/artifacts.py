@@ -11,7 +11,6 @@ from pathlib import Path
 
 from .descriptors.index import METRIC, IndexFiles
 from .engines.store import EngineRecord
-from .fsutil import copy_file
 from .manifest import Artifact
 
 ENGINES_DIR = "engines"
@@ -74,15 +73,3 @@ def calibration_artifact(path: Path, sha256: str) -> Artifact:
     return Artifact(
         f"calibration/{sha256[:12]}.{path.name}", "calibration", path.stat().st_size, sha256, {}
     )
-
-
-def stage(source: Path, staging: Path, artifact: Artifact) -> str:
-    """Place a copy of ``source`` at the artifact's path inside staging; return that path.
-
-    Every cache gets its own copy (a copy-on-write clone where the file system
-    offers one): a file damaged in one cache never damages another cache built
-    from the same work folder, nor the work folder's store, nor the operator's
-    original (a calibration file).
-    """
-    copy_file(source, staging / artifact.path)
-    return artifact.path

@@ -3,7 +3,10 @@
 Order of operations, each step durable (fsync) before the next:
 
 1. the signed new manifest is written to ``.staging/Manifest.pending.json``;
-2. new artifacts move from ``.staging/`` to their final paths;
+   only then are the artifacts copied from the work folder into ``.staging/``,
+   so that nothing is ever in staging that a signed manifest there does not
+   list with its digest (an interrupted copy excepted, see verify.py);
+2. the artifacts move from ``.staging/`` to their final paths;
 3. the current manifest is kept as ``.staging/Manifest.previous.json``;
 4. ``Manifest.json`` is replaced by the pending one in one ``rename`` — the commit point;
 5. files only the previous manifest listed are deleted; 6. staging is removed.
@@ -28,7 +31,7 @@ from pathlib import Path
 
 from .errors import CacheIOError, VerificationError
 from .faults import checkpoint
-from .fsutil import atomic_write_bytes, fsync_dir
+from .fsutil import atomic_write_bytes, copy_file, fsync_dir
 from .keys import TrustedKey
 from .layout import MANIFEST_NAME, PENDING_MANIFEST, RETIRED_MANIFEST, STAGING_NAME
 from .manifest import Manifest, verify_manifest_bytes
@@ -122,19 +125,29 @@ def staging(cache_root: Path, trusted: tuple[TrustedKey, ...]) -> Iterator[Path]
 def commit(
     cache_root: Path,
     manifest_bytes: bytes,
-    staged: list[str],
+    staged: list[tuple[str, str]],
     previous: Manifest | None,
     new_paths: set[str],
 ) -> list[str]:
-    """Make the staged build the cache; return the paths only the old manifest had (deleted)."""
+    """Make the new build the cache; return the paths only the old manifest had (deleted).
+
+    ``staged``: (path in the cache, file to copy there) for every artifact.
+    """
     staging = staging_dir(cache_root)
     pending = staging / PENDING_MANIFEST
     with _step(f"write {pending}"):
         atomic_write_bytes(pending, manifest_bytes, point="commit.pending")
+    # Every cache gets its own copy (a copy-on-write clone where the file system
+    # offers one): a file damaged in one cache never damages another cache built
+    # from the same work folder, nor the store, nor the operator's calibration file.
+    for rel, source in staged:
+        with _step(f"copy {source} to {staging / rel}"):
+            copy_file(Path(source), staging / rel)
     touched: set[Path] = set()
     # Artifact names carry their content key, so a staged file that lands on an
     # existing path replaces it with the same bytes: the old manifest stays true.
-    for rel in staged:
+    # A symlink or special file squatting on a listed path is replaced, not followed.
+    for rel, _ in staged:
         dst = cache_root / rel
         with _step(f"move {staging / rel} to {dst}"):
             dst.parent.mkdir(parents=True, exist_ok=True)

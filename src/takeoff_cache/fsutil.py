@@ -81,6 +81,13 @@ def is_temp_name(name: str) -> bool:
     return name.startswith(".") and _TEMP_MARK in name
 
 
+def temp_target(name: str) -> str | None:
+    """The name that the :func:`temp_path` name ``name`` was to become; None for other names."""
+    if not is_temp_name(name):
+        return None
+    return name[1:].rsplit(_TEMP_MARK, 1)[0] or None
+
+
 @contextmanager
 def atomic_output(
     path: Path, *, point: str | None = None, read_only: bool = False

@@ -13,7 +13,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, cast
 
 from .errors import VerificationError
-from .fsutil import atomic_write_bytes, sha256_file
+from .fsutil import atomic_write_bytes, sha256_file, temp_target
 from .keys import TrustedKey
 from .layout import (
     LOCK_NAME,
@@ -152,43 +152,96 @@ def _artifact_problem(root: Path, artifact: Artifact) -> str | None:
     return None
 
 
-def _vouched_in_staging(root: Path, trusted: list[TrustedKey], version: int) -> dict[str, Artifact]:
-    """Artifacts of the signed manifest next to, or just before, the current one.
+def _staging_manifests(root: Path, trusted: list[TrustedKey], version: int) -> dict[str, Manifest]:
+    """The signed manifests in staging that a commit in progress can have left, by name.
 
-    Only the one version a commit in progress can leave behind counts: the
-    pending manifest is the current version + 1, the retired one the current
-    version - 1. An older signed manifest dropped into staging vouches for nothing.
+    Only what a commit leaves counts: the pending manifest is the current version
+    + 1; the retired one is the current manifest itself (kept, not yet replaced)
+    or, past the commit point, the version - 1. An older signed manifest dropped
+    into staging vouches for nothing.
     """
-    vouched: dict[str, Artifact] = {}
-    for name, expected in ((PENDING_MANIFEST, version + 1), (RETIRED_MANIFEST, version - 1)):
-        path = root / STAGING_NAME / name
-        try:
-            other = verify_manifest_bytes(path.read_bytes(), trusted, check_expiry=False)
-        except (OSError, VerificationError):
-            continue
-        if other.version == expected:
-            vouched.update({a.path: a for a in other.artifacts})
-    return vouched
+    found = {}
+    for name, expected in (
+        (PENDING_MANIFEST, {version + 1}),
+        (RETIRED_MANIFEST, {version, version - 1}),
+    ):
+        other = _signed_manifest(root / STAGING_NAME / name, trusted, expected)
+        if other is not None:
+            found[name] = other
+    return found
 
 
-def _reserved_problems(root: Path) -> list[str]:
-    """The lock file and staging folder are never read by the vehicle, but they may
-    not hide a symlink or a special file either."""
-    problems = []
-    lock = root / LOCK_NAME
-    if lock.is_symlink() or (lock.exists() and not lock.is_file()):
-        problems.append(f"{LOCK_NAME}: not a regular file")
+def _signed_manifest(path: Path, trusted: list[TrustedKey], versions: set[int]) -> Manifest | None:
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None
+        other = verify_manifest_bytes(path.read_bytes(), trusted, check_expiry=False)
+    except (OSError, VerificationError):
+        return None
+    return other if other.version in versions else None
+
+
+def _staging_problems(
+    root: Path, trusted: list[TrustedKey], version: int, manifests: dict[str, Manifest]
+) -> list[str]:
+    """Every entry of ``.staging/`` must be accounted for by a signed manifest there.
+
+    A file passes when it is one of those manifests, or a copy of an artifact one
+    of them lists (same size and SHA-256), or the temporary file of such a copy
+    cut short (no larger than the artifact) or of such a manifest (complete and
+    signed): what a build killed mid-commit leaves, and nothing else.
+    """
     staging = root / STAGING_NAME
     if staging.is_symlink() or (staging.exists() and not staging.is_dir()):
-        problems.append(f"{STAGING_NAME}: not a folder")
-    elif staging.is_dir():
-        for dirpath, dirnames, filenames in os.walk(staging):
-            for name in dirnames + filenames:
-                full = Path(dirpath) / name
-                mode = os.lstat(full).st_mode
-                if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-                    problems.append(f"{full.relative_to(root).as_posix()}: not a regular file")
+        return [f"{STAGING_NAME}: not a folder"]
+    if not staging.is_dir():
+        return []
+    vouched = {a.path: a for m in manifests.values() for a in m.artifacts}
+    versions = {PENDING_MANIFEST: {version + 1}, RETIRED_MANIFEST: {version, version - 1}}
+    problems = []
+    for dirpath, dirnames, filenames in os.walk(staging):
+        for name in sorted(dirnames + filenames):
+            full = Path(dirpath) / name
+            shown = full.relative_to(root).as_posix()
+            rel = full.relative_to(staging).as_posix()
+            st = os.lstat(full)
+            if stat.S_ISDIR(st.st_mode):
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                problems.append(f"{shown}: not a regular file")
+                continue
+            if rel in versions:
+                if rel not in manifests:
+                    problems.append(
+                        f"{shown}: not a manifest of this cache signed by a trusted key"
+                    )
+                continue
+            artifact = vouched.get(rel)
+            if artifact is not None and _check_artifact(staging, artifact) is None:
+                continue
+            target = temp_target(name)
+            if target is not None:
+                meant = (Path(rel).parent / target).as_posix()
+                if meant in vouched and st.st_size <= vouched[meant].size:
+                    continue  # a copy cut short
+                if meant in versions and _signed_manifest(full, trusted, versions[meant]):
+                    continue  # written and signed, not yet renamed
+            problems.append(f"{shown}: not vouched for by a signed manifest in {STAGING_NAME}")
     return problems
+
+
+def _lock_problems(root: Path) -> list[str]:
+    """The lock file is only ever locked, never written: it may hide nothing."""
+    lock = root / LOCK_NAME
+    try:
+        st = os.lstat(lock)
+    except FileNotFoundError:
+        return []
+    if not stat.S_ISREG(st.st_mode):
+        return [f"{LOCK_NAME}: not a regular file"]
+    if st.st_size:
+        return [f"{LOCK_NAME}: holds {st.st_size} bytes; the lock file is always empty"]
+    return []
 
 
 def engine_host_problem(manifest: Manifest, host: dict[str, Any]) -> str | None:
@@ -246,14 +299,16 @@ def verify_cache(
     listed = {a.path for a in manifest.artifacts}
     entries = walk_cache(root)
     unlisted = [p for p in entries.files if p not in listed]
+    manifests = _staging_manifests(root, trusted, manifest.version)
     if unlisted:
-        vouched = _vouched_in_staging(root, trusted, manifest.version)
+        vouched = {a.path: a for m in manifests.values() for a in m.artifacts}
         for rel in unlisted:
             other = vouched.get(rel)
             if other is None or _check_artifact(root, other) is not None:
                 problems.append(f"{rel}: not listed in the manifest")
     problems += [f"{rel}: not a regular file (symlink or special file)" for rel in entries.others]
-    problems += _reserved_problems(root)
+    problems += _lock_problems(root)
+    problems += _staging_problems(root, trusted, manifest.version, manifests)
     if host is not None and (problem := engine_host_problem(manifest, host)):
         problems.append(problem)
     if problems:
