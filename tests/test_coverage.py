@@ -57,12 +57,28 @@ def test_a_symlink_is_reported_as_not_a_regular_file(root: Path) -> None:
     assert check_coverage(root, NEW, OLD) == ["index/link.faiss (not a regular file)"]
 
 
-def test_a_listed_path_that_is_a_symlink_is_still_reported(root: Path) -> None:
+def test_a_symlink_on_a_path_the_new_manifest_lists_is_left_for_the_commit_to_replace(
+    root: Path,
+) -> None:
     target = root / "index" / "vpr.new.faiss"
     outside = root.parent / "outside.faiss"
     target.rename(outside)
     target.symlink_to(outside)
-    assert check_coverage(root, NEW, OLD) == ["index/vpr.new.faiss (not a regular file)"]
+    assert check_coverage(root, NEW, OLD) == []
+
+
+def test_a_symlink_on_a_path_only_the_old_manifest_lists_is_reported(root: Path) -> None:
+    target = root / "index" / "vpr.old.faiss"
+    target.unlink()
+    target.symlink_to(root / "index" / "vpr.new.faiss")
+    assert check_coverage(root, NEW, OLD) == ["index/vpr.old.faiss (not a regular file)"]
+
+
+def test_a_symlinked_folder_above_a_listed_path_is_reported(root: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    (root / "index").rename(outside)
+    (root / "index").symlink_to(outside, target_is_directory=True)
+    assert check_coverage(root, NEW, OLD) == ["index (not a regular file)"]
 
 
 def test_a_dangling_symlink_is_reported(root: Path) -> None:
