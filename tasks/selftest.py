@@ -82,7 +82,8 @@ def _draw(
         path,
         bbox=bbox,
         tiles=tiles,
-        missing=missing_tiles(bbox, req.zoom_levels, tiles),
+        missing=missing_tiles(bbox, req.zoom_levels, tiles, area=req.area),
+        area=req.area,
         queries=result.queries,
         title=f"takeoff cache {req.cache_root.name}",
         subtitle=(

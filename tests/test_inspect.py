@@ -147,3 +147,18 @@ def test_a_manifest_that_is_a_fifo_is_refused_without_blocking(
     )
     assert done.returncode == 7, done.stderr
     assert len(done.stderr.splitlines()) == 1, done.stderr
+
+
+def test_png_of_a_cache_without_a_tile_map_is_one_line(
+    capsys: pytest.CaptureFixture[str], cache: Path, tmp_path: Path
+) -> None:
+    result = run_cli(capsys, "inspect", str(cache), "--png", str(tmp_path / "map.png"))
+    assert_inspect_refused(result, 7, "tile maps")
+    assert not (tmp_path / "map.png").exists()
+
+
+def test_png_into_a_missing_folder_is_refused(
+    capsys: pytest.CaptureFixture[str], cache: Path, tmp_path: Path
+) -> None:
+    result = run_cli(capsys, "inspect", str(cache), "--png", str(tmp_path / "no" / "map.png"))
+    assert_inspect_refused(result, 2, "does not exist")

@@ -63,6 +63,18 @@ def test_the_report_and_the_manifest_carry_the_figures_and_a_rerun_repeats_them(
     assert "**self-test:** Recall@1" in filed.data
     assert "![coverage map](data:image/png;base64," in filed.data
 
+    # inspect draws the same map from the cache alone: its tile map and the signed queries.
+    drawn = tmp_path / "inspected.png"
+    inspected = run_cli(capsys, "inspect", str(demo.cache), "--png", str(drawn))
+    assert inspected.code == 0, inspected.err
+    assert f"coverage map:   {drawn}" in inspected.out
+    assert f"Recall@1 {figures['recall_at_1']}" in inspected.out
+    with Image.open(drawn) as image:
+        assert image.format == "PNG"
+        assert 800 <= image.width <= 2000 and 400 <= image.height <= 2000
+        colours = {c for _, c in image.convert("RGB").getcolors(1 << 20) or []}
+    assert (0, 150, 60) in colours or (213, 40, 40) in colours  # hits or misses drawn
+
     # The same inputs in another cache root and work folder: the same build identity,
     # so the same views and the same figures.
     again = Demo(Path(shutil.copytree(demo.root, tmp_path / "again")), tmp_path / "work-again")

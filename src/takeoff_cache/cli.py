@@ -359,7 +359,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     try:
-        lines = _inspect(args.cache_root)
+        lines = _inspect(args.cache_root, args.png)
     except TakeoffCacheError as exc:
         problems = exc.problems if isinstance(exc, VerificationError) else [str(exc)]
         for problem in problems:
@@ -369,8 +369,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _inspect(cache_root: Path) -> list[str]:
-    """The summary of a cache's manifest, read through the parser ``verify`` uses."""
+def _inspect(cache_root: Path, png: Path | None = None) -> list[str]:
+    """The summary of a cache's manifest, read through the parser ``verify`` uses;
+    with ``png``, its coverage map drawn there too."""
     import stat
 
     from .layout import MANIFEST_NAME
@@ -412,9 +413,58 @@ def _inspect(cache_root: Path) -> list[str]:
         "artifacts:",
         *(f"  {a.kind[:12]:12} {a.size:>12,}  {a.path}" for a in manifest.artifacts),
         "signatures:     " + ", ".join(keyid[:16] for keyid in manifest.keyids),
-        "(inspect does not verify; run 'takeoff-cache verify')",
     ]
+    test = _object(signed.get("self_test"))
+    if test:
+        lines.append(f"self-test:      {_self_test_text(test)}")
+    if png is not None:
+        _inspect_png(cache_root, manifest, png)
+        lines.append(f"coverage map:   {png}")
+    lines.append("(inspect does not verify; run 'takeoff-cache verify')")
     return lines
+
+
+def _inspect_png(cache_root: Path, manifest: Any, png: Path) -> None:
+    """The coverage map of a cache: its area, the tiles of its tile map, the tiles the
+    area needs that the corpus lacked, and each signed self-test query as a hit or miss."""
+    from .coverage_map import missing_tiles, write_coverage_map
+    from .locate import read_tile_map
+    from .selftest import queries_from_signed
+
+    if not png.parent.is_dir():
+        raise InvalidRequestError(f"png: folder {png.parent} does not exist")
+    signed = manifest.signed
+    request = _object(signed.get("request"))
+    try:
+        lat_min, lon_min, lat_max, lon_max = (float(v) for v in request["bbox"])
+        zooms = [int(z) for z in request["zoom_levels"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise VerificationError(f"request: unreadable bbox or zoom levels ({exc})") from None
+    maps = [a for a in manifest.artifacts if a.kind == "tile_map"]
+    if len(maps) != 1:
+        raise VerificationError(f"the manifest lists {len(maps)} tile maps, expected 1")
+    tiles = read_tile_map(cache_root / maps[0].path)
+    bbox = (lat_min, lon_min, lat_max, lon_max)
+    area = request.get("area") if isinstance(request.get("area"), dict) else None
+    test = _object(signed.get("self_test"))
+    subtitle = f"signed self-test: {_self_test_text(test)}" if test else "no self-test recorded"
+    write_coverage_map(
+        png,
+        bbox=bbox,
+        tiles=tiles,
+        missing=missing_tiles(bbox, zooms, tiles, area=area),
+        area=area,
+        queries=queries_from_signed(test.get("queries")),
+        title=f"takeoff cache {cache_root.resolve().name}, version {signed['version']}",
+        subtitle=_printable(subtitle),
+    )
+
+
+def _self_test_text(test: dict[str, Any]) -> str:
+    return (
+        f"Recall@1 {_shown(test.get('recall_at_1'))}, Recall@5 {_shown(test.get('recall_at_5'))},"
+        f" median error {_shown(test.get('median_error_m'))} m over {_shown(test.get('k'))} views"
+    )
 
 
 def _object(value: Any) -> dict[str, Any]:
@@ -583,6 +633,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="summarize a cache's manifest (does not verify)")
     p.add_argument("cache_root", type=Path, help="the cache folder to summarize")
+    p.add_argument(
+        "--png",
+        type=Path,
+        metavar="FILE",
+        help="also draw its coverage map there: area, tiles, self-test hits and misses",
+    )
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("locate", help="which tiles of a cache an image shows, and where")

@@ -44,9 +44,16 @@ def missing_tiles(
     bbox: tuple[float, float, float, float],
     zoom_levels: Iterable[int],
     present: Iterable[TileKey],
+    *,
+    area: dict[str, Any] | None = None,
 ) -> list[TileKey]:
-    """Tiles intersecting ``bbox`` at ``zoom_levels`` that are not in ``present``."""
+    """Tiles the request needs at ``zoom_levels`` that are not in ``present``: those
+    intersecting ``area`` when there is one (as select takes them), else ``bbox``."""
     have = set(present)
+    if area is not None:
+        from .area import tiles_for_area  # shapely loads only for requests with an area
+
+        return [t for t in tiles_for_area(area, zoom_levels) if t not in have]
     out = []
     for z in zoom_levels:
         x0, x1, y0, y1 = tile_range(bbox, z)
