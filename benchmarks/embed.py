@@ -57,6 +57,7 @@ os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
 from takeoff_cache import corpus as corpus_mod  # noqa: E402
 from takeoff_cache.backbones import Backbone, load_backbones, place_recognition  # noqa: E402
 from takeoff_cache.demo import DemoInputs, make_demo_data  # noqa: E402
+from takeoff_cache.demo.models import VPR_DIM  # noqa: E402
 from takeoff_cache.descriptors import decode, pipeline  # noqa: E402
 from takeoff_cache.descriptors.index import write_index  # noqa: E402
 from takeoff_cache.descriptors.store import DescriptorStore, descriptor_space  # noqa: E402
@@ -586,7 +587,7 @@ def section_memory(args: argparse.Namespace) -> dict[str, Any]:
             log(f"memory: cold build of {demo.tile_count} tiles ...")
             report, peak_kib = build(demo, Path(tmp_name) / "work")
             fresh_cache(demo)
-        index_mib = report["tiles"] * 336 * 4 / 2**20  # demo VPR: 336-d float32, flat index
+        index_mib = report["tiles"] * VPR_DIM * 4 / 2**20  # demo VPR: float32, flat index
         out[str(tiles)] = {
             "tiles": report["tiles"],
             "peak_rss_mib": round(peak_kib / 1024, 1),

@@ -15,6 +15,15 @@ it. Then, per backbone:
   with the other perturbations as in the self-test: a table.
 
 Ends with one JSON line of figures.
+
+Measured (320 tiles, 200 views, 2 shared cores under load): the demo backbone,
+heading-invariant histograms, Recall@1 0.77, Recall@5 0.925, median error 59 m
+at any heading (0.77 / 0.90 / 52 m with the heading known to 15 degrees), flat
+across rotation; 0.85 / 0.94 at scale 0.85-1.0, 0.53-0.65 / 0.78-0.88 at the
+ends of the range (a z17 view at 0.7 looks like its z16 parent at 1.4). The
+weak backbone: 0.075 / 0.225 / 1338 m. The self-test took 5.2% of the demo's
+cold build wall time. The north-up Gabor grid the demo used before reached
+0.145 / 0.275 / 1366 m at any heading, 0.525 with the heading known.
 """
 
 from __future__ import annotations

@@ -249,6 +249,34 @@ def test_vpr_retrieves_perturbed_tiles(corpus: CorpusLayout, vpr: Path) -> None:
     assert accuracy >= 0.95, f"top-1 retrieval {accuracy:.1%} over {len(rows)} tiles"
 
 
+def test_vpr_descriptor_ignores_the_heading(corpus: CorpusLayout, vpr: Path) -> None:
+    session = _session(vpr)
+    rows = _rows(corpus.path)[:40]
+    tiles = np.stack([_decode(d) for *_, d in rows])
+    # Quarter turns move every pixel exactly. An oblique turn resamples them and
+    # leaves blank corners, so there both sides are the centre 176 px of the tile.
+    turned = [np.ascontiguousarray(np.rot90(tiles, k, axes=(2, 3))) for k in (1, 2, 3)]
+
+    def centre(data: bytes, angle: float) -> np.ndarray:
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        return _normalise(image.rotate(angle, Image.Resampling.BILINEAR).crop((40, 40, 216, 216)))
+
+    upright = np.stack([centre(d, 0.0) for *_, d in rows])
+    oblique = np.stack([centre(d, 37.0) for *_, d in rows])
+
+    def embed(batch: np.ndarray) -> np.ndarray:
+        (d,) = session.run(None, {"image": batch})
+        unit: np.ndarray = d / np.linalg.norm(d, axis=1, keepdims=True)
+        return unit
+
+    database = embed(tiles)
+    for view in turned:
+        same = (embed(view) * database).sum(axis=1)
+        assert same.min() > 0.99
+    nearest = (embed(oblique) @ embed(upright).T).argmax(axis=1)
+    assert float((nearest == np.arange(len(rows))).mean()) >= 0.9
+
+
 def test_keypoints_model_runs(tmp_path: Path) -> None:
     path = tmp_path / "keypoints.onnx"
     build_keypoints_model(path, SIZE)

@@ -24,6 +24,7 @@ from prefect.artifacts import Artifact
 
 from takeoff_cache.backbones import Backbone, InputSpec, load_backbones, place_recognition
 from takeoff_cache.corpus import TileSelection, open_corpus, select_tiles
+from takeoff_cache.demo.models import VPR_DIM
 from takeoff_cache.demo.synthetic import render_tile, replace_tile_bytes
 from takeoff_cache.descriptors import decode, pipeline
 from takeoff_cache.descriptors.index import write_index
@@ -178,7 +179,7 @@ def test_parallel_inference_streams_store_what_one_stream_stores(
     result = embed(vpr, corpus, many, batch_size=8, streams=max(2, vpr.streams), workers=3)
     assert (result.generated, result.reused) == (80, 0)
     shas = [t.sha256 for t in vpr.select(corpus).tiles]
-    a, b = one.get(vpr.space, shas, 336), many.get(vpr.space, shas, 336)
+    a, b = one.get(vpr.space, shas, VPR_DIM), many.get(vpr.space, shas, VPR_DIM)
     assert set(a) == set(b) == set(shas)
     for sha in shas:
         np.testing.assert_allclose(a[sha], b[sha], atol=1e-6)
@@ -382,17 +383,17 @@ def test_store_never_serves_a_damaged_vector(vpr: Vpr, corpus: Path, tmp_path: P
     shas = [t.sha256 for t in vpr.select(corpus).tiles[:4]]
     db = sqlite3.connect(path)
     damage = [
-        np.full(336, np.nan, np.float32).tobytes(),
+        np.full(VPR_DIM, np.nan, np.float32).tobytes(),
         b"abc",
-        np.full(336, 3.0, np.float32).tobytes(),  # finite, not unit length
-        "x" * 4 * 336,  # text of a vector's length, not a vector
+        np.full(VPR_DIM, 3.0, np.float32).tobytes(),  # finite, not unit length
+        "x" * 4 * VPR_DIM,  # text of a vector's length, not a vector
     ]
     with db:
         for sha, blob in zip(shas, damage, strict=True):
             db.execute("UPDATE vectors SET vector = ? WHERE tile = ?", (blob, bytes.fromhex(sha)))
     db.close()
     store = DescriptorStore(path)
-    assert store.get(vpr.space, shas, 336) == {}
+    assert store.get(vpr.space, shas, VPR_DIM) == {}
     # A rebuild looks rows up by key only: the damage is found when the index reads
     # the vectors, and those tiles are embedded again.
     assert store.missing(vpr.space, shas) == set()
@@ -408,7 +409,7 @@ def test_store_never_serves_a_damaged_vector(vpr: Vpr, corpus: Path, tmp_path: P
     )
     assert files is not None
     assert (result.generated, result.reused) == (4, 76)
-    assert set(store.get(vpr.space, shas, 336)) == set(shas)
+    assert set(store.get(vpr.space, shas, VPR_DIM)) == set(shas)
     index = faiss.read_index(files.index_path)
     vectors = index.reconstruct_n(0, index.ntotal)
     assert np.all(np.isfinite(vectors))
@@ -487,7 +488,7 @@ def test_store_survives_a_killed_embedding_run(vpr: Vpr, corpus: Path, tmp_path:
         pixels = np.stack([decode_tile(c.read(t.z, t.x, t.y), vpr.backbone.input) for t in tiles])
     fresh = l2_normalize(vpr.run(Normalizer.for_spec(vpr.backbone.input)(pixels)))
     got = np.stack(list(stored.values()))
-    assert got.shape == fresh.shape == (len(stored), 336)
+    assert got.shape == fresh.shape == (len(stored), VPR_DIM)
     np.testing.assert_allclose(got, fresh, atol=1e-5)
     # The next run picks up where the killed one stopped.
     result = embed(vpr, corpus, store)

@@ -1,5 +1,6 @@
-"""The self-test on real demo caches: the demo backbone localizes its views, the weak one
-does not, and an index whose rows no longer match its tile map fails the gate."""
+"""The self-test on real demo caches: the demo backbone localizes its views at any
+heading, the weak one does not, and an index whose rows no longer match its tile map
+fails the gate."""
 
 from __future__ import annotations
 
@@ -28,10 +29,9 @@ from ._caches import artifact_path, build_demo_cache, localizer_of, replace_and_
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 SEED = "self-test tests"
-# A drone that knows its heading to within 15 degrees (compass): the demo
-# backbone's descriptor is laid out on a north-up grid, so any angle defeats it.
-HEADING_KNOWN = ViewJitter(max_rotation_deg=15.0)
 ANY_ANGLE = ViewJitter()
+# A drone that knows its heading to within 15 degrees (compass).
+HEADING_KNOWN = ViewJitter(max_rotation_deg=15.0)
 GATE = 0.4
 
 
@@ -47,7 +47,7 @@ def weak(demo_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def demo_result(built: Path) -> SelfTestResult:
-    return self_test(built, HEADING_KNOWN)
+    return self_test(built, ANY_ANGLE)
 
 
 def self_test(root: Path, jitter: ViewJitter = ANY_ANGLE, seed: str = SEED) -> SelfTestResult:
@@ -55,9 +55,10 @@ def self_test(root: Path, jitter: ViewJitter = ANY_ANGLE, seed: str = SEED) -> S
     return run_self_test(localizer, root / "corpus.mbtiles", seed=seed, jitter=jitter)
 
 
-def test_the_demo_backbone_localizes_its_views(demo_result: SelfTestResult) -> None:
+def test_the_demo_backbone_localizes_views_at_any_heading(demo_result: SelfTestResult) -> None:
     assert demo_result.k == 80  # every tile of the small corpus, each once
-    assert demo_result.recall_at_1 >= 0.5
+    assert max(abs(q.rotation_deg) for q in demo_result.queries) > 150
+    assert demo_result.recall_at_1 >= 0.6
     assert demo_result.recall_at_5 >= 0.8
     # A z17 tile here is ~200 m wide: most views are placed within one tile.
     assert demo_result.median_error_m < 200.0
@@ -65,25 +66,26 @@ def test_the_demo_backbone_localizes_its_views(demo_result: SelfTestResult) -> N
 
 
 def test_the_weak_backbone_is_clearly_worse(demo_result: SelfTestResult, weak: Path) -> None:
-    result = self_test(weak, HEADING_KNOWN)
+    result = self_test(weak, ANY_ANGLE)
     assert result.recall_at_1 <= demo_result.recall_at_1 - 0.3
     assert result.median_error_m > 2 * demo_result.median_error_m
     reason = min_recall(result, GATE)
     assert reason is not None and "Recall@1" in reason and "below the minimum 0.400" in reason
 
 
-def test_views_at_any_angle_defeat_the_north_up_demo_descriptor(
+def test_the_demo_backbone_does_as_well_at_any_heading_as_heading_known(
     built: Path, demo_result: SelfTestResult
 ) -> None:
-    any_angle = self_test(built)
-    assert any_angle.recall_at_1 <= demo_result.recall_at_1 - 0.2
-    assert max(abs(q.rotation_deg) for q in any_angle.queries) > 150
+    known = self_test(built, HEADING_KNOWN)
+    # Its histograms over a centred disc do not change when the view turns.
+    assert abs(known.recall_at_1 - demo_result.recall_at_1) <= 0.15
+    assert abs(known.recall_at_5 - demo_result.recall_at_5) <= 0.15
 
 
 def test_a_rerun_gives_the_same_figures_and_another_seed_other_views(
     built: Path, demo_result: SelfTestResult
 ) -> None:
-    again = self_test(built, HEADING_KNOWN)
+    again = self_test(built, ANY_ANGLE)
     assert again.queries == demo_result.queries
     assert (again.recall_at_1, again.median_error_m) == (
         demo_result.recall_at_1,
@@ -104,7 +106,7 @@ def test_shuffled_index_rows_fail_the_gate(built: Path, tmp_path: Path) -> None:
     out = tmp_path / "shuffled.faiss"
     faiss.write_index(shuffled, str(out))
     replace_and_resign(root, rel, out.read_bytes())
-    result = self_test(root, HEADING_KNOWN)  # the cache verifies: signed by the trusted key
+    result = self_test(root, ANY_ANGLE)  # the cache verifies: signed by the trusted key
     assert result.recall_at_1 < 0.25
     assert min_recall(result, GATE) is not None
 

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 METRIC = "inner_product"  # on L2-normalized vectors: cosine similarity
 
 # Up to this many tiles the index is exact (brute force); a query over 100k
-# 336-d vectors is ~34 M multiply-adds, a few ms even on a Jetson CPU.
+# 468-d vectors is ~47 M multiply-adds, a few ms even on a Jetson CPU.
 EXACT_INDEX_MAX = 100_000
 # An approximate index must find the exact top-1 for this share of held-out queries.
 RECALL_TARGET = 0.99
