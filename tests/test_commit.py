@@ -258,3 +258,24 @@ def test_recover_then_a_new_build_succeeds(
     recover(first, trusted)
     assert build(first, SECOND, signer, trusted, 2) == [OLD_ONLY]
     assert check(first, trusted).version == 2
+
+
+def test_a_small_atomic_write_gets_its_temporary_name_only_when_complete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A build killed while writing its pending manifest must leave no partial
+    # file in staging that verify cannot vouch for.
+    from takeoff_cache import fsutil
+
+    target = tmp_path / "Manifest.pending.json"
+    seen: list[list[str]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        seen.append(sorted(p.name for p in tmp_path.iterdir()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(fsutil.os, "fsync", fsync)
+    fsutil.atomic_write_bytes(target, b'{"signed": {}}')
+    assert target.read_bytes() == b'{"signed": {}}'
+    assert seen and seen[0] == [], f"a named file existed before its bytes were synced: {seen}"

@@ -129,9 +129,40 @@ def atomic_write_bytes(
     """
     with atomic_output(path, point=point) as tmp:
         checkpoint(f"{point}.write", tmp)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        _write_whole(tmp, data, mode)
+
+
+def _write_whole(tmp: Path, data: bytes, mode: int) -> None:
+    """Write ``tmp`` so that its name appears only once it holds all of ``data``.
+
+    Where Linux offers O_TMPFILE, the bytes go to a nameless file that is given
+    its name when complete: a process killed mid-write leaves no partial file
+    (in a cache's staging folder, one that ``verify`` could not vouch for).
+    """
+    try:
+        fd = os.open(tmp.parent, os.O_TMPFILE | os.O_WRONLY, mode)
+    except (AttributeError, OSError):
+        fd = -1
+    if fd >= 0:
+        try:
+            with os.fdopen(fd, "wb", closefd=False) as fh:
+                fh.write(data)
+            os.fsync(fd)
+            # Through the descriptor's /proc entry, followed (linkat with
+            # AT_SYMLINK_FOLLOW, which os.link uses only with a dir fd).
+            proc = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.link(str(fd), tmp, src_dir_fd=proc, follow_symlinks=True)
+            finally:
+                os.close(proc)
+            return
+        except OSError:
+            pass  # no /proc, or a file system that cannot link it: write it by name
+        finally:
+            os.close(fd)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
 
 
 def fsync_file(path: Path) -> None:
