@@ -182,3 +182,77 @@ class HostFailingError(DownloadError, ConnectionError):
 
 class TooManyTilesError(DownloadError, ValueError):
     """A download job is larger than the operator's ``max_tiles`` guard."""
+
+
+# The companion computer (SSH bring-up, transfer, its remote commands) has one code, so
+# a script can tell "the Jetson is off or refuses us" from a build that ran and failed.
+EXIT_COMPANION = 11
+
+
+class CompanionError(TakeoffCacheError):
+    """The companion computer could not be brought up, reached or used."""
+
+    exit_code = EXIT_COMPANION
+
+
+class CompanionTargetError(CompanionError, ValueError):
+    """A companion target is not ``user@host[:port]``."""
+
+
+class CompanionUnreachableError(CompanionError, ConnectionError):
+    """The companion does not answer: no route, refused, or its name does not resolve."""
+
+
+class CompanionTimeoutError(CompanionError, TimeoutError):
+    """Connecting to the companion, or a command there, took longer than allowed."""
+
+
+class HostKeyError(CompanionError):
+    """The companion's host key is unknown or differs from the one recorded in known_hosts."""
+
+    def __init__(self, message: str, fingerprint: str) -> None:
+        super().__init__(message)
+        self.fingerprint = fingerprint
+
+    def __reduce__(self) -> tuple[type[HostKeyError], tuple[str, str]]:
+        return type(self), (str(self), self.fingerprint)
+
+
+class CompanionAuthError(CompanionError, PermissionError):
+    """The companion refused every key offered (file or agent)."""
+
+
+class CompanionToolError(CompanionError):
+    """takeoff-cache is missing on the companion, or writes another manifest format."""
+
+
+class CompanionDiskError(CompanionError, OSError):
+    """The companion has too little free disk for the inputs and the build."""
+
+
+class CompanionPathError(CompanionError, FileNotFoundError):
+    """A path the build needs on the companion (its cache root) does not exist there."""
+
+
+class TransferError(CompanionError, OSError):
+    """Sending a file to the companion failed or arrived with another SHA-256."""
+
+
+class RemoteOutputError(CompanionError, ValueError):
+    """A remote command's output is not the JSON it must end with (malformed or truncated)."""
+
+
+class RemoteCommandError(CompanionError):
+    """A remote build or verify failed; ``exit_code`` is the remote one where it is ours."""
+
+    def __init__(
+        self, message: str, exit_code: int, report: dict[str, object] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.report = report
+
+    def __reduce__(
+        self,
+    ) -> tuple[type[RemoteCommandError], tuple[str, int, dict[str, object] | None]]:
+        return type(self), (str(self), self.exit_code, self.report)

@@ -1,0 +1,215 @@
+"""Run the build and ``verify --host-check`` on the companion and read their reports back.
+
+The companion builds with its own work folder, signing key and trust store
+(paths there: the key never travels). Secrets never go onto a remote command
+line, where ``ps`` and shell history would show them: the key's passphrase,
+if the companion's key has one, is read from stdin by the remote shell and
+exported to the build alone. Whatever the remote side prints passes through a
+:class:`Redactor` before the caller sees it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import EXIT_COMPANION, RemoteCommandError, RemoteOutputError
+from .bringup import CompanionPaths
+from .ssh import Connection
+
+# Environment variables whose values must never reach the companion's output or ours.
+SECRET_ENV = (
+    "TAKEOFF_CACHE_TILES_API_KEY",
+    "TAKEOFF_CACHE_FLIGHTS_TOKEN",
+    "TAKEOFF_CACHE_KEY_PASSPHRASE",
+)
+PASSPHRASE_ENV = "TAKEOFF_CACHE_KEY_PASSPHRASE"
+# Exit codes the remote takeoff-cache shares with ours (SPEC §9); others are the companion's.
+_SHARED_CODES = frozenset(range(1, 9))
+# Lines of output an error shows when the report cannot be read.
+TAIL_LINES = 8
+
+
+class Redactor:
+    """Replaces every known secret value in a text with ``***``."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        # Longest first, so a secret that contains another is replaced whole.
+        self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Redactor:
+        env = os.environ if env is None else env
+        return cls(env.get(name, "") for name in SECRET_ENV)
+
+    def __call__(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+
+@dataclass(frozen=True)
+class RemoteResult:
+    """A remote command's parsed JSON report and how it ended."""
+
+    exit_code: int
+    report: dict[str, Any]
+    elapsed_s: float
+
+
+def map_exit_code(remote: int) -> int:
+    """The remote exit code where it means the same here, else the companion's code."""
+    return remote if remote in _SHARED_CODES else EXIT_COMPANION
+
+
+def _tail(*texts: str) -> list[str]:
+    lines = [line for text in texts for line in text.replace("\r", "\n").splitlines()]
+    return [line for line in lines if line.strip()][-TAIL_LINES:]
+
+
+def _last_json(stdout: str) -> dict[str, Any] | None:
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    if not lines:
+        return None
+    try:
+        doc = json.loads(lines[-1])
+    except (json.JSONDecodeError, RecursionError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _stderr_line(stderr: str) -> str:
+    """The remote tool's own one-line reason (``takeoff-cache: error: ...``), if it gave one."""
+    lines = _tail(stderr)
+    for line in reversed(lines):
+        if line.startswith("takeoff-cache:"):
+            return line
+    return lines[-1] if lines else "no output"
+
+
+def _secret_stdin(passphrase: str | None) -> tuple[str, str | None]:
+    """A shell prefix that reads the passphrase from stdin into the build's environment."""
+    if passphrase is None:
+        return "", None
+    if "\n" in passphrase:
+        raise RemoteCommandError(
+            "companion: a key passphrase with a newline cannot be sent", EXIT_COMPANION
+        )
+    return (
+        f"IFS= read -r {PASSPHRASE_ENV} && export {PASSPHRASE_ENV} && ",
+        passphrase + "\n",
+    )
+
+
+async def _run_json(
+    conn: Connection,
+    what: str,
+    argv: list[str],
+    *,
+    tool: str,
+    redact: Redactor,
+    on_line: Callable[[str], None] | None,
+    passphrase: str | None,
+    timeout_s: float | None,
+    report_key: str,
+) -> RemoteResult:
+    prefix, stdin = _secret_stdin(passphrase)
+    command = prefix + "exec " + " ".join([tool, *(shlex.quote(a) for a in argv)])
+    shown = (lambda line: on_line(redact(line))) if on_line is not None else None
+    started = time.perf_counter()
+    result = await conn.stream(command, shown, input=stdin, timeout_s=timeout_s)
+    elapsed = round(time.perf_counter() - started, 3)
+    stdout, stderr = redact(result.stdout), redact(result.stderr)
+    doc = _last_json(stdout)
+    code = result.exit_status
+    target = conn.target
+    if doc is None or report_key not in doc:
+        if code != 0:
+            raise RemoteCommandError(
+                f"companion: {target}: {what} failed there (exit {code}): {_stderr_line(stderr)}",
+                map_exit_code(code),
+            )
+        tail = " | ".join(_tail(stdout, stderr)) or "nothing"
+        raise RemoteOutputError(
+            f"companion: {target}: {what} printed no JSON report; its last lines: {tail}"
+        )
+    if code != 0:
+        raise RemoteCommandError(
+            f"companion: {target}: {what} failed there (exit {code}): {_stderr_line(stderr)}",
+            map_exit_code(code),
+            doc,
+        )
+    return RemoteResult(code, doc, elapsed)
+
+
+async def remote_build(
+    conn: Connection,
+    paths: CompanionPaths,
+    request_path: str,
+    *,
+    tool: str = "takeoff-cache",
+    backend: str = "auto",
+    extra_args: Iterable[str] = (),
+    on_line: Callable[[str], None] | None = None,
+    passphrase: str | None = None,
+    redact: Redactor | None = None,
+    timeout_s: float | None = None,
+) -> RemoteResult:
+    """``takeoff-cache build --request REQUEST --json`` there; stderr lines go to ``on_line``.
+
+    A build that ends ``failure`` or exits non-zero raises :class:`RemoteCommandError`
+    carrying its report and the exit code mapped to ours.
+    """
+    argv = [
+        "build",
+        "--request",
+        request_path,
+        "--work-dir",
+        paths.work_dir,
+        "--backend",
+        backend,
+        *extra_args,
+        "--json",
+    ]
+    return await _run_json(
+        conn,
+        "build",
+        argv,
+        tool=tool,
+        redact=redact or Redactor.from_env(),
+        on_line=on_line,
+        passphrase=passphrase,
+        timeout_s=timeout_s,
+        report_key="outcome",
+    )
+
+
+async def remote_verify(
+    conn: Connection,
+    paths: CompanionPaths,
+    *,
+    tool: str = "takeoff-cache",
+    state_file: str | None = None,
+    redact: Redactor | None = None,
+    timeout_s: float | None = None,
+) -> RemoteResult:
+    """``takeoff-cache verify CACHE_ROOT --trust TRUST --host-check --json`` there."""
+    argv = ["verify", paths.cache_root, "--trust", paths.trust, "--host-check", "--json"]
+    if state_file:
+        argv[-1:-1] = ["--state", state_file]
+    return await _run_json(
+        conn,
+        "verify",
+        argv,
+        tool=tool,
+        redact=redact or Redactor.from_env(),
+        on_line=None,
+        passphrase=None,
+        timeout_s=timeout_s,
+        report_key="ok",
+    )

@@ -1,0 +1,102 @@
+"""The whole companion run, phase by phase: bring-up, transfer, build, verify."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..corpus import Tile
+from ..request import BuildRequest
+from . import inputs
+from .bringup import BringUp, CompanionPaths, bring_up
+from .remote import Redactor, remote_build, remote_verify
+from .ssh import SSHSettings, connect
+from .transfer import TransferReport, send_files
+
+
+@dataclass(frozen=True)
+class CompanionReport:
+    bring_up: BringUp
+    transfer: TransferReport
+    build: dict[str, Any]
+    verify: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "bring_up": self.bring_up.to_json(),
+            "transfer": asdict(self.transfer),
+            "build": self.build,
+            "verify": self.verify,
+        }
+
+
+async def build_on_companion(
+    settings: SSHSettings,
+    request: BuildRequest,
+    tiles: Sequence[Tile],
+    paths: CompanionPaths,
+    *,
+    backend: str = "auto",
+    tool: str = "takeoff-cache",
+    on_line: Callable[[str], None] | None = None,
+    passphrase: str | None = None,
+    redact: Redactor | None = None,
+) -> CompanionReport:
+    """Check the companion, send it the selected tiles and the models, build and verify there."""
+    redact = redact or Redactor.from_env()
+    with tempfile.TemporaryDirectory(prefix="takeoff-cache-companion-") as tmp:
+        staging = Path(tmp)
+        subset = staging / "tiles.mbtiles"
+        inputs.write_tile_subset(request.corpus, tiles, subset)
+        backbones_text, uploads = inputs.companion_backbones(request.backbones)
+        (staging / "backbones.toml").write_text(backbones_text, encoding="utf-8")
+        uploads = [
+            inputs.Upload(subset, "tiles.mbtiles"),
+            inputs.Upload(staging / "backbones.toml", "backbones.toml"),
+            *uploads,
+        ]
+        if request.calibration is not None:
+            uploads.append(inputs.Upload(request.calibration, "calibration.npz"))
+        send = inputs.total_bytes(u.local for u in uploads)
+        model_bytes = send - subset.stat().st_size
+        estimate = inputs.estimate_build_bytes(subset.stat().st_size, model_bytes, len(tiles))
+        async with connect(settings) as conn:
+            up = await bring_up(
+                conn,
+                paths,
+                send_bytes=send,
+                build_estimate_bytes=estimate,
+                backend=backend,
+                tool=tool,
+            )
+            there = up.paths
+            remote_dir = there.inputs_dir
+            request_text = inputs.companion_request(
+                request,
+                {
+                    "corpus": f"{remote_dir}/tiles.mbtiles",
+                    "backbones": f"{remote_dir}/backbones.toml",
+                    "calibration": f"{remote_dir}/calibration.npz",
+                    "cache_root": there.cache_root,
+                    "key": there.key,
+                    "trust": there.trust,
+                },
+            )
+            (staging / "request.toml").write_text(request_text, encoding="utf-8")
+            uploads.append(inputs.Upload(staging / "request.toml", "request.toml"))
+            sent = await send_files(conn, uploads, remote_dir, python=up.python)
+            built = await remote_build(
+                conn,
+                there,
+                f"{remote_dir}/request.toml",
+                tool=tool,
+                backend=backend,
+                on_line=on_line,
+                passphrase=passphrase,
+                redact=redact,
+            )
+            verified = await remote_verify(conn, there, tool=tool, redact=redact)
+    return CompanionReport(up, sent, built.report, verified.report)
