@@ -18,7 +18,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from takeoff_cache import corpus
-from takeoff_cache.coverage_map import missing_tiles, write_coverage_map
+from takeoff_cache.coverage_map import missing_tiles, short_path, write_coverage_map
 from takeoff_cache.descriptors.decode import decode_workers
 from takeoff_cache.descriptors.index import read_index
 from takeoff_cache.engines.store import EngineRecord
@@ -85,7 +85,7 @@ def _draw(
         missing=missing_tiles(bbox, req.zoom_levels, tiles, area=req.area),
         area=req.area,
         queries=result.queries,
-        title=f"takeoff cache {req.cache_root.name}",
+        title=f"takeoff cache at {short_path(req.cache_root)}",
         subtitle=(
             f"self-test: Recall@1 {result.recall_at_1:.2f}, Recall@5 {result.recall_at_5:.2f},"
             f" median error {result.median_error_m:.0f} m over {result.k} views"

@@ -427,7 +427,7 @@ def _inspect(cache_root: Path, png: Path | None = None) -> list[str]:
 def _inspect_png(cache_root: Path, manifest: Any, png: Path) -> None:
     """The coverage map of a cache: its area, the tiles of its tile map, the tiles the
     area needs that the corpus lacked, and each signed self-test query as a hit or miss."""
-    from .coverage_map import missing_tiles, write_coverage_map
+    from .coverage_map import missing_tiles, short_path, write_coverage_map
     from .locate import read_tile_map
     from .selftest import queries_from_signed
 
@@ -455,7 +455,7 @@ def _inspect_png(cache_root: Path, manifest: Any, png: Path) -> None:
         missing=missing_tiles(bbox, zooms, tiles, area=area),
         area=area,
         queries=queries_from_signed(test.get("queries")),
-        title=f"takeoff cache {cache_root.resolve().name}, version {signed['version']}",
+        title=f"takeoff cache at {short_path(cache_root.resolve())}, version {signed['version']}",
         subtitle=_printable(subtitle),
     )
 

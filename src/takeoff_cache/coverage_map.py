@@ -290,6 +290,12 @@ def coverage_map_png(
     return buf.getvalue()
 
 
+def short_path(path: Path, width: int = 60) -> str:
+    """``path`` for a title: its end, where the names that tell caches apart are."""
+    text = str(path)
+    return text if len(text) <= width else "..." + text[-(width - 3) :]
+
+
 def write_coverage_map(path: Path, **layers: Any) -> Path:
     """Write :func:`coverage_map_png` to ``path`` atomically; return ``path``."""
     atomic_write_bytes(path, coverage_map_png(**layers))
