@@ -310,7 +310,7 @@ def final_state_update_retried(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     [
         ((), 0, "success"),
         (("--zoom", "3"), 3, "failure"),  # no tiles at that zoom: a soft failure
-        (("--precision", "fp16"), 2, None),  # refused by validation inside the run
+        ((), 5, None),  # a stray file in the cache root: a typed error inside the run
     ],
 )
 def test_the_report_survives_a_final_state_the_api_returns_without_its_data(
@@ -321,6 +321,8 @@ def test_the_report_survives_a_final_state_the_api_returns_without_its_data(
     code: int,
     outcome: str | None,
 ) -> None:
+    if outcome is None:
+        (demo.cache / "stray.txt").write_text("not listed")
     result = run_cli(capsys, *demo.build_args("--json", *extra))
     assert final_state_update_retried == [True]  # the retry was answered with the API's copy
     assert result.code == code, result.err
@@ -328,7 +330,7 @@ def test_the_report_survives_a_final_state_the_api_returns_without_its_data(
     if outcome is not None:
         assert result.json()["outcome"] == outcome
     else:
-        assert len(result.err_lines) == 1 and "fp16" in result.err
+        assert len(result.err_lines) == 1 and "stray.txt" in result.err
 
 
 def test_a_changed_corpus_build_prunes_the_work_folder_and_a_pruned_index_is_rebuilt(

@@ -157,8 +157,16 @@ def _profile_names_api() -> bool:
 
 
 def api_configured() -> bool:
-    """Whether the environment or the active profile most likely names a Prefect API
-    (read without importing Prefect)."""
+    """Whether Prefect will talk to a configured API rather than a temporary one.
+
+    Where Prefect is already loaded (a caller in a long-lived process, a test
+    harness) its settings say; otherwise the environment and the active profile
+    are read without importing it.
+    """
+    if "prefect" in sys.modules:
+        from prefect.settings import get_current_settings
+
+        return bool(get_current_settings().api.url)
     return bool(os.environ.get("PREFECT_API_URL")) or _profile_names_api()
 
 
