@@ -221,6 +221,9 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=None, help="work folder (default: DATA/work-N)")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--cold-repeat", type=int, default=3)
+    p.add_argument(
+        "--shell-only", action="store_true", help="only the shell no-op and verify timings"
+    )
     args = p.parse_args()
     figures: dict[str, Any] = {"benchmark": "noop", "load_before": os.getloadavg()[0]}
     figures["shell"] = {}
@@ -232,6 +235,10 @@ def main() -> None:
             shell_demo.request, shell_work, args.repeat
         )
         log(f"    {figures['shell'][str(shell_demo.tile_count)]}")
+    if args.shell_only:
+        figures["within_target"] = all(v["noop_wall_s"] <= 1.0 for v in figures["shell"].values())
+        print(json.dumps(figures, sort_keys=True))
+        return
     work = args.work or args.data / f"work-{args.tiles}"
     demo = built(args.data, args.tiles, work)
     log("warm: no-op build vs empty flow, one process ...")
