@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from PIL.Image import DecompressionBombError
-from PIL.JpegImagePlugin import JpegImageFile
 
 from .backbones import PLACE_RECOGNITION, Backbone, InputSpec, load_backbones
 from .descriptors.index import descriptor_key, read_index
@@ -37,7 +36,7 @@ from .engines import Runner, get_backend
 from .errors import BackboneError, DescriptorError, ImageError
 from .keys import TrustedKey
 from .manifest import Artifact, Manifest
-from .preprocess import Normalizer, decode_into
+from .preprocess import Normalizer, decode_into, image_into
 from .tilemath import fractional_tile_to_latlon, tile_center
 from .verify import verify_cache
 
@@ -201,19 +200,7 @@ def read_image(path: Path, spec: InputSpec, out: np.ndarray) -> None:
 
 
 def _decode_cropped(image: Image.Image, spec: InputSpec, out: np.ndarray) -> None:
-    mode = "RGB" if spec.channels == 3 else "L"
-    if isinstance(image, JpegImageFile):
-        image.draft(mode, (spec.size, spec.size))  # DCT-domain downscale, as for tiles
-    image.load()
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    image = image.crop((left, top, left + side, top + side))
-    if image.mode != mode:
-        image = image.convert(mode)
-    if image.size != (spec.size, spec.size):
-        image = image.resize((spec.size, spec.size), Image.Resampling.BILINEAR)
-    pixels = np.asarray(image)
-    out[...] = pixels if pixels.ndim == 3 else pixels[:, :, None]
+    image_into(image, spec, out, crop_square=True)
 
 
 # --------------------------------------------------------------------------- opening a cache

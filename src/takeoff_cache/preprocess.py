@@ -103,11 +103,22 @@ def _decode_jpeg_into(data: bytes, spec: InputSpec, out: np.ndarray) -> bool:
 
 
 def _decode_with_pillow(data: bytes, spec: InputSpec, out: np.ndarray) -> None:
-    image: Image.Image = Image.open(io.BytesIO(data))
+    image_into(Image.open(io.BytesIO(data)), spec, out)
+
+
+def image_into(
+    image: Image.Image, spec: InputSpec, out: np.ndarray, *, crop_square: bool = False
+) -> None:
+    """Decode ``image`` into ``out`` as the build decodes tiles; ``crop_square`` first
+    cuts the centred square of a non-square photo, so it is not squeezed."""
     mode = "RGB" if spec.channels == 3 else "L"
     if isinstance(image, JpegImageFile):
-        image.draft(mode, (spec.size, spec.size))
+        image.draft(mode, (spec.size, spec.size))  # DCT-domain downscale
     image.load()
+    if crop_square:
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
     if image.mode != mode:
         image = image.convert(mode)
     if image.size != (spec.size, spec.size):
