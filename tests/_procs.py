@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -231,3 +232,25 @@ def assert_clean(root: Path) -> Manifest:
     assert entries.others == ()
     assert not (cache / STAGING_NAME).exists()
     return manifest
+
+
+def hold_lock(lock: Path) -> subprocess.Popen[str]:
+    """Another process holding the flock at ``lock`` until it is killed."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
+            import sys, time
+            from filelock import FileLock
+            lock = FileLock({str(lock)!r}, fallback_to_soft=False, preserve_lock_file=True)
+            lock.acquire()
+            print("held", flush=True)
+            time.sleep(60)
+        """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    return holder

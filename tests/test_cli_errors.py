@@ -17,6 +17,7 @@ from takeoff_cache.keys import generate_keypair, load_trust_store
 from takeoff_cache.verify import verify_cache
 
 from ._cli import CliResult, run_cli
+from ._procs import hold_lock
 from .conftest import Demo
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -109,28 +110,6 @@ def test_group_readable_key_is_refused(capsys: pytest.CaptureFixture[str], demo:
     result = run_cli(capsys, *demo.build_args())
     assert_refused(result, 6, "chmod 600")
     assert list(demo.cache.iterdir()) == []
-
-
-def hold_lock(lock: Path) -> subprocess.Popen[str]:
-    """Another process holding a cache's lock until it is killed."""
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            textwrap.dedent(f"""
-            import sys, time
-            from filelock import FileLock
-            lock = FileLock({str(lock)!r}, fallback_to_soft=False, preserve_lock_file=True)
-            lock.acquire()
-            print("held", flush=True)
-            time.sleep(60)
-        """),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-    return holder
 
 
 def test_lock_held_by_another_process_fails_fast_with_exit_4(

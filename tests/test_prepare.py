@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import sqlite3
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,6 +20,7 @@ from takeoff_cache.flight import load_flight
 from takeoff_cache.tilemath import tile_range
 
 from ._cli import CliResult, run_cli
+from ._procs import hold_lock
 from ._tileserver import TileServer, tile_server
 from .conftest import Demo
 
@@ -118,7 +123,7 @@ def test_a_dry_run_fetches_and_writes_nothing(
     assert download["dry_run"] and download["to_fetch"] == len(corridor_tiles())
     assert download["per_zoom"] == {"16": len(corridor_tiles())}
     assert server.tile_requests() == []
-    assert not (demo.work / "tiles").exists() and not (demo.work / "prepare.lock").exists()
+    assert not (demo.work / "tiles").exists() and not (demo.work / "locks").exists()
     assert sorted(p.name for p in demo.cache.iterdir()) == before
 
 
@@ -132,7 +137,7 @@ def test_more_tiles_than_max_tiles_are_refused_up_front(
     assert result.code == 10
     assert f"{len(corridor_tiles())} tiles to fetch" in result.err
     assert server.tile_requests() == []
-    assert not (demo.work / "tiles").exists() and not (demo.work / "prepare.lock").exists()
+    assert not (demo.work / "tiles").exists() and not (demo.work / "locks").exists()
 
 
 @pytest.mark.parametrize("content", [b"not a plan", b'{"fileType": "Plan", "mission": {}}'])
@@ -231,3 +236,129 @@ def test_secrets_never_appear_in_any_output(
         if path.is_file():
             data = path.read_bytes()
             assert TILES_KEY.encode() not in data and TOKEN.encode() not in data, path
+
+
+def _prefect_runs(flow_name: str) -> list[Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+            sort=FlowRunSort.START_TIME_DESC,
+        )
+
+
+def test_prepare_runs_as_a_flow_with_the_build_as_its_subflow(
+    capsys: pytest.CaptureFixture[str], demo: Demo, request_file: Path, server: TileServer
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    result = prepare(
+        capsys, demo, request_file, "--plan", str(PLAN), "--tiles-url", server.template
+    )
+    assert result.code == 0, result.err
+    assert set(result.json()["phases"]) == {"resolve", "lock", "download", "build", "verify"}
+    run = _prefect_runs("prepare-flight")[0]
+    assert run.state is not None and run.state.is_completed()
+    # The flight was resolved on this side: the run's parameters hold it, not a secret.
+    assert run.parameters["flight"]["path"] and run.parameters["plan"] == str(PLAN)
+    build = _prefect_runs("build-cache")[0]
+    assert build.parent_task_run_id is not None
+    with get_client(sync_client=True) as client:
+        parent = client.read_task_run(build.parent_task_run_id)
+        assert parent.flow_run_id == run.id
+        tasks = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))
+        )
+    assert {"resolve", "lock", "download", "verify"} <= {t.name for t in tasks}
+
+
+def test_a_second_prepare_of_the_same_corpus_is_refused_at_once(
+    capsys: pytest.CaptureFixture[str],
+    demo: Demo,
+    request_file: Path,
+    server: TileServer,
+    tmp_path: Path,
+) -> None:
+    from takeoff_cache.prepare import workstation_lock
+
+    corpus = tmp_path / "shared" / "tiles.mbtiles"
+    held = workstation_lock(demo.work, corpus)
+    holder = hold_lock(held.path)
+    try:
+        result = prepare(
+            capsys, demo, request_file, "--plan", str(PLAN), "--tiles-url", server.template,
+            "--corpus", str(corpus),
+        )  # fmt: skip
+        assert result.code == 4, result.err
+        assert len(result.err_lines) == 1 and f"another prepare of {corpus}" in result.err
+        assert result.json()["phase"] == "lock"
+        assert server.tile_requests() == [] and not corpus.exists()
+        # The lock is the corpus's: another corpus in the same work folder is free.
+        with workstation_lock(demo.work, tmp_path / "other.mbtiles").acquire():
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+PASSPHRASE = "pp-K2distinctive-key-passphrase-77d1"
+
+
+def test_no_secret_reaches_the_prefect_database_or_any_file(
+    demo: Demo,
+    request_file: Path,
+    server: TileServer,
+    flights_api: tuple[str, list[dict[str, str]]],
+    tmp_path: Path,
+) -> None:
+    """A real ``prepare`` process on its own Prefect API: stdout, stderr (with run logs),
+    the work folder, the cache and every file of PREFECT_HOME (the database included)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from takeoff_cache.keys import write_keypair
+
+    url, _ = flights_api
+    pub = write_keypair(Ed25519PrivateKey.generate(), demo.root / "secret.key", PASSPHRASE.encode())
+    (demo.trust / "secret.pub").write_bytes(pub.read_bytes())
+    lines = [ln for ln in request_file.read_text().splitlines() if not ln.startswith("key")]
+    request_file.write_text("\n".join([*lines, 'key = "secret.key"']) + "\n")
+    home = tmp_path / "prefect-home"
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") or k == "PREFECT_HOME"
+    }
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+        TAKEOFF_CACHE_TILES_API_KEY=TILES_KEY,
+        TAKEOFF_CACHE_FLIGHTS_TOKEN=TOKEN,
+        TAKEOFF_CACHE_KEY_PASSPHRASE=PASSPHRASE,
+    )
+    flight_id = json.loads((FLIGHTS / "flight.json").read_text())["id"]
+    argv = [
+        sys.executable, "-c", "import sys; from takeoff_cache.cli import main; sys.exit(main())",
+        "prepare", "--request", str(request_file), "--work-dir", str(demo.work), *ARGS,
+        "--flight-id", flight_id, "--flights-api", url,
+        "--tiles-url", server.template, "--tiles-key-header", "X-Api-Key", "--json", "-v",
+    ]  # fmt: skip
+    done = subprocess.run(argv, env=env, capture_output=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    assert json.loads(done.stdout)["verify"]["ok"]
+    assert all(r.headers.get("X-Api-Key") == TILES_KEY for r in server.tile_requests())
+    database = home / "prefect.db"
+    with sqlite3.connect(database) as db:
+        # The database scanned is the one that recorded this run, its tasks and its logs.
+        (flows,) = db.execute("SELECT group_concat(name) FROM flow").fetchone()
+        (task_runs,) = db.execute("SELECT count(*) FROM task_run").fetchone()
+        (logs,) = db.execute("SELECT count(*) FROM log").fetchone()
+    assert {"prepare-flight", "build-cache"} <= set(flows.split(",")) and task_runs and logs
+    captured = {"stdout": done.stdout, "stderr": done.stderr}
+    for folder in (home, demo.work, demo.cache):
+        captured.update({str(p): p.read_bytes() for p in folder.rglob("*") if p.is_file()})
+    for secret in (TILES_KEY, TOKEN, PASSPHRASE):
+        leaks = [name for name, data in captured.items() if secret.encode() in data]
+        assert leaks == [], (secret, leaks)

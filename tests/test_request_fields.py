@@ -67,3 +67,21 @@ def test_the_readme_tables_list_every_field_with_its_flag() -> None:
     readme = (ROOT / "README.md").read_text()
     rows = dict(re.findall(r"^\| `([a-z_]+)` \| `(--[a-z-]+)` \|", readme, flags=re.M))
     assert rows == {f.name: f.flag for f in (*REQUEST_FIELDS, *OPTION_FIELDS)}
+
+
+def test_prepare_flight_takes_the_fields_the_flight_does_not_decide() -> None:
+    from takeoff_cache import prepare
+    from takeoff_cache_prefect.flows.prepare import prepare_flight
+
+    own = ("plan", "flight", "flights_api", "tiles_url", "tiles_key_header", "tiles_key_param")
+    own += ("buffer_m", "max_age_days", "max_tiles", "dry_run")
+    decided = {"bbox", "area", "takeoff_origin"}
+    fields = tuple(name for name in FIELDS if name not in decided)
+    assert _parameters(prepare_flight) == own + fields + OPTIONS
+    # The resolve phase takes its own share of them, by the same names.
+    assert set(_parameters(prepare.plan_job)) == set(prepare.JOB_PARAMETERS)
+    assert set(prepare.JOB_PARAMETERS) <= set(_parameters(prepare_flight))
+    deployment = _deployments()["prepare-flight"]
+    assert deployment["entrypoint"] == "flows/prepare.py:prepare_flight"
+    assert set(deployment["parameters"]) <= set(_parameters(prepare_flight))
+    assert (ROOT / deployment["parameters"]["plan"]).is_file()

@@ -118,131 +118,6 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-PREPARE_EXIT_CODES = """\
-exit codes, by the phase that stopped:
-  0  prepared: the cache is built (or already was) and verifies; --dry-run printed its estimate
-  2  invalid input or usage (a bad --area, --zoom, --tiles-url, a flight id that is not a UUID)
-  9  resolve: the flight cannot be resolved (file, plan, position, flights API)
-  4  lock: another prepare holds WORK/prepare.lock
-  10 download: the tile server kept failing, or more tiles than --max-tiles
-  3, 5, 6, 8  build: the build's own code (failure, coverage, key, engine)
-  7  verify: the built cache does not verify
-
-secrets come from the environment only: TAKEOFF_CACHE_TILES_API_KEY (sent as
---tiles-key-header or --tiles-key-param), TAKEOFF_CACHE_FLIGHTS_TOKEN (the flights
-API's bearer token), TAKEOFF_CACHE_KEY_PASSPHRASE (the signing key's)."""
-
-
-def cmd_prepare(args: argparse.Namespace) -> int:
-    """Flight -> area -> tiles -> build -> verify; the report names the phase that stopped."""
-    report: dict[str, Any] = {"outcome": None, "phase": "resolve"}
-    try:
-        code = _prepare(args, report)
-    except TakeoffCacheError as exc:
-        report.update(outcome="failure", exit_code=exc.exit_code, error=str(exc))
-        if args.json:
-            print(json.dumps(report))
-        raise
-    report["exit_code"] = code
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print(_prepare_text(report))
-    if code == EXIT_FAILURE:
-        print(f"takeoff-cache: build failed: {report['build']['failure_reason']}", file=sys.stderr)
-    return code
-
-
-def _prepare(args: argparse.Namespace, report: dict[str, Any]) -> int:
-    from . import prepare as p
-    from .download import DownloadOptions
-    from .keys import load_trust_store
-    from .request import parse_zoom_levels
-    from .verify import verify_cache
-    from .workdir import resolve_work_dir
-
-    if args.area is not None:
-        raise InvalidRequestError("area: prepare computes the area from the flight; drop --area")
-    raw = _raw_request(args)
-    raw.pop("flight_id", None)  # --flight-id names the flight to fetch, not a field to set
-    zooms = parse_zoom_levels(raw.get("zoom_levels") or list(p.DEFAULT_ZOOMS))
-    options = DownloadOptions(max_age_days=args.max_age, max_tiles=args.max_tiles)
-    source = (
-        p.tile_source(args.tiles_url, args.tiles_key_header, args.tiles_key_param)
-        if args.tiles_url
-        else None
-    )
-    # Resolve and compute before any lock or write: a bad plan leaves no trace.
-    flight = p.resolve_flight(args.plan, args.flight_id, args.flights_api)
-    report["flight"] = p.flight_summary(flight)
-    mission = p.mission_area(flight, zooms, args.buffer_m)
-    report["area"] = mission.to_json()
-    work = resolve_work_dir(args.work_dir)
-    corpus = Path(raw["corpus"]) if raw.get("corpus") else p.default_corpus(work, args.tiles_url)
-    report["corpus"] = str(corpus)
-    report["phase"] = "download"
-    if args.dry_run:
-        report["download"] = p.dry_run(corpus, mission, options)
-        report["outcome"] = "dry_run"
-        return 0
-    if source is not None:
-        p.check_job_size(corpus, mission, options)
-    report["phase"] = "lock"
-    with p.workstation_lock(work):
-        report["phase"] = "download"
-        report["download"] = p.fetch_tiles(corpus, mission, source, options)
-        report["area"]["path"] = str(p.write_area(work, flight, mission))
-        report["phase"] = "build"
-        args.work_dir = str(work)
-        build = _run_build(p.build_raw(raw, flight, mission, corpus), args)
-        report["build"] = build
-        if build["outcome"] == "failure":
-            report["outcome"] = "failure"
-            return EXIT_FAILURE
-        report["phase"] = "verify"
-        cache_root = Path(build["manifest_path"]).parent
-        trust = Path(str(raw.get("trust"))).expanduser()
-        manifest = verify_cache(cache_root, load_trust_store(trust))
-        report["verify"] = {
-            "ok": True,
-            "version": manifest.version,
-            "build_identity": manifest.build_identity,
-            "artifacts": len(manifest.artifacts),
-        }
-    report["outcome"] = build["outcome"]
-    report["phase"] = "done"
-    return 0
-
-
-def _prepare_text(report: dict[str, Any]) -> str:
-    from .report import BuildReport
-
-    area, download = report["area"], report.get("download") or {}
-    lines = [
-        f"flight:   {report['flight']['id'] or report['flight']['source']}",
-        f"area:     {area['km2']:.2f} km², {area['tiles']} tiles {area['tiles_per_zoom']}",
-        f"corpus:   {report['corpus']}",
-    ]
-    if download.get("dry_run"):
-        lines.append(
-            f"dry run:  {download['to_fetch']} tiles to fetch {download['per_zoom']},"
-            f" about {download['estimated_bytes']:,} bytes; nothing fetched"
-        )
-    elif download.get("source"):
-        lines.append(
-            f"download: {download['fetched']} fetched, {download['kept']} kept,"
-            f" {download['revalidated']} revalidated, {download['failed_count']} failed,"
-            f" {download['bytes']:,} bytes, {download['tiles_per_s']} tiles/s"
-        )
-    elif "missing" in download:
-        lines.append(f"missing:  {download['missing']} tiles of the area are not in the corpus")
-    if "build" in report:
-        lines.append(BuildReport.from_json(report["build"]).text())
-    if "verify" in report:
-        lines.append(f"verify:   ok (manifest version {report['verify']['version']})")
-    return "\n".join(lines)
-
-
 def cmd_verify(args: argparse.Namespace) -> int:
     try:
         return _verify(args)
@@ -581,28 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     _request_args(p)
     p.set_defaults(func=cmd_build)
 
-    p = sub.add_parser(
-        "prepare",
-        help="flight plan -> area -> tiles -> build -> verify",
-        description="Resolve a flight, download the tiles of its area, build and verify the"
-        " cache. The rest of the request comes from --request and the build flags.",
-        epilog=PREPARE_EXIT_CODES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--plan", type=Path, help="flight file: QGroundControl .plan, QGC WPL, JSON")
-    p.add_argument("--flights-api", help="flights API base URL (GET URL/flights/ID)")
-    p.add_argument("--tiles-url", help="XYZ tile URL template ({z} {x} {y} {-y} {s} {q})")
-    key = p.add_mutually_exclusive_group()
-    key.add_argument("--tiles-key-header", help="send TAKEOFF_CACHE_TILES_API_KEY as this header")
-    key.add_argument("--tiles-key-param", help="send TAKEOFF_CACHE_TILES_API_KEY as this parameter")
-    p.add_argument("--buffer-m", type=float, default=500.0, help="buffer in metres (default 500)")
-    p.add_argument("--max-age", type=float, help="revalidate tiles older than DAYS")
-    p.add_argument(
-        "--max-tiles", type=int, default=50_000, help="refuse a larger download (default 50000)"
-    )
-    p.add_argument("--dry-run", action="store_true", help="print the download estimate only")
-    _request_args(p)
-    p.set_defaults(func=cmd_prepare)
+    from .cli_prepare import add_parser as add_prepare
+
+    add_prepare(sub, _request_args)
 
     p = sub.add_parser("verify", help="verify a cache before takeoff")
     p.add_argument("cache_root", type=Path, help="the cache folder to verify")

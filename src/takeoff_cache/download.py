@@ -26,8 +26,8 @@ import queue
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,8 @@ from .tileserver import TileSource, image_format, redact, redacting_logs, retry_
 TILES_KEY_ENV = "TAKEOFF_CACHE_TILES_API_KEY"
 DEFAULT_TILE_BYTES = 20_000  # a 256 px satellite JPEG, for estimates of unseen zooms
 _COMMIT_INTERVAL_S = 1.0  # the most a kill can cost: tiles received in the last second
+_THREADS_PER_SLOT = 1
+_GATHER_S = 0.0
 
 
 @dataclass(frozen=True)
@@ -139,18 +141,42 @@ def estimate_download(
     )
 
 
+@dataclass(frozen=True)
+class DownloadProgress:
+    """Where a download stands, as :func:`download_tiles` tells its ``progress``.
+
+    Counts only: nothing here can carry the API key or a server's answer."""
+
+    done: int  # tiles settled so far: stored, revalidated or failed
+    total: int  # tiles to request
+    failed: int
+    bytes: int  # bodies received so far
+    seconds: float  # since the download started
+
+    @property
+    def tiles_per_s(self) -> float:
+        return self.done / self.seconds if self.seconds > 0 else 0.0
+
+
 def download_tiles(
     corpus_path: Path,
     tiles: Sequence[Coord],
     source: TileSource,
     options: DownloadOptions | None = None,
     *,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[DownloadProgress], None] | None = None,
     api_key: str | None = None,
 ) -> DownloadResult:
     """Fetch every tile of ``tiles`` the corpus lacks (or holds too old) into it.
 
-    ``progress(done, total)`` is called from this thread after each tile.
+    ``progress`` is called from this thread as tiles finish (after each batch of
+    those that arrived together, so ``done`` can step by more than one), never for
+    a job with nothing to fetch; when every tile is settled the last call has
+    ``done == total``. A :class:`takeoff_cache.progress.ProgressBar` is one::
+
+        with ProgressBar() as bar:
+            download_tiles(corpus, tiles, source, options, progress=bar)
+
     ``api_key`` defaults to ``TAKEOFF_CACHE_TILES_API_KEY``.
     """
     options = options or DownloadOptions()
@@ -182,14 +208,18 @@ def download_tiles(
         ):
             formats: set[str] = set()
             done = 0
-            for outcome in run.outcomes(todo, have, tick_s=_COMMIT_INTERVAL_S):
-                if outcome is None:
+            for batch in run.outcomes(todo, have, tick_s=_COMMIT_INTERVAL_S):
+                if not batch:
                     writer.commit_if_due()  # a stalled server must not hold tiles uncommitted
                     continue
-                _record(writer, outcome, counts, failed, formats)
-                done += 1
+                for outcome in batch:
+                    _record(writer, outcome, counts, failed, formats)
+                done += len(batch)
                 if progress is not None:
-                    progress(done, len(todo))
+                    seconds = time.monotonic() - started
+                    progress(
+                        DownloadProgress(done, len(todo), len(failed), counts["bytes"], seconds)
+                    )
             if len(formats) == 1 and not have:
                 writer.set_format(formats.pop())  # a new corpus says what it holds
     if run.tripped is not None:
@@ -287,56 +317,95 @@ class _Run:
 
     def outcomes(
         self, todo: list[Coord], have: dict[Coord, StoredTile], tick_s: float
-    ) -> Iterator[_Outcome | None]:
-        """Each tile's outcome as it arrives; None after ``tick_s`` without one."""
-        urls = {c: self.source.url(*c) for c in todo}
-        for url in urls.values():
-            host = url.split("/", 3)[2]
-            if host not in self.hosts:
-                self.hosts[host] = _Host(threading.Semaphore(self.options.concurrency))
+    ) -> Iterator[list[_Outcome]]:
+        """Outcomes in the order they arrive, as many at a time as have arrived; an
+        empty list after ``tick_s`` without one."""
+        jobs: dict[str, deque[tuple[Coord, str]]] = {}
+        for c in todo:
+            url = self.source.url(*c)
+            jobs.setdefault(url.split("/", 3)[2], deque()).append((c, url))
+        self.hosts = {name: _Host(threading.Semaphore(self.options.concurrency)) for name in jobs}
         headers = {"User-Agent": USER_AGENT}
         if self.key and self.source.key_header:
             headers[self.source.key_header] = self.key
-        workers = self.options.concurrency * len(self.hosts)
+        workers = self.options.concurrency * len(jobs)
         limits = httpx.Limits(max_connections=workers, max_keepalive_connections=workers)
-        with (
-            httpx.Client(
-                headers=headers,
-                timeout=self.options.timeout_s,
-                limits=limits,
-                follow_redirects=True,
-            ) as client,
-            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tiles") as pool,
-        ):
-            done: queue.SimpleQueue[Future[_Outcome]] = queue.SimpleQueue()
-            futures: list[Future[_Outcome]] = []
-            for c in todo:
-                future = pool.submit(self._fetch, client, c, urls[c], have.get(c))
-                future.add_done_callback(done.put)
-                futures.append(future)
-            seen: set[int] = set()
+        # Workers hand over each outcome (or what they raised) here, and nothing else.
+        arrived: queue.SimpleQueue[_Outcome | BaseException] = queue.SimpleQueue()
+        with httpx.Client(
+            headers=headers, timeout=self.options.timeout_s, limits=limits, follow_redirects=True
+        ) as client:
+            # Each host's own threads take its tiles in turn, more of them than it has
+            # request slots: while one checks and hashes a body, another's request is
+            # already on the wire.
+            threads = [
+                threading.Thread(
+                    target=self._work,
+                    args=(client, host_jobs, have, arrived),
+                    name=f"tiles-{name}-{i}",
+                )
+                for name, host_jobs in jobs.items()
+                for i in range(self.options.concurrency * _THREADS_PER_SLOT)
+            ]
+            for thread in threads:
+                thread.start()
+            left = len(todo)
             try:
-                while len(seen) < len(futures) and not self.stop.is_set():
+                while left and not self.stop.is_set():
                     try:
-                        future = done.get(timeout=tick_s)
+                        first = arrived.get(timeout=tick_s)
                     except queue.Empty:
-                        yield None  # a quiet moment: the caller commits what it holds
+                        yield []  # a quiet moment: the caller commits what it holds
                         continue
-                    seen.add(id(future))
-                    outcome = future.result()
-                    if outcome.kind != "cancelled":
-                        yield outcome
+                    if _GATHER_S:
+                        time.sleep(_GATHER_S)
+                    batch = [first]
+                    # Take all that is there at once: one wake-up of this thread for
+                    # many tiles when they come fast.
+                    while True:
+                        try:
+                            batch.append(arrived.get_nowait())
+                        except queue.Empty:
+                            break
+                    left -= len(batch)
+                    for item in batch:
+                        if isinstance(item, BaseException):
+                            raise item
+                    yield [o for o in batch if isinstance(o, _Outcome) and o.kind != "cancelled"]
             finally:
-                # Stop workers between attempts and drop what has not started.
+                # Workers stop between attempts; tiles not started are dropped.
                 self.stop.set()
-                pool.shutdown(wait=True, cancel_futures=True)
+                for thread in threads:
+                    thread.join()
         # Tiles that arrived while the others were being stopped are kept all the same.
-        for future in futures:
-            if id(future) in seen or future.cancelled() or future.exception() is not None:
-                continue
-            outcome = future.result()
-            if outcome.kind in ("stored", "same"):
-                yield outcome
+        late: list[_Outcome] = []
+        while True:
+            try:
+                item = arrived.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Outcome) and item.kind in ("stored", "same"):
+                late.append(item)
+        if late:
+            yield late
+
+    def _work(
+        self,
+        client: httpx.Client,
+        jobs: deque[tuple[Coord, str]],
+        have: dict[Coord, StoredTile],
+        arrived: queue.SimpleQueue[_Outcome | BaseException],
+    ) -> None:
+        while not self.stop.is_set():
+            try:
+                coord, url = jobs.popleft()  # atomic: the host's threads share the deque
+            except IndexError:
+                return
+            try:
+                arrived.put(self._fetch(client, coord, url, have.get(coord)))
+            except BaseException as exc:  # a bug, not a tile's fault: the caller raises it
+                arrived.put(exc)
+                return
 
     def _fetch(
         self, client: httpx.Client, coord: Coord, url: str, old: StoredTile | None
@@ -357,6 +426,8 @@ class _Run:
             if self.stop.is_set():
                 return _Outcome(coord, "cancelled")
             with host.slots:
+                if self.stop.is_set():  # it stopped while this thread waited for a slot
+                    return _Outcome(coord, "cancelled")
                 try:
                     response = client.get(url, params=params, headers=headers)
                 except httpx.TimeoutException:

@@ -10,27 +10,43 @@ value here, nor any report, ever holds them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from filelock import FileLock, Timeout
-
 from .area import DEFAULT_BUFFER_M, Area, flight_area, tiles_for_area
-from .download import DownloadOptions, download_tiles, estimate_download, missing_tiles
-from .errors import CacheIOError, InvalidRequestError, LockHeldError, TooManyTilesError
-from .flight import Flight, fetch_flight, load_flight
+from .download import (
+    DownloadOptions,
+    DownloadProgress,
+    download_tiles,
+    estimate_download,
+    missing_tiles,
+)
+from .errors import CacheIOError, InvalidRequestError, TooManyTilesError
+from .flight import Flight, fetch_flight, load_flight, parse_flight_json
 from .fsutil import atomic_write_bytes
+from .keys import load_trust_store
+from .lock import ExclusiveLock
 from .mbtiles import Coord
+from .request import parse_zoom_levels
 from .tileserver import TileSource
+from .verify import verify_cache
+from .workdir import resolve_work_dir
 
 DEFAULT_ZOOMS = (16, 17)
 _SHOWN_MISSING = 20
+
+# Where the download phase reports its progress, when a caller in this process
+# (the command line's progress bar) wants it: a flow parameter cannot carry a callable.
+download_progress: ContextVar[Callable[[DownloadProgress], None] | None] = ContextVar(
+    "download_progress", default=None
+)
 
 
 @dataclass(frozen=True)
@@ -52,6 +68,79 @@ class MissionArea:
             "tiles": len(self.tiles),
             "tiles_per_zoom": per_zoom,
         }
+
+
+@dataclass(frozen=True)
+class Job:
+    """A resolved prepare: what to fetch, where from, into which corpus."""
+
+    flight: Flight
+    mission: MissionArea
+    work: Path
+    corpus: Path
+    source: TileSource | None
+    options: DownloadOptions
+
+    def report(self) -> dict[str, Any]:
+        """The report's start: the flight, its area and the corpus."""
+        return {
+            "flight": flight_summary(self.flight),
+            "area": self.mission.to_json(),
+            "corpus": str(self.corpus),
+        }
+
+    def flight_json(self) -> dict[str, Any]:
+        """The flight as a flow parameter: resolved once, on the operator's machine."""
+        return {**self.flight.to_json(), "source": self.flight.source}
+
+
+def plan_job(
+    *,
+    plan: str | Path | None = None,
+    flight: dict[str, Any] | None = None,
+    flight_id: str | None = None,
+    flights_api: str | None = None,
+    corpus: str | Path | None = None,
+    zoom_levels: Any = None,
+    buffer_m: float = DEFAULT_BUFFER_M,
+    tiles_url: str | None = None,
+    tiles_key_header: str | None = None,
+    tiles_key_param: str | None = None,
+    max_age_days: float | None = None,
+    max_tiles: int = DownloadOptions.max_tiles,
+    work_dir: str | Path | None = None,
+) -> Job:
+    """The resolve phase: the flight (from ``flight``, a plan file or the flights API),
+    its area and tiles, the corpus. Nothing is written but the work folder, made last."""
+    zooms = parse_zoom_levels(zoom_levels or list(DEFAULT_ZOOMS))
+    options = DownloadOptions(max_age_days=max_age_days, max_tiles=max_tiles)
+    source = tile_source(tiles_url, tiles_key_header, tiles_key_param) if tiles_url else None
+    if flight is not None:
+        resolved = parse_flight_json(flight, str(flight.get("source") or "flight"))
+    else:
+        resolved = resolve_flight(Path(plan) if plan else None, flight_id, flights_api)
+    mission = mission_area(resolved, zooms, buffer_m)
+    work = resolve_work_dir(work_dir)
+    corpus_path = Path(corpus).expanduser() if corpus else default_corpus(work, tiles_url)
+    return Job(resolved, mission, work, corpus_path.absolute(), source, options)
+
+
+# plan_job's parameters: the flow's and the command line's for the resolve phase.
+JOB_PARAMETERS = (
+    "plan",
+    "flight",
+    "flight_id",
+    "flights_api",
+    "corpus",
+    "zoom_levels",
+    "buffer_m",
+    "tiles_url",
+    "tiles_key_header",
+    "tiles_key_param",
+    "max_age_days",
+    "max_tiles",
+    "work_dir",
+)
 
 
 def resolve_flight(plan: Path | None, flight_id: str | None, flights_api: str | None) -> Flight:
@@ -98,28 +187,20 @@ def default_corpus(work: Path, template: str | None) -> Path:
     return work / "tiles" / f"{slug}.mbtiles"
 
 
-@contextmanager
-def workstation_lock(work: Path) -> Iterator[Path]:
-    """One ``prepare`` per work folder at a time (a kernel ``flock``; refused at once)."""
-    path = work / "prepare.lock"
-    lock = FileLock(
-        str(path),
-        timeout=0,
-        thread_local=False,
-        is_singleton=False,
-        fallback_to_soft=False,
-        preserve_lock_file=True,
-    )
+def workstation_lock(work: Path, corpus: Path) -> ExclusiveLock:
+    """One ``prepare`` per corpus at a time: its lock, in the work folder.
+
+    Per corpus, not per work folder: flights over other tile sources go on side
+    by side, and two that would write one MBTiles never do.
+    """
+    corpus = corpus.expanduser().resolve()
+    digest = hashlib.sha256(str(corpus).encode()).hexdigest()[:16]
+    path = work / "locks" / f"prepare-{digest}.lock"
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise LockHeldError(f"lock: another prepare holds {path}; wait for it to finish") from None
+        path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise CacheIOError(f"lock: cannot open {path}: {exc.strerror}") from exc
-    try:
-        yield path
-    finally:
-        lock.release()
+        raise CacheIOError(f"lock: cannot create {path.parent}: {exc.strerror}") from exc
+    return ExclusiveLock(path, f"prepare of {corpus}", point="prepare.lock")
 
 
 def check_job_size(corpus: Path, mission: MissionArea, options: DownloadOptions) -> int:
@@ -153,6 +234,7 @@ def fetch_tiles(
     mission: MissionArea,
     source: TileSource | None,
     options: DownloadOptions,
+    progress: Callable[[DownloadProgress], None] | None = None,
 ) -> dict[str, Any]:
     """Download the area's missing tiles; without a source, list what is missing."""
     if source is None:
@@ -163,7 +245,7 @@ def fetch_tiles(
             "missing_tiles": [f"{z}/{x}/{y}" for z, x, y in missing[:_SHOWN_MISSING]],
         }
     corpus.parent.mkdir(parents=True, exist_ok=True)
-    result = download_tiles(corpus, mission.tiles, source, options)
+    result = download_tiles(corpus, mission.tiles, source, options, progress=progress)
     return {"source": urlsplit(source.url_template).netloc, **result.to_json()}
 
 
@@ -201,3 +283,68 @@ def takeoff_origin(flight: Flight) -> list[float]:
     """``[lat, lon, alt]``: a plan without an altitude for home takes off at 0 m."""
     lat, lon, *alt = flight.takeoff_origin
     return [lat, lon, alt[0] if alt else 0.0]
+
+
+def verify_built(cache_root: Path, trust: Path) -> dict[str, Any]:
+    """The verify phase: the cache just built, checked as before takeoff."""
+    manifest = verify_cache(cache_root, load_trust_store(trust))
+    return {
+        "ok": True,
+        "version": manifest.version,
+        "build_identity": manifest.build_identity,
+        "artifacts": len(manifest.artifacts),
+    }
+
+
+def report_subject(report: dict[str, Any]) -> str:
+    """What a prepare report is about: its flight's id, else where the flight came from."""
+    flight = report.get("flight") or {}
+    return str(flight.get("id") or flight.get("source") or "flight")
+
+
+def report_text(report: dict[str, Any]) -> str:
+    """The report for a person: flight, area, corpus, download, build, verify."""
+    from .report import BuildReport
+
+    lines = []
+    if "flight" in report:
+        area, download = report["area"], report.get("download") or {}
+        lines += [
+            f"flight:   {report_subject(report)}",
+            f"area:     {area['km2']:.2f} km², {area['tiles']} tiles {area['tiles_per_zoom']}",
+            f"corpus:   {report['corpus']}",
+        ]
+        if download.get("dry_run"):
+            lines.append(
+                f"dry run:  {download['to_fetch']} tiles to fetch {download['per_zoom']},"
+                f" about {download['estimated_bytes']:,} bytes; nothing fetched"
+            )
+        elif download.get("source"):
+            lines.append(
+                f"download: {download['fetched']} fetched, {download['kept']} kept,"
+                f" {download['revalidated']} revalidated, {download['failed_count']} failed,"
+                f" {download['bytes']:,} bytes, {download['tiles_per_s']} tiles/s"
+            )
+            if download.get("failed"):
+                more = download["failed_count"] - len(download["failed"])
+                lines.append(
+                    f"failed:   {'; '.join(download['failed'])}"
+                    + (f"; and {more} more" if more > 0 else "")
+                )
+        elif "missing" in download:
+            lines.append(f"missing:  {download['missing']} tiles of the area are not in the corpus")
+    if "build" in report:
+        lines.append(BuildReport.from_json(report["build"]).text())
+    if "verify" in report:
+        lines.append(f"verify:   ok (manifest version {report['verify']['version']})")
+    if report.get("error"):
+        lines.append(f"stopped:  {report['phase']}: {report['error']}")
+    return "\n".join(lines)
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """The report as the Prefect UI shows it (an artifact of the run)."""
+    return (
+        f"# Prepare: {report_subject(report)} — {report.get('outcome')}\n\n"
+        f"```\n{report_text(report)}\n```\n"
+    )

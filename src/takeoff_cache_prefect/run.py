@@ -1,7 +1,8 @@
-"""Running the build-cache flow from the command line, in this process.
+"""Running the build-cache and prepare-flight flows from the command line, in this process.
 
 The CLI calls :func:`run_build` with the request's raw fields and the build
-options; Prefect is configured and imported here, never in the library.
+options, :func:`run_prepare` with prepare-flight's parameters; Prefect is
+configured and imported here, never in the library.
 """
 
 from __future__ import annotations
@@ -9,11 +10,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from takeoff_cache.errors import TakeoffCacheError
 from takeoff_cache.options import BuildOptions
+
+if TYPE_CHECKING:
+    from takeoff_cache.download import DownloadProgress
 
 # Prefect's names for the flow-run heartbeat interval (the second is its legacy alias).
 HEARTBEAT_SETTINGS = ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY")
@@ -77,36 +81,49 @@ def quiet_expected_errors() -> None:
             logger.addFilter(_NoTracebackForExpectedErrors())
 
 
+@contextlib.contextmanager
+def _session(server: Any, verbose: bool) -> Iterator[None]:
+    """Around a flow run from the command line: quiet expected errors, heartbeats
+    only when asked (toward a temporary API they reach no one), the API served."""
+    from takeoff_cache_prefect.tempapi import serving
+
+    quiet_expected_errors()
+    with heartbeats_only_when_asked(), serving(server, verbose):
+        yield
+
+
+def _start(verbose: bool) -> Any:
+    """Prefect's defaults, then the temporary API started before Prefect is imported,
+    so the server starts while the caller imports its flow."""
+    prefect_env(verbose)
+    from takeoff_cache_prefect.tempapi import start_early
+
+    return start_early()
+
+
+def _flow_options(options: BuildOptions) -> dict[str, Any]:
+    return {
+        "work_dir": str(options.work_dir),
+        "backend": options.backend,
+        "coverage": options.coverage,
+        "expires_in_s": options.expires_in_s,
+        "dask_address": options.dask_address,
+        "self_test": options.self_test,
+        "min_recall": options.min_recall,
+    }
+
+
 def run_build(raw: dict[str, Any], options: BuildOptions, verbose: bool) -> dict[str, Any]:
     """Run build-cache for one request; return its report or raise its typed error."""
-    prefect_env(verbose)
-    from takeoff_cache_prefect.tempapi import serving, start_early
-
-    # Before Prefect and the flow are imported, so the server starts meanwhile.
-    server = start_early()
+    server = _start(verbose)
     from takeoff_cache_prefect.flows.build import build_cache
     from takeoff_cache_prefect.flows.phases import recorded_outcomes
 
-    quiet_expected_errors()
-
     params = {k: v for k, v in raw.items() if v is not None}
-    params.update(
-        work_dir=str(options.work_dir),
-        backend=options.backend,
-        coverage=options.coverage,
-        expires_in_s=options.expires_in_s,
-        dask_address=options.dask_address,
-        self_test=options.self_test,
-        min_recall=options.min_recall,
-    )
+    params.update(_flow_options(options))
     # As a state: a soft failure is a Failed run, and an unexpected error is the
     # state's data rather than a traceback through Prefect's engine.
-    # Heartbeats are decided first: toward a temporary API they reach no one.
-    with (
-        heartbeats_only_when_asked(),
-        serving(server, verbose),
-        recorded_outcomes() as outcomes,
-    ):
+    with _session(server, verbose), recorded_outcomes() as outcomes:
         state = build_cache(**params, return_state=True)
     if outcomes:
         # What the flow itself ended with; the state's copy can lack it.
@@ -120,3 +137,32 @@ def run_build(raw: dict[str, Any], options: BuildOptions, verbose: bool) -> dict
     if not isinstance(result, dict):
         raise TypeError(f"build-cache returned {type(result).__name__}, not a report")
     return result
+
+
+def run_prepare(
+    params: dict[str, Any],
+    options: BuildOptions,
+    verbose: bool,
+    progress: Callable[[DownloadProgress], None] | None = None,
+) -> tuple[dict[str, Any], TakeoffCacheError | None]:
+    """Run prepare-flight; return its report and the error that stopped it, if one did.
+
+    ``progress`` sees the download's progress (a flow parameter cannot carry it).
+    """
+    server = _start(verbose)
+    from takeoff_cache.prepare import download_progress
+    from takeoff_cache_prefect.flows.prepare import prepare_flight, recorded_prepares
+
+    params = {**params, **_flow_options(options)}
+    token = download_progress.set(progress)
+    try:
+        with _session(server, verbose), recorded_prepares() as outcomes:
+            state = prepare_flight(**params, return_state=True)
+    finally:
+        download_progress.reset(token)
+    if outcomes:
+        return outcomes[-1]
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, BaseException):
+        raise result
+    raise TypeError(f"prepare-flight returned {type(result).__name__}, not a report")

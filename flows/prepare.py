@@ -1,0 +1,168 @@
+"""The prepare-flight flow: a flight to a verified takeoff cache (SPEC §10).
+
+Phases, each a task but the build: resolve the flight and its area, take the
+corpus's workstation lock, download what the corpus lacks, build (the
+build-cache flow, as a subflow: the UI shows it under this run), verify. The
+report names the phase that stopped; its figures are the command line's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from prefect.client.schemas.objects import State
+from prefect.states import Failed
+
+from takeoff_cache import prepare as p
+from takeoff_cache.area import DEFAULT_BUFFER_M
+from takeoff_cache.download import DownloadOptions
+from takeoff_cache.errors import TakeoffCacheError
+from takeoff_cache.options import OPTION_FIELDS
+from takeoff_cache.request import FIELDS
+from takeoff_cache_prefect.flows.build import build_cache
+from takeoff_cache_prefect.flows.phases import recorded_outcomes
+from takeoff_cache_prefect.tasks import prepare as t
+from takeoff_cache_prefect.tasks.build import artifact_key
+
+# The build's own failure code ("failure" outcome); its typed errors keep theirs.
+EXIT_BUILD_FAILED = 3
+
+# The report of each run, and the error that ended it, for a caller in this process.
+_prepared: ContextVar[list[tuple[dict[str, Any], TakeoffCacheError | None]] | None] = ContextVar(
+    "prepare_flight_outcomes", default=None
+)
+
+
+@contextmanager
+def recorded_prepares() -> Iterator[list[tuple[dict[str, Any], TakeoffCacheError | None]]]:
+    outcomes: list[tuple[dict[str, Any], TakeoffCacheError | None]] = []
+    token = _prepared.set(outcomes)
+    try:
+        yield outcomes
+    finally:
+        _prepared.reset(token)
+
+
+@flow(name="prepare-flight", validate_parameters=False, persist_result=False, log_prints=False)
+def prepare_flight(
+    plan: str | None = None,
+    flight: dict[str, Any] | None = None,
+    flights_api: str | None = None,
+    tiles_url: str | None = None,
+    tiles_key_header: str | None = None,
+    tiles_key_param: str | None = None,
+    buffer_m: float = DEFAULT_BUFFER_M,
+    max_age_days: float | None = None,
+    max_tiles: int = DownloadOptions.max_tiles,
+    dry_run: bool = False,
+    corpus: str | None = None,
+    zoom_levels: list[int] | str | None = None,
+    sector_class: str | None = None,
+    backbones: str | None = None,
+    precision: str = "fp32",
+    calibration: str | None = None,
+    cache_root: str | None = None,
+    key: str | None = None,
+    trust: str | None = None,
+    flight_id: str | None = None,
+    work_dir: str | None = None,
+    backend: str = "auto",
+    coverage: str = "strict",
+    expires_in_s: float | None = None,
+    dask_address: str | None = None,
+    self_test: int = 200,
+    min_recall: float | None = None,
+) -> dict[str, Any] | State:
+    """Resolve a flight, fetch its area's tiles, build and verify its cache; return the report.
+
+    ``flight`` is a resolved flight (the JSON flight shape, as the command line
+    passes it); without it, ``plan`` or ``flight_id`` with ``flights_api`` name one.
+    Secrets never come as parameters: the tile API key, the flights token and the
+    key passphrase are read from this process's environment where they are used.
+    """
+    params = dict(locals())
+    report: dict[str, Any] = {"outcome": None, "phase": "resolve", "phases": {}}
+    try:
+        with ExitStack() as run:
+            return _prepare(params, report, run)
+    except TakeoffCacheError as exc:
+        report.update(outcome="failure", exit_code=exc.exit_code, error=str(exc))
+        _end(report, exc)
+        raise
+
+
+def _prepare(
+    params: dict[str, Any], report: dict[str, Any], run: ExitStack
+) -> dict[str, Any] | State:
+    with _phase(report, "resolve"):
+        job = t.resolve({name: params[name] for name in p.JOB_PARAMETERS})
+    report.update(job.report())
+    if params["dry_run"]:
+        report.update(download=p.dry_run(job.corpus, job.mission, job.options), outcome="dry_run")
+        return _end(report)
+    with _phase(report, "lock"):
+        if job.source is not None:
+            p.check_job_size(job.corpus, job.mission, job.options)
+        report["lock"] = t.lock(job, run)
+    with _phase(report, "download"):
+        report["download"] = t.download(job)
+        report["area"]["path"] = t.write_area(job)
+    with _phase(report, "build"), recorded_outcomes() as outcomes:
+        raw = p.build_raw(
+            {name: params[name] for name in FIELDS if name in params}, job.flight, job.mission,
+            job.corpus,
+        )  # fmt: skip
+        options = {f.name: params[f.name] for f in OPTION_FIELDS}
+        state = build_cache(**raw, **{**options, "work_dir": str(job.work)}, return_state=True)
+    build = _build_report(outcomes, state)
+    report["build"] = build
+    if build["outcome"] == "failure":
+        report.update(outcome="failure", exit_code=EXIT_BUILD_FAILED, error=build["failure_reason"])
+        _end(report)
+        return Failed(message=f"build failed: {build['failure_reason']}", data=report)
+    with _phase(report, "verify"):
+        cache_root = str(build["manifest_path"]).rsplit("/", 1)[0]
+        report["verify"] = t.verify(cache_root, str(params["trust"]))
+    report.update(outcome=build["outcome"], phase="done", exit_code=0)
+    return _end(report)
+
+
+@contextmanager
+def _phase(report: dict[str, Any], name: str) -> Iterator[None]:
+    report["phase"] = name
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        report["phases"][name] = round(time.perf_counter() - start, 4)
+
+
+def _build_report(outcomes: list[Any], state: State) -> dict[str, Any]:
+    """The subflow's report, from what it recorded (its state's copy can lack it)."""
+    outcome = outcomes[-1] if outcomes else state.result(raise_on_failure=False)
+    if isinstance(outcome, BaseException):
+        raise outcome
+    if not isinstance(outcome, dict):
+        raise TypeError(f"build-cache returned {type(outcome).__name__}, not a report")
+    return outcome
+
+
+def _end(report: dict[str, Any], error: TakeoffCacheError | None = None) -> dict[str, Any]:
+    recorded = _prepared.get()
+    if recorded is not None:
+        recorded.append((report, error))
+    with contextlib.suppress(Exception):  # a lost UI artifact must not change the outcome
+        create_markdown_artifact(
+            p.report_markdown(report),
+            key=artifact_key("prepare-report", Path(p.report_subject(report))),
+            description="takeoff-cache prepare report",
+        )
+    return report

@@ -1,0 +1,127 @@
+"""``takeoff-cache prepare``: a flight to a verified cache, through the prepare-flight flow.
+
+The flight is resolved and the job sized here first, before Prefect starts: a
+bad plan, an unreachable flights API or an oversized download is one line and
+its code, and leaves no file behind. The workstation lock is taken here too, so a
+second prepare of the same corpus is refused at once; the flow adopts it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidRequestError, TakeoffCacheError
+
+EXIT_CODES = """\
+exit codes, by the phase that stopped:
+  0  prepared: the cache is built (or already was) and verifies; --dry-run printed its estimate
+  2  invalid input or usage (a bad --zoom, --tiles-url, a flight id that is not a UUID)
+  9  resolve: the flight cannot be resolved (file, plan, position, flights API)
+  4  lock: another prepare of the same corpus holds its lock (WORK/locks/)
+  10 download: the tile server kept failing, or more tiles than --max-tiles
+  3, 5, 6, 8  build: the build's own code (failure, coverage, key, engine)
+  7  verify: the built cache does not verify
+
+secrets come from the environment only: TAKEOFF_CACHE_TILES_API_KEY (sent as
+--tiles-key-header or --tiles-key-param), TAKEOFF_CACHE_FLIGHTS_TOKEN (the flights
+API's bearer token), TAKEOFF_CACHE_KEY_PASSPHRASE (the signing key's)."""
+
+
+def add_parser(sub: Any, request_args: Callable[[argparse.ArgumentParser], None]) -> None:
+    p = sub.add_parser(
+        "prepare",
+        help="flight plan -> area -> tiles -> build -> verify",
+        description="Resolve a flight, download the tiles of its area, build and verify the"
+        " cache (the prepare-flight flow). The rest of the request comes from --request"
+        " and the build flags.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--plan", type=Path, help="flight file: QGroundControl .plan, QGC WPL, JSON")
+    p.add_argument("--flights-api", help="flights API base URL (GET URL/flights/ID)")
+    p.add_argument("--tiles-url", help="XYZ tile URL template ({z} {x} {y} {-y} {s} {q})")
+    key = p.add_mutually_exclusive_group()
+    key.add_argument("--tiles-key-header", help="send TAKEOFF_CACHE_TILES_API_KEY as this header")
+    key.add_argument("--tiles-key-param", help="send TAKEOFF_CACHE_TILES_API_KEY as this parameter")
+    p.add_argument("--buffer-m", type=float, default=500.0, help="buffer in metres (default 500)")
+    p.add_argument("--max-age", type=float, help="revalidate tiles older than DAYS")
+    p.add_argument(
+        "--max-tiles", type=int, default=50_000, help="refuse a larger download (default 50000)"
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the download estimate only")
+    request_args(p)
+    p.set_defaults(func=cmd_prepare)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Flight -> area -> tiles -> build -> verify; the report names the phase that stopped."""
+    from .prepare import report_text
+
+    report: dict[str, Any] = {"outcome": None, "phase": "resolve"}
+    try:
+        report, error = _prepare(args, report)
+    except TakeoffCacheError as exc:
+        report.update(outcome="failure", exit_code=exc.exit_code, error=str(exc))
+        error = exc
+    if args.json:
+        print(json.dumps(report))
+    if error is not None:
+        raise error  # one line, and its code
+    if not args.json:
+        print(report_text(report))
+    if report["outcome"] == "failure":  # the build's own verdict, told in its report
+        print(f"takeoff-cache: build failed: {report['error']}", file=sys.stderr)
+        return int(report["exit_code"])
+    return 0
+
+
+def _prepare(
+    args: argparse.Namespace, report: dict[str, Any]
+) -> tuple[dict[str, Any], TakeoffCacheError | None]:
+    from . import prepare as p
+    from .cli import _options, _raw_request
+    from .lock import holding_early
+    from .request import FIELDS
+
+    if args.area is not None:
+        raise InvalidRequestError("area: prepare computes the area from the flight; drop --area")
+    raw = _raw_request(args)
+    for decided in ("bbox", "area", "takeoff_origin"):
+        raw.pop(decided, None)  # the flight decides these
+    params: dict[str, Any] = {
+        "plan": str(args.plan) if args.plan else None,
+        "flights_api": args.flights_api,
+        "tiles_url": args.tiles_url,
+        "tiles_key_header": args.tiles_key_header,
+        "tiles_key_param": args.tiles_key_param,
+        "buffer_m": args.buffer_m,
+        "max_age_days": args.max_age,
+        "max_tiles": args.max_tiles,
+        **{name: raw.get(name) for name in FIELDS if name in raw},
+    }
+    # Resolved here, before any lock or write: a bad plan leaves no trace.
+    job_args: dict[str, Any] = {name: params.get(name) for name in p.JOB_PARAMETERS}
+    job = p.plan_job(**{**job_args, "work_dir": args.work_dir})
+    report.update(job.report())
+    report["phase"] = "download"
+    if args.dry_run:
+        report.update(download=p.dry_run(job.corpus, job.mission, job.options), outcome="dry_run")
+        return report, None
+    if job.source is not None:
+        p.check_job_size(job.corpus, job.mission, job.options)
+    report["phase"] = "lock"
+    args.work_dir = str(job.work)
+    options = _options(args)
+    params.update(flight=job.flight_json(), corpus=str(job.corpus))
+    with holding_early(p.workstation_lock(job.work, job.corpus)):
+        from takeoff_cache_prefect.run import run_prepare
+
+        from .progress import ProgressBar
+
+        with ProgressBar() as bar:
+            return run_prepare(params, options, args.verbose, progress=bar)

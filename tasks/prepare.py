@@ -1,0 +1,65 @@
+"""Prefect tasks of prepare-flight: resolve, lock, download, verify (the build is
+the build-cache flow, run as a subflow)."""
+
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from takeoff_cache import prepare
+from takeoff_cache.download import DownloadProgress
+from takeoff_cache.lock import adopt_or_acquire
+
+# How often the download writes its progress to the run log (the UI's view of it).
+_LOG_EVERY_S = 10.0
+
+
+@task(name="resolve", task_run_name="resolve", cache_policy=NO_CACHE, persist_result=False)
+def resolve(params: dict[str, Any]) -> prepare.Job:
+    return prepare.plan_job(**params)
+
+
+@task(name="lock", task_run_name="lock", cache_policy=NO_CACHE, persist_result=False)
+def lock(job: prepare.Job, run: ExitStack) -> str:
+    """Hold the corpus's workstation lock until ``run`` ends (adopting the command
+    line's, when it took it before the flow started)."""
+    held = run.enter_context(adopt_or_acquire(prepare.workstation_lock(job.work, job.corpus)))
+    return str(held.path)
+
+
+@task(name="download", task_run_name="download", cache_policy=NO_CACHE, persist_result=False)
+def download(job: prepare.Job) -> dict[str, Any]:
+    logger = get_run_logger()
+    shown = prepare.download_progress.get()
+    logged = [time.monotonic()]
+
+    def progress(state: DownloadProgress) -> None:
+        if shown is not None:
+            shown(state)
+        now = time.monotonic()
+        if now - logged[0] >= _LOG_EVERY_S or state.done == state.total:
+            logged[0] = now
+            logger.info(
+                "tiles %d/%d, %d failed, %.0f tiles/s",
+                state.done,
+                state.total,
+                state.failed,
+                state.tiles_per_s,
+            )
+
+    return prepare.fetch_tiles(job.corpus, job.mission, job.source, job.options, progress)
+
+
+@task(name="area", task_run_name="area", cache_policy=NO_CACHE, persist_result=False)
+def write_area(job: prepare.Job) -> str:
+    return str(prepare.write_area(job.work, job.flight, job.mission))
+
+
+@task(name="verify", task_run_name="verify", cache_policy=NO_CACHE, persist_result=False)
+def verify(cache_root: str, trust: str) -> dict[str, Any]:
+    return prepare.verify_built(Path(cache_root), Path(trust).expanduser())
