@@ -289,6 +289,8 @@ def test_deployments_match_prefect_yaml(stack: Stack) -> None:
     assert build["concurrency_options"]["collision_strategy"] == "ENQUEUE"
     watch = _deployment(stack, "watch-corpus/watch-corpus")
     assert watch["entrypoint"] == "flows/watch.py:watch_corpus"
+    prepare = _deployment(stack, "prepare-flight/prepare-flight")
+    assert prepare["entrypoint"] == "flows/prepare.py:prepare_flight"
     assert [s["schedule"]["interval"] for s in watch["schedules"]] == [900.0]
     automations = _post(stack, "/automations/filter", {})
     trigger = next(a for a in automations if a["name"] == "rebuild-on-corpus-change")
@@ -352,3 +354,38 @@ def test_changed_tile_triggers_one_rebuild_and_unchanged_corpus_none(stack: Stac
         stack, "/logs/filter", {"logs": {"flow_run_id": {"any_": [watcher["id"]]}}, "limit": 200}
     )
     assert any("corpus unchanged" in log["message"] for log in logs), json.dumps(logs)[-2000:]
+
+
+def test_the_prepare_flight_deployment_builds_a_flight_on_the_worker(stack: Stack) -> None:
+    from ._tileserver import tile_server
+
+    raw = read_request_file(stack.root / "request.toml")
+    cache = stack.root / "prepared"
+    cache.mkdir()
+    with tile_server() as server:
+        params = {
+            "plan": str(ROOT / "tests" / "data" / "flights" / "survey_corridor.plan"),
+            "tiles_url": server.template,
+            "zoom_levels": [16],
+            "buffer_m": 100,
+            **{k: raw[k] for k in ("sector_class", "backbones", "precision", "key", "trust")},
+            "cache_root": str(cache),
+            "work_dir": str(stack.root / "work"),
+        }
+        run_id = _run_deployment(stack, "prepare-flight/prepare-flight", params)
+        run = _wait(stack, run_id)
+        fetched = len(server.tile_requests())
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    assert fetched > 0
+    (artifact,) = _post(
+        stack, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}}
+    )
+    assert artifact["key"].startswith("prepare-report-") and "success" in artifact["data"]
+    (build,) = _post(
+        stack, "/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [run_id]}}}
+    )
+    assert build["state"]["type"] == "COMPLETED" and build["parameters"]["area"]
+    tasks = _post(stack, "/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})
+    assert {"resolve", "lock", "download", "verify"} <= {t["name"] for t in tasks}
+    manifest = verify_cache(cache, load_trust_store(Path(raw["trust"])))
+    assert manifest.signed["corpus"]["tile_count"] == fetched
