@@ -23,8 +23,9 @@ from prefect.states import Failed
 
 from takeoff_cache import prepare as p
 from takeoff_cache.area import DEFAULT_BUFFER_M
+from takeoff_cache.companion.options import CompanionOptions
 from takeoff_cache.download import DownloadOptions
-from takeoff_cache.errors import TakeoffCacheError
+from takeoff_cache.errors import RemoteCommandError, TakeoffCacheError
 from takeoff_cache.options import OPTION_FIELDS
 from takeoff_cache.request import FIELDS
 from takeoff_cache_prefect.flows.build import build_cache
@@ -63,6 +64,7 @@ def prepare_flight(
     max_age_days: float | None = None,
     max_tiles: int = DownloadOptions.max_tiles,
     dry_run: bool = False,
+    companion: dict[str, Any] | None = None,
     corpus: str | None = None,
     zoom_levels: list[int] | str | None = None,
     sector_class: str | None = None,
@@ -85,6 +87,8 @@ def prepare_flight(
 
     ``flight`` is a resolved flight (the JSON flight shape, as the command line
     passes it); without it, ``plan`` or ``flight_id`` with ``flights_api`` name one.
+    ``companion`` (its options, :class:`CompanionOptions`) builds and verifies on
+    the drone's companion computer over SSH instead of here.
     Secrets never come as parameters: the tile API key, the flights token and the
     key passphrase are read from this process's environment where they are used.
     """
@@ -95,6 +99,8 @@ def prepare_flight(
             return _prepare(params, report, run)
     except TakeoffCacheError as exc:
         report.update(outcome="failure", exit_code=exc.exit_code, error=str(exc))
+        if isinstance(exc, RemoteCommandError) and exc.report:
+            report["build"] = exc.report  # the companion's own report of what failed
         _end(report, exc)
         raise
 
@@ -115,11 +121,17 @@ def _prepare(
     with _phase(report, "download"):
         report["download"] = t.download(job)
         report["area"]["path"] = t.write_area(job)
+    fields = {name: params[name] for name in FIELDS if name in params}
+    if params["companion"]:
+        companion = CompanionOptions.from_json(params["companion"])
+        with _phase(report, "companion"):
+            done = t.companion_build(job, fields, companion, params["backend"])
+        report["companion"] = {"bring_up": done["bring_up"], "transfer": done["transfer"]}
+        report.update(build=done["build"], verify=done["verify"])
+        report.update(outcome=done["build"]["outcome"], phase="done", exit_code=0)
+        return _end(report)
     with _phase(report, "build"), recorded_outcomes() as outcomes:
-        raw = p.build_raw(
-            {name: params[name] for name in FIELDS if name in params}, job.flight, job.mission,
-            job.corpus,
-        )  # fmt: skip
+        raw = p.build_raw(fields, job.flight, job.mission, job.corpus)
         options = {f.name: params[f.name] for f in OPTION_FIELDS}
         state = build_cache(**raw, **{**options, "work_dir": str(job.work)}, return_state=True)
     build = _build_report(outcomes, state)

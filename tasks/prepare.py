@@ -1,8 +1,10 @@
 """Prefect tasks of prepare-flight: resolve, lock, download, verify (the build is
-the build-cache flow, run as a subflow)."""
+the build-cache flow, run as a subflow), or the companion's build and verify."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -12,6 +14,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from takeoff_cache import prepare
+from takeoff_cache.companion.options import COMPANION_PASSPHRASE_ENV, CompanionOptions
 from takeoff_cache.download import DownloadProgress
 from takeoff_cache.lock import adopt_or_acquire
 
@@ -63,3 +66,35 @@ def write_area(job: prepare.Job) -> str:
 @task(name="verify", task_run_name="verify", cache_policy=NO_CACHE, persist_result=False)
 def verify(cache_root: str, trust: str) -> dict[str, Any]:
     return prepare.verify_built(Path(cache_root), Path(trust).expanduser())
+
+
+@task(name="companion", task_run_name="companion", cache_policy=NO_CACHE, persist_result=False)
+def companion_build(
+    job: prepare.Job, fields: dict[str, Any], companion: CompanionOptions, backend: str
+) -> dict[str, Any]:
+    """Bring the companion up, send it the area's tiles and the models, build and
+    verify there; its progress lines go to the run log (and the command line)."""
+    from takeoff_cache.companion.session import build_on_companion
+
+    request, tiles = prepare.companion_request(job, fields, companion)
+    logger = get_run_logger()
+    shown = prepare.companion_lines.get()
+
+    def on_line(line: str) -> None:
+        logger.info("companion: %s", line)
+        if shown is not None:
+            shown(line)
+
+    report = asyncio.run(
+        build_on_companion(
+            companion.ssh_settings(),
+            request,
+            tiles,
+            companion.paths,
+            backend=backend,
+            tool=companion.tool,
+            on_line=on_line,
+            passphrase=os.environ.get(COMPANION_PASSPHRASE_ENV),
+        )
+    )
+    return report.to_json()

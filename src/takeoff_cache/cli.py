@@ -56,14 +56,22 @@ def _request_args(p: argparse.ArgumentParser, with_options: bool = True) -> None
 
 
 def _raw_request(args: argparse.Namespace) -> dict[str, Any]:
-    from .request import FIELDS, read_request_file
+    return _request_doc(args, ())[0]
 
-    raw: dict[str, Any] = read_request_file(args.request) if args.request else {}
+
+def _request_doc(
+    args: argparse.Namespace, tables: tuple[str, ...]
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The request's fields (the file's, then the flags'), and the file's ``tables``."""
+    from .request import FIELDS, read_request_sections
+
+    raw: dict[str, Any]
+    raw, sections = read_request_sections(args.request, tables) if args.request else ({}, {})
     for name in FIELDS:
         value = getattr(args, name, None)
         if value is not None:
             raw[name] = value
-    return raw
+    return raw, sections
 
 
 def _options(args: argparse.Namespace) -> Any:

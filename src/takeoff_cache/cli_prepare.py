@@ -26,6 +26,8 @@ exit codes, by the phase that stopped:
   10 download: the tile server kept failing, or more tiles than --max-tiles
   3, 5, 6, 8  build: the build's own code (failure, coverage, key, engine)
   7  verify: the built cache does not verify
+  11 companion: it cannot be reached or used (host key, auth, tool, disk, paths,
+     transfer); a build there that fails exits with its own code
 
 secrets come from the environment only: TAKEOFF_CACHE_TILES_API_KEY (sent as
 --tiles-key-header or --tiles-key-param), TAKEOFF_CACHE_FLIGHTS_TOKEN (the flights
@@ -54,8 +56,37 @@ def add_parser(sub: Any, request_args: Callable[[argparse.ArgumentParser], None]
         "--max-tiles", type=int, default=50_000, help="refuse a larger download (default 50000)"
     )
     p.add_argument("--dry-run", action="store_true", help="print the download estimate only")
+    c = p.add_argument_group(
+        "companion computer",
+        "build and verify on the drone's companion over SSH (or set [companion] in --request)",
+    )
+    c.add_argument("--companion", metavar="USER@HOST[:PORT]", help="the companion to build on")
+    for name, what in _COMPANION_PATHS.items():
+        c.add_argument(f"--companion-{name.replace('_', '-')}", metavar="PATH", help=what)
+    c.add_argument("--known-hosts", metavar="FILE", help="default: ~/.ssh/known_hosts")
+    c.add_argument(
+        "--accept-new-host-key",
+        action="store_true",
+        help="trust an unknown host key once and record it (a changed key is always refused)",
+    )
+    c.add_argument(
+        "--identity", action="append", metavar="FILE", help="private key to offer (repeatable)"
+    )
+    c.add_argument("--no-agent", action="store_true", help="do not offer the SSH agent's keys")
+    c.add_argument("--connect-timeout", type=float, metavar="S", help="default: 15")
+    c.add_argument("--command-timeout", type=float, metavar="S", help="default: 3600")
     request_args(p)
     p.set_defaults(func=cmd_prepare)
+
+
+_COMPANION_PATHS = {
+    "cache_root": "the cache folder there (must exist)",
+    "key": "the signing key there (it never travels)",
+    "trust": "the trust store there",
+    "work_dir": "the work folder there (default: ~/.cache/takeoff-cache)",
+    "inputs_dir": "where the inputs are sent (default: WORK/companion-inputs)",
+    "tool": "the takeoff-cache command there (default: takeoff-cache)",
+}
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -84,13 +115,13 @@ def _prepare(
     args: argparse.Namespace, report: dict[str, Any]
 ) -> tuple[dict[str, Any], TakeoffCacheError | None]:
     from . import prepare as p
-    from .cli import _options, _raw_request
+    from .cli import _options, _request_doc
     from .lock import holding_early
     from .request import FIELDS
 
     if args.area is not None:
         raise InvalidRequestError("area: prepare computes the area from the flight; drop --area")
-    raw = _raw_request(args)
+    raw, sections = _request_doc(args, ("companion",))
     for decided in ("bbox", "area", "takeoff_origin"):
         raw.pop(decided, None)  # the flight decides these
     params: dict[str, Any] = {
@@ -104,6 +135,9 @@ def _prepare(
         "max_tiles": args.max_tiles,
         **{name: raw.get(name) for name in FIELDS if name in raw},
     }
+    companion = _companion(args, sections.get("companion"))
+    if companion is not None:
+        params["companion"] = companion.to_json()
     # Resolved here, before any lock or write: a bad plan leaves no trace.
     job_args: dict[str, Any] = {name: params.get(name) for name in p.JOB_PARAMETERS}
     job = p.plan_job(**{**job_args, "work_dir": args.work_dir})
@@ -124,4 +158,30 @@ def _prepare(
         from .progress import ProgressBar
 
         with ProgressBar() as bar:
-            return run_prepare(params, options, args.verbose, progress=bar)
+            return run_prepare(params, options, args.verbose, progress=bar, lines=_show)
+
+
+def _show(line: str) -> None:
+    """A line the companion's build printed (redacted there and here)."""
+    print(f"companion: {line}", file=sys.stderr, flush=True)
+
+
+def _companion(args: argparse.Namespace, table: dict[str, Any] | None) -> Any:
+    """The companion's options, or None to build here."""
+    if args.companion is None and not (table and table.get("target")):
+        if any(getattr(args, f"companion_{name}") for name in _COMPANION_PATHS):
+            raise InvalidRequestError("companion: --companion-* flags need --companion USER@HOST")
+        return None
+    from .companion.options import companion_options
+
+    flags = {name: getattr(args, f"companion_{name}") for name in _COMPANION_PATHS}
+    flags.update(
+        target=args.companion,
+        known_hosts=args.known_hosts,
+        identity=args.identity,
+        accept_new_host_key=True if args.accept_new_host_key else None,
+        use_agent=False if args.no_agent else None,
+        connect_timeout_s=args.connect_timeout,
+        command_timeout_s=args.command_timeout,
+    )
+    return companion_options(table or {}, flags)

@@ -17,10 +17,11 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from .area import DEFAULT_BUFFER_M, Area, flight_area, tiles_for_area
+from .corpus import Tile, select_tiles
 from .download import (
     DownloadOptions,
     DownloadProgress,
@@ -34,10 +35,13 @@ from .fsutil import atomic_write_bytes
 from .keys import load_trust_store
 from .lock import ExclusiveLock
 from .mbtiles import Coord
-from .request import parse_zoom_levels
+from .request import BuildRequest, parse_request, parse_zoom_levels
 from .tileserver import TileSource
 from .verify import verify_cache
 from .workdir import resolve_work_dir
+
+if TYPE_CHECKING:
+    from .companion.options import CompanionOptions
 
 DEFAULT_ZOOMS = (16, 17)
 _SHOWN_MISSING = 20
@@ -46,6 +50,10 @@ _SHOWN_MISSING = 20
 # (the command line's progress bar) wants it: a flow parameter cannot carry a callable.
 download_progress: ContextVar[Callable[[DownloadProgress], None] | None] = ContextVar(
     "download_progress", default=None
+)
+# The same for the lines a companion's build prints while it runs.
+companion_lines: ContextVar[Callable[[str], None] | None] = ContextVar(
+    "companion_lines", default=None
 )
 
 
@@ -333,6 +341,14 @@ def report_text(report: dict[str, Any]) -> str:
                 )
         elif "missing" in download:
             lines.append(f"missing:  {download['missing']} tiles of the area are not in the corpus")
+    if "companion" in report:
+        up, sent = report["companion"]["bring_up"], report["companion"]["transfer"]
+        lines += [
+            f"companion: {up['target']}: takeoff-cache {up['version']}, {up['backend']}"
+            f" {up['backend_version']} ({up['host_tag']})",
+            f"transfer: {sent['bytes_sent']:,} bytes sent in {sent['files_sent']} files,"
+            f" {sent['bytes_skipped']:,} already there, {sent['elapsed_s']:.2f} s",
+        ]
     if "build" in report:
         lines.append(BuildReport.from_json(report["build"]).text())
     if "verify" in report:
@@ -348,3 +364,17 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"# Prepare: {report_subject(report)} — {report.get('outcome')}\n\n"
         f"```\n{report_text(report)}\n```\n"
     )
+
+
+def companion_request(
+    job: Job, fields: dict[str, Any], companion: CompanionOptions
+) -> tuple[BuildRequest, list[Tile]]:
+    """The build the companion runs: this request, with the companion's cache root,
+    key and trust store, and the area's tiles in the corpus (what is sent)."""
+    raw = build_raw(fields, job.flight, job.mission, job.corpus)
+    raw.update(cache_root=companion.cache_root, key=companion.key, trust=companion.trust)
+    request = parse_request(raw)
+    selection = select_tiles(
+        request.corpus, request.bbox.as_tuple(), request.zoom_levels, request.area
+    )
+    return request, list(selection.tiles)

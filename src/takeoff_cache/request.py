@@ -108,6 +108,14 @@ class BuildRequest:
 
 def read_request_file(path: Path) -> dict[str, Any]:
     """Read a request TOML; relative paths in it are made relative to the file."""
+    return read_request_sections(path, ())[0]
+
+
+def read_request_sections(
+    path: Path, tables: tuple[str, ...]
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """A request TOML's fields, and the tables named in ``tables`` (``[companion]``)
+    that a command reads beside them, as given."""
     if problem := kind_problem(path, "file"):
         raise InvalidRequestError(f"request: {path} {problem}")
     try:
@@ -118,6 +126,13 @@ def read_request_file(path: Path) -> dict[str, Any]:
         raise InvalidRequestError(f"request: {path} is not valid TOML: {exc}") from exc
     except OSError as exc:
         raise InvalidRequestError(f"request: cannot read {path}: {exc.strerror}") from exc
+    sections: dict[str, dict[str, Any]] = {}
+    for name in tables:
+        if name in doc:
+            table = doc.pop(name)
+            if not isinstance(table, dict):
+                raise InvalidRequestError(f"request: {path}: [{name}] must be a table")
+            sections[name] = table
     unknown = sorted(set(doc) - set(FIELDS))
     if unknown:
         raise InvalidRequestError(f"request: {path}: unknown field {unknown[0]!r}")
@@ -126,7 +141,7 @@ def read_request_file(path: Path) -> dict[str, Any]:
         value = doc.get(name)
         if isinstance(value, str) and value:
             doc[name] = str(base / Path(value).expanduser())
-    return doc
+    return doc, sections
 
 
 def _numbers(field: str, value: Any, count: int) -> list[float]:

@@ -144,22 +144,25 @@ def run_prepare(
     options: BuildOptions,
     verbose: bool,
     progress: Callable[[DownloadProgress], None] | None = None,
+    lines: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, Any], TakeoffCacheError | None]:
     """Run prepare-flight; return its report and the error that stopped it, if one did.
 
-    ``progress`` sees the download's progress (a flow parameter cannot carry it).
+    ``progress`` sees the download's progress and ``lines`` what a companion's
+    build prints (a flow parameter cannot carry a callable).
     """
     server = _start(verbose)
-    from takeoff_cache.prepare import download_progress
+    from takeoff_cache.prepare import companion_lines, download_progress
     from takeoff_cache_prefect.flows.prepare import prepare_flight, recorded_prepares
 
     params = {**params, **_flow_options(options)}
-    token = download_progress.set(progress)
+    shown = download_progress.set(progress), companion_lines.set(lines)
     try:
         with _session(server, verbose), recorded_prepares() as outcomes:
             state = prepare_flight(**params, return_state=True)
     finally:
-        download_progress.reset(token)
+        download_progress.reset(shown[0])
+        companion_lines.reset(shown[1])
     if outcomes:
         return outcomes[-1]
     result = state.result(raise_on_failure=False)

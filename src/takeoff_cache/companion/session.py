@@ -94,6 +94,8 @@ async def build_on_companion(
                 f"{remote_dir}/request.toml",
                 tool=tool,
                 backend=backend,
+                # Its run logs (each phase as it ends) are the progress streamed back.
+                extra_args=("-v",),
                 on_line=on_line,
                 passphrase=passphrase,
                 redact=redact,
