@@ -20,6 +20,7 @@ from takeoff_cache.corpus import open_corpus, select_tiles
 from takeoff_cache.demo.synthetic import write_corpus
 from takeoff_cache.download import (
     DownloadOptions,
+    DownloadProgress,
     download_tiles,
     estimate_download,
     missing_tiles,
@@ -118,6 +119,25 @@ def test_download_writes_an_mbtiles_the_corpus_reader_reads(tmp_path: Path) -> N
     assert row[1] == hashlib.sha256(tile_bytes(16, 39_000, 22_000)).hexdigest()
     bbox = tile_bounds(16, 39_000, 22_002)[:2] + tile_bounds(16, 39_002, 22_000)[2:]
     assert len(select_tiles(corpus, bbox, (16,)).tiles) == 9
+
+
+def test_progress_counts_every_tile_up_to_the_total(tmp_path: Path) -> None:
+    corpus = tmp_path / "c.mbtiles"
+    tiles = block(n=6)
+    faults = {"16/39000/22000": ["404"], "16/39001/22001": ["500"]}  # failed; retried
+    with tile_server(faults=faults) as server:
+        calls: list[DownloadProgress] = []
+        download_tiles(corpus, tiles, TileSource(server.template), FAST, progress=calls.append)
+        again: list[DownloadProgress] = []
+        download_tiles(corpus, tiles[1:], TileSource(server.template), FAST, progress=again.append)
+    assert calls and all(c.total == len(tiles) for c in calls)
+    done = [c.done for c in calls]
+    assert done == sorted(set(done)) and done[-1] == len(tiles)
+    seconds = [c.seconds for c in calls]
+    assert seconds == sorted(seconds)
+    assert calls[-1].failed == 1
+    assert calls[-1].bytes == sum(len(tile_bytes(*t)) for t in tiles[1:])
+    assert again == []  # nothing left to fetch: never called
 
 
 def test_tiles_already_present_are_not_fetched_again(tmp_path: Path) -> None:

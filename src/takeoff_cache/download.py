@@ -21,14 +21,15 @@ carry it has it replaced by ``[redacted]``.
 from __future__ import annotations
 
 import hashlib
+import heapq
+import itertools
 import os
 import queue
 import random
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -43,8 +44,6 @@ from .tileserver import TileSource, image_format, redact, redacting_logs, retry_
 TILES_KEY_ENV = "TAKEOFF_CACHE_TILES_API_KEY"
 DEFAULT_TILE_BYTES = 20_000  # a 256 px satellite JPEG, for estimates of unseen zooms
 _COMMIT_INTERVAL_S = 1.0  # the most a kill can cost: tiles received in the last second
-_THREADS_PER_SLOT = 1
-_GATHER_S = 0.0
 
 
 @dataclass(frozen=True)
@@ -212,8 +211,9 @@ def download_tiles(
                 if not batch:
                     writer.commit_if_due()  # a stalled server must not hold tiles uncommitted
                     continue
+                now = time.time()
                 for outcome in batch:
-                    _record(writer, outcome, counts, failed, formats)
+                    _record(writer, outcome, counts, failed, formats, now)
                 done += len(batch)
                 if progress is not None:
                     seconds = time.monotonic() - started
@@ -252,14 +252,23 @@ def _todo(
     return missing + stale, len(stale)
 
 
+@dataclass(frozen=True)
+class _Job:
+    coord: Coord
+    url: str
+    host: str  # the URL's netloc: requests are bounded and paused per host
+    attempt: int = 0
+
+
 @dataclass
 class _Outcome:
-    coord: Coord
-    kind: str  # "stored", "same", "failed", "cancelled"
+    job: _Job
+    kind: str  # "body" (to check), "stored", "same", "retry", "failed", "cancelled"
     data: bytes = b""
     sha256: str | None = None
     etag: str | None = None
     last_modified: str | None = None
+    content_type: str = ""
     tile_format: str = ""
     reason: str = ""
 
@@ -270,33 +279,27 @@ def _record(
     counts: dict[str, int],
     failed: list[FailedTile],
     formats: set[str],
+    now: float,
 ) -> None:
-    now = time.time()
+    coord = outcome.job.coord
     if outcome.kind == "stored":
-        writer.put(
-            outcome.coord,
-            outcome.data,
-            outcome.sha256 or "",
-            outcome.etag,
-            outcome.last_modified,
-            now,
-        )
+        sha = outcome.sha256 or ""
+        writer.put(coord, outcome.data, sha, outcome.etag, outcome.last_modified, now)
         counts["fetched"] += 1
         counts["bytes"] += len(outcome.data)
         formats.add(outcome.tile_format)
     elif outcome.kind == "same":
-        writer.renew(outcome.coord, outcome.sha256, outcome.etag, outcome.last_modified, now)
+        writer.renew(coord, outcome.sha256, outcome.etag, outcome.last_modified, now)
         counts["revalidated"] += 1
         counts["bytes"] += len(outcome.data)
     elif outcome.kind == "failed":
-        failed.append(FailedTile(*outcome.coord, outcome.reason))
+        failed.append(FailedTile(*coord, outcome.reason))
 
 
 @dataclass
 class _Host:
-    """One host's shared state: its request slots, pause and run of failures."""
+    """One host's shared state: its pause and run of failures."""
 
-    slots: threading.Semaphore
     lock: threading.Lock = field(default_factory=threading.Lock)
     not_before: float = 0.0
     failures: int = 0
@@ -304,7 +307,14 @@ class _Host:
 
 
 class _Run:
-    """One download's worker side: fetch, check, retry, and stop a failing host."""
+    """One download's worker side: fetch, check, retry, and stop a failing host.
+
+    Each host gets ``concurrency`` threads that only make requests, one attempt per
+    job, as a plain concurrent fetch would. The thread that consumes the outcomes
+    checks and hashes each body (the decode and the hash let go of the GIL, so the
+    requests go on meanwhile) and schedules retries after their backoff, so no
+    request thread sits idle while a tile waits for its next attempt.
+    """
 
     def __init__(self, source: TileSource, options: DownloadOptions, key: str | None) -> None:
         self.source = source
@@ -318,13 +328,14 @@ class _Run:
     def outcomes(
         self, todo: list[Coord], have: dict[Coord, StoredTile], tick_s: float
     ) -> Iterator[list[_Outcome]]:
-        """Outcomes in the order they arrive, as many at a time as have arrived; an
+        """Settled outcomes as they arrive, as many at a time as have arrived; an
         empty list after ``tick_s`` without one."""
-        jobs: dict[str, deque[tuple[Coord, str]]] = {}
+        jobs: dict[str, queue.SimpleQueue[_Job | None]] = {}
         for c in todo:
             url = self.source.url(*c)
-            jobs.setdefault(url.split("/", 3)[2], deque()).append((c, url))
-        self.hosts = {name: _Host(threading.Semaphore(self.options.concurrency)) for name in jobs}
+            host = url.split("/", 3)[2]  # the netloc, cheaper than urlsplit
+            jobs.setdefault(host, queue.SimpleQueue()).put(_Job(c, url, host))
+        self.hosts = {name: _Host() for name in jobs}
         headers = {"User-Agent": USER_AGENT}
         if self.key and self.source.key_header:
             headers[self.source.key_header] = self.key
@@ -332,12 +343,11 @@ class _Run:
         limits = httpx.Limits(max_connections=workers, max_keepalive_connections=workers)
         # Workers hand over each outcome (or what they raised) here, and nothing else.
         arrived: queue.SimpleQueue[_Outcome | BaseException] = queue.SimpleQueue()
+        retries: list[tuple[float, int, _Job]] = []  # a heap by when they are due
+        order = itertools.count()  # breaks ties in the heap: jobs do not compare
         with httpx.Client(
             headers=headers, timeout=self.options.timeout_s, limits=limits, follow_redirects=True
         ) as client:
-            # Each host's own threads take its tiles in turn, more of them than it has
-            # request slots: while one checks and hashes a body, another's request is
-            # already on the wire.
             threads = [
                 threading.Thread(
                     target=self._work,
@@ -345,20 +355,23 @@ class _Run:
                     name=f"tiles-{name}-{i}",
                 )
                 for name, host_jobs in jobs.items()
-                for i in range(self.options.concurrency * _THREADS_PER_SLOT)
+                for i in range(self.options.concurrency)
             ]
             for thread in threads:
                 thread.start()
             left = len(todo)
             try:
                 while left and not self.stop.is_set():
+                    now = time.monotonic()
+                    while retries and retries[0][0] <= now:
+                        job = heapq.heappop(retries)[2]
+                        jobs[job.host].put(job)
+                    wait = min(tick_s, retries[0][0] - now) if retries else tick_s
                     try:
-                        first = arrived.get(timeout=tick_s)
+                        first = arrived.get(timeout=max(wait, 0.0))
                     except queue.Empty:
                         yield []  # a quiet moment: the caller commits what it holds
                         continue
-                    if _GATHER_S:
-                        time.sleep(_GATHER_S)
                     batch = [first]
                     # Take all that is there at once: one wake-up of this thread for
                     # many tiles when they come fast.
@@ -367,14 +380,24 @@ class _Run:
                             batch.append(arrived.get_nowait())
                         except queue.Empty:
                             break
-                    left -= len(batch)
+                    settled: list[_Outcome] = []
                     for item in batch:
                         if isinstance(item, BaseException):
                             raise item
-                    yield [o for o in batch if isinstance(o, _Outcome) and o.kind != "cancelled"]
+                        outcome = self._settle(item, have)
+                        if outcome.kind == "retry":
+                            due = time.monotonic() + self._backoff(outcome.job.attempt)
+                            heapq.heappush(retries, (due, next(order), outcome.job))
+                        elif outcome.kind != "cancelled":
+                            settled.append(outcome)
+                    left -= len(settled)
+                    yield settled
             finally:
-                # Workers stop between attempts; tiles not started are dropped.
+                # Workers stop between requests; tiles not started are dropped.
                 self.stop.set()
+                for host_jobs in jobs.values():
+                    for _ in range(self.options.concurrency):
+                        host_jobs.put(None)
                 for thread in threads:
                     thread.join()
         # Tiles that arrived while the others were being stopped are kept all the same.
@@ -384,99 +407,96 @@ class _Run:
                 item = arrived.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(item, _Outcome) and item.kind in ("stored", "same"):
-                late.append(item)
+            if isinstance(item, _Outcome):
+                outcome = self._settle(item, have)
+                if outcome.kind in ("stored", "same"):
+                    late.append(outcome)
         if late:
             yield late
 
     def _work(
         self,
         client: httpx.Client,
-        jobs: deque[tuple[Coord, str]],
+        jobs: queue.SimpleQueue[_Job | None],
         have: dict[Coord, StoredTile],
         arrived: queue.SimpleQueue[_Outcome | BaseException],
     ) -> None:
         while not self.stop.is_set():
-            try:
-                coord, url = jobs.popleft()  # atomic: the host's threads share the deque
-            except IndexError:
+            job = jobs.get()
+            if job is None:
                 return
             try:
-                arrived.put(self._fetch(client, coord, url, have.get(coord)))
+                arrived.put(self._fetch(client, job, have.get(job.coord)))
             except BaseException as exc:  # a bug, not a tile's fault: the caller raises it
                 arrived.put(exc)
                 return
 
-    def _fetch(
-        self, client: httpx.Client, coord: Coord, url: str, old: StoredTile | None
-    ) -> _Outcome:
-        host_name = url.split("/", 3)[2]  # the netloc, cheaper than urlsplit
-        host = self.hosts[host_name]
+    def _fetch(self, client: httpx.Client, job: _Job, old: StoredTile | None) -> _Outcome:
+        """One attempt at one tile; a 200's body is left for :meth:`_settle` to check."""
+        host = self.hosts[job.host]
         params = {self.source.key_param: self.key} if self.key and self.source.key_param else None
         headers = {}
         if old is not None and old.etag:
             headers["If-None-Match"] = old.etag
         if old is not None and old.last_modified:
             headers["If-Modified-Since"] = old.last_modified
-        problem = ""
-        for attempt in range(self.options.max_retries + 1):
-            if attempt:
-                self._wait(self._backoff(attempt))
-            self._wait(host.not_before - time.monotonic())
-            if self.stop.is_set():
-                return _Outcome(coord, "cancelled")
-            with host.slots:
-                if self.stop.is_set():  # it stopped while this thread waited for a slot
-                    return _Outcome(coord, "cancelled")
-                try:
-                    response = client.get(url, params=params, headers=headers)
-                except httpx.TimeoutException:
-                    problem = f"timed out after {self.options.timeout_s:g} s"
-                    response = None
-                except httpx.TransportError as exc:
-                    problem = f"connection failed ({type(exc).__name__})"
-                    response = None
-            if response is None:
-                self._failure(host_name, problem)
-                continue
-            status = response.status_code
-            if status == 304 and old is not None:
-                self._success(host)
-                etag, modified = _validators(response, old)
-                return _Outcome(coord, "same", sha256=old.sha256, etag=etag, last_modified=modified)
-            if status == 200:
-                data = response.content
-                fmt, problem = _check_body(data, response.headers.get("content-type", ""))
-                if fmt is not None:
-                    self._success(host)
-                    sha = hashlib.sha256(data).hexdigest()
-                    kind = "same" if old is not None and old.sha256 == sha else "stored"
-                    etag, modified = _validators(response, None)
-                    return _Outcome(coord, kind, data, sha, etag, modified, fmt)
-                self._failure(host_name, problem)
-                continue
-            problem = f"HTTP {status}"
-            if status in (401, 403):
-                self._trip(host_name, problem, "the server refused the request: check the API key")
-                return _Outcome(coord, "cancelled")
-            if status == 429 or status >= 500:
-                wait = retry_after_s(response.headers.get("retry-after"))
-                if wait is not None:
-                    if wait > self.options.max_wait_s:
-                        self._trip(host_name, problem, f"it asks to wait {wait:.0f} s")
-                        return _Outcome(coord, "cancelled")
-                    with host.lock:
-                        host.not_before = max(host.not_before, time.monotonic() + wait)
-                self._failure(host_name, problem)
-                continue
-            # 404 and other client errors: the server answered; this tile is not to be had.
+        self._wait(host.not_before - time.monotonic())
+        if self.stop.is_set():
+            return _Outcome(job, "cancelled")
+        try:
+            response = client.get(job.url, params=params, headers=headers)
+        except httpx.TimeoutException:
+            return self._retry(job, f"timed out after {self.options.timeout_s:g} s")
+        except httpx.TransportError as exc:
+            return self._retry(job, f"connection failed ({type(exc).__name__})")
+        status = response.status_code
+        if status == 304 and old is not None:
             self._success(host)
-            return _Outcome(coord, "failed", reason=problem)
-        return _Outcome(
-            coord,
-            "failed",
-            reason=self._redact(f"{problem} after {self.options.max_retries + 1} attempts"),
-        )
+            etag, modified = _validators(response, old)
+            return _Outcome(job, "same", sha256=old.sha256, etag=etag, last_modified=modified)
+        if status == 200:
+            etag, modified = _validators(response, None)
+            content_type = response.headers.get("content-type", "")
+            return _Outcome(job, "body", response.content, None, etag, modified, content_type)
+        problem = f"HTTP {status}"
+        if status in (401, 403):
+            self._trip(job.host, problem, "the server refused the request: check the API key")
+            return _Outcome(job, "cancelled")
+        if status == 429 or status >= 500:
+            wait = retry_after_s(response.headers.get("retry-after"))
+            if wait is not None:
+                if wait > self.options.max_wait_s:
+                    self._trip(job.host, problem, f"it asks to wait {wait:.0f} s")
+                    return _Outcome(job, "cancelled")
+                with host.lock:
+                    host.not_before = max(host.not_before, time.monotonic() + wait)
+            return self._retry(job, problem)
+        # 404 and other client errors: the server answered; this tile is not to be had.
+        self._success(host)
+        return _Outcome(job, "failed", reason=problem)
+
+    def _settle(self, outcome: _Outcome, have: dict[Coord, StoredTile]) -> _Outcome:
+        """A body checked and hashed (stored, same, or a failed attempt); others as they are."""
+        if outcome.kind != "body":
+            return outcome
+        job = outcome.job
+        fmt, problem = _check_body(outcome.data, outcome.content_type)
+        if fmt is None:
+            return self._retry(job, problem)
+        self._success(self.hosts[job.host])
+        outcome.sha256 = sha = hashlib.sha256(outcome.data).hexdigest()
+        old = have.get(job.coord)
+        outcome.kind = "same" if old is not None and old.sha256 == sha else "stored"
+        outcome.tile_format = fmt
+        return outcome
+
+    def _retry(self, job: _Job, problem: str) -> _Outcome:
+        """A failed attempt: the next one (``kind == "retry"``), or the tile failed."""
+        self._failure(job.host, problem)
+        if job.attempt < self.options.max_retries:
+            return _Outcome(replace(job, attempt=job.attempt + 1), "retry", reason=problem)
+        attempts = self.options.max_retries + 1
+        return _Outcome(job, "failed", reason=self._redact(f"{problem} after {attempts} attempts"))
 
     def _backoff(self, attempt: int) -> float:
         delay = min(self.options.backoff_max_s, self.options.backoff_base_s * 2.0 ** (attempt - 1))
