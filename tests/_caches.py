@@ -17,16 +17,16 @@ from takeoff_cache.manifest import Manifest, sign_manifest
 from takeoff_cache.verify import verify_cache
 
 
-def build_demo_cache(source: Path, dest: Path, *, weak: bool = False) -> Path:
-    """A copy of the demo inputs at ``dest``, built; with ``weak``, its place-recognition
-    backbone is the deliberately weak one."""
+def build_demo_cache(source: Path, dest: Path, *extra: str, weak: bool = False) -> Path:
+    """A copy of the demo inputs at ``dest``, built (``extra``: more build flags); with
+    ``weak``, its place-recognition backbone is the deliberately weak one."""
     shutil.copytree(source, dest)
     if weak:
         build_weak_vpr_model(dest / "models" / "weak.onnx")
         toml = dest / "backbones.toml"
         toml.write_text(toml.read_text().replace("models/vpr.onnx", "models/weak.onnx"))
     argv = ["build", "--request", str(dest / "request.toml"), "--work-dir", str(dest / "work")]
-    code = main([*argv, "--json"])
+    code = main([*argv, *extra, "--json"])
     if code != 0:
         raise RuntimeError(f"demo build failed with exit code {code}")
     return dest

@@ -93,6 +93,22 @@ def test_an_unverifiable_cache_is_exit_7_with_one_line_per_problem(
     assert any("stray.bin" in line for line in result.err_lines)
 
 
+def test_a_cache_with_one_changed_byte_is_refused_with_one_line(
+    capsys: pytest.CaptureFixture[str], built: Path, tmp_path: Path
+) -> None:
+    root = Path(shutil.copytree(built, tmp_path / "flipped"))
+    _, image = a_tile_image(root, tmp_path)
+    index = root / "cache" / artifact_path(root, "faiss_index")
+    data = bytearray(index.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    index.unlink()  # its own inode: the work folder's copy stays as it was
+    index.write_bytes(bytes(data))
+    result = locate(capsys, root, image)
+    assert result.code == 7 and result.out == ""
+    (line,) = result.err_lines
+    assert line.startswith("takeoff-cache: locate: ") and "SHA-256 differs" in line
+
+
 @pytest.mark.parametrize("k", ["0", "101", "many"])
 def test_a_k_out_of_range_is_refused(
     capsys: pytest.CaptureFixture[str], built: Path, tmp_path: Path, k: str

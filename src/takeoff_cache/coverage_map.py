@@ -203,6 +203,7 @@ def _draw_legend(
     counts: dict[int, int],
     missing: int,
     queries: Sequence[QueryOutcome],
+    outline: str,
 ) -> None:
     font, head = _font(17), _font(19)
     draw.text((x, y), "Legend", fill=(20, 20, 20), font=head)
@@ -216,7 +217,7 @@ def _draw_legend(
     draw.text((x + 32, y), f"missing from corpus: {missing}", fill=(20, 20, 20), font=font)
     y += 28
     draw.line((x, y + 8, x + 22, y + 8), fill=AREA_COLOUR, width=3)
-    draw.text((x + 32, y), "area", fill=(20, 20, 20), font=font)
+    draw.text((x + 32, y), outline, fill=(20, 20, 20), font=font)
     y += 40
     if not queries:
         return
@@ -275,7 +276,10 @@ def coverage_map_png(
     if subtitle:
         draw.text((_PAD, 38), subtitle, fill=(80, 80, 80), font=_font(14))
     counts = {z: sum(1 for t in tiles if t[0] == z) for z in zooms}
-    _draw_legend(draw, frame.width + _PAD, _TITLE_PX + 70, zooms, counts, len(missing), queries)
+    outline = "area (polygon)" if rings else "area (bbox)"
+    _draw_legend(
+        draw, frame.width + _PAD, _TITLE_PX + 70, zooms, counts, len(missing), queries, outline
+    )
     _draw_north(draw, frame.width + _PANEL_PX - 50, _TITLE_PX + 8)
     _draw_scale(draw, frame, _PAD, _TITLE_PX + frame.height + 18)
     draw.text(
