@@ -10,7 +10,9 @@ it. Then, per backbone:
 - the self-test as a build runs it (``--views`` views seeded by the build
   identity, every perturbation on), timed ``--repeat`` times: its median
   seconds as a share of the cold build's wall time (the process, Prefect's
-  temporary API included) and of the build's own ``elapsed_s``;
+  temporary API included) and of the build's own ``elapsed_s``; and the cold
+  build's own ``self_test`` phase (engine and index loading and the map
+  included) as a share of both (``within_target``: of the wall time);
 - Recall@1 / Recall@5 for views at one scale and one rotation (either sign),
   with the other perturbations as in the self-test: a table.
 
@@ -21,9 +23,12 @@ heading-invariant histograms, Recall@1 0.77, Recall@5 0.925, median error 59 m
 at any heading (0.77 / 0.90 / 52 m with the heading known to 15 degrees), flat
 across rotation; 0.85 / 0.94 at scale 0.85-1.0, 0.53-0.65 / 0.78-0.88 at the
 ends of the range (a z17 view at 0.7 looks like its z16 parent at 1.4). The
-weak backbone: 0.075 / 0.225 / 1338 m. The self-test took 5.2% of the demo's
-cold build wall time. The north-up Gabor grid the demo used before reached
-0.145 / 0.275 / 1366 m at any heading, 0.525 with the heading known.
+weak backbone: 0.075 / 0.225 / 1338 m. The cold build's own self_test phase
+took 1.2-2.3 s: 6-7% of its wall time (19-34 s, most of it the process start and
+Prefect's temporary API), within the 10% target, but 38-41% of its elapsed_s
+(3.1-5.7 s), which the target is not met against on a corpus this small. The
+north-up Gabor grid the demo used before reached 0.145 / 0.275 / 1366 m at any
+heading, 0.525 with the heading known.
 """
 
 from __future__ import annotations
@@ -96,6 +101,7 @@ def cold_build(root: Path) -> dict[str, Any]:
         "wall_s": round(wall, 3),
         "elapsed_s": report["elapsed_s"],
         "descriptors_s": report["phases"]["descriptors"],
+        "self_test_phase_s": report["phases"]["self_test"],
         "tiles": report["tiles"],
     }
 
@@ -172,6 +178,12 @@ def main() -> None:
             "self_test_s": round(seconds, 3),
             "share_of_cold_build_wall": round(seconds / build["wall_s"], 4),
             "share_of_build_elapsed": round(seconds / build["elapsed_s"], 4),
+            "phase_share_of_cold_build_wall": round(
+                build["self_test_phase_s"] / build["wall_s"], 4
+            ),
+            "phase_share_of_build_elapsed": round(
+                build["self_test_phase_s"] / build["elapsed_s"], 4
+            ),
             **figures_of(runs[0]),
             "heading_within_15deg": figures_of(
                 run_self_test(
@@ -191,11 +203,18 @@ def main() -> None:
             f" median error {entry['median_error_m']} m; self-test {entry['self_test_s']} s ="
             f" {entry['share_of_cold_build_wall']:.1%} of the cold build's"
             f" {build['wall_s']} s wall ({entry['share_of_build_elapsed']:.0%} of its"
-            f" {build['elapsed_s']} s elapsed_s)"
+            f" {build['elapsed_s']} s elapsed_s); the build's own self_test phase"
+            f" {build['self_test_phase_s']} s = {entry['phase_share_of_cold_build_wall']:.1%}"
+            f" of its wall, {entry['phase_share_of_build_elapsed']:.0%} of its elapsed_s"
         )
         figures[name] = entry
     figures["target_share"] = TARGET_SHARE
-    figures["within_target"] = figures["demo"]["share_of_cold_build_wall"] <= TARGET_SHARE
+    # What the build itself pays for its self-test, against the wall time an operator
+    # waits and against the build's own work (no process start, no Prefect API).
+    figures["within_target"] = figures["demo"]["phase_share_of_cold_build_wall"] <= TARGET_SHARE
+    figures["within_target_of_elapsed"] = (
+        figures["demo"]["phase_share_of_build_elapsed"] <= TARGET_SHARE
+    )
     figures["load_after"] = round(os.getloadavg()[0], 2)
     print(json.dumps(figures, sort_keys=True))
 
