@@ -65,6 +65,7 @@ def prepare_flight(
     max_tiles: int = DownloadOptions.max_tiles,
     dry_run: bool = False,
     companion: dict[str, Any] | None = None,
+    work_pool: str | None = None,
     corpus: str | None = None,
     zoom_levels: list[int] | str | None = None,
     sector_class: str | None = None,
@@ -88,7 +89,9 @@ def prepare_flight(
     ``flight`` is a resolved flight (the JSON flight shape, as the command line
     passes it); without it, ``plan`` or ``flight_id`` with ``flights_api`` name one.
     ``companion`` (its options, :class:`CompanionOptions`) builds and verifies on
-    the drone's companion computer over SSH instead of here.
+    the drone's companion computer over SSH instead of here; ``work_pool`` runs
+    the build as that pool's build-cache deployment (its worker on the companion),
+    with paths as they are there.
     Secrets never come as parameters: the tile API key, the flights token and the
     key passphrase are read from this process's environment where they are used.
     """
@@ -130,11 +133,16 @@ def _prepare(
         report.update(build=done["build"], verify=done["verify"])
         report.update(outcome=done["build"]["outcome"], phase="done", exit_code=0)
         return _end(report)
-    with _phase(report, "build"), recorded_outcomes() as outcomes:
-        raw = p.build_raw(fields, job.flight, job.mission, job.corpus)
-        options = {f.name: params[f.name] for f in OPTION_FIELDS}
-        state = build_cache(**raw, **{**options, "work_dir": str(job.work)}, return_state=True)
-    build = _build_report(outcomes, state)
+    raw = p.build_raw(fields, job.flight, job.mission, job.corpus)
+    options = {f.name: params[f.name] for f in OPTION_FIELDS}
+    if params["work_pool"]:
+        with _phase(report, "build"):
+            build = t.pool_build({**raw, **options}, params["work_pool"])
+    else:
+        with _phase(report, "build"), recorded_outcomes() as outcomes:
+            work = {"work_dir": str(job.work)}
+            state = build_cache(**raw, **{**options, **work}, return_state=True)
+        build = _build_report(outcomes, state)
     report["build"] = build
     if build["outcome"] == "failure":
         report.update(outcome="failure", exit_code=EXIT_BUILD_FAILED, error=build["failure_reason"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import re
 from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
@@ -209,10 +210,27 @@ def _embedded_map(path: str | None) -> str:
     return f"\n![coverage map](data:image/png;base64,{base64.b64encode(data).decode()})\n"
 
 
+REPORT_BLOCK = re.compile(r"```json takeoff-cache-report\n(.*?)\n```", re.S)
+
+
+def report_block(report: dict[str, Any]) -> str:
+    """The report as JSON, fenced: what a caller on another machine reads back
+    (``prepare --work-pool``), since a deployment run's result stays on its worker."""
+    return f"\n```json takeoff-cache-report\n{json.dumps(report)}\n```\n"
+
+
+def read_report_block(markdown: str) -> dict[str, Any] | None:
+    match = REPORT_BLOCK.search(markdown)
+    if match is None:
+        return None
+    data: dict[str, Any] = json.loads(match.group(1))
+    return data
+
+
 @task(name="report", task_run_name="report", cache_policy=NO_CACHE, persist_result=False)
 def publish_report(report: BuildReport, cache_root: str) -> None:
     create_markdown_artifact(
-        report.markdown() + _embedded_map(report.coverage_map),
+        report.markdown() + _embedded_map(report.coverage_map) + report_block(report.to_json()),
         key=artifact_key("build-report", Path(cache_root)),
         description=f"takeoff-cache build report for {cache_root}",
     )

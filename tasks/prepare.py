@@ -8,7 +8,7 @@ import os
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -98,3 +98,73 @@ def companion_build(
         )
     )
     return report.to_json()
+
+
+_TERMINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+
+
+@task(name="pool-build", task_run_name="pool-build", cache_policy=NO_CACHE, persist_result=False)
+def pool_build(parameters: dict[str, Any], work_pool: str) -> dict[str, Any]:
+    """Run the build-cache deployment of ``work_pool`` (its worker is on the companion),
+    follow its state and read its report back from its artifact."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowFilter,
+        FlowFilterName,
+        WorkPoolFilter,
+        WorkPoolFilterName,
+    )
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.deployments import run_deployment
+
+    from takeoff_cache.errors import CompanionError, RemoteCommandError
+    from takeoff_cache_prefect.tasks.build import read_report_block
+
+    logger = get_run_logger()
+    shown = prepare.companion_lines.get()
+
+    def say(line: str) -> None:
+        logger.info("%s", line)
+        if shown is not None:
+            shown(line)
+
+    with get_client(sync_client=True) as client:
+        deployments = client.read_deployments(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["build-cache"])),
+            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[work_pool])),
+        )
+        if not deployments:
+            raise CompanionError(
+                f"work pool {work_pool}: no build-cache deployment in it"
+                f" (scripts/deploy.py --pool {work_pool} makes one)"
+            )
+        name = f"build-cache/{deployments[0].name}"
+        run = cast(FlowRun, run_deployment(name, parameters=parameters, timeout=0, as_subflow=True))
+        say(f"work pool {work_pool}: {name} run {run.name} {run.id}")
+        last = None
+        while True:
+            state = client.read_flow_run(run.id).state
+            if state is not None and state.name != last:
+                last = state.name
+                say(f"work pool {work_pool}: {run.name}: {state.name}")
+            if state is not None and state.type.value in _TERMINAL:
+                break
+            time.sleep(1.0)
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))
+        )
+    reports = [r for a in artifacts if (r := read_report_block(str(a.data or "")))]
+    if not reports:
+        raise RemoteCommandError(
+            f"work pool {work_pool}: {run.name} ended {last} without a build report", 11
+        )
+    report = reports[0]
+    if state.type.value != "COMPLETED" and report.get("outcome") != "failure":
+        raise RemoteCommandError(
+            f"work pool {work_pool}: {run.name} ended {last}: {report.get('failure_reason')}",
+            11,
+            report,
+        )
+    return report

@@ -366,6 +366,8 @@ def test_the_prepare_flight_deployment_builds_a_flight_on_the_worker(stack: Stac
         params = {
             "plan": str(ROOT / "tests" / "data" / "flights" / "survey_corridor.plan"),
             "tiles_url": server.template,
+            # Given, or the deployment's example corpus (the repository's .demo) is used.
+            "corpus": str(stack.root / "work" / "tiles" / "fetched.mbtiles"),
             "zoom_levels": [16],
             "buffer_m": 100,
             **{k: raw[k] for k in ("sector_class", "backbones", "precision", "key", "trust")},
@@ -376,10 +378,10 @@ def test_the_prepare_flight_deployment_builds_a_flight_on_the_worker(stack: Stac
         run = _wait(stack, run_id)
         fetched = len(server.tile_requests())
     assert run["state"]["type"] == "COMPLETED", run["state"]
-    assert fetched > 0
     (artifact,) = _post(
         stack, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}}
     )
+    assert fetched > 0, artifact["data"]
     assert artifact["key"].startswith("prepare-report-") and "success" in artifact["data"]
     (build,) = _post(
         stack, "/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [run_id]}}}
@@ -389,3 +391,33 @@ def test_the_prepare_flight_deployment_builds_a_flight_on_the_worker(stack: Stac
     assert {"resolve", "lock", "download", "verify"} <= {t["name"] for t in tasks}
     manifest = verify_cache(cache, load_trust_store(Path(raw["trust"])))
     assert manifest.signed["corpus"]["tile_count"] == fetched
+
+
+def test_prepare_builds_through_a_work_pool_worker(
+    stack: Stack, _server_env: dict[str, str]
+) -> None:
+    """``prepare --work-pool``: this side resolves and runs prepare-flight against the
+    server; the build is the pool's build-cache deployment, run by its worker."""
+    raw = read_request_file(stack.root / "request.toml")
+    cache = stack.root / "pooled"
+    cache.mkdir()
+    argv = [
+        sys.executable, "-c", "import sys; from takeoff_cache.cli import main; sys.exit(main())",
+        "prepare", "--plan", str(ROOT / "tests" / "data" / "flights" / "survey_corridor.plan"),
+        "--corpus", raw["corpus"], "--zoom", "16", "--buffer-m", "100",
+        "--sector", raw["sector_class"], "--backbones", raw["backbones"],
+        "--key", raw["key"], "--trust", raw["trust"], "--cache-root", str(cache),
+        "--work-dir", str(stack.root / "work"), "--work-pool", "takeoff-cache", "--json",
+    ]  # fmt: skip
+    done = subprocess.run(
+        argv, env=_server_env, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["build"]["outcome"] == "success" and report["verify"]["ok"]
+    states = [line for line in done.stderr.splitlines() if "work pool takeoff-cache:" in line]
+    assert any(line.endswith(": Running") for line in states), done.stderr[-2000:]
+    assert any(line.endswith(": Completed") for line in states), done.stderr[-2000:]
+    (run,) = [r for r in _build_runs(stack) if r["parameters"]["cache_root"] == str(cache)]
+    assert run["state"]["type"] == "COMPLETED" and run["parent_task_run_id"]
+    verify_cache(cache, load_trust_store(Path(raw["trust"])))

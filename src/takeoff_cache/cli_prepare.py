@@ -73,6 +73,12 @@ def add_parser(sub: Any, request_args: Callable[[argparse.ArgumentParser], None]
         "--identity", action="append", metavar="FILE", help="private key to offer (repeatable)"
     )
     c.add_argument("--no-agent", action="store_true", help="do not offer the SSH agent's keys")
+    c.add_argument(
+        "--work-pool",
+        metavar="NAME",
+        help="build as the build-cache deployment of this Prefect work pool (its worker"
+        " on the companion; paths as they are there); needs PREFECT_API_URL",
+    )
     c.add_argument("--connect-timeout", type=float, metavar="S", help="default: 15")
     c.add_argument("--command-timeout", type=float, metavar="S", help="default: 3600")
     request_args(p)
@@ -138,6 +144,9 @@ def _prepare(
     companion = _companion(args, sections.get("companion"))
     if companion is not None:
         params["companion"] = companion.to_json()
+    if args.work_pool:
+        _check_work_pool(companion is not None)
+        params["work_pool"] = args.work_pool
     # Resolved here, before any lock or write: a bad plan leaves no trace.
     job_args: dict[str, Any] = {name: params.get(name) for name in p.JOB_PARAMETERS}
     job = p.plan_job(**{**job_args, "work_dir": args.work_dir})
@@ -164,6 +173,21 @@ def _prepare(
 def _show(line: str) -> None:
     """A line the companion's build printed (redacted there and here)."""
     print(f"companion: {line}", file=sys.stderr, flush=True)
+
+
+def _check_work_pool(with_companion: bool) -> None:
+    if with_companion:
+        raise InvalidRequestError(
+            "--work-pool: not with --companion; send the inputs with --companion alone,"
+            " or give paths that exist on the worker's machine"
+        )
+    from takeoff_cache_prefect.tempapi import api_configured
+
+    if not api_configured():
+        raise InvalidRequestError(
+            "--work-pool: no Prefect API configured; set PREFECT_API_URL to the server"
+            " the pool's worker polls"
+        )
 
 
 def _companion(args: argparse.Namespace, table: dict[str, Any] | None) -> Any:
