@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -125,8 +126,9 @@ def _prepare(
         report["download"] = t.download(job)
         report["area"]["path"] = t.write_area(job)
     fields = {name: params[name] for name in FIELDS if name in params}
-    if params["companion"]:
-        companion = CompanionOptions.from_json(params["companion"])
+    companion = CompanionOptions.from_json(params["companion"]) if params["companion"] else None
+    pool = params["work_pool"]
+    if companion is not None and not pool:
         with _phase(report, "companion"):
             done = t.companion_build(job, fields, companion, params["backend"])
         report["companion"] = {"bring_up": done["bring_up"], "transfer": done["transfer"]}
@@ -135,9 +137,19 @@ def _prepare(
         return _end(report)
     raw = p.build_raw(fields, job.flight, job.mission, job.corpus)
     options = {f.name: params[f.name] for f in OPTION_FIELDS}
-    if params["work_pool"]:
+    sent = None
+    if companion is not None:
+        # The pool's worker is on the companion: its inputs go over SSH first.
+        with _phase(report, "companion"):
+            sent = t.companion_send(job, fields, companion, params["backend"])
+        report["companion"] = {
+            "bring_up": sent.bring_up.to_json(),
+            "transfer": asdict(sent.transfer),
+        }
+        raw, options = sent.request, {**options, "work_dir": sent.bring_up.paths.work_dir}
+    if pool:
         with _phase(report, "build"):
-            build = t.pool_build({**raw, **options}, params["work_pool"])
+            build = t.pool_build({**raw, **options}, pool)
     else:
         with _phase(report, "build"), recorded_outcomes() as outcomes:
             work = {"work_dir": str(job.work)}
@@ -149,8 +161,18 @@ def _prepare(
         _end(report)
         return Failed(message=f"build failed: {build['failure_reason']}", data=report)
     with _phase(report, "verify"):
-        cache_root = str(build["manifest_path"]).rsplit("/", 1)[0]
-        report["verify"] = t.verify(cache_root, str(params["trust"]))
+        manifest = Path(str(build["manifest_path"]))
+        if companion is not None and sent is not None:
+            report["verify"] = t.companion_verify(companion, sent)
+        elif pool and not manifest.is_file():
+            # The worker's paths are its own: the cache is there, not here.
+            report["verify"] = {
+                "ok": None,
+                "skipped": f"{manifest.parent} is on the worker's machine; verify it there"
+                " (with --companion, prepare verifies it over SSH)",
+            }
+        else:
+            report["verify"] = t.verify(str(manifest.parent), str(params["trust"]))
     report.update(outcome=build["outcome"], phase="done", exit_code=0)
     return _end(report)
 

@@ -15,6 +15,7 @@ from prefect.cache_policies import NO_CACHE
 
 from takeoff_cache import prepare
 from takeoff_cache.companion.options import COMPANION_PASSPHRASE_ENV, CompanionOptions
+from takeoff_cache.companion.session import Sent
 from takeoff_cache.download import DownloadProgress
 from takeoff_cache.lock import adopt_or_acquire
 
@@ -168,3 +169,37 @@ def pool_build(parameters: dict[str, Any], work_pool: str) -> dict[str, Any]:
             report,
         )
     return report
+
+
+@task(
+    name="companion-send", task_run_name="companion-send", cache_policy=NO_CACHE,
+    persist_result=False,
+)  # fmt: skip
+def companion_send(
+    job: prepare.Job, fields: dict[str, Any], companion: CompanionOptions, backend: str
+) -> Sent:
+    """Bring the companion up and send it the inputs, for a build its worker runs."""
+    from takeoff_cache.companion.session import send_to_companion
+    from takeoff_cache.companion.ssh import connect
+
+    request, tiles = prepare.companion_request(job, fields, companion)
+
+    async def send() -> Sent:
+        async with connect(companion.ssh_settings()) as conn:
+            return await send_to_companion(
+                conn, request, tiles, companion.paths, backend=backend, tool=companion.tool
+            )
+
+    return asyncio.run(send())
+
+
+@task(
+    name="companion-verify", task_run_name="companion-verify", cache_policy=NO_CACHE,
+    persist_result=False,
+)  # fmt: skip
+def companion_verify(companion: CompanionOptions, sent: Sent) -> dict[str, Any]:
+    from takeoff_cache.companion.session import verify_on_companion
+
+    return asyncio.run(
+        verify_on_companion(companion.ssh_settings(), sent.bring_up.paths, tool=companion.tool)
+    )

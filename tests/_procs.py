@@ -35,6 +35,10 @@ from takeoff_cache.verify import verify_cache
 SERVER_START_TIMEOUT_S = 180
 
 
+# The command line as its own process, from this interpreter and checkout.
+CLI = (sys.executable, "-c", "import sys; from takeoff_cache.cli import main; sys.exit(main())")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -32,7 +32,7 @@ from takeoff_cache.keys import load_trust_store
 from takeoff_cache.request import read_request_file
 from takeoff_cache.verify import verify_cache
 
-from ._procs import change_one_tile, free_port
+from ._procs import CLI, change_one_tile, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFECT = Path(sys.executable).with_name("prefect")
@@ -402,7 +402,7 @@ def test_prepare_builds_through_a_work_pool_worker(
     cache = stack.root / "pooled"
     cache.mkdir()
     argv = [
-        sys.executable, "-c", "import sys; from takeoff_cache.cli import main; sys.exit(main())",
+        *CLI,
         "prepare", "--plan", str(ROOT / "tests" / "data" / "flights" / "survey_corridor.plan"),
         "--corpus", raw["corpus"], "--zoom", "16", "--buffer-m", "100",
         "--sector", raw["sector_class"], "--backbones", raw["backbones"],
@@ -421,3 +421,49 @@ def test_prepare_builds_through_a_work_pool_worker(
     (run,) = [r for r in _build_runs(stack) if r["parameters"]["cache_root"] == str(cache)]
     assert run["state"]["type"] == "COMPLETED" and run["parent_task_run_id"]
     verify_cache(cache, load_trust_store(Path(raw["trust"])))
+
+
+def test_prepare_sends_over_ssh_then_builds_on_the_pool_worker(
+    stack: Stack, _server_env: dict[str, str], tmp_path: Path
+) -> None:
+    """``--companion`` with ``--work-pool``: bring-up and transfer over SSH (asyncssh's
+    server on 127.0.0.1), the build by the pool's worker with the companion's paths,
+    then ``verify --host-check`` over SSH again."""
+    from .test_companion import Rig
+
+    raw = read_request_file(stack.root / "request.toml")
+    rig = Rig(tmp_path, dict(_server_env))
+    try:
+        argv = [
+            *CLI,
+            "prepare", "--plan", str(ROOT / "tests" / "data" / "flights" / "survey_corridor.plan"),
+            "--corpus", raw["corpus"], "--zoom", "16", "--buffer-m", "100",
+            "--sector", raw["sector_class"], "--backbones", raw["backbones"],
+            "--companion", f"pilot@127.0.0.1:{rig.companion.port}",
+            "--companion-cache-root", "~/cache", "--companion-key", "~/operator.key",
+            "--companion-trust", "~/trust", "--companion-work-dir", "~/work",
+            "--companion-inputs-dir", "~/inputs",
+            "--known-hosts", str(rig.client_dir / "known_hosts"),
+            "--identity", str(rig.client_dir / "id_ed25519"), "--no-agent",
+            "--work-pool", "takeoff-cache", "--work-dir", str(tmp_path / "workstation-work"),
+            "--json",
+        ]  # fmt: skip
+        done = subprocess.run(
+            argv, env=_server_env, capture_output=True, text=True, timeout=600, check=False
+        )
+    finally:
+        rig.close()
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["companion"]["transfer"]["bytes_sent"] > 0
+    assert report["build"]["outcome"] == "success" and report["verify"]["ok"] is True
+    inputs = rig.companion.root / "inputs"
+    (run,) = [
+        r for r in _build_runs(stack) if r["parameters"]["corpus"] == f"{inputs}/tiles.mbtiles"
+    ]
+    assert run["state"]["type"] == "COMPLETED"
+    assert run["parameters"]["cache_root"] == str(rig.companion.cache)
+    assert (rig.companion.cache / "Manifest.json").is_file()
+    # The worker built; SSH only checked, sent and verified.
+    assert any(" verify " in c for c in rig.companion.commands)
+    assert not any(" build " in c for c in rig.companion.commands)

@@ -6,7 +6,6 @@ import json
 import os
 import sqlite3
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,7 +19,7 @@ from takeoff_cache.flight import load_flight
 from takeoff_cache.tilemath import tile_range
 
 from ._cli import CliResult, run_cli
-from ._procs import hold_lock
+from ._procs import CLI, hold_lock
 from ._tileserver import TileServer, tile_server
 from .conftest import Demo
 
@@ -340,7 +339,7 @@ def test_no_secret_reaches_the_prefect_database_or_any_file(
     )
     flight_id = json.loads((FLIGHTS / "flight.json").read_text())["id"]
     argv = [
-        sys.executable, "-c", "import sys; from takeoff_cache.cli import main; sys.exit(main())",
+        *CLI,
         "prepare", "--request", str(request_file), "--work-dir", str(demo.work), *ARGS,
         "--flight-id", flight_id, "--flights-api", url,
         "--tiles-url", server.template, "--tiles-key-header", "X-Api-Key", "--json", "-v",

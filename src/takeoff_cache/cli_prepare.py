@@ -76,8 +76,9 @@ def add_parser(sub: Any, request_args: Callable[[argparse.ArgumentParser], None]
     c.add_argument(
         "--work-pool",
         metavar="NAME",
-        help="build as the build-cache deployment of this Prefect work pool (its worker"
-        " on the companion; paths as they are there); needs PREFECT_API_URL",
+        help="build as the build-cache deployment of this Prefect work pool (its worker on"
+        " the companion): with --companion the inputs go over SSH first, else the paths"
+        " must exist on the worker's machine; needs PREFECT_API_URL",
     )
     c.add_argument("--connect-timeout", type=float, metavar="S", help="default: 15")
     c.add_argument("--command-timeout", type=float, metavar="S", help="default: 3600")
@@ -145,7 +146,7 @@ def _prepare(
     if companion is not None:
         params["companion"] = companion.to_json()
     if args.work_pool:
-        _check_work_pool(companion is not None)
+        _check_work_pool()
         params["work_pool"] = args.work_pool
     # Resolved here, before any lock or write: a bad plan leaves no trace.
     job_args: dict[str, Any] = {name: params.get(name) for name in p.JOB_PARAMETERS}
@@ -175,12 +176,7 @@ def _show(line: str) -> None:
     print(f"companion: {line}", file=sys.stderr, flush=True)
 
 
-def _check_work_pool(with_companion: bool) -> None:
-    if with_companion:
-        raise InvalidRequestError(
-            "--work-pool: not with --companion; send the inputs with --companion alone,"
-            " or give paths that exist on the worker's machine"
-        )
+def _check_work_pool() -> None:
     from takeoff_cache_prefect.tempapi import api_configured
 
     if not api_configured():

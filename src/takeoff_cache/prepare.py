@@ -352,7 +352,12 @@ def report_text(report: dict[str, Any]) -> str:
     if "build" in report:
         lines.append(BuildReport.from_json(report["build"]).text())
     if "verify" in report:
-        lines.append(f"verify:   ok (manifest version {report['verify']['version']})")
+        verified = report["verify"]
+        lines.append(
+            f"verify:   ok (manifest version {verified['version']})"
+            if verified.get("ok")
+            else f"verify:   skipped: {verified.get('skipped')}"
+        )
     if report.get("error"):
         lines.append(f"stopped:  {report['phase']}: {report['error']}")
     return "\n".join(lines)

@@ -122,6 +122,11 @@ def companion_request(request: BuildRequest, remote: dict[str, str]) -> str:
     ``remote`` maps path fields (corpus, backbones, calibration, cache_root, key,
     trust) to the companion's absolute paths.
     """
+    return toml_dumps(companion_fields(request, remote))
+
+
+def companion_fields(request: BuildRequest, remote: dict[str, str]) -> dict[str, Any]:
+    """The companion's request as fields: :func:`companion_request`'s, for a flow."""
     doc: dict[str, Any] = {
         "corpus": remote["corpus"],
         "bbox": list(request.bbox.as_tuple()),
@@ -141,7 +146,7 @@ def companion_request(request: BuildRequest, remote: dict[str, str]) -> str:
         doc["flight_id"] = request.flight_id
     if request.area is not None:
         doc["area"] = request.area
-    return toml_dumps(doc)
+    return doc
 
 
 def estimate_build_bytes(tile_bytes: int, model_bytes: int, tiles: int) -> int:

@@ -13,7 +13,7 @@ from ..request import BuildRequest
 from . import inputs
 from .bringup import BringUp, CompanionPaths, bring_up
 from .remote import Redactor, remote_build, remote_verify
-from .ssh import SSHSettings, connect
+from .ssh import Connection, SSHSettings, connect
 from .transfer import TransferReport, send_files
 
 
@@ -33,20 +33,26 @@ class CompanionReport:
         }
 
 
-async def build_on_companion(
-    settings: SSHSettings,
+@dataclass(frozen=True)
+class Sent:
+    """A companion brought up and sent its inputs: what the build there reads."""
+
+    bring_up: BringUp
+    transfer: TransferReport
+    request: dict[str, Any]  # the build request, with the companion's paths
+    request_path: str  # the same, as the TOML file sent there
+
+
+async def send_to_companion(
+    conn: Connection,
     request: BuildRequest,
     tiles: Sequence[Tile],
     paths: CompanionPaths,
     *,
     backend: str = "auto",
     tool: str = "takeoff-cache",
-    on_line: Callable[[str], None] | None = None,
-    passphrase: str | None = None,
-    redact: Redactor | None = None,
-) -> CompanionReport:
-    """Check the companion, send it the selected tiles and the models, build and verify there."""
-    redact = redact or Redactor.from_env()
+) -> Sent:
+    """Check the companion, then send it the selected tiles, the models and the request."""
     with tempfile.TemporaryDirectory(prefix="takeoff-cache-companion-") as tmp:
         staging = Path(tmp)
         subset = staging / "tiles.mbtiles"
@@ -63,42 +69,68 @@ async def build_on_companion(
         send = inputs.total_bytes(u.local for u in uploads)
         model_bytes = send - subset.stat().st_size
         estimate = inputs.estimate_build_bytes(subset.stat().st_size, model_bytes, len(tiles))
-        async with connect(settings) as conn:
-            up = await bring_up(
-                conn,
-                paths,
-                send_bytes=send,
-                build_estimate_bytes=estimate,
-                backend=backend,
-                tool=tool,
-            )
-            there = up.paths
-            remote_dir = there.inputs_dir
-            request_text = inputs.companion_request(
-                request,
-                {
-                    "corpus": f"{remote_dir}/tiles.mbtiles",
-                    "backbones": f"{remote_dir}/backbones.toml",
-                    "calibration": f"{remote_dir}/calibration.npz",
-                    "cache_root": there.cache_root,
-                    "key": there.key,
-                    "trust": there.trust,
-                },
-            )
-            (staging / "request.toml").write_text(request_text, encoding="utf-8")
-            uploads.append(inputs.Upload(staging / "request.toml", "request.toml"))
-            sent = await send_files(conn, uploads, remote_dir, python=up.python)
-            built = await remote_build(
-                conn,
-                there,
-                f"{remote_dir}/request.toml",
-                tool=tool,
-                backend=backend,
-                # Its run logs (each phase as it ends) are the progress streamed back.
-                extra_args=("-v",),
-                on_line=on_line,
-                passphrase=passphrase,
-                redact=redact,
-            )
-            verified = await remote_verify(conn, there, tool=tool, redact=redact)
-    return CompanionReport(up, sent, built.report, verified.report)
+        up = await bring_up(
+            conn, paths, send_bytes=send, build_estimate_bytes=estimate, backend=backend, tool=tool
+        )
+        there = up.paths
+        remote_dir = there.inputs_dir
+        fields = inputs.companion_fields(
+            request,
+            {
+                "corpus": f"{remote_dir}/tiles.mbtiles",
+                "backbones": f"{remote_dir}/backbones.toml",
+                "calibration": f"{remote_dir}/calibration.npz",
+                "cache_root": there.cache_root,
+                "key": there.key,
+                "trust": there.trust,
+            },
+        )
+        (staging / "request.toml").write_text(inputs.toml_dumps(fields), encoding="utf-8")
+        uploads.append(inputs.Upload(staging / "request.toml", "request.toml"))
+        sent = await send_files(conn, uploads, remote_dir, python=up.python)
+    return Sent(up, sent, fields, f"{remote_dir}/request.toml")
+
+
+async def build_on_companion(
+    settings: SSHSettings,
+    request: BuildRequest,
+    tiles: Sequence[Tile],
+    paths: CompanionPaths,
+    *,
+    backend: str = "auto",
+    tool: str = "takeoff-cache",
+    on_line: Callable[[str], None] | None = None,
+    passphrase: str | None = None,
+    redact: Redactor | None = None,
+) -> CompanionReport:
+    """Check the companion, send it the selected tiles and the models, build and verify there."""
+    redact = redact or Redactor.from_env()
+    async with connect(settings) as conn:
+        sent = await send_to_companion(conn, request, tiles, paths, backend=backend, tool=tool)
+        built = await remote_build(
+            conn,
+            sent.bring_up.paths,
+            sent.request_path,
+            tool=tool,
+            backend=backend,
+            # Its run logs (each phase as it ends) are the progress streamed back.
+            extra_args=("-v",),
+            on_line=on_line,
+            passphrase=passphrase,
+            redact=redact,
+        )
+        verified = await remote_verify(conn, sent.bring_up.paths, tool=tool, redact=redact)
+    return CompanionReport(sent.bring_up, sent.transfer, built.report, verified.report)
+
+
+async def verify_on_companion(
+    settings: SSHSettings,
+    paths: CompanionPaths,
+    *,
+    tool: str = "takeoff-cache",
+    redact: Redactor | None = None,
+) -> dict[str, Any]:
+    """``verify --host-check`` of the companion's cache, there."""
+    async with connect(settings) as conn:
+        verified = await remote_verify(conn, paths, tool=tool, redact=redact)
+    return verified.report
