@@ -63,15 +63,14 @@ class TileSource:
 
     def url(self, z: int, x: int, y: int) -> str:
         """The URL of tile ``z/x/y`` (XYZ row), without the API key."""
-        s = self.subdomains[(x + y) % len(self.subdomains)] if self.subdomains else ""
-        return (
-            self.url_template.replace("{-y}", str((1 << z) - 1 - y))
-            .replace("{z}", str(z))
-            .replace("{x}", str(x))
-            .replace("{y}", str(y))
-            .replace("{s}", s)
-            .replace("{q}", quadkey(z, x, y))
-        )
+        url = self.url_template
+        if "{-y}" in url:
+            url = url.replace("{-y}", str((1 << z) - 1 - y))
+        url = url.replace("{z}", str(z)).replace("{x}", str(x)).replace("{y}", str(y))
+        if "{s}" in url:
+            url = url.replace("{s}", self.subdomains[(x + y) % len(self.subdomains)])
+        # A quadkey is one digit per zoom level: made only for templates that use it.
+        return url.replace("{q}", quadkey(z, x, y)) if "{q}" in url else url
 
     def host(self, z: int, x: int, y: int) -> str:
         return urlsplit(self.url(z, x, y)).netloc
