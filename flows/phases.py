@@ -46,6 +46,17 @@ def recorded_outcomes() -> Iterator[list[Outcome]]:
         _outcomes.reset(token)
 
 
+def report_of(outcomes: list[Outcome], state: State) -> dict[str, Any]:
+    """The report a build-cache run ended with, from what it recorded (its state's
+    copy can lack it); the error it ended with is raised."""
+    outcome = outcomes[-1] if outcomes else state.result(raise_on_failure=False)
+    if isinstance(outcome, BaseException):
+        raise outcome
+    if not isinstance(outcome, dict):
+        raise TypeError(f"build-cache returned {type(outcome).__name__}, not a report")
+    return outcome
+
+
 def _record(outcome: Outcome) -> None:
     outcomes = _outcomes.get()
     if outcomes is not None:

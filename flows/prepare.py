@@ -30,7 +30,7 @@ from takeoff_cache.errors import RemoteCommandError, TakeoffCacheError
 from takeoff_cache.options import OPTION_FIELDS
 from takeoff_cache.request import FIELDS
 from takeoff_cache_prefect.flows.build import build_cache
-from takeoff_cache_prefect.flows.phases import recorded_outcomes
+from takeoff_cache_prefect.flows.phases import recorded_outcomes, report_of
 from takeoff_cache_prefect.tasks import prepare as t
 from takeoff_cache_prefect.tasks.build import artifact_key
 
@@ -154,7 +154,7 @@ def _prepare(
         with _phase(report, "build"), recorded_outcomes() as outcomes:
             work = {"work_dir": str(job.work)}
             state = build_cache(**raw, **{**options, **work}, return_state=True)
-        build = _build_report(outcomes, state)
+        build = report_of(outcomes, state)
     report["build"] = build
     if build["outcome"] == "failure":
         report.update(outcome="failure", exit_code=EXIT_BUILD_FAILED, error=build["failure_reason"])
@@ -185,16 +185,6 @@ def _phase(report: dict[str, Any], name: str) -> Iterator[None]:
         yield
     finally:
         report["phases"][name] = round(time.perf_counter() - start, 4)
-
-
-def _build_report(outcomes: list[Any], state: State) -> dict[str, Any]:
-    """The subflow's report, from what it recorded (its state's copy can lack it)."""
-    outcome = outcomes[-1] if outcomes else state.result(raise_on_failure=False)
-    if isinstance(outcome, BaseException):
-        raise outcome
-    if not isinstance(outcome, dict):
-        raise TypeError(f"build-cache returned {type(outcome).__name__}, not a report")
-    return outcome
 
 
 def _end(report: dict[str, Any], error: TakeoffCacheError | None = None) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, cast
@@ -69,6 +70,20 @@ def verify(cache_root: str, trust: str) -> dict[str, Any]:
     return prepare.verify_built(Path(cache_root), Path(trust).expanduser())
 
 
+def _relay(prefix: str) -> Callable[[str], None]:
+    """A line from the companion's side: to the run log, and to the command line's
+    stderr when one is watching (``prepare.companion_lines``)."""
+    logger = get_run_logger()
+    shown = prepare.companion_lines.get()
+
+    def relay(line: str) -> None:
+        logger.info("%s%s", prefix, line)
+        if shown is not None:
+            shown(line)
+
+    return relay
+
+
 @task(name="companion", task_run_name="companion", cache_policy=NO_CACHE, persist_result=False)
 def companion_build(
     job: prepare.Job, fields: dict[str, Any], companion: CompanionOptions, backend: str
@@ -78,14 +93,7 @@ def companion_build(
     from takeoff_cache.companion.session import build_on_companion
 
     request, tiles = prepare.companion_request(job, fields, companion)
-    logger = get_run_logger()
-    shown = prepare.companion_lines.get()
-
-    def on_line(line: str) -> None:
-        logger.info("companion: %s", line)
-        if shown is not None:
-            shown(line)
-
+    on_line = _relay("companion: ")
     report = asyncio.run(
         build_on_companion(
             companion.ssh_settings(),
@@ -123,14 +131,7 @@ def pool_build(parameters: dict[str, Any], work_pool: str) -> dict[str, Any]:
     from takeoff_cache.errors import CompanionError, RemoteCommandError
     from takeoff_cache_prefect.tasks.build import read_report_block
 
-    logger = get_run_logger()
-    shown = prepare.companion_lines.get()
-
-    def say(line: str) -> None:
-        logger.info("%s", line)
-        if shown is not None:
-            shown(line)
-
+    say = _relay("")
     with get_client(sync_client=True) as client:
         deployments = client.read_deployments(
             flow_filter=FlowFilter(name=FlowFilterName(any_=["build-cache"])),

@@ -117,7 +117,7 @@ def run_build(raw: dict[str, Any], options: BuildOptions, verbose: bool) -> dict
     """Run build-cache for one request; return its report or raise its typed error."""
     server = _start(verbose)
     from takeoff_cache_prefect.flows.build import build_cache
-    from takeoff_cache_prefect.flows.phases import recorded_outcomes
+    from takeoff_cache_prefect.flows.phases import recorded_outcomes, report_of
 
     params = {k: v for k, v in raw.items() if v is not None}
     params.update(_flow_options(options))
@@ -125,18 +125,7 @@ def run_build(raw: dict[str, Any], options: BuildOptions, verbose: bool) -> dict
     # state's data rather than a traceback through Prefect's engine.
     with _session(server, verbose), recorded_outcomes() as outcomes:
         state = build_cache(**params, return_state=True)
-    if outcomes:
-        # What the flow itself ended with; the state's copy can lack it.
-        outcome = outcomes[-1]
-        if isinstance(outcome, TakeoffCacheError):
-            raise outcome
-        return outcome
-    result = state.result(raise_on_failure=False)
-    if isinstance(result, BaseException):
-        raise result
-    if not isinstance(result, dict):
-        raise TypeError(f"build-cache returned {type(result).__name__}, not a report")
-    return result
+    return report_of(outcomes, state)
 
 
 def run_prepare(
