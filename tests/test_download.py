@@ -31,6 +31,7 @@ from takeoff_cache.errors import (
     InvalidRequestError,
     TooManyTilesError,
 )
+from takeoff_cache.mbtiles import MBTilesWriter
 from takeoff_cache.tilemath import tile_bounds, tms_row
 from takeoff_cache.tileserver import TileSource, image_format, quadkey, retry_after_s
 
@@ -469,3 +470,23 @@ def _all_tiles_valid(corpus: Path) -> bool:
             reader.read(z, x, tms_row(z, row)) == tile_bytes(z, x, tms_row(z, row))
             for z, x, row in coords
         )
+
+
+# --------------------------------------------------------------------------- the writer
+
+
+def test_committed_tiles_reach_the_file_while_the_writer_goes_on(tmp_path: Path) -> None:
+    """The log is folded back as the download runs, not all at the close."""
+    corpus = tmp_path / "c.mbtiles"
+    tiles = block(n=12)
+    with MBTilesWriter(corpus, name="t", attribution="", commit_every=16) as writer:
+        for coord in tiles:
+            writer.put(coord, tile_bytes(*coord), "0" * 64, None, None, time.time())
+        writer.commit()
+        body = sum(len(tile_bytes(*c)) for c in tiles)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and corpus.stat().st_size < body:
+            time.sleep(0.02)
+        assert corpus.stat().st_size >= body  # in the file itself, with the writer still open
+    assert not Path(f"{corpus}-wal").exists()
+    assert _all_tiles_valid(corpus) and _stored(corpus) == len(tiles)

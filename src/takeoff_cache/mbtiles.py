@@ -10,13 +10,16 @@ later run can revalidate old tiles instead of fetching them again.
 While a download runs the file is in WAL mode and commits every few dozen
 tiles: a process killed at any instant leaves a file every reader opens (even a
 read-only one: a rolled-back journal would need a writer first) holding every
-committed tile; the next run fetches only the rest. A clean close folds the
-log back into the file, so a finished corpus is one self-contained file again.
+committed tile; the next run fetches only the rest. A thread of the writer's
+own folds the log back into the file after each commit (a passive checkpoint,
+which never holds up the writer), so the log stays small and a clean close has
+little left to fold: a finished corpus is one self-contained file again.
 """
 
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -145,6 +148,7 @@ class MBTilesWriter:
             self._db.execute("BEGIN")
         except sqlite3.DatabaseError as exc:
             raise CorpusError(f"corpus: cannot write tiles into {path}: {exc}") from exc
+        self._checkpointer = _Checkpointer(path)
 
     def _create(
         self, name: str, attribution: str, tile_format: str, planned: Iterable[Coord]
@@ -260,9 +264,11 @@ class MBTilesWriter:
         self._fetches.clear()
         self._pending = 0
         self._last_commit = time.monotonic()
+        self._checkpointer.wake()
 
     def close(self) -> None:
         """Commit, set bounds and zooms from what the file holds, fold the WAL back in."""
+        self._checkpointer.stop()
         try:
             self.commit()
             self._update_extent()
@@ -308,3 +314,45 @@ class MBTilesWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Checkpointer:
+    """Copies committed pages from the WAL into the file while the writer goes on.
+
+    Done at close instead, the copy of a whole download's log is the last thing
+    the download waits for; here it overlaps the fetching (SQLite lets go of the
+    GIL). A passive checkpoint takes no lock the writer waits on, and once it has
+    copied every frame the writer starts the log over from its beginning."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._due = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(target=self._run, name="mbtiles-checkpoint", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._due.set()
+
+    def stop(self) -> None:
+        self._done = True
+        self._due.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            db = sqlite3.connect(self._path, isolation_level=None)
+        except sqlite3.Error:
+            return  # the close's own checkpoint does it all
+        try:
+            db.execute("PRAGMA synchronous=NORMAL")
+            while True:
+                self._due.wait()
+                self._due.clear()
+                if self._done:
+                    return
+                db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error:
+            return  # likewise: a failed copy here costs only time at close
+        finally:
+            db.close()
