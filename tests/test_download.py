@@ -232,14 +232,22 @@ def test_a_tile_past_the_retry_cap_is_listed_failed(tmp_path: Path) -> None:
     assert missing_tiles(tmp_path / "c.mbtiles", block(n=2)) == [(16, 39_001, 22_001)]
 
 
-def test_bodies_that_are_not_images_are_never_stored(tmp_path: Path) -> None:
+@pytest.mark.parametrize("checker_from_tiles", [0, 10**9], ids=["child-process", "here"])
+def test_bodies_that_are_not_images_are_never_stored(
+    tmp_path: Path, checker_from_tiles: int
+) -> None:
     faults = {
         "16/39000/22000": ["html"] * 9,
         "16/39000/22001": ["garbage"] * 9,
         "16/39001/22000": ["truncated"] * 9,
         "16/39001/22001": ["html"],  # once: the retry gets the tile
     }
-    options = DownloadOptions(backoff_base_s=0.01, backoff_max_s=0.05, max_retries=1)
+    options = DownloadOptions(
+        backoff_base_s=0.01,
+        backoff_max_s=0.05,
+        max_retries=1,
+        checker_from_tiles=checker_from_tiles,
+    )
     corpus = tmp_path / "c.mbtiles"
     with tile_server(faults=faults) as server:
         result = download_tiles(corpus, block(n=2), TileSource(server.template), options)
@@ -432,10 +440,16 @@ def test_a_download_killed_mid_way_resumes_with_only_what_is_missing(tmp_path: P
                 assert proc.poll() is None
                 time.sleep(0.05)
             assert server.good == 150
+            checkers = _children(proc.pid)  # its body checker (a job of 225 tiles)
         finally:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
         assert proc.returncode == -signal.SIGKILL
+        assert len(checkers) == 1
+        # The checker's stdin closed with its parent: it exits too.
+        while time.monotonic() < deadline and _running(checkers[0]):
+            time.sleep(0.05)
+        assert not _running(checkers[0])
         stored_after_kill = _stored(corpus)
         assert stored_after_kill == 150
         # The killed file opens and reads cleanly, even read-only.
@@ -449,6 +463,21 @@ def test_a_download_killed_mid_way_resumes_with_only_what_is_missing(tmp_path: P
     assert result.fetched == len(second) == len(all_tiles) - stored_after_kill
     assert missing_tiles(corpus, all_tiles) == []
     assert _all_tiles_valid(corpus)
+
+
+def _children(pid: int) -> list[int]:
+    return [
+        int(child)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for child in (task / "children").read_text().split()
+    ]
+
+
+def _running(pid: int) -> bool:
+    try:  # a zombie (exited, not yet reaped by whoever adopted it) has no command line
+        return bool(Path(f"/proc/{pid}/cmdline").read_bytes())
+    except OSError:
+        return False
 
 
 def _stored(corpus: Path) -> int:

@@ -29,6 +29,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from . import USER_AGENT
+from .bodycheck import BodyChecker
 from .errors import HostFailingError, InvalidRequestError, TooManyTilesError
 from .mbtiles import Coord, MBTilesWriter, StoredTile, mean_tile_bytes, stored_tiles
 from .tileserver import TileSource, image_format, redact, redacting_logs, retry_after_s
@@ -57,6 +59,9 @@ class DownloadOptions:
     breaker_failures: int = 12  # failed attempts in a row that stop the download
     max_age_days: float | None = None
     max_tiles: int = 50_000
+    # Jobs this big check their bodies in a child process (see bodycheck); smaller
+    # ones finish before it would have started. 0: every job.
+    checker_from_tiles: int = 200
 
 
 @dataclass(frozen=True)
@@ -311,8 +316,8 @@ class _Run:
 
     Each host gets ``concurrency`` threads that only make requests, one attempt per
     job, as a plain concurrent fetch would. The thread that consumes the outcomes
-    checks and hashes each body (the decode and the hash let go of the GIL, so the
-    requests go on meanwhile) and schedules retries after their backoff, so no
+    has each batch of bodies checked and hashed (by a :class:`BodyChecker` in a
+    large job, else itself) and schedules retries after their backoff, so no
     request thread sits idle while a tile waits for its next attempt.
     """
 
@@ -345,9 +350,16 @@ class _Run:
         arrived: queue.SimpleQueue[_Outcome | BaseException] = queue.SimpleQueue()
         retries: list[tuple[float, int, _Job]] = []  # a heap by when they are due
         order = itertools.count()  # breaks ties in the heap: jobs do not compare
-        with httpx.Client(
-            headers=headers, timeout=self.options.timeout_s, limits=limits, follow_redirects=True
-        ) as client:
+        checker = BodyChecker() if len(todo) >= self.options.checker_from_tiles else None
+        with (
+            checker or nullcontext(),
+            httpx.Client(
+                headers=headers,
+                timeout=self.options.timeout_s,
+                limits=limits,
+                follow_redirects=True,
+            ) as client,
+        ):
             threads = [
                 threading.Thread(
                     target=self._work,
@@ -380,11 +392,13 @@ class _Run:
                             batch.append(arrived.get_nowait())
                         except queue.Empty:
                             break
-                    settled: list[_Outcome] = []
+                    outcomes: list[_Outcome] = []
                     for item in batch:
                         if isinstance(item, BaseException):
                             raise item
-                        outcome = self._settle(item, have)
+                        outcomes.append(item)
+                    settled: list[_Outcome] = []
+                    for outcome in self._settled(outcomes, have, checker):
                         if outcome.kind == "retry":
                             due = time.monotonic() + self._backoff(outcome.job.attempt)
                             heapq.heappush(retries, (due, next(order), outcome.job))
@@ -400,17 +414,17 @@ class _Run:
                         host_jobs.put(None)
                 for thread in threads:
                     thread.join()
-        # Tiles that arrived while the others were being stopped are kept all the same.
-        late: list[_Outcome] = []
-        while True:
-            try:
-                item = arrived.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(item, _Outcome):
-                outcome = self._settle(item, have)
-                if outcome.kind in ("stored", "same"):
-                    late.append(outcome)
+            # Tiles that arrived while the others were being stopped are kept all the same.
+            stopped: list[_Outcome] = []
+            while True:
+                try:
+                    item = arrived.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, _Outcome):
+                    stopped.append(item)
+            settled_late = self._settled(stopped, have, checker)
+        late = [o for o in settled_late if o.kind in ("stored", "same")]
         if late:
             yield late
 
@@ -475,19 +489,35 @@ class _Run:
         self._success(host)
         return _Outcome(job, "failed", reason=problem)
 
+    def _settled(
+        self,
+        batch: list[_Outcome],
+        have: dict[Coord, StoredTile],
+        checker: BodyChecker | None,
+    ) -> list[_Outcome]:
+        """The batch with each body checked and hashed: stored, same, or a failed
+        attempt (``"retry"`` or ``"failed"``); other outcomes as they are."""
+        bodies = [o for o in batch if o.kind == "body"]
+        images = []
+        for o in bodies:
+            o.reason = _not_an_image_type(o.content_type)
+            if not o.reason:
+                images.append(o)
+        checked = checker.check([o.data for o in images]) if checker and images else None
+        for i, o in enumerate(images):
+            fmt, sha = checked[i] if checked is not None else _check_here(o.data)
+            o.tile_format, o.sha256 = fmt or "", sha
+            if fmt is None:
+                o.reason = _not_decodable(o.data)
+        return [self._settle(o, have) if o.kind == "body" else o for o in batch]
+
     def _settle(self, outcome: _Outcome, have: dict[Coord, StoredTile]) -> _Outcome:
-        """A body checked and hashed (stored, same, or a failed attempt); others as they are."""
-        if outcome.kind != "body":
-            return outcome
         job = outcome.job
-        fmt, problem = _check_body(outcome.data, outcome.content_type)
-        if fmt is None:
-            return self._retry(job, problem)
+        if outcome.reason:
+            return self._retry(job, outcome.reason)
         self._success(self.hosts[job.host])
-        outcome.sha256 = sha = hashlib.sha256(outcome.data).hexdigest()
         old = have.get(job.coord)
-        outcome.kind = "same" if old is not None and old.sha256 == sha else "stored"
-        outcome.tile_format = fmt
+        outcome.kind = "same" if old is not None and old.sha256 == outcome.sha256 else "stored"
         return outcome
 
     def _retry(self, job: _Job, problem: str) -> _Outcome:
@@ -546,12 +576,16 @@ def _validators(response: httpx.Response, old: StoredTile | None) -> tuple[str |
 _NOT_IMAGES = ("text/html", "text/plain", "application/json", "application/xml", "text/xml")
 
 
-def _check_body(data: bytes, content_type: str) -> tuple[str | None, str]:
-    """``(format, "")`` for a tile, ``(None, why)`` for a body that is not one."""
+def _not_an_image_type(content_type: str) -> str:
+    """Why a body labelled ``content_type`` is no tile, or "" if it may be one."""
     kind = content_type.split(";")[0].strip().lower()
-    if kind in _NOT_IMAGES:
-        return None, f"HTTP 200 with a {kind} body, not an image"
-    fmt = image_format(data)
-    if fmt is None:
-        return None, f"HTTP 200 with a body that is not a decodable image ({len(data)} bytes)"
-    return fmt, ""
+    return f"HTTP 200 with a {kind} body, not an image" if kind in _NOT_IMAGES else ""
+
+
+def _not_decodable(data: bytes) -> str:
+    return f"HTTP 200 with a body that is not a decodable image ({len(data)} bytes)"
+
+
+def _check_here(data: bytes) -> tuple[str | None, str]:
+    """What a :class:`BodyChecker` answers, worked out in this process."""
+    return image_format(data), hashlib.sha256(data).hexdigest()

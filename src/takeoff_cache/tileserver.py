@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from urllib.parse import quote, quote_plus, urlsplit
 
 import simplejpeg
-from PIL import Image
 
 from .errors import InvalidRequestError
 
@@ -115,6 +114,8 @@ def image_format(data: bytes) -> str | None:
             pass  # unusual JPEGs (CMYK, arithmetic coding): Pillow decides
         else:
             return "jpg"
+    from PIL import Image  # here: a body checker that meets only JPEGs never loads it
+
     try:
         with Image.open(io.BytesIO(data)) as image:
             fmt = _PILLOW_FORMATS.get(image.format or "")
