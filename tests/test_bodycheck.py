@@ -129,3 +129,12 @@ def test_a_download_goes_on_when_its_checker_is_killed(tmp_path: Path) -> None:
     with open_corpus(corpus) as reader:
         assert all(reader.read(*t) == tile_bytes(*t) for t in tiles)
     assert _children_named("bodycheck") == []
+
+
+def test_no_child_to_be_had_leaves_the_checks_to_the_caller(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("sys.executable", "/nonexistent/python")
+    with BodyChecker() as checker:
+        assert checker.pid is None and not checker.ready()
+        assert checker.check([tile_bytes(16, 1, 2)]) is None

@@ -30,7 +30,7 @@ from typing import BinaryIO
 _READY = b"R"
 _FORMATS = ("", "jpg", "png", "webp")  # code 0: not an image
 _ANSWER = 33  # one format code, then the 32-byte SHA-256
-_CHUNK = 256  # bodies a round trip: its answers fit in a pipe's buffer, so no write blocks
+_CHUNK = 256  # bodies a round trip: bounds the frame built here and the wait for its answer
 _ANSWER_TIMEOUT_S = 20.0  # a round trip's bodies take well under a second
 
 Checked = tuple[str | None, str]  # (format or None, SHA-256 hex)
@@ -45,15 +45,18 @@ class BodyChecker:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
         # numpy (simplejpeg's) would start a BLAS thread per core that nothing here uses.
         env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
-            [sys.executable, "-m", "takeoff_cache.bodycheck"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            env=env,
-            bufsize=0,
-        )
         self._ready = False
+        self._proc: subprocess.Popen[bytes] | None = None
+        # No process to be had (out of them, or of memory): the caller checks.
+        with contextlib.suppress(OSError):
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "takeoff_cache.bodycheck"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                env=env,
+                bufsize=0,
+            )
 
     @property
     def pid(self) -> int | None:
