@@ -122,9 +122,15 @@ def test_a_signal_mid_build_ends_it_with_one_line_and_the_cache_as_it_was(
         "active_conflict",
     )
     env = _env(tmp_path / "prefect-home", TAKEOFF_CACHE_STOP_AT="descriptors.batch_stored:1")
-    proc = subprocess.Popen(
-        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    # A suite started in the background (`make test &`) has SIGINT ignored, and a
+    # build would inherit that: start it as a terminal's foreground command is.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(
+            argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     deadline = time.monotonic() + 240
     while not _stopped(proc):
         assert proc.poll() is None, proc.communicate()
