@@ -39,6 +39,23 @@ SERVER_START_TIMEOUT_S = 180
 CLI = (sys.executable, "-c", "import sys; from takeoff_cache.cli import main; sys.exit(main())")
 
 
+def children(pid: int) -> list[int]:
+    """The processes ``pid``'s threads have started and not yet seen exit."""
+    return [
+        int(child)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for child in (task / "children").read_text().split()
+    ]
+
+
+def command_line(pid: int) -> str:
+    """``pid``'s command line; "" once it has exited (a zombie has none either)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -18,6 +18,7 @@ from takeoff_cache.corpus import open_corpus
 from takeoff_cache.download import DownloadOptions, download_tiles, missing_tiles
 from takeoff_cache.tileserver import TileSource, image_format
 
+from ._procs import children, command_line
 from ._tileserver import tile_bytes, tile_server
 
 
@@ -89,15 +90,7 @@ def test_the_child_is_given_no_secret(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _children_named(word: str) -> list[int]:
-    pids = []
-    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
-        for pid in (task / "children").read_text().split():
-            try:
-                if word in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
-                    pids.append(int(pid))
-            except OSError:
-                continue  # it has exited meanwhile
-    return pids
+    return [pid for pid in children(os.getpid()) if word in command_line(pid)]
 
 
 def test_a_download_goes_on_when_its_checker_is_killed(tmp_path: Path) -> None:

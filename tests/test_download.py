@@ -35,6 +35,7 @@ from takeoff_cache.mbtiles import MBTilesWriter
 from takeoff_cache.tilemath import tile_bounds, tms_row
 from takeoff_cache.tileserver import TileSource, image_format, quadkey, retry_after_s
 
+from ._procs import children, command_line
 from ._tileserver import tile_bytes, tile_server
 
 FAST = DownloadOptions(backoff_base_s=0.01, backoff_max_s=0.05, timeout_s=5.0)
@@ -440,16 +441,16 @@ def test_a_download_killed_mid_way_resumes_with_only_what_is_missing(tmp_path: P
                 assert proc.poll() is None
                 time.sleep(0.05)
             assert server.good == 150
-            checkers = _children(proc.pid)  # its body checker (a job of 225 tiles)
+            checkers = children(proc.pid)  # its body checker (a job of 225 tiles)
         finally:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
         assert proc.returncode == -signal.SIGKILL
         assert len(checkers) == 1
         # The checker's stdin closed with its parent: it exits too.
-        while time.monotonic() < deadline and _running(checkers[0]):
+        while time.monotonic() < deadline and command_line(checkers[0]):
             time.sleep(0.05)
-        assert not _running(checkers[0])
+        assert not command_line(checkers[0])
         stored_after_kill = _stored(corpus)
         assert stored_after_kill == 150
         # The killed file opens and reads cleanly, even read-only.
@@ -463,21 +464,6 @@ def test_a_download_killed_mid_way_resumes_with_only_what_is_missing(tmp_path: P
     assert result.fetched == len(second) == len(all_tiles) - stored_after_kill
     assert missing_tiles(corpus, all_tiles) == []
     assert _all_tiles_valid(corpus)
-
-
-def _children(pid: int) -> list[int]:
-    return [
-        int(child)
-        for task in Path(f"/proc/{pid}/task").iterdir()
-        for child in (task / "children").read_text().split()
-    ]
-
-
-def _running(pid: int) -> bool:
-    try:  # a zombie (exited, not yet reaped by whoever adopted it) has no command line
-        return bool(Path(f"/proc/{pid}/cmdline").read_bytes())
-    except OSError:
-        return False
 
 
 def _stored(corpus: Path) -> int:

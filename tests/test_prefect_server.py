@@ -393,6 +393,16 @@ def test_the_prepare_flight_deployment_builds_a_flight_on_the_worker(stack: Stac
     assert manifest.signed["corpus"]["tile_count"] == fetched
 
 
+def _prepare_corridor(raw: dict[str, Any]) -> list[str]:
+    """``prepare`` of the sample corridor over the stack's corpus, at zoom 16."""
+    return [
+        *CLI,
+        "prepare", "--plan", str(ROOT / "tests" / "data" / "flights" / "survey_corridor.plan"),
+        "--corpus", raw["corpus"], "--zoom", "16", "--buffer-m", "100",
+        "--sector", raw["sector_class"], "--backbones", raw["backbones"],
+    ]  # fmt: skip
+
+
 def test_prepare_builds_through_a_work_pool_worker(
     stack: Stack, _server_env: dict[str, str]
 ) -> None:
@@ -402,10 +412,7 @@ def test_prepare_builds_through_a_work_pool_worker(
     cache = stack.root / "pooled"
     cache.mkdir()
     argv = [
-        *CLI,
-        "prepare", "--plan", str(ROOT / "tests" / "data" / "flights" / "survey_corridor.plan"),
-        "--corpus", raw["corpus"], "--zoom", "16", "--buffer-m", "100",
-        "--sector", raw["sector_class"], "--backbones", raw["backbones"],
+        *_prepare_corridor(raw),
         "--key", raw["key"], "--trust", raw["trust"], "--cache-root", str(cache),
         "--work-dir", str(stack.root / "work"), "--work-pool", "takeoff-cache", "--json",
     ]  # fmt: skip
@@ -435,10 +442,7 @@ def test_prepare_sends_over_ssh_then_builds_on_the_pool_worker(
     rig = Rig(tmp_path, dict(_server_env))
     try:
         argv = [
-            *CLI,
-            "prepare", "--plan", str(ROOT / "tests" / "data" / "flights" / "survey_corridor.plan"),
-            "--corpus", raw["corpus"], "--zoom", "16", "--buffer-m", "100",
-            "--sector", raw["sector_class"], "--backbones", raw["backbones"],
+            *_prepare_corridor(raw),
             "--companion", f"pilot@127.0.0.1:{rig.companion.port}",
             "--companion-cache-root", "~/cache", "--companion-key", "~/operator.key",
             "--companion-trust", "~/trust", "--companion-work-dir", "~/work",

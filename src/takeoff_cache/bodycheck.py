@@ -27,6 +27,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+from . import SECRET_ENV
+
 _READY = b"R"
 _FORMATS = ("", "jpg", "png", "webp")  # code 0: not an image
 _ANSWER = 33  # one format code, then the 32-byte SHA-256
@@ -41,7 +43,8 @@ class BodyChecker:
 
     def __init__(self) -> None:
         package_parent = str(Path(__file__).resolve().parents[1])
-        env = {k: v for k, v in os.environ.items() if not _secret(k)}
+        # The child needs none of the run's secrets: it is not given them.
+        env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
         # numpy (simplejpeg's) would start a BLAS thread per core that nothing here uses.
         env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -127,14 +130,6 @@ class BodyChecker:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _secret(name: str) -> bool:
-    # The child needs none of the run's secrets: it is not given them.
-    upper = name.upper()
-    return upper.startswith("TAKEOFF_CACHE_") and any(
-        word in upper for word in ("KEY", "TOKEN", "PASSPHRASE", "SECRET")
-    )
 
 
 def _read_exactly(fd: int, n: int) -> bytes:

@@ -498,11 +498,9 @@ class _Run:
         """The batch with each body checked and hashed: stored, same, or a failed
         attempt (``"retry"`` or ``"failed"``); other outcomes as they are."""
         bodies = [o for o in batch if o.kind == "body"]
-        images = []
         for o in bodies:
             o.reason = _not_an_image_type(o.content_type)
-            if not o.reason:
-                images.append(o)
+        images = [o for o in bodies if not o.reason]
         checked = checker.check([o.data for o in images]) if checker and images else None
         for i, o in enumerate(images):
             fmt, sha = checked[i] if checked is not None else _check_here(o.data)

@@ -18,16 +18,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .. import SECRET_ENV
 from ..errors import EXIT_COMPANION, RemoteCommandError, RemoteOutputError
 from .bringup import CompanionPaths
 from .ssh import Connection
 
-# Environment variables whose values must never reach the companion's output or ours.
-SECRET_ENV = (
-    "TAKEOFF_CACHE_TILES_API_KEY",
-    "TAKEOFF_CACHE_FLIGHTS_TOKEN",
-    "TAKEOFF_CACHE_KEY_PASSPHRASE",
-)
 PASSPHRASE_ENV = "TAKEOFF_CACHE_KEY_PASSPHRASE"
 # Exit codes the remote takeoff-cache shares with ours (SPEC §9); others are the companion's.
 _SHARED_CODES = frozenset(range(1, 9))
