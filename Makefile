@@ -27,7 +27,7 @@ lint: venv
 	$(BIN)/ruff format --check src tasks flows tests benchmarks scripts
 
 typecheck: venv
-	$(BIN)/mypy
+	$(BIN)/python scripts/typecheck.py
 
 unit: venv
 	$(BIN)/python -m pytest -q

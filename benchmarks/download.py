@@ -8,7 +8,7 @@ Then, alternating, ``--repeat`` times each:
 
 - plain: one httpx.Client (the same limits and headers download_tiles uses)
   and a pool of ``--concurrency`` threads GETting every URL and reading its body;
-- download: :func:`takeoff_cache.download.download_tiles` into a new MBTiles,
+- download: :func:`takeoff_cache.prepare.download.download_tiles` into a new MBTiles,
   with everything it adds: the body check and SHA-256 (in its checker process,
   started inside the timed run), the writes, commits and checkpoints.
 
@@ -41,11 +41,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
 from takeoff_cache import USER_AGENT  # noqa: E402
-from takeoff_cache.area import flight_area, tiles_for_area  # noqa: E402
-from takeoff_cache.download import DownloadOptions, download_tiles  # noqa: E402
-from takeoff_cache.flight import Corridor, Flight  # noqa: E402
-from takeoff_cache.tilemath import tile_range  # noqa: E402
-from takeoff_cache.tileserver import TileSource  # noqa: E402
+from takeoff_cache.core.tilemath import tile_range  # noqa: E402
+from takeoff_cache.prepare.area import flight_area  # noqa: E402
+from takeoff_cache.prepare.download import DownloadOptions, download_tiles  # noqa: E402
+from takeoff_cache.prepare.flight import Corridor, Flight  # noqa: E402
+from takeoff_cache.prepare.tileserver import TileSource  # noqa: E402
+from takeoff_cache.tiles.area import tiles_for_area  # noqa: E402
 
 _SERVER = """
 import sys, time

@@ -54,8 +54,14 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
 os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
 
-from takeoff_cache import corpus as corpus_mod  # noqa: E402
-from takeoff_cache.backbones import Backbone, load_backbones, place_recognition  # noqa: E402
+from takeoff_cache.backbones.file import Backbone, load_backbones, place_recognition  # noqa: E402
+from takeoff_cache.backbones.preprocess import (  # noqa: E402
+    Normalizer,
+    _decode_with_pillow,
+    decode_into,
+    decode_tile,
+)
+from takeoff_cache.build.request import parse_request, read_request_file  # noqa: E402
 from takeoff_cache.demo import DemoInputs, make_demo_data  # noqa: E402
 from takeoff_cache.demo.models import VPR_DIM  # noqa: E402
 from takeoff_cache.descriptors import decode, pipeline  # noqa: E402
@@ -63,13 +69,7 @@ from takeoff_cache.descriptors.index import write_index  # noqa: E402
 from takeoff_cache.descriptors.store import DescriptorStore, descriptor_space  # noqa: E402
 from takeoff_cache.engines import Runner, get_backend  # noqa: E402
 from takeoff_cache.engines.store import ensure_engine  # noqa: E402
-from takeoff_cache.preprocess import (  # noqa: E402
-    Normalizer,
-    _decode_with_pillow,
-    decode_into,
-    decode_tile,
-)
-from takeoff_cache.request import parse_request, read_request_file  # noqa: E402
+from takeoff_cache.tiles import corpus as corpus_mod  # noqa: E402
 
 
 def log(*parts: object) -> None:
@@ -427,7 +427,7 @@ def peak_kib():
 
 
 atexit.register(lambda: open(out, "w").write(str(peak_kib())))
-runpy.run_module("takeoff_cache.cli", run_name="__main__", alter_sys=True)
+runpy.run_module("takeoff_cache.cli.main", run_name="__main__", alter_sys=True)
 """
 
 

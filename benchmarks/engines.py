@@ -17,14 +17,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from takeoff_cache.backbones import load_backbones
-from takeoff_cache.calibration import write_calibration
-from takeoff_cache.corpus import select_tiles
+from takeoff_cache.backbones.file import load_backbones
+from takeoff_cache.build.request import read_request_file
+from takeoff_cache.core.fsutil import sha256_file
 from takeoff_cache.demo import make_demo_data
 from takeoff_cache.engines import get_backend
+from takeoff_cache.engines.calibration import write_calibration
 from takeoff_cache.engines.store import ensure_engine
-from takeoff_cache.fsutil import sha256_file
-from takeoff_cache.request import read_request_file
+from takeoff_cache.tiles.corpus import select_tiles
 
 
 def main() -> None:

@@ -47,8 +47,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
 os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
 
+from takeoff_cache.build.request import read_request_file  # noqa: E402
 from takeoff_cache.demo import make_demo_data  # noqa: E402
-from takeoff_cache.request import read_request_file  # noqa: E402
 
 EMPTY_FLOW = """
 from prefect import flow
@@ -74,7 +74,6 @@ def build_params(request: Path, work: Path) -> dict[str, Any]:
 
 def warm(request: Path, work: Path, repeat: int) -> dict[str, Any]:
     from prefect import flow
-
     from takeoff_cache_prefect.flows.build import build_cache
 
     @flow(name="nothing", persist_result=False, log_prints=False)
@@ -119,7 +118,7 @@ def cold(request: Path, work: Path, repeat: int, api_url: str | None = None) -> 
     build = [
         sys.executable,
         "-m",
-        "takeoff_cache.cli",
+        "takeoff_cache.cli.main",
         "build",
         "--request",
         str(request),
@@ -173,7 +172,7 @@ def _wall(argv: list[str], env: dict[str, str]) -> float:
 def shell(request: Path, work: Path, repeat: int) -> dict[str, Any]:
     """Whole-process wall time of a no-op CLI re-run and of verify, alternating."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    cli = [sys.executable, "-m", "takeoff_cache.cli"]
+    cli = [sys.executable, "-m", "takeoff_cache.cli.main"]
     doc = read_request_file(request)
     build = [*cli, "build", "--request", str(request), "--work-dir", str(work), "--json"]
     verify = [*cli, "verify", doc["cache_root"], "--trust", doc["trust"]]
@@ -196,7 +195,14 @@ def built(data: Path, tiles: int, work: Path) -> Any:
     demo = make_demo_data(data / f"{tiles}", tiles=tiles)
     if not (demo.root / "cache" / "Manifest.json").is_file():
         log(f"building the {demo.tile_count}-tile cache once ...")
-        argv = [sys.executable, "-m", "takeoff_cache.cli", "build", "--request", str(demo.request)]
+        argv = [
+            sys.executable,
+            "-m",
+            "takeoff_cache.cli.main",
+            "build",
+            "--request",
+            str(demo.request),
+        ]
         proc = subprocess.run([*argv, "--work-dir", str(work)], cwd=ROOT)
         if proc.returncode != 0:
             raise SystemExit("the first build failed")

@@ -54,16 +54,16 @@ os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
 
 from takeoff_cache.demo import make_demo_data  # noqa: E402
 from takeoff_cache.demo.models import build_weak_vpr_model  # noqa: E402
-from takeoff_cache.keys import load_trust_store  # noqa: E402
-from takeoff_cache.locate import Localizer, open_localizer  # noqa: E402
-from takeoff_cache.selftest import (  # noqa: E402
+from takeoff_cache.localize.locate import Localizer, open_localizer  # noqa: E402
+from takeoff_cache.localize.selftest import (  # noqa: E402
     SelfTestResult,
     ViewJitter,
     draw_views,
     evaluate_views,
     run_self_test,
 )
-from takeoff_cache.verify import verify_cache  # noqa: E402
+from takeoff_cache.trust.keys import load_trust_store  # noqa: E402
+from takeoff_cache.trust.verify import verify_cache  # noqa: E402
 
 SCALES = (0.7, 0.85, 1.0, 1.2, 1.4)
 ROTATIONS = (0, 10, 20, 45, 90, 180)
@@ -82,7 +82,7 @@ def cold_build(root: Path) -> dict[str, Any]:
     cmd = [
         sys.executable,
         "-m",
-        "takeoff_cache.cli",
+        "takeoff_cache.cli.main",
         "build",
         "--request",
         str(root / "request.toml"),

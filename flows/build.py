@@ -6,13 +6,14 @@ from typing import Any
 
 from prefect import flow
 from prefect.client.schemas.objects import State
-
-from takeoff_cache.layout import MANIFEST_NAME
-from takeoff_cache.options import OPTION_FIELDS, build_options
-from takeoff_cache.preload import preload
-from takeoff_cache.request import FIELDS
 from takeoff_cache_prefect.flows.phases import BuildRun
 from takeoff_cache_prefect.tasks import build as t
+
+from takeoff_cache.build.options import OPTION_FIELDS, build_options
+from takeoff_cache.build.preload import preload
+from takeoff_cache.build.request import FIELDS
+from takeoff_cache.core.layout import MANIFEST_NAME
+from takeoff_cache_prefect.results import untracked
 
 
 @flow(name="build-cache", validate_parameters=False, persist_result=False, log_prints=False)
@@ -96,7 +97,7 @@ def build_cache(
             return run.end(failure_reason=tested.failure_reason)
         with run.phase("manifest"):
             manifest = t.manifest(
-                validated, report.build_identity, t.untracked(selection), described, options, tested
+                validated, report.build_identity, untracked(selection), described, options, tested
             )
         with run.phase("coverage"):
             new_paths = {a.path for a in described}

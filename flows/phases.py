@@ -21,10 +21,10 @@ from typing import Any
 
 from prefect.client.schemas.objects import State
 from prefect.states import Failed
-
-from takeoff_cache.errors import BadTilesError, CacheIOError, TakeoffCacheError
-from takeoff_cache.report import BuildReport
 from takeoff_cache_prefect.tasks.build import publish_report
+
+from takeoff_cache.build.report import BuildReport
+from takeoff_cache.errors import BadTilesError, CacheIOError, TakeoffCacheError
 
 Outcome = dict[str, Any] | TakeoffCacheError
 

@@ -21,18 +21,18 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.schemas.objects import State
 from prefect.states import Failed
-
-from takeoff_cache import prepare as p
-from takeoff_cache.area import DEFAULT_BUFFER_M
-from takeoff_cache.companion.options import CompanionOptions
-from takeoff_cache.download import DownloadOptions
-from takeoff_cache.errors import RemoteCommandError, TakeoffCacheError
-from takeoff_cache.options import OPTION_FIELDS
-from takeoff_cache.request import FIELDS
 from takeoff_cache_prefect.flows.build import build_cache
 from takeoff_cache_prefect.flows.phases import recorded_outcomes, report_of
 from takeoff_cache_prefect.tasks import prepare as t
-from takeoff_cache_prefect.tasks.build import artifact_key
+
+from takeoff_cache.build.options import OPTION_FIELDS
+from takeoff_cache.build.request import FIELDS
+from takeoff_cache.companion.options import CompanionOptions
+from takeoff_cache.errors import RemoteCommandError, TakeoffCacheError
+from takeoff_cache.prepare import job as p
+from takeoff_cache.prepare.download import DownloadOptions
+from takeoff_cache.tiles.area import DEFAULT_BUFFER_M
+from takeoff_cache_prefect.artifacts import artifact_key
 
 # The build's own failure code ("failure" outcome); its typed errors keep theirs.
 EXIT_BUILD_FAILED = 3

@@ -14,9 +14,9 @@ import os
 from typing import Any
 
 from prefect import flow, get_run_logger
-
-from takeoff_cache.request import FIELDS, parse_request
 from takeoff_cache_prefect.tasks import watch as t
+
+from takeoff_cache.build.request import FIELDS, parse_request
 
 
 @flow(name="watch-corpus", validate_parameters=False, persist_result=False, log_prints=False)

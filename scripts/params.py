@@ -15,8 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from takeoff_cache.build.request import FIELDS, read_request_file
 from takeoff_cache.errors import InvalidRequestError
-from takeoff_cache.request import FIELDS, read_request_file
 
 
 def main() -> int:

@@ -34,10 +34,10 @@ from typing import Any
 import httpx
 from PIL import Image
 
-from takeoff_cache.corpus import select_tiles
+from takeoff_cache.build.request import read_request_file
 from takeoff_cache.demo import make_demo_data
 from takeoff_cache.demo.synthetic import encode_jpeg, render_tile, replace_tile_bytes
-from takeoff_cache.request import read_request_file
+from takeoff_cache.tiles.corpus import select_tiles
 
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 MAX_PNG_BYTES = 500_000

@@ -23,29 +23,31 @@ from uuid import UUID
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
+from takeoff_cache_prefect.tasks.engines import place_recognition_engine
+from takeoff_cache_prefect.tasks.scaleout import embed_on_dask
 
-from takeoff_cache import artifacts, corpus
-from takeoff_cache.backbones import Backbone
-from takeoff_cache.canonical import content_key
-from takeoff_cache.descriptors import decode, pipeline, scaleout
-from takeoff_cache.descriptors.index import IndexFiles, descriptor_key
-from takeoff_cache.descriptors.store import DescriptorStore, descriptor_space, prune_store
-from takeoff_cache.engines.store import EngineRecord
-from takeoff_cache.errors import BadTilesError, DescriptorError
-from takeoff_cache.fsutil import sha256_file
-from takeoff_cache.manifest import Artifact
-from takeoff_cache.options import BuildOptions
-from takeoff_cache.validate import ValidatedRequest
-from takeoff_cache.workdir import (
+from takeoff_cache.backbones.file import Backbone
+from takeoff_cache.build import artifacts
+from takeoff_cache.build.options import BuildOptions
+from takeoff_cache.build.validate import ValidatedRequest
+from takeoff_cache.core.canonical import content_key
+from takeoff_cache.core.fsutil import sha256_file
+from takeoff_cache.core.workdir import (
     index_files,
     indexes_dir,
     prune_indexes,
     store_path,
     touch_index,
 )
-from takeoff_cache_prefect.tasks.build import artifact_key, file_for_the_next_build, untracked
-from takeoff_cache_prefect.tasks.engines import place_recognition_engine
-from takeoff_cache_prefect.tasks.scaleout import embed_on_dask
+from takeoff_cache.descriptors import decode, pipeline, scaleout
+from takeoff_cache.descriptors.index import IndexFiles, descriptor_key
+from takeoff_cache.descriptors.store import DescriptorStore, descriptor_space, prune_store
+from takeoff_cache.engines.store import EngineRecord
+from takeoff_cache.errors import BadTilesError, DescriptorError
+from takeoff_cache.tiles import corpus
+from takeoff_cache.trust.manifest import Artifact
+from takeoff_cache_prefect.artifacts import artifact_key
+from takeoff_cache_prefect.results import file_for_the_next_build, untracked
 
 
 def _place_recognition(

@@ -17,10 +17,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
-from takeoff_cache import artifacts, calibration, workdir
-from takeoff_cache.backbones import Backbone, place_recognition
-from takeoff_cache.canonical import content_key
-from takeoff_cache.engines import get_backend
+from takeoff_cache.backbones.file import Backbone, place_recognition
+from takeoff_cache.build import artifacts
+from takeoff_cache.build.validate import ValidatedRequest
+from takeoff_cache.core import workdir
+from takeoff_cache.core.canonical import content_key
+from takeoff_cache.engines import calibration, get_backend
 from takeoff_cache.engines.store import (
     EngineRecord,
     engine_file_name,
@@ -28,9 +30,8 @@ from takeoff_cache.engines.store import (
     ensure_engine,
     lookup_engine,
 )
-from takeoff_cache.manifest import Artifact
-from takeoff_cache.validate import ValidatedRequest
-from takeoff_cache_prefect.tasks.build import file_for_the_next_build
+from takeoff_cache.trust.manifest import Artifact
+from takeoff_cache_prefect.results import file_for_the_next_build
 
 
 def _engine_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:

@@ -14,11 +14,11 @@ from typing import Any, cast
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from takeoff_cache import prepare
+from takeoff_cache.build.lock import adopt_or_acquire
 from takeoff_cache.companion.options import COMPANION_PASSPHRASE_ENV, CompanionOptions
 from takeoff_cache.companion.session import Sent
-from takeoff_cache.download import DownloadProgress
-from takeoff_cache.lock import adopt_or_acquire
+from takeoff_cache.prepare import job as prepare
+from takeoff_cache.prepare.download import DownloadProgress
 
 # How often the download writes its progress to the run log (the UI's view of it).
 _LOG_EVERY_S = 10.0
@@ -129,7 +129,7 @@ def pool_build(parameters: dict[str, Any], work_pool: str) -> dict[str, Any]:
     from prefect.deployments import run_deployment
 
     from takeoff_cache.errors import CompanionError, RemoteCommandError
-    from takeoff_cache_prefect.tasks.build import read_report_block
+    from takeoff_cache_prefect.artifacts import read_report_block
 
     say = _relay("")
     with get_client(sync_client=True) as client:

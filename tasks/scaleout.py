@@ -13,10 +13,10 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from takeoff_cache.corpus import TileSelection
 from takeoff_cache.descriptors import pipeline, scaleout
 from takeoff_cache.descriptors.store import DescriptorStore
 from takeoff_cache.errors import DescriptorError
+from takeoff_cache.tiles.corpus import TileSelection
 
 
 @task(

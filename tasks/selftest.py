@@ -16,21 +16,21 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from takeoff_cache_prefect.tasks.engines import place_recognition_engine
 
-from takeoff_cache import corpus
-from takeoff_cache.coverage_map import missing_tiles, short_path, write_coverage_map
+from takeoff_cache.build.options import BuildOptions
+from takeoff_cache.build.validate import ValidatedRequest
+from takeoff_cache.core.workdir import indexes_dir, maps_dir
 from takeoff_cache.descriptors.decode import decode_workers
 from takeoff_cache.descriptors.index import read_index
 from takeoff_cache.engines.store import EngineRecord
 from takeoff_cache.errors import DescriptorError
-from takeoff_cache.locate import Localizer, read_tile_map
-from takeoff_cache.manifest import Artifact
-from takeoff_cache.options import BuildOptions
-from takeoff_cache.selftest import SelfTestResult, min_recall, run_self_test
-from takeoff_cache.validate import ValidatedRequest
-from takeoff_cache.workdir import indexes_dir, maps_dir
-from takeoff_cache_prefect.tasks.build import untracked
-from takeoff_cache_prefect.tasks.engines import place_recognition_engine
+from takeoff_cache.localize.coverage_map import missing_tiles, short_path, write_coverage_map
+from takeoff_cache.localize.locate import Localizer, read_tile_map
+from takeoff_cache.localize.selftest import SelfTestResult, min_recall, run_self_test
+from takeoff_cache.tiles import corpus
+from takeoff_cache.trust.manifest import Artifact
+from takeoff_cache_prefect.results import untracked
 
 
 @dataclass(frozen=True)

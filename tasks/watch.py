@@ -8,8 +8,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
-from takeoff_cache import watch
-from takeoff_cache.request import BuildRequest
+from takeoff_cache.build import watch
+from takeoff_cache.build.request import BuildRequest
 
 CORPUS_CHANGED = "takeoff-cache.corpus.changed"
 

@@ -8,13 +8,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from takeoff_cache.cli import main
+from takeoff_cache.cli.main import main
+from takeoff_cache.core.fsutil import sha256_file
 from takeoff_cache.demo.models import build_weak_vpr_model
-from takeoff_cache.fsutil import sha256_file
-from takeoff_cache.keys import load_signer, load_trust_store
-from takeoff_cache.locate import Localizer, open_localizer
-from takeoff_cache.manifest import Manifest, sign_manifest
-from takeoff_cache.verify import verify_cache
+from takeoff_cache.localize.locate import Localizer, open_localizer
+from takeoff_cache.trust.keys import load_signer, load_trust_store
+from takeoff_cache.trust.manifest import Manifest, sign_manifest
+from takeoff_cache.trust.verify import verify_cache
 
 
 def build_demo_cache(source: Path, dest: Path, *extra: str, weak: bool = False) -> Path:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from takeoff_cache.cli import main
+from takeoff_cache.cli.main import main
 
 
 @dataclass

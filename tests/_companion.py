@@ -19,7 +19,7 @@ import asyncssh
 
 from takeoff_cache.companion.bringup import CompanionPaths
 from takeoff_cache.companion.ssh import SSHSettings, Target
-from takeoff_cache.keys import generate_keypair
+from takeoff_cache.trust.keys import generate_keypair
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -77,7 +77,7 @@ def make_companion(root: Path, extra_env: dict[str, str]) -> Companion:
     tool_bin = console_script(
         root / "bin",
         "takeoff-cache",
-        "import sys\nfrom takeoff_cache.cli import main\nsys.exit(main())\n",
+        "import sys\nfrom takeoff_cache.cli.main import main\nsys.exit(main())\n",
     ).parent
     env = {
         **extra_env,

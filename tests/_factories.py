@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from takeoff_cache.core.fsutil import sha256_file
 from takeoff_cache.engines import onnxruntime as ort_backend
-from takeoff_cache.fsutil import sha256_file
-from takeoff_cache.keys import Signer, TrustedKey
-from takeoff_cache.manifest import MANIFEST_NAME, Artifact, compose_signed, sign_manifest
+from takeoff_cache.trust.keys import Signer, TrustedKey
+from takeoff_cache.trust.manifest import MANIFEST_NAME, Artifact, compose_signed, sign_manifest
 
 HOST: dict[str, Any] = {"backend": "onnxruntime", "backend_version": "1.0", "arch": "x86_64"}
 CREATED = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)

@@ -26,17 +26,21 @@ from typing import Any
 import onnx
 from filelock import FileLock, Timeout
 
+from takeoff_cache.core.layout import LOCK_NAME, MANIFEST_NAME, STAGING_NAME, walk_cache
 from takeoff_cache.demo.synthetic import encode_jpeg, render_tile, replace_tile_bytes
-from takeoff_cache.keys import load_trust_store
-from takeoff_cache.layout import LOCK_NAME, MANIFEST_NAME, STAGING_NAME, walk_cache
-from takeoff_cache.manifest import Manifest
-from takeoff_cache.verify import verify_cache
+from takeoff_cache.trust.keys import load_trust_store
+from takeoff_cache.trust.manifest import Manifest
+from takeoff_cache.trust.verify import verify_cache
 
 SERVER_START_TIMEOUT_S = 180
 
 
 # The command line as its own process, from this interpreter and checkout.
-CLI = (sys.executable, "-c", "import sys; from takeoff_cache.cli import main; sys.exit(main())")
+CLI = (
+    sys.executable,
+    "-c",
+    "import sys; from takeoff_cache.cli.main import main; sys.exit(main())",
+)
 
 
 def children(pid: int) -> list[int]:
@@ -155,7 +159,7 @@ def start_build(
     argv = [
         sys.executable,
         "-m",
-        "takeoff_cache.cli",
+        "takeoff_cache.cli.main",
         "build",
         "--request",
         str(root / "request.toml"),

@@ -12,10 +12,12 @@ import shapely
 from pyproj import Geod
 from shapely.geometry import box, shape
 
-from takeoff_cache.area import flight_area, load_area, parse_area, tiles_for_area
+from takeoff_cache.core.tilemath import lonlat_to_fractional_tile, tile_bounds, tile_range
 from takeoff_cache.errors import AntimeridianError, InvalidRequestError
-from takeoff_cache.flight import Circle, Corridor, Flight, load_flight
-from takeoff_cache.tilemath import lonlat_to_fractional_tile, tile_bounds, tile_range
+from takeoff_cache.prepare.area import flight_area
+from takeoff_cache.prepare.flight import Circle, Corridor, Flight
+from takeoff_cache.prepare.sources import load_flight
+from takeoff_cache.tiles.area import load_area, parse_area, tiles_for_area
 
 DATA = Path(__file__).parent / "data" / "flights"
 GEOD = Geod(ellps="WGS84")

@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from takeoff_cache.backbones import load_backbones, place_recognition
+from takeoff_cache.backbones.file import load_backbones, place_recognition
 from takeoff_cache.errors import BackboneError
 
 INPUT = '{ name = "image", size = 32, channels = 3, mean = [0.5, 0.5, 0.5], std = [0.2, 0.2, 0.2] }'
@@ -282,7 +282,7 @@ def test_a_backbones_path_that_is_a_folder_is_refused(tmp_path: Path) -> None:
 def test_a_passed_check_is_remembered_and_the_graph_not_parsed_again(
     models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from takeoff_cache import backbones as mod
+    from takeoff_cache.backbones import file as mod
 
     checked = tmp_path / "checked"
     path = write_file(models, entry())
@@ -339,7 +339,7 @@ def test_a_float16_input_is_refused_at_validate(tmp_path: Path) -> None:
 def test_a_float16_model_is_checked_again_where_an_older_check_passed_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from takeoff_cache import backbones as mod
+    from takeoff_cache.backbones import file as mod
 
     make_onnx(tmp_path / "models" / "vpr.onnx", dtype=TensorProto.FLOAT16)
     checked = tmp_path / "checked"

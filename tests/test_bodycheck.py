@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from takeoff_cache.bodycheck import BodyChecker
-from takeoff_cache.corpus import open_corpus
-from takeoff_cache.download import DownloadOptions, download_tiles, missing_tiles
-from takeoff_cache.tileserver import TileSource, image_format
+from takeoff_cache.prepare.bodycheck import BodyChecker
+from takeoff_cache.prepare.download import DownloadOptions, download_tiles, missing_tiles
+from takeoff_cache.prepare.tileserver import TileSource, image_format
+from takeoff_cache.tiles.corpus import open_corpus
 
 from ._procs import children, command_line
 from ._tileserver import tile_bytes, tile_server

@@ -15,9 +15,9 @@ import pytest
 from prefect.artifacts import Artifact
 
 from takeoff_cache.demo.synthetic import replace_tile_bytes
-from takeoff_cache.keys import load_trust_store
-from takeoff_cache.verify import verify_cache
-from takeoff_cache_prefect.tasks.build import artifact_key
+from takeoff_cache.trust.keys import load_trust_store
+from takeoff_cache.trust.verify import verify_cache
+from takeoff_cache_prefect.artifacts import artifact_key
 
 from ._cli import run_cli
 from ._procs import change_one_tile
@@ -124,8 +124,8 @@ def test_deleted_artifact_is_rebuilt_not_served_from_prefect_cache(
 def test_an_index_taken_from_prefects_cache_dates_its_descriptor_space(
     capsys: pytest.CaptureFixture[str], demo: Demo
 ) -> None:
+    from takeoff_cache.core.workdir import store_path
     from takeoff_cache.descriptors.store import DescriptorStore
-    from takeoff_cache.workdir import store_path
 
     build(capsys, demo)
     index = next(a for a in manifest_of(demo)["artifacts"] if a["kind"] == "faiss_index")
@@ -232,7 +232,7 @@ def test_request_flags_override_the_request_file(
 def test_an_area_builds_only_its_tiles_and_is_recorded(
     capsys: pytest.CaptureFixture[str], demo: Demo, tmp_path: Path
 ) -> None:
-    from takeoff_cache.area import load_area
+    from takeoff_cache.tiles.area import load_area
 
     lat0, lon0, lat1, lon1 = manifest_of_request(demo)["bbox"]
     ring = [[lon0, lat0], [lon1, lat0], [lon1, lat1], [lon0, lat0]]
@@ -249,7 +249,7 @@ def test_an_area_builds_only_its_tiles_and_is_recorded(
 
 
 def manifest_of_request(demo: Demo) -> dict[str, Any]:
-    from takeoff_cache.request import parse_request, read_request_file
+    from takeoff_cache.build.request import parse_request, read_request_file
 
     return parse_request(read_request_file(demo.request)).to_json()
 
@@ -262,7 +262,7 @@ def test_build_runs_as_a_subprocess_with_json_report(demo: Demo) -> None:
     env = {**os.environ}
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "takeoff_cache.cli", *demo.build_args("--json")],
+        [sys.executable, "-m", "takeoff_cache.cli.main", *demo.build_args("--json")],
         capture_output=True,
         text=True,
         env=env,
@@ -338,8 +338,8 @@ def test_a_changed_corpus_build_prunes_the_work_folder_and_a_pruned_index_is_reb
 ) -> None:
     import shutil
 
+    from takeoff_cache.core.workdir import KEEP_INDEXES, store_path
     from takeoff_cache.descriptors.store import KEEP_SPACES, SPACE_IDLE_S, DescriptorStore
-    from takeoff_cache.workdir import KEEP_INDEXES, store_path
 
     first = build(capsys, demo)
     folder = demo.work / "indexes"

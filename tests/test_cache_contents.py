@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from takeoff_cache.keys import load_trust_store
-from takeoff_cache.layout import LOCK_NAME, STAGING_NAME
-from takeoff_cache.verify import verify_cache
+from takeoff_cache.core.layout import LOCK_NAME, STAGING_NAME
+from takeoff_cache.trust.keys import load_trust_store
+from takeoff_cache.trust.verify import verify_cache
 
 from ._cli import CliResult, run_cli
 from ._procs import change_one_tile

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from takeoff_cache.keys import generate_keypair, load_trust_store
-from takeoff_cache.verify import verify_cache
+from takeoff_cache.trust.keys import generate_keypair, load_trust_store
+from takeoff_cache.trust.verify import verify_cache
 
 from ._cli import CliResult, run_cli
 from ._procs import hold_lock
@@ -133,9 +133,10 @@ def test_lock_held_by_another_process_fails_fast_with_exit_4(
 
 def test_a_run_started_by_prefect_is_refused_by_its_own_lock_phase(built: Demo) -> None:
     """A deployment run has no command line to take the lock early: its lock phase refuses."""
-    from takeoff_cache.errors import LockHeldError
-    from takeoff_cache.request import read_request_file
     from takeoff_cache_prefect.flows.build import build_cache
+
+    from takeoff_cache.build.request import read_request_file
+    from takeoff_cache.errors import LockHeldError
 
     holder = hold_lock(built.cache / ".build.lock")
     try:
@@ -154,7 +155,7 @@ def test_a_run_started_by_prefect_is_refused_by_its_own_lock_phase(built: Demo) 
 def test_the_lock_phase_adopts_the_lock_the_command_line_took(
     capsys: pytest.CaptureFixture[str], built: Demo
 ) -> None:
-    from takeoff_cache import lock
+    from takeoff_cache.build import lock
 
     with lock.held_early(built.cache) as early:
         assert early is not None and early.held

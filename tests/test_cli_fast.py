@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from takeoff_cache.keys import load_trust_store
-from takeoff_cache.layout import STAGING_NAME
-from takeoff_cache.verify import verify_cache
+from takeoff_cache.core.layout import STAGING_NAME
+from takeoff_cache.trust.keys import load_trust_store
+from takeoff_cache.trust.verify import verify_cache
 
 from ._procs import lock_is_free
 from .conftest import Demo
@@ -37,7 +37,7 @@ def _env(home: Path, **extra: str) -> dict[str, str]:
 
 
 def _cli(*argv: str) -> list[str]:
-    return [sys.executable, "-m", "takeoff_cache.cli", *argv]
+    return [sys.executable, "-m", "takeoff_cache.cli.main", *argv]
 
 
 def test_a_noop_rerun_is_answered_without_starting_prefect(built: Demo, tmp_path: Path) -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from takeoff_cache.cli import build_parser
-from takeoff_cache.corpus import open_corpus
+from takeoff_cache.cli.main import build_parser
+from takeoff_cache.tiles.corpus import open_corpus
 
 from ._caches import artifact_path, build_demo_cache, localizer_of
 from ._cli import CliResult, run_cli

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from takeoff_cache.cli import build_parser
+from takeoff_cache.cli.main import build_parser
 
 from ._cli import run_cli
 from ._factories import make_cache, new_signer

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from takeoff_cache.commit import commit, prepare_staging, recover, staging
+from takeoff_cache.build.commit import commit, prepare_staging, recover, staging
+from takeoff_cache.core.layout import PENDING_MANIFEST, RETIRED_MANIFEST, STAGING_NAME
 from takeoff_cache.errors import CacheIOError
-from takeoff_cache.keys import Signer, TrustedKey
-from takeoff_cache.layout import PENDING_MANIFEST, RETIRED_MANIFEST, STAGING_NAME
-from takeoff_cache.manifest import MANIFEST_NAME, Manifest
-from takeoff_cache.verify import verify_cache
+from takeoff_cache.trust.keys import Signer, TrustedKey
+from takeoff_cache.trust.manifest import MANIFEST_NAME, Manifest
+from takeoff_cache.trust.verify import verify_cache
 
 from ._factories import manifest_for, new_signer, trust_for, write_files
 
@@ -265,7 +265,7 @@ def test_a_small_atomic_write_gets_its_temporary_name_only_when_complete(
 ) -> None:
     # A build killed while writing its pending manifest must leave no partial
     # file in staging that verify cannot vouch for.
-    from takeoff_cache import fsutil
+    from takeoff_cache.core import fsutil
 
     target = tmp_path / "Manifest.pending.json"
     seen: list[list[str]] = []

@@ -17,13 +17,14 @@ import asyncssh
 import pytest
 from filelock import FileLock
 
+from takeoff_cache.build.request import parse_request, read_request_file
 from takeoff_cache.companion import inputs
 from takeoff_cache.companion.bringup import CompanionPaths, bring_up
 from takeoff_cache.companion.remote import Redactor, remote_build
 from takeoff_cache.companion.session import build_on_companion
 from takeoff_cache.companion.ssh import connect, parse_target
 from takeoff_cache.companion.transfer import part_name, send_files
-from takeoff_cache.corpus import select_tiles
+from takeoff_cache.core.layout import LOCK_NAME
 from takeoff_cache.errors import (
     EXIT_COMPANION,
     CompanionAuthError,
@@ -35,8 +36,7 @@ from takeoff_cache.errors import (
     RemoteCommandError,
     RemoteOutputError,
 )
-from takeoff_cache.layout import LOCK_NAME
-from takeoff_cache.request import parse_request, read_request_file
+from takeoff_cache.tiles.corpus import select_tiles
 
 from ._companion import (
     console_script,

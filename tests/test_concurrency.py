@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from takeoff_cache.cli import main
+from takeoff_cache.cli.main import main
 
 from ._procs import (
     PrefectServer,

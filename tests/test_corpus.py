@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from takeoff_cache.corpus import TileSelection, select_tiles
+from takeoff_cache.core.tilemath import tile_bounds, tms_row
 from takeoff_cache.errors import CorpusError
-from takeoff_cache.tilemath import tile_bounds, tms_row
+from takeoff_cache.tiles.corpus import TileSelection, select_tiles
 
 Zxy = tuple[int, int, int]
 
@@ -253,7 +253,7 @@ def test_a_tile_stored_under_several_file_names_is_selected_once(tmp_path: Path)
 def test_tiles_read_together_are_the_tiles_read_one_by_one(
     tmp_path: Path, layout: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from takeoff_cache.corpus import open_corpus
+    from takeoff_cache.tiles.corpus import open_corpus
 
     data = tile_bytes()
     path = {
@@ -269,7 +269,7 @@ def test_tiles_read_together_are_the_tiles_read_one_by_one(
     assert got == [data.get(t) for t in wanted]
     assert got[1] is None and got[4] is None
     if layout != "xyz":  # more tiles than one statement takes: several statements
-        monkeypatch.setattr("takeoff_cache.corpus._READ_MANY_MAX", 3)
+        monkeypatch.setattr("takeoff_cache.tiles.corpus._READ_MANY_MAX", 3)
         with open_corpus(path) as corpus:
             assert corpus.read_many(wanted) == got
 
@@ -277,7 +277,7 @@ def test_tiles_read_together_are_the_tiles_read_one_by_one(
 def test_tiles_that_are_not_blobs_read_alike_together_alone_and_when_selected(
     tmp_path: Path,
 ) -> None:
-    from takeoff_cache.corpus import open_corpus
+    from takeoff_cache.tiles.corpus import open_corpus
 
     path = write_mbtiles(tmp_path / "c.mbtiles", tile_bytes(TILES[:4]))
     db = sqlite3.connect(path)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from takeoff_cache.coverage import check_coverage, enforce
+from takeoff_cache.build.coverage import check_coverage, enforce
+from takeoff_cache.core.layout import LOCK_NAME, MANIFEST_NAME, STAGING_NAME, walk_cache
 from takeoff_cache.errors import CoverageError
-from takeoff_cache.layout import LOCK_NAME, MANIFEST_NAME, STAGING_NAME, walk_cache
 
 NEW = {"engines/vpr.new.onnx", "index/vpr.new.faiss"}
 OLD = {"engines/vpr.new.onnx", "index/vpr.old.faiss"}

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from takeoff_cache.area import tiles_for_area
-from takeoff_cache.coverage_map import (
+from takeoff_cache.errors import InvalidRequestError
+from takeoff_cache.localize.coverage_map import (
     AREA_COLOUR,
     HIT_COLOUR,
     MISS_COLOUR,
@@ -22,8 +22,8 @@ from takeoff_cache.coverage_map import (
     missing_tiles,
     write_coverage_map,
 )
-from takeoff_cache.errors import InvalidRequestError
-from takeoff_cache.selftest import run_self_test
+from takeoff_cache.localize.selftest import run_self_test
+from takeoff_cache.tiles.area import tiles_for_area
 
 from ._caches import build_demo_cache, localizer_of
 from ._cli import run_cli

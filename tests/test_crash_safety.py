@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from takeoff_cache.cli import main
+from takeoff_cache.cli.main import main
+from takeoff_cache.core.layout import MANIFEST_NAME
 from takeoff_cache.errors import VerificationError
-from takeoff_cache.layout import MANIFEST_NAME
-from takeoff_cache.selection_cache import RACY_S, _last_change_ns, _signature
+from takeoff_cache.tiles.selection import RACY_S, _last_change_ns, _signature
 
 from ._cli import run_cli
 from ._procs import (

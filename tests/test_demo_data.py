@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from takeoff_cache import demo
+from takeoff_cache.core.tilemath import tile_range, tms_row
 from takeoff_cache.demo import make_demo_data, synthetic
 from takeoff_cache.demo.models import VPR_DIM, build_keypoints_model, build_vpr_model
 from takeoff_cache.demo.synthetic import (
@@ -23,7 +24,6 @@ from takeoff_cache.demo.synthetic import (
     write_corpus,
 )
 from takeoff_cache.errors import InvalidRequestError
-from takeoff_cache.tilemath import tile_range, tms_row
 
 from ._cli import run_cli
 

@@ -12,10 +12,10 @@ import faiss
 import numpy as np
 import pytest
 
-from takeoff_cache.corpus import Tile, TileSelection
 from takeoff_cache.descriptors import index as descriptor_index
 from takeoff_cache.descriptors.store import DescriptorStore, l2_normalize
 from takeoff_cache.errors import MissingDescriptorsError
+from takeoff_cache.tiles.corpus import Tile, TileSelection
 
 SPACE = "space"
 DIM = 64

@@ -22,8 +22,10 @@ import pytest
 from PIL import Image
 from prefect.artifacts import Artifact
 
-from takeoff_cache.backbones import Backbone, InputSpec, load_backbones, place_recognition
-from takeoff_cache.corpus import TileSelection, open_corpus, select_tiles
+from takeoff_cache.backbones.file import Backbone, load_backbones, place_recognition
+from takeoff_cache.backbones.preprocess import Normalizer, decode_tile
+from takeoff_cache.backbones.spec import InputSpec
+from takeoff_cache.build.request import BuildRequest, parse_request, read_request_file
 from takeoff_cache.demo.models import VPR_DIM
 from takeoff_cache.demo.synthetic import render_tile, replace_tile_bytes
 from takeoff_cache.descriptors import decode, pipeline
@@ -31,11 +33,10 @@ from takeoff_cache.descriptors.index import write_index
 from takeoff_cache.descriptors.store import DescriptorStore, descriptor_space, l2_normalize
 from takeoff_cache.engines import get_backend
 from takeoff_cache.engines.store import EngineRecord, ensure_engine
-from takeoff_cache.keys import load_trust_store
-from takeoff_cache.preprocess import Normalizer, decode_tile
-from takeoff_cache.request import BuildRequest, parse_request, read_request_file
-from takeoff_cache.verify import verify_cache
-from takeoff_cache_prefect.tasks.build import artifact_key
+from takeoff_cache.tiles.corpus import TileSelection, open_corpus, select_tiles
+from takeoff_cache.trust.keys import load_trust_store
+from takeoff_cache.trust.verify import verify_cache
+from takeoff_cache_prefect.artifacts import artifact_key
 
 from ._cli import run_cli
 from .conftest import Demo
@@ -113,7 +114,7 @@ def test_fast_jpeg_path_gives_pillows_pixels_and_pillows_errors(
     vpr: Vpr, size: int, channels: int
 ) -> None:
     """simplejpeg where Pillow's draft scale applies, Pillow elsewhere: the same pixels."""
-    from takeoff_cache.preprocess import _decode_with_pillow, decode_into
+    from takeoff_cache.backbones.preprocess import _decode_with_pillow, decode_into
 
     spec = InputSpec("image", size, channels, (0.5,) * channels, (0.5,) * channels)
     fast = np.empty((size, size, channels), np.uint8)
@@ -233,7 +234,7 @@ def test_a_few_tiles_to_embed_come_in_smaller_batches_and_a_cold_build_in_full_o
 ) -> None:
     import hashlib
 
-    from takeoff_cache.corpus import Tile
+    from takeoff_cache.tiles.corpus import Tile
 
     tiles = [Tile(16, i, 0, hashlib.sha256(str(i).encode()).hexdigest()) for i in range(5000)]
     store = DescriptorStore(tmp_path / "store.sqlite")
@@ -353,7 +354,8 @@ def test_a_batch_the_corpus_cannot_read_at_once_is_read_tile_by_tile(
 
         # The joined statement fails (as on a damaged file), one tile is gone.
         monkeypatch.setattr(
-            "takeoff_cache.corpus._read_many_sql", lambda n: "SELECT no_such_column FROM tiles"
+            "takeoff_cache.tiles.corpus._read_many_sql",
+            lambda n: "SELECT no_such_column FROM tiles",
         )
         read_one = source.read
 
@@ -422,10 +424,10 @@ import sys, time
 from pathlib import Path
 from takeoff_cache.descriptors import pipeline
 from takeoff_cache.descriptors.store import DescriptorStore
-from takeoff_cache.backbones import load_backbones, place_recognition
-from takeoff_cache.corpus import select_tiles
+from takeoff_cache.backbones.file import load_backbones, place_recognition
+from takeoff_cache.tiles.corpus import select_tiles
 from takeoff_cache.engines import get_backend
-from takeoff_cache.request import parse_request, read_request_file
+from takeoff_cache.build.request import parse_request, read_request_file
 
 corpus, store_path, engine, request = (Path(a) for a in sys.argv[1:5])
 req = parse_request(read_request_file(request))

@@ -11,8 +11,8 @@ import pytest
 from distributed import Client, LocalCluster
 
 from takeoff_cache.descriptors import scaleout
-from takeoff_cache.keys import load_trust_store
-from takeoff_cache.verify import verify_cache
+from takeoff_cache.trust.keys import load_trust_store
+from takeoff_cache.trust.verify import verify_cache
 
 from ._cli import run_cli
 from .conftest import Demo
@@ -100,9 +100,9 @@ def test_chunks_never_exceed_the_cap_and_cover_the_window() -> None:
 
 
 def test_a_changed_engine_file_is_refused_by_the_worker(tmp_path: Path, demo: Demo) -> None:
-    from takeoff_cache.backbones import load_backbones, place_recognition
+    from takeoff_cache.backbones.file import load_backbones, place_recognition
+    from takeoff_cache.build.request import read_request_file
     from takeoff_cache.errors import EngineError
-    from takeoff_cache.request import read_request_file
 
     backbone = place_recognition(load_backbones(Path(read_request_file(demo.request)["backbones"])))
     engine = tmp_path / "engine.onnx"
@@ -120,14 +120,15 @@ def test_chunks_run_as_plain_dask_tasks_without_a_prefect_server(
     demo_source: Path, tmp_path: Path, cluster: LocalCluster
 ) -> None:
     """Prefect's temporary local API is out of the workers' reach: chunks skip task runs."""
-    from takeoff_cache.backbones import load_backbones, place_recognition
-    from takeoff_cache.corpus import select_tiles
+    from takeoff_cache_prefect.tasks.scaleout import embed_on_dask
+
+    from takeoff_cache.backbones.file import load_backbones, place_recognition
+    from takeoff_cache.build.request import parse_request, read_request_file
     from takeoff_cache.descriptors import pipeline
     from takeoff_cache.descriptors.store import DescriptorStore, descriptor_space
     from takeoff_cache.engines import get_backend
     from takeoff_cache.engines.store import ensure_engine
-    from takeoff_cache.request import parse_request, read_request_file
-    from takeoff_cache_prefect.tasks.scaleout import embed_on_dask
+    from takeoff_cache.tiles.corpus import select_tiles
 
     request = parse_request(read_request_file(demo_source / "request.toml"))
     backbone = place_recognition(load_backbones(request.backbones))

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from takeoff_cache.backbones import InputSpec
+from takeoff_cache.backbones.spec import InputSpec
 from takeoff_cache.descriptors import store as descriptor_store
 
 

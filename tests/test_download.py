@@ -16,24 +16,24 @@ from pathlib import Path
 import pytest
 
 import takeoff_cache
-from takeoff_cache.corpus import open_corpus, select_tiles
+from takeoff_cache.core.tilemath import tile_bounds, tms_row
 from takeoff_cache.demo.synthetic import write_corpus
-from takeoff_cache.download import (
-    DownloadOptions,
-    DownloadProgress,
-    download_tiles,
-    estimate_download,
-    missing_tiles,
-)
 from takeoff_cache.errors import (
     EXIT_DOWNLOAD,
     HostFailingError,
     InvalidRequestError,
     TooManyTilesError,
 )
-from takeoff_cache.mbtiles import MBTilesWriter
-from takeoff_cache.tilemath import tile_bounds, tms_row
-from takeoff_cache.tileserver import TileSource, image_format, quadkey, retry_after_s
+from takeoff_cache.prepare.download import (
+    DownloadOptions,
+    DownloadProgress,
+    download_tiles,
+    estimate_download,
+    missing_tiles,
+)
+from takeoff_cache.prepare.tileserver import TileSource, image_format, quadkey, retry_after_s
+from takeoff_cache.tiles.corpus import open_corpus, select_tiles
+from takeoff_cache.tiles.mbtiles import MBTilesWriter
 
 from ._procs import children, command_line
 from ._tileserver import tile_bytes, tile_server
@@ -413,8 +413,8 @@ def test_a_named_key_that_is_not_set_is_an_input_error(
 _DOWNLOADER = """
 import sys
 from pathlib import Path
-from takeoff_cache.download import DownloadOptions, download_tiles
-from takeoff_cache.tileserver import TileSource
+from takeoff_cache.prepare.download import DownloadOptions, download_tiles
+from takeoff_cache.prepare.tileserver import TileSource
 tiles = [(16, x, y) for x in range(39000, 39015) for y in range(22000, 22015)]
 download_tiles(Path(sys.argv[1]), tiles, TileSource(sys.argv[2]), DownloadOptions(timeout_s=120))
 """

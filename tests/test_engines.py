@@ -11,13 +11,13 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from takeoff_cache.backbones import load_backbones
+from takeoff_cache.backbones.file import load_backbones
 from takeoff_cache.engines import get_backend
 from takeoff_cache.engines.onnxruntime import OnnxRuntimeBackend
 from takeoff_cache.engines.store import ensure_engine, lookup_engine
 from takeoff_cache.errors import EngineError
-from takeoff_cache.keys import load_trust_store
-from takeoff_cache.verify import verify_cache
+from takeoff_cache.trust.keys import load_trust_store
+from takeoff_cache.trust.verify import verify_cache
 
 from ._cli import run_cli
 from ._factories import on_another_cpu

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from takeoff_cache import faults
+from takeoff_cache.core import faults
 
 SCRIPT = """
-from takeoff_cache.faults import checkpoint
+from takeoff_cache.core.faults import checkpoint
 for i in range(3):
     checkpoint("a")
     print("passed a", i + 1, flush=True)

@@ -26,7 +26,8 @@ from takeoff_cache.errors import (
     NoPositionError,
     NotAPlanError,
 )
-from takeoff_cache.flight import Circle, Corridor, Flight, fetch_flight, load_flight, parse_flight
+from takeoff_cache.prepare.flight import Circle, Corridor, Flight
+from takeoff_cache.prepare.sources import fetch_flight, load_flight, parse_flight
 
 DATA = Path(__file__).parent / "data" / "flights"
 FLIGHT_ID = "6f1c2a8e-5d0b-4b9e-9a51-2f1d7c3e8b40"

@@ -16,10 +16,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from takeoff_cache.core.layout import MANIFEST_NAME
 from takeoff_cache.errors import VerificationError
-from takeoff_cache.keys import Signer, TrustedKey
-from takeoff_cache.layout import MANIFEST_NAME
-from takeoff_cache.manifest import parse_manifest_bytes, sign_manifest, verify_manifest_bytes
+from takeoff_cache.trust.keys import Signer, TrustedKey
+from takeoff_cache.trust.manifest import parse_manifest_bytes, sign_manifest, verify_manifest_bytes
 
 from ._cli import CliResult, run_cli
 from ._factories import make_cache, new_signer, trust_for

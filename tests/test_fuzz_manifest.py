@@ -18,11 +18,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from takeoff_cache.core.layout import MANIFEST_NAME
 from takeoff_cache.errors import VerificationError
-from takeoff_cache.keys import Signer, TrustedKey
-from takeoff_cache.layout import MANIFEST_NAME
-from takeoff_cache.manifest import Manifest, sign_manifest, verify_manifest_bytes
-from takeoff_cache.verify import verify_cache
+from takeoff_cache.trust.keys import Signer, TrustedKey
+from takeoff_cache.trust.manifest import Manifest, sign_manifest, verify_manifest_bytes
+from takeoff_cache.trust.verify import verify_cache
 
 from ._factories import HOST, make_cache, new_signer, trust_for
 

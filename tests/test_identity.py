@@ -23,15 +23,16 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from takeoff_cache import identity as identity_module
-from takeoff_cache.area import parse_area, tiles_for_area
-from takeoff_cache.backbones import Backbone, InputSpec
-from takeoff_cache.corpus import select_tiles
+from takeoff_cache.backbones.file import Backbone
+from takeoff_cache.backbones.spec import InputSpec
+from takeoff_cache.build import identity as identity_module
+from takeoff_cache.build.identity import build_identity
+from takeoff_cache.build.request import Bbox, BuildRequest, read_request_file
+from takeoff_cache.build.validate import ValidatedRequest, validate
 from takeoff_cache.demo.synthetic import replace_tile_bytes
 from takeoff_cache.engines.onnxruntime import OnnxRuntimeBackend
-from takeoff_cache.identity import build_identity
-from takeoff_cache.request import Bbox, BuildRequest, read_request_file
-from takeoff_cache.validate import ValidatedRequest, validate
+from takeoff_cache.tiles.area import parse_area, tiles_for_area
+from takeoff_cache.tiles.corpus import select_tiles
 
 from ._factories import new_signer, on_another_cpu
 from .conftest import Demo

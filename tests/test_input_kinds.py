@@ -28,7 +28,7 @@ FLAGS = {
 def build(demo: Demo, *flags: str) -> subprocess.CompletedProcess[str]:
     args = ["--request", str(demo.request), "--work-dir", str(demo.work), *flags]
     return subprocess.run(
-        [sys.executable, "-m", "takeoff_cache.cli", "build", *args],
+        [sys.executable, "-m", "takeoff_cache.cli.main", "build", *args],
         capture_output=True,
         text=True,
         timeout=60,  # a blocked open fails here instead of hanging the suite
@@ -53,7 +53,7 @@ def test_a_fifo_for_any_input_path_is_refused_without_blocking(
     os.mkfifo(fifo)
     if flag == "--request":
         done = subprocess.run(
-            [sys.executable, "-m", "takeoff_cache.cli", "build", "--request", str(fifo)],
+            [sys.executable, "-m", "takeoff_cache.cli.main", "build", "--request", str(fifo)],
             capture_output=True,
             text=True,
             timeout=60,

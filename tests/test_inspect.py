@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from takeoff_cache.keys import Signer
-from takeoff_cache.layout import MANIFEST_NAME
-from takeoff_cache.manifest import sign_manifest
+from takeoff_cache.core.layout import MANIFEST_NAME
+from takeoff_cache.trust.keys import Signer
+from takeoff_cache.trust.manifest import sign_manifest
 
 from ._cli import CliResult, run_cli
 from ._factories import make_cache, new_signer
@@ -140,7 +140,7 @@ def test_a_manifest_that_is_a_fifo_is_refused_without_blocking(
     )
     args = [str(cache)] + (["--trust", str(trust)] if command == "verify" else [])
     done = subprocess.run(
-        [sys.executable, "-m", "takeoff_cache.cli", command, *args],
+        [sys.executable, "-m", "takeoff_cache.cli.main", command, *args],
         capture_output=True,
         text=True,
         timeout=60,

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from takeoff_cache import faults
-from takeoff_cache.cli import main
+from takeoff_cache.cli.main import main
+from takeoff_cache.core import faults
 
 from ._cli import CliResult, run_cli
 from ._procs import assert_clean, change_model, change_one_tile, copy_sandbox

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from takeoff_cache.core.fsutil import copy_file, sha256_file
+from takeoff_cache.core.workdir import engines_dir, indexes_dir
 from takeoff_cache.errors import VerificationError
-from takeoff_cache.fsutil import copy_file, sha256_file
-from takeoff_cache.keys import load_trust_store
-from takeoff_cache.verify import verify_cache
-from takeoff_cache.workdir import engines_dir, indexes_dir
+from takeoff_cache.trust.keys import load_trust_store
+from takeoff_cache.trust.verify import verify_cache
 
 from ._cli import run_cli
 from .conftest import Demo

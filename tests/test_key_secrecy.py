@@ -11,7 +11,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from takeoff_cache.keys import PASSPHRASE_ENV, key_id, write_keypair
+from takeoff_cache.trust.keys import PASSPHRASE_ENV, key_id, write_keypair
 
 from ._cli import CliResult, run_cli
 from ._procs import assert_clean, copy_sandbox

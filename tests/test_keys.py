@@ -11,7 +11,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from takeoff_cache.errors import SigningKeyError
-from takeoff_cache.keys import (
+from takeoff_cache.trust.keys import (
     PASSPHRASE_ENV,
     Signer,
     check_trusted,

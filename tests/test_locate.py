@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from takeoff_cache.corpus import open_corpus
+from takeoff_cache.core.tilemath import haversine_m, tile_center
 from takeoff_cache.errors import DescriptorError, ImageError, VerificationError
-from takeoff_cache.keys import load_trust_store
-from takeoff_cache.locate import Location, Match, estimate_position, locate
-from takeoff_cache.selftest import View, hit_rank, render_view
-from takeoff_cache.tilemath import haversine_m, tile_center
+from takeoff_cache.localize.locate import Location, Match, estimate_position, locate
+from takeoff_cache.localize.selftest import View, hit_rank, render_view
+from takeoff_cache.tiles.corpus import open_corpus
+from takeoff_cache.trust.keys import load_trust_store
 
 from ._caches import artifact_path, build_demo_cache, localizer_of
 

@@ -12,8 +12,8 @@ import pytest
 
 from takeoff_cache import MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION
 from takeoff_cache.errors import VerificationError
-from takeoff_cache.keys import Signer, TrustedKey
-from takeoff_cache.manifest import (
+from takeoff_cache.trust.keys import Signer, TrustedKey
+from takeoff_cache.trust.manifest import (
     Artifact,
     Manifest,
     canonical_bytes,

@@ -19,7 +19,7 @@ HEAVY = ("numpy", "onnx", "onnxruntime", "PIL", "simplejpeg", "faiss", "dask")
 
 RUN_AND_LIST = f"""
 import sys
-from takeoff_cache.cli import main
+from takeoff_cache.cli.main import main
 code = main(sys.argv[1:])
 loaded = sorted(m for m in {HEAVY!r} if m in sys.modules)
 print("loaded:", " ".join(loaded) or "-", file=sys.stderr)

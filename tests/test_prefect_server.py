@@ -28,9 +28,9 @@ from typing import Any
 import httpx
 import pytest
 
-from takeoff_cache.keys import load_trust_store
-from takeoff_cache.request import read_request_file
-from takeoff_cache.verify import verify_cache
+from takeoff_cache.build.request import read_request_file
+from takeoff_cache.trust.keys import load_trust_store
+from takeoff_cache.trust.verify import verify_cache
 
 from ._procs import CLI, change_one_tile, free_port
 

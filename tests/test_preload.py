@@ -10,7 +10,7 @@ import sys
 # (_DeadlockError or a partially initialized numpy._core._multiarray_umath).
 SCRIPT = """
 import sys
-from takeoff_cache.preload import preload
+from takeoff_cache.build.preload import preload
 
 loading = preload("onnxruntime", "faiss")
 import faiss  # noqa: F401

@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 
-from takeoff_cache.area import flight_area, tiles_for_area
-from takeoff_cache.flight import load_flight
-from takeoff_cache.tilemath import tile_range
+from takeoff_cache.core.tilemath import tile_range
+from takeoff_cache.prepare.area import flight_area
+from takeoff_cache.prepare.sources import load_flight
+from takeoff_cache.tiles.area import tiles_for_area
 
 from ._cli import CliResult, run_cli
 from ._procs import CLI, hold_lock
@@ -282,7 +283,7 @@ def test_a_second_prepare_of_the_same_corpus_is_refused_at_once(
     server: TileServer,
     tmp_path: Path,
 ) -> None:
-    from takeoff_cache.prepare import workstation_lock
+    from takeoff_cache.prepare.job import workstation_lock
 
     corpus = tmp_path / "shared" / "tiles.mbtiles"
     held = workstation_lock(demo.work, corpus)
@@ -318,7 +319,7 @@ def test_no_secret_reaches_the_prefect_database_or_any_file(
     the work folder, the cache and every file of PREFECT_HOME (the database included)."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from takeoff_cache.keys import write_keypair
+    from takeoff_cache.trust.keys import write_keypair
 
     url, _ = flights_api
     pub = write_keypair(Ed25519PrivateKey.generate(), demo.root / "secret.key", PASSPHRASE.encode())

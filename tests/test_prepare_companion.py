@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from takeoff_cache.keys import generate_keypair
+from takeoff_cache.trust.keys import generate_keypair
 
 from ._cli import CliResult, run_cli
 from ._companion import tree_bytes

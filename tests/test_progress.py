@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from takeoff_cache import progress as progress_module
-from takeoff_cache.download import DownloadProgress
-from takeoff_cache.progress import ProgressBar
+from takeoff_cache.cli import progress as progress_module
+from takeoff_cache.cli.progress import ProgressBar
+from takeoff_cache.prepare.download import DownloadProgress
 
 
 class FakeTerminal(io.StringIO):

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from takeoff_cache.build.request import Bbox, parse_request, read_request_file
 from takeoff_cache.errors import InvalidRequestError
-from takeoff_cache.request import Bbox, parse_request, read_request_file
 
 FLIGHT = "0b6f6a3e-8f38-4c1b-9a43-5f0a7c3d2e11"
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import yaml
 
-from takeoff_cache.cli import build_parser
-from takeoff_cache.options import OPTION_FIELDS, BuildOptions
-from takeoff_cache.request import FIELDS, REQUEST_FIELDS, BuildRequest
+from takeoff_cache.build.options import OPTION_FIELDS, BuildOptions
+from takeoff_cache.build.request import FIELDS, REQUEST_FIELDS, BuildRequest
+from takeoff_cache.cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 OPTIONS = tuple(f.name for f in OPTION_FIELDS)
@@ -70,8 +70,9 @@ def test_the_readme_tables_list_every_field_with_its_flag() -> None:
 
 
 def test_prepare_flight_takes_the_fields_the_flight_does_not_decide() -> None:
-    from takeoff_cache import prepare
     from takeoff_cache_prefect.flows.prepare import prepare_flight
+
+    from takeoff_cache.prepare import job as prepare
 
     own = ("plan", "flight", "flights_api", "tiles_url", "tiles_key_header", "tiles_key_param")
     own += ("buffer_m", "max_age_days", "max_tiles", "dry_run", "companion", "work_pool")

@@ -13,7 +13,12 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from takeoff_cache.errors import VerificationError
-from takeoff_cache.manifest import Artifact, compose_signed, sign_manifest, verify_manifest_bytes
+from takeoff_cache.trust.manifest import (
+    Artifact,
+    compose_signed,
+    sign_manifest,
+    verify_manifest_bytes,
+)
 
 from ._factories import new_signer, trust_for
 from .conftest import Demo
@@ -37,7 +42,7 @@ def built_manifest(
 ) -> dict[str, Any]:
     import shutil
 
-    from takeoff_cache.cli import main
+    from takeoff_cache.cli.main import main
 
     root = tmp_path_factory.mktemp("schema") / "demo"
     shutil.copytree(demo_source, root)

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from takeoff_cache import selection_cache
-from takeoff_cache.corpus import TileSelection, select_tiles
+from takeoff_cache.build.request import parse_request, read_request_file
+from takeoff_cache.core.tilemath import tms_row
 from takeoff_cache.demo.synthetic import render_tile, replace_tile_bytes
-from takeoff_cache.request import parse_request, read_request_file
-from takeoff_cache.tilemath import tms_row
+from takeoff_cache.tiles import selection as selection_cache
+from takeoff_cache.tiles.corpus import TileSelection, select_tiles
 
 Setup = tuple[Path, tuple[float, float, float, float], tuple[int, ...]]
 

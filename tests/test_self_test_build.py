@@ -13,9 +13,9 @@ from PIL import Image
 from prefect.artifacts import Artifact
 
 from takeoff_cache.demo.models import build_weak_vpr_model
-from takeoff_cache.keys import load_trust_store
-from takeoff_cache.verify import verify_cache
-from takeoff_cache_prefect.tasks.build import artifact_key
+from takeoff_cache.trust.keys import load_trust_store
+from takeoff_cache.trust.verify import verify_cache
+from takeoff_cache_prefect.artifacts import artifact_key
 
 from ._cli import run_cli
 from .conftest import Demo

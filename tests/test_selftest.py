@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from takeoff_cache.errors import InvalidRequestError
-from takeoff_cache.selftest import (
+from takeoff_cache.localize.selftest import (
     SelfTestResult,
     View,
     ViewJitter,

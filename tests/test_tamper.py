@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from takeoff_cache.cli import main
-from takeoff_cache.keys import load_signer
-from takeoff_cache.manifest import parse_time, sign_manifest
+from takeoff_cache.cli.main import main
+from takeoff_cache.trust.keys import load_signer
+from takeoff_cache.trust.manifest import parse_time, sign_manifest
 
 from ._cli import CliResult, run_cli
 from ._factories import new_signer, on_another_cpu

@@ -22,7 +22,7 @@ from .conftest import Demo
 # its module is imported only to start one.
 RUN_AND_TELL = """
 import sys
-from takeoff_cache.cli import main
+from takeoff_cache.cli.main import main
 code = main(sys.argv[1:])
 print("prefect server module:", "prefect.server.api.server" in sys.modules, file=sys.stderr)
 sys.exit(code)
@@ -133,7 +133,7 @@ def test_a_killed_build_leaves_no_server_behind(demo: Demo) -> None:
     env = {**os.environ}
     env.pop("PREFECT_API_URL", None)
     build = subprocess.Popen(
-        [sys.executable, "-m", "takeoff_cache.cli", *demo.build_args("--json", "--verbose")],
+        [sys.executable, "-m", "takeoff_cache.cli.main", *demo.build_args("--json", "--verbose")],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

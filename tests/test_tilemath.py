@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from takeoff_cache.tilemath import (
+from takeoff_cache.core.tilemath import (
     MAX_LAT,
     lonlat_to_fractional_tile,
     tile_bounds,

@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 
-from takeoff_cache import faults
+from takeoff_cache.core import faults
+from takeoff_cache.core.fsutil import temp_path
+from takeoff_cache.core.layout import LOCK_NAME, PENDING_MANIFEST, RETIRED_MANIFEST, STAGING_NAME
 from takeoff_cache.errors import VerificationError
-from takeoff_cache.fsutil import temp_path
-from takeoff_cache.keys import Signer, TrustedKey
-from takeoff_cache.layout import LOCK_NAME, PENDING_MANIFEST, RETIRED_MANIFEST, STAGING_NAME
-from takeoff_cache.manifest import MANIFEST_NAME, Manifest, sign_manifest
-from takeoff_cache.verify import STATE_FORMAT, verify_cache
+from takeoff_cache.trust.keys import Signer, TrustedKey
+from takeoff_cache.trust.manifest import MANIFEST_NAME, Manifest, sign_manifest
+from takeoff_cache.trust.verify import STATE_FORMAT, verify_cache
 
 from ._factories import (
     HOST,

@@ -1,4 +1,4 @@
-"""The corpus watcher's check (takeoff_cache.watch), on a real demo corpus and cache."""
+"""The corpus watcher's check (takeoff_cache.build.watch), on a real demo corpus and cache."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import json
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from takeoff_cache.corpus import select_tiles
-from takeoff_cache.keys import TrustedKey, key_id
-from takeoff_cache.request import parse_request, read_request_file
-from takeoff_cache.watch import check_corpus
+from takeoff_cache.build.request import parse_request, read_request_file
+from takeoff_cache.build.watch import check_corpus
+from takeoff_cache.tiles.corpus import select_tiles
+from takeoff_cache.trust.keys import TrustedKey, key_id
 
 from ._cli import run_cli
 from ._procs import change_one_tile

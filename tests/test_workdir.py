@@ -6,7 +6,7 @@ import os
 import time
 from pathlib import Path
 
-from takeoff_cache.workdir import prune_indexes, touch_index
+from takeoff_cache.core.workdir import prune_indexes, touch_index
 
 NOW = time.time()
 HOUR = 3600.0

@@ -13,11 +13,11 @@ import os
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from takeoff_cache.build.options import BuildOptions
 from takeoff_cache.errors import TakeoffCacheError
-from takeoff_cache.options import BuildOptions
 
 if TYPE_CHECKING:
-    from takeoff_cache.download import DownloadProgress
+    from takeoff_cache.prepare.download import DownloadProgress
 
 # Prefect's names for the flow-run heartbeat interval (the second is its legacy alias).
 HEARTBEAT_SETTINGS = ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY")
@@ -141,7 +141,7 @@ def run_prepare(
     build prints (a flow parameter cannot carry a callable).
     """
     server = _start(verbose)
-    from takeoff_cache.prepare import companion_lines, download_progress
+    from takeoff_cache.prepare.job import companion_lines, download_progress
     from takeoff_cache_prefect.flows.prepare import prepare_flight, recorded_prepares
 
     params = {**params, **_flow_options(options)}

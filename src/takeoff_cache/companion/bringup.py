@@ -15,15 +15,15 @@ import shlex
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .. import MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION, __version__
-from ..errors import (
+from takeoff_cache import MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION, __version__
+from takeoff_cache.companion.ssh import Connection
+from takeoff_cache.errors import (
     CompanionDiskError,
     CompanionError,
     CompanionPathError,
     CompanionToolError,
     RemoteOutputError,
 )
-from .ssh import Connection
 
 # Bring-up must answer quickly even on a slow Jetson; a build gets its own timeout.
 PROBE_TIMEOUT_S = 120.0

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..corpus import Tile, open_corpus
-from ..errors import BackboneError, CorpusError
-from ..fsutil import fsync_dir, temp_path
-from ..request import BuildRequest
-from ..tilemath import tile_bounds, tms_row
+from takeoff_cache.build.request import BuildRequest
+from takeoff_cache.core.fsutil import fsync_dir, temp_path
+from takeoff_cache.core.tilemath import tile_bounds, tms_row
+from takeoff_cache.errors import BackboneError, CorpusError
+from takeoff_cache.tiles.corpus import Tile, open_corpus
 
 _MAGIC = ((b"\xff\xd8\xff", "jpg"), (b"\x89PNG", "png"), (b"RIFF", "webp"))
 # Room a build needs besides its inputs: per tile its copy and descriptors, per model an

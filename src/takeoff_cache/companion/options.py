@@ -11,9 +11,14 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidRequestError
-from .bringup import CompanionPaths
-from .ssh import DEFAULT_COMMAND_TIMEOUT_S, DEFAULT_CONNECT_TIMEOUT_S, SSHSettings, parse_target
+from takeoff_cache.companion.bringup import CompanionPaths
+from takeoff_cache.companion.ssh import (
+    DEFAULT_COMMAND_TIMEOUT_S,
+    DEFAULT_CONNECT_TIMEOUT_S,
+    SSHSettings,
+    parse_target,
+)
+from takeoff_cache.errors import InvalidRequestError
 
 # The companion's own signing key's passphrase, when its key is encrypted (sent on stdin).
 COMPANION_PASSPHRASE_ENV = "TAKEOFF_CACHE_COMPANION_KEY_PASSPHRASE"

@@ -18,10 +18,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .. import SECRET_ENV
-from ..errors import EXIT_COMPANION, RemoteCommandError, RemoteOutputError
-from .bringup import CompanionPaths
-from .ssh import Connection
+from takeoff_cache import SECRET_ENV
+from takeoff_cache.companion.bringup import CompanionPaths
+from takeoff_cache.companion.ssh import Connection
+from takeoff_cache.errors import EXIT_COMPANION, RemoteCommandError, RemoteOutputError
 
 PASSPHRASE_ENV = "TAKEOFF_CACHE_KEY_PASSPHRASE"
 # Exit codes the remote takeoff-cache shares with ours (SPEC §9); others are the companion's.

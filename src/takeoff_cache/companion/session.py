@@ -8,13 +8,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..corpus import Tile
-from ..request import BuildRequest
-from . import inputs
-from .bringup import BringUp, CompanionPaths, bring_up
-from .remote import Redactor, remote_build, remote_verify
-from .ssh import Connection, SSHSettings, connect
-from .transfer import TransferReport, send_files
+from takeoff_cache.build.request import BuildRequest
+from takeoff_cache.companion import inputs
+from takeoff_cache.companion.bringup import BringUp, CompanionPaths, bring_up
+from takeoff_cache.companion.remote import Redactor, remote_build, remote_verify
+from takeoff_cache.companion.ssh import Connection, SSHSettings, connect
+from takeoff_cache.companion.transfer import TransferReport, send_files
+from takeoff_cache.tiles.corpus import Tile
 
 
 @dataclass(frozen=True)

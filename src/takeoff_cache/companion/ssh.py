@@ -20,7 +20,7 @@ from pathlib import Path
 
 import asyncssh
 
-from ..errors import (
+from takeoff_cache.errors import (
     CompanionAuthError,
     CompanionError,
     CompanionTargetError,

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import asyncssh
 
-from ..errors import RemoteOutputError, TransferError
-from ..fsutil import sha256_file
-from .inputs import Upload
-from .ssh import Connection
+from takeoff_cache.companion.inputs import Upload
+from takeoff_cache.companion.ssh import Connection
+from takeoff_cache.core.fsutil import sha256_file
+from takeoff_cache.errors import RemoteOutputError, TransferError
 
 CHUNK_BYTES = 1 << 20
 PART_SUFFIX = ".part"

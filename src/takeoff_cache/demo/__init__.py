@@ -19,11 +19,11 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from ..errors import InvalidRequestError
-from ..fsutil import atomic_write_bytes, sha256_file
-from ..keys import write_keypair
-from .models import build_keypoints_model, build_vpr_model
-from .synthetic import write_corpus
+from takeoff_cache.core.fsutil import atomic_write_bytes, sha256_file
+from takeoff_cache.demo.models import build_keypoints_model, build_vpr_model
+from takeoff_cache.demo.synthetic import write_corpus
+from takeoff_cache.errors import InvalidRequestError
+from takeoff_cache.trust.keys import write_keypair
 
 VPR_SIZE = 128
 _MEAN = "[0.485, 0.456, 0.406]"

@@ -24,7 +24,7 @@ import onnx
 from numpy.typing import NDArray
 from onnx import TensorProto, helper, numpy_helper
 
-from takeoff_cache.fsutil import atomic_write_bytes
+from takeoff_cache.core.fsutil import atomic_write_bytes
 
 PRODUCER = "takeoff-cache-demo"
 OPSET = 17

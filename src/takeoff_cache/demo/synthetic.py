@@ -30,8 +30,8 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from takeoff_cache.fsutil import atomic_output
-from takeoff_cache.tilemath import lonlat_to_fractional_tile, tile_bounds, tms_row
+from takeoff_cache.core.fsutil import atomic_output
+from takeoff_cache.core.tilemath import lonlat_to_fractional_tile, tile_bounds, tms_row
 
 TILE_SIZE = 256
 JPEG_QUALITY = 85

@@ -18,10 +18,10 @@ import numpy as np
 from PIL import UnidentifiedImageError
 from PIL.Image import DecompressionBombError
 
-from ..backbones import InputSpec
-from ..corpus import Corpus, Tile, open_corpus
-from ..errors import CorpusError
-from ..preprocess import Normalizer, decode_into
+from takeoff_cache.backbones.preprocess import Normalizer, decode_into
+from takeoff_cache.backbones.spec import InputSpec
+from takeoff_cache.errors import CorpusError
+from takeoff_cache.tiles.corpus import Corpus, Tile, open_corpus
 
 
 def _reason(exc: BaseException) -> str:

@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..canonical import content_key
-from ..corpus import Tile, TileSelection
-from ..errors import DescriptorError, MissingDescriptorsError
-from ..faults import checkpoint
-from ..fsutil import atomic_output, sha256_file, sha256_stream
-from ..workdir import index_files
-from .store import CHUNK_ROWS, DescriptorStore, l2_normalize
+from takeoff_cache.core.canonical import content_key
+from takeoff_cache.core.faults import checkpoint
+from takeoff_cache.core.fsutil import atomic_output, sha256_file, sha256_stream
+from takeoff_cache.core.workdir import index_files
+from takeoff_cache.descriptors.store import CHUNK_ROWS, DescriptorStore, l2_normalize
+from takeoff_cache.errors import DescriptorError, MissingDescriptorsError
+from takeoff_cache.tiles.corpus import Tile, TileSelection
 
 if TYPE_CHECKING:
     import faiss

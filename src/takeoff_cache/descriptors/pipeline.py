@@ -32,12 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..backbones import InputSpec
-from ..corpus import Tile, TileSelection
-from ..errors import DescriptorError, MissingDescriptorsError
-from .decode import Decoded, Decoder, decode_workers
-from .index import EXACT_INDEX_MAX, ExactRows, IndexFiles, write_index
-from .store import CHUNK_ROWS, DescriptorStore, l2_normalize
+from takeoff_cache.backbones.spec import InputSpec
+from takeoff_cache.descriptors.decode import Decoded, Decoder, decode_workers
+from takeoff_cache.descriptors.index import EXACT_INDEX_MAX, ExactRows, IndexFiles, write_index
+from takeoff_cache.descriptors.store import CHUNK_ROWS, DescriptorStore, l2_normalize
+from takeoff_cache.errors import DescriptorError, MissingDescriptorsError
+from takeoff_cache.tiles.corpus import Tile, TileSelection
 
 Progress = Callable[[int, int], None]
 

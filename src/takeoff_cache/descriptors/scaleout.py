@@ -28,13 +28,10 @@ from typing import Protocol
 
 import numpy as np
 
-from ..backbones import Backbone
-from ..corpus import Corpus, Tile, TileSelection, open_corpus
-from ..engines import Runner, get_backend
-from ..errors import DescriptorError, EngineError
-from ..fsutil import sha256_file
-from .decode import decode_batch, read_tiles
-from .pipeline import (
+from takeoff_cache.backbones.file import Backbone
+from takeoff_cache.core.fsutil import sha256_file
+from takeoff_cache.descriptors.decode import decode_batch, read_tiles
+from takeoff_cache.descriptors.pipeline import (
     BATCH_SIZE,
     EmbedResult,
     Progress,
@@ -43,7 +40,10 @@ from .pipeline import (
     check_vectors,
     todo_batches,
 )
-from .store import DescriptorStore, l2_normalize
+from takeoff_cache.descriptors.store import DescriptorStore, l2_normalize
+from takeoff_cache.engines import Runner, get_backend
+from takeoff_cache.errors import DescriptorError, EngineError
+from takeoff_cache.tiles.corpus import Corpus, Tile, TileSelection, open_corpus
 
 # At most this many tiles travel in one chunk: about 4 MB of demo JPEG tiles.
 MAX_CHUNK_TILES = 512

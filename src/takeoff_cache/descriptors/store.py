@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..backbones import InputSpec
-from ..canonical import content_key
-from ..errors import DescriptorError
-from ..faults import checkpoint
-from ..preprocess import PREPROCESS_ID
+from takeoff_cache.backbones.preprocess import PREPROCESS_ID
+from takeoff_cache.backbones.spec import InputSpec
+from takeoff_cache.core.canonical import content_key
+from takeoff_cache.core.faults import checkpoint
+from takeoff_cache.errors import DescriptorError
 
 # Descriptor spaces the store keeps however long unused (most recently used
 # first); beyond them, a space goes once unused for a week. A pruned space is

@@ -15,10 +15,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..backbones import Backbone
-from ..errors import EngineError
-from ..hostinfo import cpu_identity, isa_tag
-from . import Backend, Runner, first_line
+from takeoff_cache.backbones.file import Backbone
+from takeoff_cache.engines.base import Backend, Runner, first_line
+from takeoff_cache.engines.hostinfo import cpu_identity, isa_tag
+from takeoff_cache.errors import EngineError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -132,7 +132,7 @@ class OnnxRuntimeBackend(Backend):
         try:
             if precision == "int8":
                 # Imported only for int8: ONNX Runtime's quantizer is slow to load.
-                from .ort_int8 import quantize
+                from takeoff_cache.engines.ort_int8 import quantize
 
                 quantize(backbone, calibration, quantized, _QUANT_OPTIONS)
                 source = quantized

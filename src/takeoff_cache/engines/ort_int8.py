@@ -20,11 +20,11 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from ..backbones import Backbone
-from ..calibration import batches as calibration_batches
-from ..calibration import load_samples
-from ..errors import EngineError
-from . import first_line
+from takeoff_cache.backbones.file import Backbone
+from takeoff_cache.engines.base import first_line
+from takeoff_cache.engines.calibration import batches as calibration_batches
+from takeoff_cache.engines.calibration import load_samples
+from takeoff_cache.errors import EngineError
 
 
 class _Samples(CalibrationDataReader):  # type: ignore[misc]

@@ -16,13 +16,13 @@ from typing import Any
 
 from filelock import FileLock
 
-from ..backbones import Backbone
-from ..canonical import content_key
-from ..errors import CacheIOError, EngineError
-from ..faults import checkpoint
-from ..fsutil import atomic_output, atomic_write_bytes, sha256_file
-from ..workdir import engines_dir
-from . import Backend
+from takeoff_cache.backbones.file import Backbone
+from takeoff_cache.core.canonical import content_key
+from takeoff_cache.core.faults import checkpoint
+from takeoff_cache.core.fsutil import atomic_output, atomic_write_bytes, sha256_file
+from takeoff_cache.core.workdir import engines_dir
+from takeoff_cache.engines.base import Backend
+from takeoff_cache.errors import CacheIOError, EngineError
 
 
 @dataclass(frozen=True)

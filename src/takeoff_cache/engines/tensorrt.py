@@ -13,12 +13,12 @@ import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..backbones import Backbone
-from ..errors import EngineError, InvalidRequestError
-from ..fsutil import atomic_write_bytes, sha256_file
-from ..hostinfo import cpu_identity, jetson_release
-from ..workdir import tensorrt_dir
-from . import Backend, Runner
+from takeoff_cache.backbones.file import Backbone
+from takeoff_cache.core.fsutil import atomic_write_bytes, sha256_file
+from takeoff_cache.core.workdir import tensorrt_dir
+from takeoff_cache.engines.base import Backend, Runner
+from takeoff_cache.engines.hostinfo import cpu_identity, jetson_release
+from takeoff_cache.errors import EngineError, InvalidRequestError
 
 # numpy and the calibration reader are imported where they are used: this
 # module is loaded on every host to ask whether TensorRT is usable, by a no-op
@@ -59,8 +59,8 @@ def _int8_calibrator(backbone: Backbone, calibration: Path, cache_path: Path) ->
     """
     import numpy as np
 
-    from ..calibration import batches as calibration_batches
-    from ..calibration import load_samples
+    from takeoff_cache.engines.calibration import batches as calibration_batches
+    from takeoff_cache.engines.calibration import load_samples
 
     trt = _trt()
     cudart = _cudart()

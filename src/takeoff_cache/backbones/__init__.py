@@ -1,0 +1,1 @@
+"""The backbones file: networks, their input specs and the preprocessing they take."""

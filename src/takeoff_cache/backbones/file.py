@@ -1,0 +1,287 @@
+"""The backbones file (TOML): which ONNX networks a cache needs and how to feed them.
+
+Every entry is checked against its ONNX graph before any work starts, so a
+typo in a tensor name fails at validate, not an hour into a build.
+
+A check that passed is remembered in the work folder under a key of the
+model's SHA-256, the entry's input and output fields and this tool's
+version; the next build with the same model and entry skips parsing the
+graph (and importing onnx and numpy, most of what validating a no-op costs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from takeoff_cache import __version__
+from takeoff_cache.backbones.spec import InputSpec
+from takeoff_cache.core.canonical import content_key
+from takeoff_cache.core.fsutil import kind_problem
+from takeoff_cache.errors import BackboneError
+
+if TYPE_CHECKING:
+    import onnx
+
+ROLES = ("place_recognition", "local_features", "matcher", "other")
+PLACE_RECOGNITION = "place_recognition"
+_NAME = re.compile(r"[a-z0-9_-]+")
+# The keys each table may hold: anything else is a typo that would be silently ignored.
+_FILE_KEYS = frozenset({"backbone"})
+_ENTRY_KEYS = frozenset({"name", "role", "onnx", "input", "output"})
+_INPUT_KEYS = frozenset({"name", "size", "channels", "mean", "std"})
+# Raised when the graph check learns something new, so that checks remembered
+# from before are made again.
+_CHECKS_VERSION = 2
+
+
+def _refuse_unknown(where: str, table: dict[str, Any], known: frozenset[str]) -> None:
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise BackboneError(
+            f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})"
+        )
+
+
+@dataclass(frozen=True)
+class Backbone:
+    name: str
+    role: str
+    onnx: Path
+    onnx_sha256: str
+    input: InputSpec
+    output: str | None
+
+    def identity(self) -> dict[str, Any]:
+        """What of this backbone determines a build's result (paths do not)."""
+        return {
+            "name": self.name,
+            "role": self.role,
+            "onnx_sha256": self.onnx_sha256,
+            "input": self.input.identity(),
+            "output": self.output,
+        }
+
+
+def _dims(value_info: onnx.ValueInfoProto) -> list[int | str]:
+    shape = value_info.type.tensor_type.shape
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in shape.dim]
+
+
+def _number_list(where: str, value: Any, length: int) -> tuple[float, ...]:
+    if not (
+        isinstance(value, list)
+        and len(value) == length
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    ):
+        raise BackboneError(f"{where}: must be a list of {length} numbers")
+    return tuple(float(v) for v in value)
+
+
+def _parse_input(where: str, raw: Any) -> InputSpec:
+    if not isinstance(raw, dict):
+        raise BackboneError(f"{where}.input: must be a table {{name, size, channels, mean, std}}")
+    _refuse_unknown(f"{where}.input", raw, _INPUT_KEYS)
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        raise BackboneError(f"{where}.input.name: missing")
+    size, channels = raw.get("size"), raw.get("channels", 3)
+    if not isinstance(size, int) or isinstance(size, bool) or not 8 <= size <= 4096:
+        raise BackboneError(f"{where}.input.size: must be an integer in [8, 4096], got {size!r}")
+    if not isinstance(channels, int) or isinstance(channels, bool) or channels not in (1, 3):
+        raise BackboneError(f"{where}.input.channels: must be 1 or 3, got {channels!r}")
+    mean = _number_list(f"{where}.input.mean", raw.get("mean", [0.0] * channels), channels)
+    std = _number_list(f"{where}.input.std", raw.get("std", [1.0] * channels), channels)
+    if any(s <= 0 for s in std):
+        raise BackboneError(f"{where}.input.std: every value must be > 0")
+    return InputSpec(name, size, channels, mean, std)
+
+
+def _check_graph(
+    where: str, model: onnx.ModelProto, spec: InputSpec, role: str, output: str | None
+) -> None:
+    graph = model.graph
+    initializers = {i.name for i in graph.initializer}
+    inputs = {i.name: i for i in graph.input if i.name not in initializers}
+    if spec.name not in inputs:
+        raise BackboneError(
+            f"{where}.input.name: the ONNX graph has no input {spec.name!r}"
+            f" (it has {sorted(inputs)})"
+        )
+    from onnx import TensorProto
+
+    elem_type = inputs[spec.name].type.tensor_type.elem_type
+    if elem_type != TensorProto.FLOAT:
+        raise BackboneError(
+            f"{where}.input: input {spec.name!r} is {TensorProto.DataType.Name(elem_type)};"
+            " the pipeline feeds float32 (FLOAT): export the model with a float32 input"
+        )
+    dims = _dims(inputs[spec.name])
+    if len(dims) != 4:
+        raise BackboneError(
+            f"{where}.input: input {spec.name!r} has shape {dims}, expected (N, C, H, W)"
+        )
+    want = [None, spec.channels, spec.size, spec.size]
+    for axis in (1, 2, 3):
+        if isinstance(dims[axis], int) and dims[axis] != want[axis]:
+            raise BackboneError(
+                f"{where}.input: input {spec.name!r} has shape {dims},"
+                f" which does not match channels={spec.channels}, size={spec.size}"
+            )
+    if role == PLACE_RECOGNITION:
+        outputs = {o.name: o for o in graph.output}
+        if output is None:
+            raise BackboneError(
+                f"{where}.output: a place_recognition backbone must name its output"
+            )
+        if output not in outputs:
+            raise BackboneError(
+                f"{where}.output: the ONNX graph has no output {output!r}"
+                f" (it has {sorted(outputs)})"
+            )
+        odims = _dims(outputs[output])
+        if len(odims) != 2 or (isinstance(odims[1], int) and odims[1] < 1):
+            raise BackboneError(f"{where}.output: {output!r} has shape {odims}, expected (N, D)")
+
+
+def _check_key(sha256: str, spec: InputSpec, role: str, output: str | None) -> str:
+    return content_key(
+        {
+            "onnx_sha256": sha256,
+            # Only what the graph check reads: mean and std cannot change its verdict.
+            "input": [spec.name, spec.size, spec.channels],
+            "role": role,
+            "output": output,
+            "tool_version": __version__,
+            "checks": _CHECKS_VERSION,
+        }
+    )
+
+
+def _has_external_data(graph: onnx.GraphProto) -> bool:
+    """Whether any tensor of ``graph`` or its subgraphs keeps its bytes in another file."""
+    from onnx import TensorProto
+
+    tensors = list(graph.initializer)
+    subgraphs = []
+    for node in graph.node:
+        for attr in node.attribute:
+            tensors += [attr.t] if attr.HasField("t") else []
+            tensors += attr.tensors
+            subgraphs += [attr.g] if attr.HasField("g") else []
+            subgraphs += attr.graphs
+    return any(t.data_location == TensorProto.EXTERNAL for t in tensors) or any(
+        _has_external_data(g) for g in subgraphs
+    )
+
+
+def _load_graph(where: str, onnx_path: Path, data: bytes) -> onnx.ModelProto:
+    import onnx
+
+    try:
+        model = onnx.load_from_string(data)
+    except Exception as exc:  # onnx raises DecodeError or RuntimeError depending on version
+        raise BackboneError(
+            f"{where}.onnx: {onnx_path} is not an ONNX model ({type(exc).__name__})"
+        ) from exc
+    if len(model.graph.node) == 0:
+        raise BackboneError(f"{where}.onnx: {onnx_path} is not an ONNX model (empty graph)")
+    # Weights in external files would be outside the model's SHA-256, so outside every
+    # engine key and build identity: a changed weight file would reuse a stale engine.
+    if _has_external_data(model.graph):
+        raise BackboneError(
+            f"{where}.onnx: {onnx_path} keeps its weights in external data files, which"
+            " are not supported; save the model with its weights inside"
+            " (onnx.save_model(model, path, save_as_external_data=False))"
+        )
+    return model
+
+
+def _parse_entry(i: int, raw: Any, base: Path, checked: Path | None) -> Backbone:
+    if not isinstance(raw, dict):
+        raise BackboneError(f"backbone[{i}]: must be a table")
+    name = raw.get("name")
+    _refuse_unknown(
+        f"backbone {name!r}" if isinstance(name, str) else f"backbone[{i}]", raw, _ENTRY_KEYS
+    )
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise BackboneError(f"backbone[{i}].name: must match [a-z0-9_-]+, got {name!r}")
+    where = f"backbone {name!r}"
+    role = raw.get("role")
+    if role not in ROLES:
+        raise BackboneError(f"{where}.role: must be one of {', '.join(ROLES)}; got {role!r}")
+    onnx_field = raw.get("onnx")
+    if not isinstance(onnx_field, str) or not onnx_field:
+        raise BackboneError(f"{where}.onnx: missing")
+    onnx_path = (base / onnx_field).resolve()
+    if problem := kind_problem(onnx_path, "file"):
+        raise BackboneError(f"{where}.onnx: {onnx_path} {problem}")
+    spec = _parse_input(where, raw.get("input"))
+    output = raw.get("output")
+    if output is not None and not isinstance(output, str):
+        raise BackboneError(f"{where}.output: must be a tensor name")
+    data = onnx_path.read_bytes()
+    sha256 = hashlib.sha256(data).hexdigest()
+    marker = checked / _check_key(sha256, spec, role, output) if checked else None
+    if marker is None or not marker.is_file():
+        _check_graph(where, _load_graph(where, onnx_path, data), spec, role, output)
+        if marker is not None:
+            try:
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.touch()
+            except OSError:
+                pass  # a read-only work folder only costs the next build the check
+    return Backbone(name, role, onnx_path, sha256, spec, output)
+
+
+def load_backbones(path: Path, checked: Path | None = None) -> tuple[Backbone, ...]:
+    """Parse and check a backbones file; exactly one place-recognition backbone is required.
+
+    ``checked``: the work folder's record of graphs that passed (module docstring).
+    """
+    if problem := kind_problem(path, "file"):
+        raise BackboneError(f"backbones: {path} {problem}")
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise BackboneError(f"backbones: {path} does not exist") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise BackboneError(f"backbones: {path} is not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise BackboneError(f"backbones: cannot read {path}: {exc.strerror}") from exc
+    entries = doc.get("backbone")
+    if not isinstance(entries, list) or not entries:
+        raise BackboneError(f"backbones: {path} has no [[backbone]] entries")
+    _refuse_unknown(f"backbones: {path}", doc, _FILE_KEYS)
+    # Count roles before opening any model: "two place_recognition backbones" is
+    # the error to report, not whatever the second one's graph lacks.
+    named = [
+        str(raw.get("name"))
+        for raw in entries
+        if isinstance(raw, dict) and raw.get("role") == PLACE_RECOGNITION
+    ]
+    if len(named) > 1:
+        raise BackboneError(
+            f"backbones: exactly one place_recognition backbone is required,"
+            f" found {len(named)} ({', '.join(named)})"
+        )
+    backbones = tuple(_parse_entry(i, raw, path.parent, checked) for i, raw in enumerate(entries))
+    names = [b.name for b in backbones]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise BackboneError(f"backbones: name {dup[0]!r} is used twice")
+    vpr = [b.name for b in backbones if b.role == PLACE_RECOGNITION]
+    if len(vpr) != 1:
+        raise BackboneError(
+            f"backbones: exactly one place_recognition backbone is required, found {len(vpr)}"
+            + (f" ({', '.join(vpr)})" if vpr else "")
+        )
+    return backbones
+
+
+def place_recognition(backbones: tuple[Backbone, ...]) -> Backbone:
+    return next(b for b in backbones if b.role == PLACE_RECOGNITION)

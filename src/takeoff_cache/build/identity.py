@@ -1,0 +1,35 @@
+"""The build identity: a hash of every input that determines the result.
+
+Outputs are never part of it, so it is known before any work is done and a
+matching identity in the current manifest means there is nothing to do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from takeoff_cache import MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION
+from takeoff_cache.build.validate import ValidatedRequest
+from takeoff_cache.core.canonical import content_key
+
+
+def build_identity(validated: ValidatedRequest, corpus_fingerprint: str) -> str:
+    req = validated.request
+    inputs: dict[str, Any] = {
+        "manifest_format": [MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION],
+        "corpus_fingerprint": corpus_fingerprint,
+        "bbox": list(req.bbox.as_tuple()),
+        "zoom_levels": list(req.zoom_levels),
+        "sector_class": req.sector_class,
+        "takeoff_origin": list(req.takeoff_origin) if req.takeoff_origin else None,
+        "flight_id": req.flight_id,
+        "backbones": [b.identity() for b in validated.backbones],
+        "precision": req.precision,
+        "calibration_sha256": validated.calibration_sha256,
+        "host": validated.host,
+    }
+    # Only a request with an area hashes one, so caches built before areas existed
+    # keep their identity; its geometry counts, never the file it was read from.
+    if req.area is not None:
+        inputs["area"] = req.area
+    return content_key(inputs)

@@ -1,0 +1,120 @@
+"""Exclusive locks, enforced by a kernel ``flock``: one build per cache root (the
+lock phase), one ``prepare`` per corpus (the workstation lock).
+
+The kernel drops a lock when its process dies, so a killed run never leaves
+anything locked; ``fallback_to_soft=False`` refuses to degrade to a lock file
+whose mere existence blocks forever.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from takeoff_cache.core.faults import checkpoint
+from takeoff_cache.core.layout import LOCK_NAME
+from takeoff_cache.errors import CacheIOError, LockHeldError
+
+
+class ExclusiveLock:
+    """The lock at ``path``; ``holder`` names who else may hold it (``"build"``), and
+    ``point`` prefixes its fault-injection checkpoints."""
+
+    def __init__(self, path: Path, holder: str, point: str = "lock") -> None:
+        self.path = path
+        self._holder = holder
+        self._point = point
+        # thread_local=False: Prefect may run the releasing task on another thread.
+        # preserve_lock_file: unlinking a flock file lets two processes lock two inodes.
+        self._lock = FileLock(
+            str(self.path),
+            timeout=0,
+            thread_local=False,
+            is_singleton=False,
+            fallback_to_soft=False,
+            preserve_lock_file=True,
+        )
+
+    def acquire(self) -> ExclusiveLock:
+        checkpoint(f"{self._point}.acquire", self.path)
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            checkpoint(f"{self._point}.refused", self.path)
+            raise LockHeldError(
+                f"lock: another {self._holder} holds {self.path}; wait for it to finish"
+            ) from None
+        except OSError as exc:
+            raise CacheIOError(f"lock: cannot open {self.path}: {exc.strerror}") from exc
+        try:
+            checkpoint(f"{self._point}.acquired", self.path)
+        except OSError:
+            self.release()
+            raise
+        return self
+
+    def release(self) -> None:
+        if self._lock.is_locked:
+            self._lock.release()
+
+    def __enter__(self) -> ExclusiveLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    @property
+    def held(self) -> bool:
+        return self._lock.is_locked
+
+
+class BuildLock(ExclusiveLock):
+    def __init__(self, cache_root: Path) -> None:
+        super().__init__(cache_root / LOCK_NAME, "build")
+
+
+# Locks this process took before its flow started (see ``held_early``). flock
+# locks belong to an open file, so the flow's lock phase must adopt the one
+# already held: a second open of the same file in this process would be refused.
+_early: dict[Path, ExclusiveLock] = {}
+
+
+def adopt_or_acquire(lock: ExclusiveLock) -> ExclusiveLock:
+    """The same lock taken early by this process, else ``lock`` acquired now."""
+    early = _early.get(lock.path.resolve())
+    if early is not None and early.held:
+        return early
+    return lock.acquire()
+
+
+def acquire(cache_root: Path) -> ExclusiveLock:
+    return adopt_or_acquire(BuildLock(cache_root))
+
+
+@contextmanager
+def held_early(cache_root: Path) -> Iterator[ExclusiveLock]:
+    """Take a validated request's cache lock before Prefect starts, so a second build
+    is refused at once; the flow's lock phase adopts it.
+
+    Starting Prefect, and recording a refused run as Failed, take seconds. Only
+    after validation: the lock file is the first write to a cache root, and an
+    invalid request (an untrusted key) must leave it untouched.
+    """
+    with holding_early(BuildLock(cache_root)) as lock:
+        yield lock
+
+
+@contextmanager
+def holding_early(lock: ExclusiveLock) -> Iterator[ExclusiveLock]:
+    """Hold ``lock`` within, for :func:`adopt_or_acquire` in this process to adopt."""
+    path = lock.path.resolve()
+    lock.acquire()
+    _early[path] = lock
+    try:
+        yield lock
+    finally:
+        _early.pop(path, None)
+        lock.release()

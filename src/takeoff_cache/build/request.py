@@ -1,0 +1,310 @@
+"""The build request: fields of SPEC §2 from a TOML file and/or flags, normalized once.
+
+Values may come as TOML values (lists, numbers) or as flag strings
+(``"48.44,35.02,48.47,35.07"``); both normalize to the same frozen
+:class:`BuildRequest`. Every problem names its field.
+"""
+
+from __future__ import annotations
+
+import tomllib
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from takeoff_cache.core.fsutil import kind_problem
+from takeoff_cache.core.tilemath import MAX_LAT
+from takeoff_cache.errors import InvalidRequestError
+
+SECTOR_CLASSES = ("active_conflict", "stable_rear")
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class Field:
+    """One request field of SPEC §2: its name (TOML key, flow parameter), flag and help."""
+
+    name: str
+    flag: str
+    help: str
+    path: bool = False
+
+
+# The request's fields, once: the CLI's flags, the flows' parameters, the
+# deployments and the docs are checked against this table (tests/test_request_fields.py).
+REQUEST_FIELDS = (
+    Field("corpus", "--corpus", "MBTiles file or XYZ folder", path=True),
+    Field("bbox", "--bbox", "LAT_MIN,LON_MIN,LAT_MAX,LON_MAX in degrees"),
+    Field("zoom_levels", "--zoom", "zoom levels, Z[,Z...]"),
+    Field("sector_class", "--sector", "active_conflict | stable_rear"),
+    Field("backbones", "--backbones", "backbones TOML", path=True),
+    Field("precision", "--precision", "fp32 (default) | fp16 | int8"),
+    Field("calibration", "--calibration", "INT8 calibration file", path=True),
+    Field("cache_root", "--cache-root", "existing folder that receives the cache", path=True),
+    Field(
+        "key",
+        "--key",
+        "Ed25519 private key (PEM); passphrase from TAKEOFF_CACHE_KEY_PASSPHRASE",
+        path=True,
+    ),
+    Field("trust", "--trust", "trust store: PEM file or folder of public keys", path=True),
+    Field("takeoff_origin", "--takeoff-origin", "LAT,LON,ALT (altitude in metres)"),
+    Field("flight_id", "--flight-id", "flight UUID"),
+    # A path in TOML and on the command line, or an inline GeoJSON table in TOML.
+    Field(
+        "area",
+        "--area",
+        "mission area: GeoJSON Polygon/MultiPolygon (WGS84); selects its tiles, not the bbox's",
+        path=True,
+    ),
+)
+FIELDS = tuple(f.name for f in REQUEST_FIELDS)
+PATH_FIELDS = tuple(f.name for f in REQUEST_FIELDS if f.path)
+FLAGS = {f.name: f.flag for f in REQUEST_FIELDS}
+# Web Mercator's latitude limit rounded as SPEC §2 states it.
+LAT_LIMIT = round(MAX_LAT, 4)
+
+
+@dataclass(frozen=True)
+class Bbox:
+    lat_min: float
+    lon_min: float
+    lat_max: float
+    lon_max: float
+
+    def as_tuple(self) -> tuple[float, float, float, float]:
+        return (self.lat_min, self.lon_min, self.lat_max, self.lon_max)
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    corpus: Path
+    bbox: Bbox
+    zoom_levels: tuple[int, ...]
+    sector_class: str
+    backbones: Path
+    precision: str
+    calibration: Path | None
+    cache_root: Path
+    key: Path
+    trust: Path
+    takeoff_origin: tuple[float, float, float] | None
+    flight_id: str | None
+    # The area's normalized GeoJSON geometry (area.parse_area), never the file it came from.
+    area: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The request as recorded in the manifest (paths as given, resolved)."""
+        out = asdict(self)
+        out["bbox"] = list(self.bbox.as_tuple())
+        out["zoom_levels"] = list(self.zoom_levels)
+        out["takeoff_origin"] = list(self.takeoff_origin) if self.takeoff_origin else None
+        for name in PATH_FIELDS:
+            out[name] = str(out[name]) if out[name] is not None else None
+        out["area"] = self.area
+        return out
+
+
+def read_request_file(path: Path) -> dict[str, Any]:
+    """Read a request TOML; relative paths in it are made relative to the file."""
+    return read_request_sections(path, ())[0]
+
+
+def read_request_sections(
+    path: Path, tables: tuple[str, ...]
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """A request TOML's fields, and the tables named in ``tables`` (``[companion]``)
+    that a command reads beside them, as given."""
+    if problem := kind_problem(path, "file"):
+        raise InvalidRequestError(f"request: {path} {problem}")
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise InvalidRequestError(f"request: {path} does not exist") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(f"request: {path} is not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise InvalidRequestError(f"request: cannot read {path}: {exc.strerror}") from exc
+    sections: dict[str, dict[str, Any]] = {}
+    for name in tables:
+        if name in doc:
+            table = doc.pop(name)
+            if not isinstance(table, dict):
+                raise InvalidRequestError(f"request: {path}: [{name}] must be a table")
+            sections[name] = table
+    unknown = sorted(set(doc) - set(FIELDS))
+    if unknown:
+        raise InvalidRequestError(f"request: {path}: unknown field {unknown[0]!r}")
+    base = path.resolve().parent
+    for name in PATH_FIELDS:
+        value = doc.get(name)
+        if isinstance(value, str) and value:
+            doc[name] = str(base / Path(value).expanduser())
+    return doc, sections
+
+
+def _numbers(field: str, value: Any, count: int) -> list[float]:
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",")]
+        try:
+            numbers = [float(p) for p in parts]
+        except ValueError:
+            raise InvalidRequestError(
+                f"{field}: expected {count} comma-separated numbers, got {value!r}"
+            ) from None
+    elif isinstance(value, list | tuple):
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+            raise InvalidRequestError(f"{field}: expected {count} numbers, got {value!r}")
+        numbers = [float(v) for v in value]
+    else:
+        raise InvalidRequestError(f"{field}: expected {count} numbers, got {value!r}")
+    if len(numbers) != count:
+        raise InvalidRequestError(f"{field}: expected {count} numbers, got {len(numbers)}")
+    if any(n != n or n in (float("inf"), float("-inf")) for n in numbers):
+        raise InvalidRequestError(f"{field}: numbers must be finite")
+    return numbers
+
+
+def parse_bbox(value: Any) -> Bbox:
+    lat_min, lon_min, lat_max, lon_max = _numbers("bbox", value, 4)
+    for name, lat in (("lat_min", lat_min), ("lat_max", lat_max)):
+        if not -LAT_LIMIT <= lat <= LAT_LIMIT:
+            raise InvalidRequestError(
+                f"bbox: {name} {lat} is outside [-{LAT_LIMIT}, {LAT_LIMIT}] (Web Mercator)"
+            )
+    for name, lon in (("lon_min", lon_min), ("lon_max", lon_max)):
+        if not -180.0 <= lon <= 180.0:
+            raise InvalidRequestError(f"bbox: {name} {lon} is outside [-180, 180]")
+    if not lat_min < lat_max:
+        raise InvalidRequestError(f"bbox: lat_min {lat_min} must be below lat_max {lat_max}")
+    if not lon_min < lon_max:
+        raise InvalidRequestError(f"bbox: lon_min {lon_min} must be below lon_max {lon_max}")
+    return Bbox(lat_min, lon_min, lat_max, lon_max)
+
+
+def parse_zoom_levels(value: Any) -> tuple[int, ...]:
+    if isinstance(value, str):
+        items: list[Any] = [p.strip() for p in value.split(",") if p.strip()]
+    elif isinstance(value, list | tuple):
+        items = list(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        items = [value]
+    else:
+        raise InvalidRequestError(f"zoom_levels: expected a list of integers, got {value!r}")
+    if not items:
+        raise InvalidRequestError("zoom_levels: the list is empty; give at least one zoom level")
+    zooms = []
+    for item in items:
+        try:
+            z = int(item) if not isinstance(item, bool | float) else None
+        except ValueError:
+            z = None
+        if z is None:
+            raise InvalidRequestError(f"zoom_levels: {item!r} is not an integer")
+        if not 0 <= z <= 22:
+            raise InvalidRequestError(f"zoom_levels: {z} is outside [0, 22]")
+        zooms.append(z)
+    return tuple(sorted(set(zooms)))
+
+
+def parse_origin(value: Any) -> tuple[float, float, float] | None:
+    if value is None or value == "":
+        return None
+    lat, lon, alt = _numbers("takeoff_origin", value, 3)
+    if not -90.0 <= lat <= 90.0:
+        raise InvalidRequestError(f"takeoff_origin: latitude {lat} is outside [-90, 90]")
+    if not -180.0 <= lon <= 180.0:
+        raise InvalidRequestError(f"takeoff_origin: longitude {lon} is outside [-180, 180]")
+    return (lat, lon, alt)
+
+
+def _optional_path(field: str, value: Any) -> Path | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str | Path):
+        raise InvalidRequestError(f"{field}: expected a path, got {value!r}")
+    return Path(value).expanduser().resolve()
+
+
+def _required_path(field: str, raw: dict[str, Any]) -> Path:
+    path = _optional_path(field, raw.get(field))
+    if path is None:
+        raise InvalidRequestError(f"{field}: missing (give {FLAGS[field]})")
+    return path
+
+
+def parse_area_field(value: Any) -> dict[str, Any] | None:
+    """The ``area`` field: a GeoJSON file's path, or GeoJSON itself (a TOML table, a flow
+    parameter, a manifest's record), normalized to the geometry the build hashes."""
+    if value is None or value == "":
+        return None
+    # shapely and pyproj load only for requests with an area.
+    from takeoff_cache.tiles.area import load_area, parse_area
+
+    if isinstance(value, str | Path):
+        return load_area(Path(value).expanduser()).geojson
+    if isinstance(value, dict):
+        return parse_area(value, "the request's inline table").geojson
+    raise InvalidRequestError(f"area: expected a GeoJSON file or object, got {value!r:.80}")
+
+
+def _area_bbox(area: dict[str, Any]) -> Bbox:
+    from takeoff_cache.tiles.area import Area
+
+    lat_min, lon_min, lat_max, lon_max = Area(area, 0.0).bbox
+    # The area may reach Web Mercator's exact limit; SPEC §2's bbox stops at its rounding.
+    return Bbox(max(lat_min, -LAT_LIMIT), lon_min, min(lat_max, LAT_LIMIT), lon_max)
+
+
+def parse_request(raw: dict[str, Any]) -> BuildRequest:
+    """Normalize raw field values; nothing here touches the disk but path resolution."""
+    unknown = sorted(set(raw) - set(FIELDS))
+    if unknown:
+        raise InvalidRequestError(f"request: unknown field {unknown[0]!r}")
+    area = parse_area_field(raw.get("area"))
+    if raw.get("bbox") is None and area is None:
+        raise InvalidRequestError(
+            "bbox: missing (give --bbox LAT_MIN,LON_MIN,LAT_MAX,LON_MAX or --area FILE)"
+        )
+    if raw.get("zoom_levels") is None:
+        raise InvalidRequestError("zoom_levels: missing (give --zoom Z[,Z...])")
+    sector = raw.get("sector_class")
+    if sector not in SECTOR_CLASSES:
+        raise InvalidRequestError(
+            f"sector_class: must be one of {', '.join(SECTOR_CLASSES)}; got {sector!r}"
+        )
+    precision = raw.get("precision") or "fp32"
+    if precision not in PRECISIONS:
+        raise InvalidRequestError(
+            f"precision: must be one of {', '.join(PRECISIONS)}; got {precision!r}"
+        )
+    flight_id = raw.get("flight_id")
+    if flight_id not in (None, ""):
+        try:
+            flight_id = str(uuid.UUID(str(flight_id)))
+        except ValueError:
+            raise InvalidRequestError(f"flight_id: {flight_id!r} is not a UUID") from None
+    else:
+        flight_id = None
+    calibration = _optional_path("calibration", raw.get("calibration"))
+    if precision == "int8" and calibration is None:
+        raise InvalidRequestError(
+            "precision: int8 needs --calibration (make one with 'takeoff-cache calibrate')"
+        )
+    request = BuildRequest(
+        corpus=_required_path("corpus", raw),
+        bbox=parse_bbox(raw["bbox"]) if area is None or raw.get("bbox") else _area_bbox(area),
+        zoom_levels=parse_zoom_levels(raw["zoom_levels"]),
+        sector_class=str(sector),
+        backbones=_required_path("backbones", raw),
+        precision=precision,
+        calibration=calibration,
+        cache_root=_required_path("cache_root", raw),
+        key=_required_path("key", raw),
+        trust=_required_path("trust", raw),
+        takeoff_origin=parse_origin(raw.get("takeoff_origin")),
+        flight_id=flight_id,
+        area=area,
+    )
+    return request

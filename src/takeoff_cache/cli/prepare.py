@@ -1,0 +1,206 @@
+"""``takeoff-cache prepare``: a flight to a verified cache, through the prepare-flight flow.
+
+The flight is resolved and the job sized here first, before Prefect starts: a
+bad plan, an unreachable flights API or an oversized download is one line and
+its code, and leaves no file behind. The workstation lock is taken here too, so a
+second prepare of the same corpus is refused at once; the flow adopts it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from takeoff_cache.errors import InvalidRequestError, TakeoffCacheError
+
+EXIT_CODES = """\
+exit codes, by the phase that stopped:
+  0  prepared: the cache is built (or already was) and verifies; --dry-run printed its estimate
+  2  invalid input or usage (a bad --zoom, --tiles-url, a flight id that is not a UUID)
+  9  resolve: the flight cannot be resolved (file, plan, position, flights API)
+  4  lock: another prepare of the same corpus holds its lock (WORK/locks/)
+  10 download: the tile server kept failing, or more tiles than --max-tiles
+  3, 5, 6, 8  build: the build's own code (failure, coverage, key, engine)
+  7  verify: the built cache does not verify
+  11 companion: it cannot be reached or used (host key, auth, tool, disk, paths,
+     transfer); a build there that fails exits with its own code
+
+secrets come from the environment only: TAKEOFF_CACHE_TILES_API_KEY (sent as
+--tiles-key-header or --tiles-key-param), TAKEOFF_CACHE_FLIGHTS_TOKEN (the flights
+API's bearer token), TAKEOFF_CACHE_KEY_PASSPHRASE (the signing key's)."""
+
+
+def add_parser(sub: Any, request_args: Callable[[argparse.ArgumentParser], None]) -> None:
+    p = sub.add_parser(
+        "prepare",
+        help="flight plan -> area -> tiles -> build -> verify",
+        description="Resolve a flight, download the tiles of its area, build and verify the"
+        " cache (the prepare-flight flow). The rest of the request comes from --request"
+        " and the build flags.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--plan", type=Path, help="flight file: QGroundControl .plan, QGC WPL, JSON")
+    p.add_argument("--flights-api", help="flights API base URL (GET URL/flights/ID)")
+    p.add_argument("--tiles-url", help="XYZ tile URL template ({z} {x} {y} {-y} {s} {q})")
+    key = p.add_mutually_exclusive_group()
+    key.add_argument("--tiles-key-header", help="send TAKEOFF_CACHE_TILES_API_KEY as this header")
+    key.add_argument("--tiles-key-param", help="send TAKEOFF_CACHE_TILES_API_KEY as this parameter")
+    p.add_argument("--buffer-m", type=float, default=500.0, help="buffer in metres (default 500)")
+    p.add_argument("--max-age", type=float, help="revalidate tiles older than DAYS")
+    p.add_argument(
+        "--max-tiles", type=int, default=50_000, help="refuse a larger download (default 50000)"
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the download estimate only")
+    c = p.add_argument_group(
+        "companion computer",
+        "build and verify on the drone's companion over SSH (or set [companion] in --request)",
+    )
+    c.add_argument("--companion", metavar="USER@HOST[:PORT]", help="the companion to build on")
+    for name, what in _COMPANION_PATHS.items():
+        c.add_argument(f"--companion-{name.replace('_', '-')}", metavar="PATH", help=what)
+    c.add_argument("--known-hosts", metavar="FILE", help="default: ~/.ssh/known_hosts")
+    c.add_argument(
+        "--accept-new-host-key",
+        action="store_true",
+        help="trust an unknown host key once and record it (a changed key is always refused)",
+    )
+    c.add_argument(
+        "--identity", action="append", metavar="FILE", help="private key to offer (repeatable)"
+    )
+    c.add_argument("--no-agent", action="store_true", help="do not offer the SSH agent's keys")
+    c.add_argument(
+        "--work-pool",
+        metavar="NAME",
+        help="build as the build-cache deployment of this Prefect work pool (its worker on"
+        " the companion): with --companion the inputs go over SSH first, else the paths"
+        " must exist on the worker's machine; needs PREFECT_API_URL",
+    )
+    c.add_argument("--connect-timeout", type=float, metavar="S", help="default: 15")
+    c.add_argument("--command-timeout", type=float, metavar="S", help="default: 3600")
+    request_args(p)
+    p.set_defaults(func=cmd_prepare)
+
+
+_COMPANION_PATHS = {
+    "cache_root": "the cache folder there (must exist)",
+    "key": "the signing key there (it never travels)",
+    "trust": "the trust store there",
+    "work_dir": "the work folder there (default: ~/.cache/takeoff-cache)",
+    "inputs_dir": "where the inputs are sent (default: WORK/companion-inputs)",
+    "tool": "the takeoff-cache command there (default: takeoff-cache)",
+}
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Flight -> area -> tiles -> build -> verify; the report names the phase that stopped."""
+    from takeoff_cache.prepare.job import report_text
+
+    report: dict[str, Any] = {"outcome": None, "phase": "resolve"}
+    try:
+        report, error = _prepare(args, report)
+    except TakeoffCacheError as exc:
+        report.update(outcome="failure", exit_code=exc.exit_code, error=str(exc))
+        error = exc
+    if args.json:
+        print(json.dumps(report))
+    if error is not None:
+        raise error  # one line, and its code
+    if not args.json:
+        print(report_text(report))
+    if report["outcome"] == "failure":  # the build's own verdict, told in its report
+        print(f"takeoff-cache: build failed: {report['error']}", file=sys.stderr)
+        return int(report["exit_code"])
+    return 0
+
+
+def _prepare(
+    args: argparse.Namespace, report: dict[str, Any]
+) -> tuple[dict[str, Any], TakeoffCacheError | None]:
+    from takeoff_cache.build.lock import holding_early
+    from takeoff_cache.build.request import FIELDS
+    from takeoff_cache.cli.main import _options, _request_doc
+    from takeoff_cache.prepare import job as p
+
+    if args.area is not None:
+        raise InvalidRequestError("area: prepare computes the area from the flight; drop --area")
+    raw, sections = _request_doc(args, ("companion",))
+    for decided in ("bbox", "area", "takeoff_origin"):
+        raw.pop(decided, None)  # the flight decides these
+    params: dict[str, Any] = {
+        "plan": str(args.plan) if args.plan else None,
+        "flights_api": args.flights_api,
+        "tiles_url": args.tiles_url,
+        "tiles_key_header": args.tiles_key_header,
+        "tiles_key_param": args.tiles_key_param,
+        "buffer_m": args.buffer_m,
+        "max_age_days": args.max_age,
+        "max_tiles": args.max_tiles,
+        **{name: raw.get(name) for name in FIELDS if name in raw},
+    }
+    companion = _companion(args, sections.get("companion"))
+    if companion is not None:
+        params["companion"] = companion.to_json()
+    if args.work_pool:
+        _check_work_pool()
+        params["work_pool"] = args.work_pool
+    # Resolved here, before any lock or write: a bad plan leaves no trace.
+    job_args: dict[str, Any] = {name: params.get(name) for name in p.JOB_PARAMETERS}
+    job = p.plan_job(**{**job_args, "work_dir": args.work_dir})
+    report.update(job.report())
+    report["phase"] = "download"
+    if args.dry_run:
+        report.update(download=p.dry_run(job.corpus, job.mission, job.options), outcome="dry_run")
+        return report, None
+    if job.source is not None:
+        p.check_job_size(job.corpus, job.mission, job.options)
+    report["phase"] = "lock"
+    args.work_dir = str(job.work)
+    options = _options(args)
+    params.update(flight=job.flight_json(), corpus=str(job.corpus))
+    with holding_early(p.workstation_lock(job.work, job.corpus)):
+        from takeoff_cache.cli.progress import ProgressBar
+        from takeoff_cache_prefect.run import run_prepare
+
+        with ProgressBar() as bar:
+            return run_prepare(params, options, args.verbose, progress=bar, lines=_show)
+
+
+def _show(line: str) -> None:
+    """A line the companion's build printed (redacted there and here)."""
+    print(f"companion: {line}", file=sys.stderr, flush=True)
+
+
+def _check_work_pool() -> None:
+    from takeoff_cache_prefect.tempapi import api_configured
+
+    if not api_configured():
+        raise InvalidRequestError(
+            "--work-pool: no Prefect API configured; set PREFECT_API_URL to the server"
+            " the pool's worker polls"
+        )
+
+
+def _companion(args: argparse.Namespace, table: dict[str, Any] | None) -> Any:
+    """The companion's options, or None to build here."""
+    if args.companion is None and not (table and table.get("target")):
+        if any(getattr(args, f"companion_{name}") for name in _COMPANION_PATHS):
+            raise InvalidRequestError("companion: --companion-* flags need --companion USER@HOST")
+        return None
+    from takeoff_cache.companion.options import companion_options
+
+    flags = {name: getattr(args, f"companion_{name}") for name in _COMPANION_PATHS}
+    flags.update(
+        target=args.companion,
+        known_hosts=args.known_hosts,
+        identity=args.identity,
+        accept_new_host_key=True if args.accept_new_host_key else None,
+        use_agent=False if args.no_agent else None,
+        connect_timeout_s=args.connect_timeout,
+        command_timeout_s=args.command_timeout,
+    )
+    return companion_options(table or {}, flags)

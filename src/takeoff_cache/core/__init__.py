@@ -1,0 +1,1 @@
+"""What every other part stands on: names, paths, files written safely, tiles' arithmetic."""

@@ -1,0 +1,1 @@
+"""Localizing against a cache: locate, the self-test and the coverage map."""

@@ -1,0 +1,1 @@
+"""Preparing a flight: the flight plan, its area, the tile download and the prepare job."""

@@ -1,0 +1,601 @@
+"""Download an area's tiles from an XYZ tile server into an MBTiles corpus.
+
+Polite: at most ``concurrency`` requests in flight per host; 429, 5xx, resets
+and timeouts are retried with exponential backoff and jitter, never sooner than
+the server's ``Retry-After`` (which pauses every request to that host, not only
+the one that got it); after ``max_retries`` a tile is listed as failed; a host
+that fails ``breaker_failures`` times in a row, refuses the key (401/403) or asks
+to wait longer than ``max_wait_s`` stops the download with :class:`HostFailingError`.
+
+Careful: a body is stored only if it decodes as a JPEG, PNG or WebP image (a 200
+with an HTML page is a failure); each tile's SHA-256 and validators are kept;
+tiles already present are not fetched again, and with ``max_age_days`` older
+ones are revalidated (``If-None-Match`` / ``If-Modified-Since``; a 304 renews
+their age). See :mod:`takeoff_cache.tiles.mbtiles` for why a kill loses nothing committed.
+
+The API key (``TAKEOFF_CACHE_TILES_API_KEY``) goes in the header or query
+parameter the operator names; every message, result and log line that could
+carry it has it replaced by ``[redacted]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import itertools
+import os
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from takeoff_cache import USER_AGENT
+from takeoff_cache.errors import HostFailingError, InvalidRequestError, TooManyTilesError
+from takeoff_cache.prepare.bodycheck import BodyChecker
+from takeoff_cache.prepare.tileserver import (
+    TileSource,
+    image_format,
+    redact,
+    redacting_logs,
+    retry_after_s,
+)
+from takeoff_cache.tiles.mbtiles import (
+    Coord,
+    MBTilesWriter,
+    StoredTile,
+    mean_tile_bytes,
+    stored_tiles,
+)
+
+TILES_KEY_ENV = "TAKEOFF_CACHE_TILES_API_KEY"
+DEFAULT_TILE_BYTES = 20_000  # a 256 px satellite JPEG, for estimates of unseen zooms
+_COMMIT_INTERVAL_S = 1.0  # the most a kill can cost: tiles received in the last second
+
+
+@dataclass(frozen=True)
+class DownloadOptions:
+    concurrency: int = 4  # requests in flight per host
+    timeout_s: float = 15.0
+    max_retries: int = 4
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 30.0
+    max_wait_s: float = 120.0  # a longer Retry-After stops the download
+    breaker_failures: int = 12  # failed attempts in a row that stop the download
+    max_age_days: float | None = None
+    max_tiles: int = 50_000
+    # Jobs this big check their bodies in a child process (see bodycheck); smaller
+    # ones finish before it would have started. 0: every job.
+    checker_from_tiles: int = 200
+
+
+@dataclass(frozen=True)
+class FailedTile:
+    z: int
+    x: int
+    y: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class DownloadEstimate:
+    """What a download would do, from the corpus alone (nothing fetched)."""
+
+    per_zoom: dict[int, int]  # tiles to request per zoom (missing + stale)
+    missing: int
+    stale: int
+    kept: int
+    estimated_bytes: int
+
+    @property
+    def to_fetch(self) -> int:
+        return self.missing + self.stale
+
+
+@dataclass(frozen=True)
+class DownloadResult:
+    requested: int  # tiles of the job
+    fetched: int  # bodies stored (new or changed)
+    kept: int  # present and fresh: not asked for
+    revalidated: int  # asked for again, unchanged (304 or the same bytes): age renewed
+    failed: tuple[FailedTile, ...]  # the first 20 by z/x/y
+    failed_count: int
+    bytes: int
+    seconds: float
+
+    @property
+    def tiles_per_s(self) -> float:
+        done = self.fetched + self.revalidated
+        return done / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "requested": self.requested,
+            "fetched": self.fetched,
+            "kept": self.kept,
+            "revalidated": self.revalidated,
+            "failed": [f"{f.z}/{f.x}/{f.y}: {f.reason}" for f in self.failed],
+            "failed_count": self.failed_count,
+            "bytes": self.bytes,
+            "seconds": round(self.seconds, 3),
+            "tiles_per_s": round(self.tiles_per_s, 1),
+        }
+
+
+def missing_tiles(corpus_path: Path, tiles: Sequence[Coord]) -> list[Coord]:
+    """The tiles of ``tiles`` the corpus does not hold, sorted (all of them if no file)."""
+    have = stored_tiles(corpus_path, tiles)
+    return sorted(set(tiles) - have.keys())
+
+
+def estimate_download(
+    corpus_path: Path, tiles: Sequence[Coord], options: DownloadOptions | None = None
+) -> DownloadEstimate:
+    """Tiles to request per zoom and their estimated bytes; reads the corpus only."""
+    options = options or DownloadOptions()
+    have = stored_tiles(corpus_path, tiles)
+    todo, stale = _todo(tiles, have, options.max_age_days, time.time())
+    per_zoom: dict[int, int] = {}
+    for z, _, _ in todo:
+        per_zoom[z] = per_zoom.get(z, 0) + 1
+    sizes = mean_tile_bytes(corpus_path)
+    estimated = sum(n * sizes.get(z, DEFAULT_TILE_BYTES) for z, n in per_zoom.items())
+    unique = len(set(tiles))
+    return DownloadEstimate(
+        dict(sorted(per_zoom.items())),
+        missing=len(todo) - stale,
+        stale=stale,
+        kept=unique - len(todo),
+        estimated_bytes=round(estimated),
+    )
+
+
+@dataclass(frozen=True)
+class DownloadProgress:
+    """Where a download stands, as :func:`download_tiles` tells its ``progress``.
+
+    Counts only: nothing here can carry the API key or a server's answer."""
+
+    done: int  # tiles settled so far: stored, revalidated or failed
+    total: int  # tiles to request
+    failed: int
+    bytes: int  # bodies received so far
+    seconds: float  # since the download started
+
+    @property
+    def tiles_per_s(self) -> float:
+        return self.done / self.seconds if self.seconds > 0 else 0.0
+
+
+def download_tiles(
+    corpus_path: Path,
+    tiles: Sequence[Coord],
+    source: TileSource,
+    options: DownloadOptions | None = None,
+    *,
+    progress: Callable[[DownloadProgress], None] | None = None,
+    api_key: str | None = None,
+) -> DownloadResult:
+    """Fetch every tile of ``tiles`` the corpus lacks (or holds too old) into it.
+
+    ``progress`` is called from this thread as tiles finish (after each batch of
+    those that arrived together, so ``done`` can step by more than one), never for
+    a job with nothing to fetch; when every tile is settled the last call has
+    ``done == total``. A :class:`takeoff_cache.cli.progress.ProgressBar` is one::
+
+        with ProgressBar() as bar:
+            download_tiles(corpus, tiles, source, options, progress=bar)
+
+    ``api_key`` defaults to ``TAKEOFF_CACHE_TILES_API_KEY``.
+    """
+    options = options or DownloadOptions()
+    started = time.monotonic()
+    key = api_key if api_key is not None else os.environ.get(TILES_KEY_ENV) or None
+    if (source.key_header or source.key_param) and not key:
+        raise InvalidRequestError(
+            f"tiles key: {TILES_KEY_ENV} is not set (the source sends it as"
+            f" {source.key_header or source.key_param})"
+        )
+    unique = sorted(set(tiles))
+    have = stored_tiles(corpus_path, unique)
+    todo, _ = _todo(unique, have, options.max_age_days, time.time())
+    if len(todo) > options.max_tiles:
+        raise TooManyTilesError(
+            f"download: {len(todo):,} tiles to fetch, more than max_tiles {options.max_tiles:,};"
+            " narrow the area or the zoom levels, or raise the limit"
+        )
+    run = _Run(source, options, key)
+    counts = {"fetched": 0, "revalidated": 0, "bytes": 0}
+    failed: list[FailedTile] = []
+    if todo:
+        name = source.name or urlsplit(source.url_template).netloc
+        with (
+            redacting_logs(key),
+            MBTilesWriter(
+                corpus_path, name=name, attribution=source.attribution, planned=todo
+            ) as writer,
+        ):
+            formats: set[str] = set()
+            done = 0
+            for batch in run.outcomes(todo, have, tick_s=_COMMIT_INTERVAL_S):
+                if not batch:
+                    writer.commit_if_due()  # a stalled server must not hold tiles uncommitted
+                    continue
+                now = time.time()
+                for outcome in batch:
+                    _record(writer, outcome, counts, failed, formats, now)
+                done += len(batch)
+                if progress is not None:
+                    seconds = time.monotonic() - started
+                    progress(
+                        DownloadProgress(done, len(todo), len(failed), counts["bytes"], seconds)
+                    )
+            if len(formats) == 1 and not have:
+                writer.set_format(formats.pop())  # a new corpus says what it holds
+    if run.tripped is not None:
+        raise run.tripped
+    failed.sort(key=lambda f: (f.z, f.x, f.y))
+    return DownloadResult(
+        requested=len(unique),
+        fetched=counts["fetched"],
+        kept=len(unique) - len(todo),
+        revalidated=counts["revalidated"],
+        failed=tuple(failed[:20]),
+        failed_count=len(failed),
+        bytes=counts["bytes"],
+        seconds=time.monotonic() - started,
+    )
+
+
+# --------------------------------------------------------------------------- internals
+
+
+def _todo(
+    tiles: Sequence[Coord], have: dict[Coord, StoredTile], max_age_days: float | None, now: float
+) -> tuple[list[Coord], int]:
+    """Tiles to request (missing ones, then stale ones), and how many are stale."""
+    missing = sorted(set(tiles) - have.keys())
+    stale: list[Coord] = []
+    if max_age_days is not None:
+        limit = now - max_age_days * 86400.0
+        stale = sorted(c for c, t in have.items() if t.fetched_at is None or t.fetched_at < limit)
+    return missing + stale, len(stale)
+
+
+@dataclass(frozen=True)
+class _Job:
+    coord: Coord
+    url: str
+    host: str  # the URL's netloc: requests are bounded and paused per host
+    attempt: int = 0
+
+
+@dataclass
+class _Outcome:
+    job: _Job
+    kind: str  # "body" (to check), "stored", "same", "retry", "failed", "cancelled"
+    data: bytes = b""
+    sha256: str | None = None
+    etag: str | None = None
+    last_modified: str | None = None
+    content_type: str = ""
+    tile_format: str = ""
+    reason: str = ""
+
+
+def _record(
+    writer: MBTilesWriter,
+    outcome: _Outcome,
+    counts: dict[str, int],
+    failed: list[FailedTile],
+    formats: set[str],
+    now: float,
+) -> None:
+    coord = outcome.job.coord
+    if outcome.kind == "stored":
+        sha = outcome.sha256 or ""
+        writer.put(coord, outcome.data, sha, outcome.etag, outcome.last_modified, now)
+        counts["fetched"] += 1
+        counts["bytes"] += len(outcome.data)
+        formats.add(outcome.tile_format)
+    elif outcome.kind == "same":
+        writer.renew(coord, outcome.sha256, outcome.etag, outcome.last_modified, now)
+        counts["revalidated"] += 1
+        counts["bytes"] += len(outcome.data)
+    elif outcome.kind == "failed":
+        failed.append(FailedTile(*coord, outcome.reason))
+
+
+@dataclass
+class _Host:
+    """One host's shared state: its pause and run of failures."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    not_before: float = 0.0
+    failures: int = 0
+    last_status: str = ""
+
+
+class _Run:
+    """One download's worker side: fetch, check, retry, and stop a failing host.
+
+    Each host gets ``concurrency`` threads that only make requests, one attempt per
+    job, as a plain concurrent fetch would. The thread that consumes the outcomes
+    has each batch of bodies checked and hashed (by a :class:`BodyChecker` in a
+    large job, else itself) and schedules retries after their backoff, so no
+    request thread sits idle while a tile waits for its next attempt.
+    """
+
+    def __init__(self, source: TileSource, options: DownloadOptions, key: str | None) -> None:
+        self.source = source
+        self.options = options
+        self.key = key
+        self.stop = threading.Event()
+        self.tripped: HostFailingError | None = None
+        self.hosts: dict[str, _Host] = {}
+        self._trip_lock = threading.Lock()
+
+    def outcomes(
+        self, todo: list[Coord], have: dict[Coord, StoredTile], tick_s: float
+    ) -> Iterator[list[_Outcome]]:
+        """Settled outcomes as they arrive, as many at a time as have arrived; an
+        empty list after ``tick_s`` without one."""
+        jobs: dict[str, queue.SimpleQueue[_Job | None]] = {}
+        for c in todo:
+            url = self.source.url(*c)
+            host = url.split("/", 3)[2]  # the netloc, cheaper than urlsplit
+            jobs.setdefault(host, queue.SimpleQueue()).put(_Job(c, url, host))
+        self.hosts = {name: _Host() for name in jobs}
+        headers = {"User-Agent": USER_AGENT}
+        if self.key and self.source.key_header:
+            headers[self.source.key_header] = self.key
+        workers = self.options.concurrency * len(jobs)
+        limits = httpx.Limits(max_connections=workers, max_keepalive_connections=workers)
+        # Workers hand over each outcome (or what they raised) here, and nothing else.
+        arrived: queue.SimpleQueue[_Outcome | BaseException] = queue.SimpleQueue()
+        retries: list[tuple[float, int, _Job]] = []  # a heap by when they are due
+        order = itertools.count()  # breaks ties in the heap: jobs do not compare
+        checker = BodyChecker() if len(todo) >= self.options.checker_from_tiles else None
+        with (
+            checker or nullcontext(),
+            httpx.Client(
+                headers=headers,
+                timeout=self.options.timeout_s,
+                limits=limits,
+                follow_redirects=True,
+            ) as client,
+        ):
+            threads = [
+                threading.Thread(
+                    target=self._work,
+                    args=(client, host_jobs, have, arrived),
+                    name=f"tiles-{name}-{i}",
+                )
+                for name, host_jobs in jobs.items()
+                for i in range(self.options.concurrency)
+            ]
+            for thread in threads:
+                thread.start()
+            left = len(todo)
+            try:
+                while left and not self.stop.is_set():
+                    now = time.monotonic()
+                    while retries and retries[0][0] <= now:
+                        job = heapq.heappop(retries)[2]
+                        jobs[job.host].put(job)
+                    wait = min(tick_s, retries[0][0] - now) if retries else tick_s
+                    try:
+                        first = arrived.get(timeout=max(wait, 0.0))
+                    except queue.Empty:
+                        yield []  # a quiet moment: the caller commits what it holds
+                        continue
+                    batch = [first]
+                    # Take all that is there at once: one wake-up of this thread for
+                    # many tiles when they come fast.
+                    while True:
+                        try:
+                            batch.append(arrived.get_nowait())
+                        except queue.Empty:
+                            break
+                    outcomes: list[_Outcome] = []
+                    for item in batch:
+                        if isinstance(item, BaseException):
+                            raise item
+                        outcomes.append(item)
+                    settled: list[_Outcome] = []
+                    for outcome in self._settled(outcomes, have, checker):
+                        if outcome.kind == "retry":
+                            due = time.monotonic() + self._backoff(outcome.job.attempt)
+                            heapq.heappush(retries, (due, next(order), outcome.job))
+                        elif outcome.kind != "cancelled":
+                            settled.append(outcome)
+                    left -= len(settled)
+                    yield settled
+            finally:
+                # Workers stop between requests; tiles not started are dropped.
+                self.stop.set()
+                for host_jobs in jobs.values():
+                    for _ in range(self.options.concurrency):
+                        host_jobs.put(None)
+                for thread in threads:
+                    thread.join()
+            # Tiles that arrived while the others were being stopped are kept all the same.
+            stopped: list[_Outcome] = []
+            while True:
+                try:
+                    item = arrived.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, _Outcome):
+                    stopped.append(item)
+            settled_late = self._settled(stopped, have, checker)
+        late = [o for o in settled_late if o.kind in ("stored", "same")]
+        if late:
+            yield late
+
+    def _work(
+        self,
+        client: httpx.Client,
+        jobs: queue.SimpleQueue[_Job | None],
+        have: dict[Coord, StoredTile],
+        arrived: queue.SimpleQueue[_Outcome | BaseException],
+    ) -> None:
+        while not self.stop.is_set():
+            job = jobs.get()
+            if job is None:
+                return
+            try:
+                arrived.put(self._fetch(client, job, have.get(job.coord)))
+            except BaseException as exc:  # a bug, not a tile's fault: the caller raises it
+                arrived.put(exc)
+                return
+
+    def _fetch(self, client: httpx.Client, job: _Job, old: StoredTile | None) -> _Outcome:
+        """One attempt at one tile; a 200's body is left for :meth:`_settle` to check."""
+        host = self.hosts[job.host]
+        params = {self.source.key_param: self.key} if self.key and self.source.key_param else None
+        headers = {}
+        if old is not None and old.etag:
+            headers["If-None-Match"] = old.etag
+        if old is not None and old.last_modified:
+            headers["If-Modified-Since"] = old.last_modified
+        self._wait(host.not_before - time.monotonic())
+        if self.stop.is_set():
+            return _Outcome(job, "cancelled")
+        try:
+            response = client.get(job.url, params=params, headers=headers)
+        except httpx.TimeoutException:
+            return self._retry(job, f"timed out after {self.options.timeout_s:g} s")
+        except httpx.TransportError as exc:
+            return self._retry(job, f"connection failed ({type(exc).__name__})")
+        status = response.status_code
+        if status == 304 and old is not None:
+            self._success(host)
+            etag, modified = _validators(response, old)
+            return _Outcome(job, "same", sha256=old.sha256, etag=etag, last_modified=modified)
+        if status == 200:
+            etag, modified = _validators(response, None)
+            content_type = response.headers.get("content-type", "")
+            return _Outcome(job, "body", response.content, None, etag, modified, content_type)
+        problem = f"HTTP {status}"
+        if status in (401, 403):
+            self._trip(job.host, problem, "the server refused the request: check the API key")
+            return _Outcome(job, "cancelled")
+        if status == 429 or status >= 500:
+            wait = retry_after_s(response.headers.get("retry-after"))
+            if wait is not None:
+                if wait > self.options.max_wait_s:
+                    self._trip(job.host, problem, f"it asks to wait {wait:.0f} s")
+                    return _Outcome(job, "cancelled")
+                with host.lock:
+                    host.not_before = max(host.not_before, time.monotonic() + wait)
+            return self._retry(job, problem)
+        # 404 and other client errors: the server answered; this tile is not to be had.
+        self._success(host)
+        return _Outcome(job, "failed", reason=problem)
+
+    def _settled(
+        self,
+        batch: list[_Outcome],
+        have: dict[Coord, StoredTile],
+        checker: BodyChecker | None,
+    ) -> list[_Outcome]:
+        """The batch with each body checked and hashed: stored, same, or a failed
+        attempt (``"retry"`` or ``"failed"``); other outcomes as they are."""
+        bodies = [o for o in batch if o.kind == "body"]
+        for o in bodies:
+            o.reason = _not_an_image_type(o.content_type)
+        images = [o for o in bodies if not o.reason]
+        checked = checker.check([o.data for o in images]) if checker and images else None
+        for i, o in enumerate(images):
+            fmt, sha = checked[i] if checked is not None else _check_here(o.data)
+            o.tile_format, o.sha256 = fmt or "", sha
+            if fmt is None:
+                o.reason = _not_decodable(o.data)
+        return [self._settle(o, have) if o.kind == "body" else o for o in batch]
+
+    def _settle(self, outcome: _Outcome, have: dict[Coord, StoredTile]) -> _Outcome:
+        job = outcome.job
+        if outcome.reason:
+            return self._retry(job, outcome.reason)
+        self._success(self.hosts[job.host])
+        old = have.get(job.coord)
+        outcome.kind = "same" if old is not None and old.sha256 == outcome.sha256 else "stored"
+        return outcome
+
+    def _retry(self, job: _Job, problem: str) -> _Outcome:
+        """A failed attempt: the next one (``kind == "retry"``), or the tile failed."""
+        self._failure(job.host, problem)
+        if job.attempt < self.options.max_retries:
+            return _Outcome(replace(job, attempt=job.attempt + 1), "retry", reason=problem)
+        attempts = self.options.max_retries + 1
+        return _Outcome(job, "failed", reason=self._redact(f"{problem} after {attempts} attempts"))
+
+    def _backoff(self, attempt: int) -> float:
+        delay = min(self.options.backoff_max_s, self.options.backoff_base_s * 2.0 ** (attempt - 1))
+        return delay * random.uniform(0.5, 1.0)  # jitter: retries of many tiles spread out
+
+    def _wait(self, seconds: float) -> None:
+        if seconds > 0:
+            self.stop.wait(seconds)
+
+    def _success(self, host: _Host) -> None:
+        with host.lock:
+            host.failures = 0
+
+    def _failure(self, host_name: str, problem: str) -> None:
+        host = self.hosts[host_name]
+        with host.lock:
+            host.failures += 1
+            host.last_status = problem
+            tripped = host.failures >= self.options.breaker_failures
+        if tripped:
+            self._trip(host_name, problem, f"{host.failures} failed attempts in a row")
+
+    def _trip(self, host_name: str, status: str, why: str) -> None:
+        with self._trip_lock:
+            if self.tripped is None:
+                self.tripped = HostFailingError(
+                    self._redact(
+                        f"download: tile server {host_name} keeps failing ({why}; last: {status});"
+                        " stopped. Tiles stored so far are kept; run again later to resume"
+                    ),
+                    host=host_name,
+                    status=self._redact(status),
+                )
+            self.stop.set()
+
+    def _redact(self, text: str) -> str:
+        return redact(text, self.key)
+
+
+def _validators(response: httpx.Response, old: StoredTile | None) -> tuple[str | None, str | None]:
+    """The tile's ETag and Last-Modified: the answer's, else what was known before."""
+    etag = response.headers.get("etag") or (old.etag if old else None)
+    modified = response.headers.get("last-modified") or (old.last_modified if old else None)
+    return etag, modified
+
+
+_NOT_IMAGES = ("text/html", "text/plain", "application/json", "application/xml", "text/xml")
+
+
+def _not_an_image_type(content_type: str) -> str:
+    """Why a body labelled ``content_type`` is no tile, or "" if it may be one."""
+    kind = content_type.split(";")[0].strip().lower()
+    return f"HTTP 200 with a {kind} body, not an image" if kind in _NOT_IMAGES else ""
+
+
+def _not_decodable(data: bytes) -> str:
+    return f"HTTP 200 with a body that is not a decodable image ({len(data)} bytes)"
+
+
+def _check_here(data: bytes) -> tuple[str | None, str]:
+    """What a :class:`BodyChecker` answers, worked out in this process."""
+    return image_format(data), hashlib.sha256(data).hexdigest()

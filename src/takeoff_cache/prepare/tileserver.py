@@ -1,0 +1,167 @@
+"""Tile servers: an XYZ URL template, the checks on what it answers, and keeping its key secret.
+
+A template names a tile with ``{z}`` ``{x}`` ``{y}``, ``{-y}`` (the TMS row), ``{s}``
+(a subdomain, chosen from the tile so the same tile always asks the same host) and
+``{q}`` (Bing's quadkey). The API key is never part of the template: it is sent as
+the header or query parameter the operator names, and :func:`redact` takes it out
+of any text that could be shown.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import io
+import logging
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from urllib.parse import quote, quote_plus, urlsplit
+
+import simplejpeg
+
+from takeoff_cache.errors import InvalidRequestError
+
+REDACTED = "[redacted]"
+_PLACEHOLDER = re.compile(r"\{[^}]*\}")
+_KNOWN = {"{z}", "{x}", "{y}", "{-y}", "{s}", "{q}"}
+
+
+@dataclass(frozen=True)
+class TileSource:
+    """Where tiles come from: an XYZ URL template and how to send its API key."""
+
+    url_template: str
+    subdomains: tuple[str, ...] = ("a", "b", "c")
+    key_header: str | None = None
+    key_param: str | None = None
+    attribution: str = ""
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        t = self.url_template
+        if urlsplit(t).scheme not in ("http", "https") or not urlsplit(t).netloc:
+            raise InvalidRequestError(f"tiles URL: {t!r} is not an http(s) URL template")
+        unknown = set(_PLACEHOLDER.findall(t)) - _KNOWN
+        if unknown:
+            raise InvalidRequestError(
+                f"tiles URL: unknown placeholder(s) {', '.join(sorted(unknown))};"
+                " use {z} {x} {y} {-y} {s} {q}"
+            )
+        if "{q}" not in t and not ("{z}" in t and "{x}" in t and ("{y}" in t or "{-y}" in t)):
+            raise InvalidRequestError(
+                f"tiles URL: {t!r} must name a tile: {{z}}, {{x}} and {{y}} (or {{-y}}), or {{q}}"
+            )
+        if "{s}" in t and not self.subdomains:
+            raise InvalidRequestError("tiles URL: {s} needs at least one subdomain")
+        if self.key_header and self.key_param:
+            raise InvalidRequestError(
+                "tiles key: give a header name or a query parameter, not both"
+            )
+
+    def url(self, z: int, x: int, y: int) -> str:
+        """The URL of tile ``z/x/y`` (XYZ row), without the API key."""
+        url = self.url_template
+        if "{-y}" in url:
+            url = url.replace("{-y}", str((1 << z) - 1 - y))
+        url = url.replace("{z}", str(z)).replace("{x}", str(x)).replace("{y}", str(y))
+        if "{s}" in url:
+            url = url.replace("{s}", self.subdomains[(x + y) % len(self.subdomains)])
+        # A quadkey is one digit per zoom level: made only for templates that use it.
+        return url.replace("{q}", quadkey(z, x, y)) if "{q}" in url else url
+
+    def host(self, z: int, x: int, y: int) -> str:
+        return urlsplit(self.url(z, x, y)).netloc
+
+
+def quadkey(z: int, x: int, y: int) -> str:
+    """Bing's quadkey of a tile: one base-4 digit per zoom level."""
+    digits = []
+    for i in range(z, 0, -1):
+        mask = 1 << (i - 1)
+        digits.append(str((1 if x & mask else 0) + (2 if y & mask else 0)))
+    return "".join(digits)
+
+
+def retry_after_s(value: str | None, now: float | None = None) -> float | None:
+    """Seconds a ``Retry-After`` header asks for (delta-seconds or an HTTP-date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def image_format(data: bytes) -> str | None:
+    """``"jpg"``, ``"png"`` or ``"webp"`` if ``data`` decodes completely as that image, else None.
+
+    JPEGs are decoded by libjpeg-turbo at 1/8 scale and in grey, the cheapest
+    decode that still reads every entropy-coded byte (a truncated or damaged tile
+    fails).
+    """
+    if data[:3] == b"\xff\xd8\xff":
+        try:
+            simplejpeg.decode_jpeg(data, colorspace="GRAY", min_height=1, min_width=1, strict=True)
+        except ValueError:
+            pass  # unusual JPEGs (CMYK, arithmetic coding): Pillow decides
+        else:
+            return "jpg"
+    from PIL import Image  # here: a body checker that meets only JPEGs never loads it
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            fmt = _PILLOW_FORMATS.get(image.format or "")
+            image.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+    return fmt
+
+
+_PILLOW_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+
+
+def redact(text: str, key: str | None) -> str:
+    """``text`` with the key (as is and URL-encoded) replaced by ``[redacted]``."""
+    if not key:
+        return text
+    for form in {key, quote(key, safe=""), quote_plus(key)}:
+        text = text.replace(form, REDACTED)
+    return text
+
+
+class _RedactFilter(logging.Filter):
+    def __init__(self, key: str) -> None:
+        super().__init__()
+        self.key = key
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact(message, self.key)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
+@contextmanager
+def redacting_logs(key: str | None) -> Iterator[None]:
+    """httpx logs every request's URL at INFO: with a key in the query, that line would carry it."""
+    if not key:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in ("httpx", "httpcore")]
+    f = _RedactFilter(key)
+    for logger in loggers:
+        logger.addFilter(f)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(f)

@@ -1,0 +1,1 @@
+"""The tile corpus: MBTiles files, the selection of an area's tiles, area geometry."""

@@ -1,0 +1,219 @@
+"""The mission area: what a flight needs tiles of, and which tiles those are.
+
+An area is a GeoJSON Polygon or MultiPolygon in WGS84 (RFC 7946: ``[lon, lat]``,
+exterior rings counter-clockwise), coordinates rounded to 1e-7 degrees (about
+1 cm) so that the same flight always gives the same bytes. A flight's own area
+(its path, corridors and shapes buffered in metres) is drawn in
+``takeoff_cache.prepare.area``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import shapely
+from numpy.typing import NDArray
+from pyproj import Geod
+from shapely.geometry import MultiPolygon, mapping, shape
+from shapely.geometry.base import BaseGeometry
+from shapely.geometry.polygon import orient
+
+from takeoff_cache.core.tilemath import MAX_LAT
+from takeoff_cache.errors import AntimeridianError, InvalidRequestError
+
+DEFAULT_BUFFER_M = 500.0
+_DIGITS = 7
+_GEOD = Geod(ellps="WGS84")
+_EDGE = 1e-6  # as in tilemath: a tile touching the area along an edge is not in it
+
+
+@dataclass(frozen=True)
+class Area:
+    """A mission area: its GeoJSON geometry (WGS84) and its size on the ellipsoid."""
+
+    geojson: dict[str, Any]
+    km2: float
+
+    @property
+    def bbox(self) -> tuple[float, float, float, float]:
+        """``(lat_min, lon_min, lat_max, lon_max)``, the build request's bbox order."""
+        lon_min, lat_min, lon_max, lat_max = shape(self.geojson).bounds
+        return lat_min, lon_min, lat_max, lon_max
+
+
+def area_of(geometry: BaseGeometry, source: str) -> Area:
+    """The area of a WGS84 geometry: checked, clipped to Web-Mercator, canonical."""
+    _check_antimeridian(geometry, source)
+    return _area(_web_mercator_part(geometry))
+
+
+def parse_area(obj: Any, source: str) -> Area:
+    """An area from GeoJSON: a Polygon or MultiPolygon, bare or in a Feature (Collection)."""
+    geometries = _geometries(obj, source)
+    polygons: list[BaseGeometry] = []
+    for geometry in geometries:
+        kind = geometry.get("type")
+        if kind not in ("Polygon", "MultiPolygon"):
+            raise InvalidRequestError(
+                f"area: {source}: a {kind!r} geometry; expected a Polygon or MultiPolygon"
+            )
+        try:
+            geom = shape(geometry)
+        except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+            raise InvalidRequestError(
+                f"area: {source}: the {kind} coordinates are not rings of [lon, lat]: {exc}"
+            ) from None
+        if geom.is_empty or not geom.is_valid:
+            why = "it is empty" if geom.is_empty else shapely.is_valid_reason(geom)
+            raise InvalidRequestError(f"area: {source}: the {kind} is not valid: {why}")
+        lon_min, lat_min, lon_max, lat_max = geom.bounds
+        if not all(map(math.isfinite, geom.bounds)):
+            raise InvalidRequestError(f"area: {source}: the {kind} has non-finite coordinates")
+        if not (
+            max(abs(lon_min), abs(lon_max)) <= 180 and max(abs(lat_min), abs(lat_max)) <= MAX_LAT
+        ):
+            raise InvalidRequestError(
+                f"area: {source}: the {kind} reaches lon {lon_min:g}..{lon_max:g},"
+                f" lat {lat_min:g}..{lat_max:g}: expected WGS84 [lon, lat] with lon in"
+                f" [-180, 180] and lat in [-{MAX_LAT:.4f}, {MAX_LAT:.4f}] (Web Mercator)"
+            )
+        polygons.append(geom)
+    return _area(shapely.union_all(polygons))
+
+
+def load_area(path: Path) -> Area:
+    """Read an ``--area`` GeoJSON file; every problem is one :class:`InvalidRequestError` line."""
+    try:
+        obj = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise InvalidRequestError(f"area: {path} does not exist") from None
+    except OSError as exc:
+        raise InvalidRequestError(f"area: cannot read {path}: {exc.strerror or exc}") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(f"area: {path} is not JSON: {exc}") from None
+    return parse_area(obj, str(path))
+
+
+def tiles_for_area(
+    area_geojson: dict[str, Any], zoom_levels: Iterable[int]
+) -> list[tuple[int, int, int]]:
+    """Sorted ``(z, x, y)`` of every tile whose Web-Mercator square shares area with the area.
+
+    In tile coordinates a tile is a unit square, so one horizontal strip per tile
+    row is cut out of the area: each connected piece of a strip covers exactly the
+    columns its x extent spans. The work grows with rows, not with the bbox's tiles,
+    so a diagonal corridor costs as little as a square.
+    """
+    geometry = shape(area_geojson)
+    out: list[tuple[int, int, int]] = []
+    for z in sorted(set(zoom_levels)):
+        n = 2**z
+        tiles = shapely.transform(geometry, functools.partial(_fractional_tiles, n=n))
+        x_min, y_min, x_max, y_max = tiles.bounds
+        row0 = max(0, math.floor(y_min + _EDGE))
+        row1 = min(n - 1, math.ceil(y_max - _EDGE) - 1)
+        strips = [
+            shapely.clip_by_rect(tiles, x_min - 1, y, x_max + 1, y + 1)
+            for y in range(row0, row1 + 1)
+        ]
+        for y, strip in zip(range(row0, row1 + 1), strips, strict=True):
+            columns: set[int] = set()
+            for piece in getattr(strip, "geoms", [strip]):
+                # Pieces that only touch the strip's edge are lines or points: no area.
+                if piece.geom_type != "Polygon" or piece.area == 0:
+                    continue
+                px0, _, px1, _ = piece.bounds
+                first = max(0, math.floor(px0 + _EDGE))
+                last = min(n - 1, max(first, math.ceil(px1 - _EDGE) - 1))
+                columns.update(range(first, last + 1))
+            out.extend((z, x, y) for x in columns)
+    out.sort()
+    return out
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_antimeridian(geometry: BaseGeometry, source: str) -> None:
+    # Back in degrees, a ring that went over the antimeridian jumps by ~360 degrees
+    # of longitude between neighbouring vertices (the densified edges are short).
+    for polygon in getattr(geometry, "geoms", [geometry]):
+        for ring in (polygon.exterior, *polygon.interiors):
+            lons = np.asarray(ring.coords)[:, 0]
+            if lons.size and float(np.max(np.abs(np.diff(lons)))) > 180.0:
+                raise AntimeridianError(
+                    f"area: the area of {source} crosses the antimeridian; split the flight"
+                    " into one on each side"
+                )
+
+
+def _web_mercator_part(geometry: BaseGeometry) -> BaseGeometry:
+    """The part of the area Web-Mercator tiles can show (none exist beyond ~85.05°)."""
+    clipped = shapely.clip_by_rect(geometry, -180.0, -MAX_LAT, 180.0, MAX_LAT)
+    if clipped.is_empty:
+        raise InvalidRequestError("area: the flight lies beyond 85.05° of latitude: no tiles")
+    return clipped
+
+
+def _area(geometry: BaseGeometry) -> Area:
+    # normalize() fixes ring order and start points, so equal areas give equal GeoJSON.
+    rounded = shapely.normalize(shapely.set_precision(geometry, 10.0**-_DIGITS))
+    polygons = [
+        orient(g, sign=1.0)
+        for g in getattr(rounded, "geoms", [rounded])
+        if g.geom_type == "Polygon" and g.area > 0
+    ]
+    if not polygons:
+        raise InvalidRequestError("area: nothing is left of the area at 1e-7 degrees")
+    canonical = polygons[0] if len(polygons) == 1 else MultiPolygon(polygons)
+    km2 = abs(_GEOD.geometry_area_perimeter(canonical)[0]) / 1e6
+    return Area(_lists(mapping(canonical)), km2)
+
+
+def _lists(value: Any) -> Any:
+    """mapping() gives tuples; JSON and equality checks want lists of rounded floats."""
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_lists(v) for v in value]
+    if isinstance(value, float):
+        return round(value, _DIGITS)
+    return value
+
+
+def _fractional_tiles(coords: NDArray[np.float64], n: int) -> NDArray[np.float64]:
+    """``[lon, lat]`` rows to fractional tile ``[x, y]`` at ``n`` tiles a side (tilemath's
+    formula, for many points at once)."""
+    lon = coords[:, 0]
+    lat = np.radians(np.clip(coords[:, 1], -MAX_LAT, MAX_LAT))
+    x = (lon + 180.0) / 360.0 * n
+    y = (1.0 - np.arcsinh(np.tan(lat)) / math.pi) / 2.0 * n
+    return np.column_stack([x, y])
+
+
+def _geometries(obj: Any, source: str) -> list[dict[str, Any]]:
+    if not isinstance(obj, dict):
+        raise InvalidRequestError(f"area: {source} is not a GeoJSON object")
+    crs = obj.get("crs")
+    if crs is not None and "CRS84" not in json.dumps(crs) and "4326" not in json.dumps(crs):
+        raise InvalidRequestError(f"area: {source} names a CRS other than WGS84: {crs!r:.80}")
+    kind = obj.get("type")
+    if kind == "Feature":
+        return _geometries(obj.get("geometry"), source)
+    if kind == "FeatureCollection":
+        features = obj.get("features")
+        if not isinstance(features, list) or not features:
+            raise InvalidRequestError(f"area: {source}: a FeatureCollection with no features")
+        return [g for f in features for g in _geometries(f, source)]
+    if kind in ("Polygon", "MultiPolygon"):
+        return [obj]
+    raise InvalidRequestError(
+        f"area: {source}: GeoJSON type {kind!r}; expected a Polygon or MultiPolygon"
+    )

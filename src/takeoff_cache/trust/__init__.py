@@ -1,0 +1,1 @@
+"""Keys, the signed manifest and the one reader of a cache's files."""

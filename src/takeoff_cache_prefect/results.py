@@ -1,0 +1,39 @@
+"""What the build's tasks ask of Prefect's result store and argument handling."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import cast
+
+from prefect.results import get_result_store
+from prefect.transactions import get_transaction
+from prefect.utilities.annotations import quote
+
+from takeoff_cache.tiles import corpus
+
+
+def file_for_the_next_build(key: str, result: object) -> None:
+    """File a cached task's ``result`` in Prefect's result store under ``key``: the
+    cache key the next run will compute from the files this run has just written.
+
+    Such a key holds the files' digests, so the run's own key was computed before
+    they were written (None when they did not exist yet); without this, only the
+    second run after them would find the result cached. Nothing is done when the
+    run's own key is already ``key`` (Prefect files it when the run commits). The
+    cache is only an accelerator: a store that refuses is no reason to fail a build.
+    """
+    transaction = get_transaction()
+    if transaction is not None and transaction.key == key:
+        return
+    with contextlib.suppress(OSError):
+        get_result_store().write(obj=result, key=key)
+
+
+def untracked(selection: corpus.TileSelection) -> corpus.TileSelection:
+    """The selection, passed to a task without Prefect walking each of its tiles.
+
+    Prefect visits every element of a task's arguments (looking for upstream
+    futures) twice per call: seconds for 50 000 tiles. ``quote`` is its
+    documented way out; the task still receives the selection itself.
+    """
+    return cast(corpus.TileSelection, quote(selection))
