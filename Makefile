@@ -36,7 +36,7 @@ test: lint typecheck unit
 
 # Crash safety and concurrency at length: hundreds of builds killed with SIGKILL.
 stress: venv
-	$(BIN)/python -m pytest -q -m stress -s tests/test_crash_safety.py tests/test_concurrency.py
+	$(BIN)/python -m pytest -q -m stress -s tests/scenarios/test_crash_safety.py tests/scenarios/test_concurrency.py
 
 # Local Prefect server (SQLite, 127.0.0.1:4200), work pool, deployments and a worker.
 server: venv
@@ -50,7 +50,7 @@ server-postgres: venv
 # The Prefect server end-to-end test on PostgreSQL instead of SQLite; not part of `test`.
 test-postgres: venv
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,postgres]"
-	scripts/postgres.sh $(BIN)/python -m pytest -q tests/test_prefect_server.py
+	scripts/postgres.sh $(BIN)/python -m pytest -q tests/prefect/test_prefect_server.py
 
 bench: venv
 	$(BIN)/python benchmarks/engines.py

@@ -2,7 +2,7 @@
 
     python benchmarks/download.py [--tiles 2000] [--repeat 5] [--concurrency 4]
 
-A tile server (tests/_tileserver.py: demo JPEG tiles, each its own bytes) runs
+A tile server (tests/support/tileserver.py: demo JPEG tiles, each its own bytes) runs
 in a process of its own on 127.0.0.1, so it does not share this process's GIL.
 Then, alternating, ``--repeat`` times each:
 
@@ -51,7 +51,7 @@ from takeoff_cache.tiles.area import tiles_for_area  # noqa: E402
 _SERVER = """
 import sys, time
 sys.path[:0] = sys.argv[1:3]
-from tests._tileserver import tile_server
+from tests.support.tileserver import tile_server
 with tile_server() as server:
     print(server.port, flush=True)
     while True:

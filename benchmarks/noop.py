@@ -210,7 +210,7 @@ def built(data: Path, tiles: int, work: Path) -> Any:
 
 
 def cold_with_server(request: Path, work: Path, repeat: int) -> dict[str, Any]:
-    from tests._procs import PrefectServer
+    from tests.support.procs import PrefectServer
 
     server = PrefectServer()
     try:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from ._procs import PrefectServer
+    from tests.support.procs import PrefectServer
 
 _PREFECT_HOME = tempfile.mkdtemp(prefix="takeoff-cache-prefect-")
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
@@ -65,7 +65,7 @@ def prefect_harness() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def prefect_server() -> Iterator[PrefectServer]:
     """One real ``prefect server start`` for every test that runs builds as subprocesses."""
-    from ._procs import PrefectServer
+    from tests.support.procs import PrefectServer
 
     server = PrefectServer()
     try:

@@ -1,0 +1,1 @@
+"""What the tests share: demo caches, the CLI in-process and as a process, servers."""
