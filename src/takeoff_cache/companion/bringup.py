@@ -1,11 +1,12 @@
 """Bring-up: check the companion before anything is sent to it.
 
-One small Python program runs there under the interpreter of its takeoff-cache
-(read from the script's ``#!`` line, so a pipx or venv install is found). It
-imports takeoff_cache and prints, as one JSON line, its version and manifest
-format, the backend it would build with and that backend's host identity, the
-free disk and whether the paths the build needs exist. Nothing is created
-there: a missing cache root is the operator's to make, as on the workstation.
+One small Python program (``probe.py`` beside this module) runs there under
+the interpreter of its takeoff-cache (read from the script's ``#!`` line, so a
+pipx or venv install is found). It imports takeoff_cache and prints, as one
+JSON line, its version and manifest format, the backend it would build with and
+that backend's host identity, the free disk and whether the paths the build
+needs exist. Nothing is created there: a missing cache root is the operator's
+to make, as on the workstation.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import shlex
 from dataclasses import asdict, dataclass
+from importlib.resources import files
 from typing import Any
 
 from takeoff_cache import MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION, __version__
@@ -29,54 +31,6 @@ from takeoff_cache.errors import (
 PROBE_TIMEOUT_S = 120.0
 # The shell's answer when a command is not found.
 _NOT_FOUND = 127
-
-_PROBE = r"""
-import json, os, shutil, sys
-args = json.loads(sys.argv[1])
-try:
-    import takeoff_cache
-except ImportError as exc:
-    print(json.dumps({"import_error": str(exc)}))
-    sys.exit(0)
-out = {
-    "version": takeoff_cache.__version__,
-    "manifest_format": [
-        getattr(takeoff_cache, "MANIFEST_FORMAT", None),
-        getattr(takeoff_cache, "MANIFEST_FORMAT_VERSION", None),
-    ],
-    "python": sys.executable,
-}
-try:
-    from takeoff_cache.engines import get_backend
-    backend = get_backend(args["backend"])
-    out["backend"] = backend.name
-    out["backend_version"] = backend.version
-    out["host_identity"] = backend.host_identity()
-    out["host_tag"] = backend.host_tag()
-except Exception as exc:
-    text = str(exc).strip().splitlines()
-    out["backend_error"] = text[0] if text else type(exc).__name__
-
-def existing(path):
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    return path
-
-paths = {}
-for name, path in args["paths"].items():
-    full = os.path.abspath(os.path.expanduser(path))
-    base = existing(full)
-    st = os.stat(base)
-    paths[name] = {
-        "path": full,
-        "exists": os.path.exists(full),
-        "is_dir": os.path.isdir(full),
-        "free": shutil.disk_usage(base).free,
-        "device": st.st_dev,
-    }
-out["paths"] = paths
-print(json.dumps(out))
-"""
 
 
 @dataclass(frozen=True)
@@ -156,7 +110,8 @@ async def bring_up(
         "inputs_dir": paths.inputs_dir,
     }
     command = probe_command(tool, {"backend": backend, "paths": wanted})
-    result = await conn.run(command, input=_PROBE, timeout_s=PROBE_TIMEOUT_S)
+    program = files("takeoff_cache.companion").joinpath("probe.py").read_text()
+    result = await conn.run(command, input=program, timeout_s=PROBE_TIMEOUT_S)
     if result.exit_status == _NOT_FOUND:
         raise CompanionToolError(
             f"companion: {target}: takeoff-cache is not installed there (not on the PATH of"
