@@ -15,8 +15,9 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from takeoff_cache.build.lock import adopt_or_acquire
-from takeoff_cache.companion.options import COMPANION_PASSPHRASE_ENV, CompanionOptions
+from takeoff_cache.companion.options import CompanionOptions
 from takeoff_cache.companion.session import Sent
+from takeoff_cache.core.env import COMPANION_KEY_PASSPHRASE
 from takeoff_cache.prepare import job as prepare
 from takeoff_cache.prepare.download import DownloadProgress
 
@@ -103,7 +104,7 @@ def companion_build(
             backend=backend,
             tool=companion.tool,
             on_line=on_line,
-            passphrase=os.environ.get(COMPANION_PASSPHRASE_ENV),
+            passphrase=os.environ.get(COMPANION_KEY_PASSPHRASE),
         )
     )
     return report.to_json()

@@ -8,11 +8,3 @@ MANIFEST_FORMAT_VERSION = 1
 
 # How takeoff-cache names itself to tile servers and the flights API.
 USER_AGENT = f"takeoff-cache/{__version__}"
-
-# Environment variables whose values must never be shown, logged or handed on.
-SECRET_ENV = (
-    "TAKEOFF_CACHE_TILES_API_KEY",
-    "TAKEOFF_CACHE_FLIGHTS_TOKEN",
-    "TAKEOFF_CACHE_KEY_PASSPHRASE",
-    "TAKEOFF_CACHE_COMPANION_KEY_PASSPHRASE",
-)

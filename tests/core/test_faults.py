@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from takeoff_cache.core import faults
+from takeoff_cache.core import env, faults
 
 SCRIPT = """
 from takeoff_cache.core.faults import checkpoint
@@ -39,7 +39,7 @@ def run(**env: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture
 def armed(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
     yield monkeypatch
-    for name in (faults.KILL_ENV, faults.FAIL_ENV, faults.STOP_ENV, faults.TRACE_ENV):
+    for name in (env.KILL_AT, env.FAIL_AT, env.STOP_AT, env.FAULT_TRACE):
         monkeypatch.delenv(name, raising=False)
     faults.reset()
 
@@ -82,7 +82,7 @@ def test_stop_at_a_point_waits_for_sigcont() -> None:
 
 
 def test_fail_at_raises_the_named_errno_with_the_path(armed: pytest.MonkeyPatch) -> None:
-    armed.setenv(faults.FAIL_ENV, "x.rename:2:ENOSPC")
+    armed.setenv(env.FAIL_AT, "x.rename:2:ENOSPC")
     faults.reset()
     faults.checkpoint("x.rename", "/cache/a")
     with pytest.raises(OSError) as caught:
@@ -93,7 +93,7 @@ def test_fail_at_raises_the_named_errno_with_the_path(armed: pytest.MonkeyPatch)
 
 
 def test_fail_at_every_occurrence_without_a_count(armed: pytest.MonkeyPatch) -> None:
-    armed.setenv(faults.FAIL_ENV, "x.fsync:EIO")
+    armed.setenv(env.FAIL_AT, "x.fsync:EIO")
     faults.reset()
     for _ in range(3):
         with pytest.raises(OSError, match="Input/output error"):
@@ -102,7 +102,7 @@ def test_fail_at_every_occurrence_without_a_count(armed: pytest.MonkeyPatch) -> 
 
 def test_trace_records_every_point_in_order(armed: pytest.MonkeyPatch, tmp_path: Path) -> None:
     trace = tmp_path / "trace"
-    armed.setenv(faults.TRACE_ENV, str(trace))
+    armed.setenv(env.FAULT_TRACE, str(trace))
     faults.reset()
     for name in ("one", "two", "one"):
         faults.checkpoint(name)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from takeoff_cache.cli.main import main
-from takeoff_cache.core import faults
+from takeoff_cache.core import env, faults
 from tests.support.cli import CliResult, run_cli
 from tests.support.procs import assert_clean, change_model, change_one_tile, copy_sandbox
 
@@ -58,11 +58,11 @@ def update(base: Path, tmp_path: Path) -> Path:
 @pytest.fixture
 def fail_at(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
     def arm(spec: str) -> None:
-        monkeypatch.setenv(faults.FAIL_ENV, spec)
+        monkeypatch.setenv(env.FAIL_AT, spec)
         faults.reset()
 
     yield arm
-    monkeypatch.delenv(faults.FAIL_ENV, raising=False)
+    monkeypatch.delenv(env.FAIL_AT, raising=False)
     faults.reset()
 
 

@@ -11,7 +11,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from takeoff_cache.trust.keys import PASSPHRASE_ENV, key_id, write_keypair
+from takeoff_cache.core.env import KEY_PASSPHRASE as PASSPHRASE_ENV
+from takeoff_cache.trust.keys import key_id, write_keypair
 from tests.support.cli import CliResult, run_cli
 from tests.support.procs import assert_clean, copy_sandbox
 

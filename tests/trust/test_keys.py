@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from takeoff_cache.core.env import KEY_PASSPHRASE as PASSPHRASE_ENV
 from takeoff_cache.errors import SigningKeyError
 from takeoff_cache.trust.keys import (
-    PASSPHRASE_ENV,
     Signer,
     check_trusted,
     generate_keypair,

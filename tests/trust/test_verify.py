@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from takeoff_cache.core import faults
+from takeoff_cache.core import env, faults
 from takeoff_cache.core.fsutil import temp_path
 from takeoff_cache.core.layout import LOCK_NAME, PENDING_MANIFEST, RETIRED_MANIFEST, STAGING_NAME
 from takeoff_cache.errors import VerificationError
@@ -304,12 +304,12 @@ def test_a_failed_state_write_leaves_the_old_state(
 ) -> None:
     state = tmp_path / "state.json"
     before = state_for(state, "00000000-0000-4000-8000-000000000000", 3)
-    monkeypatch.setenv(faults.FAIL_ENV, "verify.state.rename:EIO")
+    monkeypatch.setenv(env.FAIL_AT, "verify.state.rename:EIO")
     faults.reset()
     try:
         problems = problems_of(cache, trusted, state_file=state)
     finally:
-        monkeypatch.delenv(faults.FAIL_ENV)
+        monkeypatch.delenv(env.FAIL_AT)
         faults.reset()
     assert problems[0].startswith(f"state: cannot write {state}")
     assert state.read_bytes() == before

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from takeoff_cache.core.env import KEY_PASSPHRASE
 from takeoff_cache.core.fsutil import kind_problem
 from takeoff_cache.core.tilemath import MAX_LAT
 from takeoff_cache.errors import InvalidRequestError
@@ -45,7 +46,7 @@ REQUEST_FIELDS = (
     Field(
         "key",
         "--key",
-        "Ed25519 private key (PEM); passphrase from TAKEOFF_CACHE_KEY_PASSPHRASE",
+        f"Ed25519 private key (PEM); passphrase from {KEY_PASSPHRASE}",
         path=True,
     ),
     Field("trust", "--trust", "trust store: PEM file or folder of public keys", path=True),

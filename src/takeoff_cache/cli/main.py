@@ -231,9 +231,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from takeoff_cache.trust.keys import PASSPHRASE_ENV, generate_keypair
+    from takeoff_cache.core.env import KEY_PASSPHRASE
+    from takeoff_cache.trust.keys import generate_keypair
 
-    passphrase = os.environ.get(PASSPHRASE_ENV)
+    passphrase = os.environ.get(KEY_PASSPHRASE)
     pub = generate_keypair(args.keyfile, passphrase.encode() if passphrase else None)
     print(f"wrote {args.keyfile} (mode 0600{', encrypted' if passphrase else ''}) and {pub}")
     return 0

@@ -15,9 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from takeoff_cache.core.env import FLIGHTS_TOKEN, KEY_PASSPHRASE, TILES_API_KEY
 from takeoff_cache.errors import InvalidRequestError, TakeoffCacheError
 
-EXIT_CODES = """\
+EXIT_CODES = f"""\
 exit codes, by the phase that stopped:
   0  prepared: the cache is built (or already was) and verifies; --dry-run printed its estimate
   2  invalid input or usage (a bad --zoom, --tiles-url, a flight id that is not a UUID)
@@ -29,9 +30,9 @@ exit codes, by the phase that stopped:
   11 companion: it cannot be reached or used (host key, auth, tool, disk, paths,
      transfer); a build there that fails exits with its own code
 
-secrets come from the environment only: TAKEOFF_CACHE_TILES_API_KEY (sent as
---tiles-key-header or --tiles-key-param), TAKEOFF_CACHE_FLIGHTS_TOKEN (the flights
-API's bearer token), TAKEOFF_CACHE_KEY_PASSPHRASE (the signing key's)."""
+secrets come from the environment only: {TILES_API_KEY} (sent as
+--tiles-key-header or --tiles-key-param), {FLIGHTS_TOKEN} (the flights
+API's bearer token), {KEY_PASSPHRASE} (the signing key's)."""
 
 
 def add_parser(sub: Any, request_args: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -48,8 +49,8 @@ def add_parser(sub: Any, request_args: Callable[[argparse.ArgumentParser], None]
     p.add_argument("--flights-api", help="flights API base URL (GET URL/flights/ID)")
     p.add_argument("--tiles-url", help="XYZ tile URL template ({z} {x} {y} {-y} {s} {q})")
     key = p.add_mutually_exclusive_group()
-    key.add_argument("--tiles-key-header", help="send TAKEOFF_CACHE_TILES_API_KEY as this header")
-    key.add_argument("--tiles-key-param", help="send TAKEOFF_CACHE_TILES_API_KEY as this parameter")
+    key.add_argument("--tiles-key-header", help=f"send {TILES_API_KEY} as this header")
+    key.add_argument("--tiles-key-param", help=f"send {TILES_API_KEY} as this parameter")
     p.add_argument("--buffer-m", type=float, default=500.0, help="buffer in metres (default 500)")
     p.add_argument("--max-age", type=float, help="revalidate tiles older than DAYS")
     p.add_argument(

@@ -20,9 +20,6 @@ from takeoff_cache.companion.ssh import (
 )
 from takeoff_cache.errors import InvalidRequestError
 
-# The companion's own signing key's passphrase, when its key is encrypted (sent on stdin).
-COMPANION_PASSPHRASE_ENV = "TAKEOFF_CACHE_COMPANION_KEY_PASSPHRASE"
-
 
 @dataclass(frozen=True)
 class CompanionOptions:

@@ -18,12 +18,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from takeoff_cache import SECRET_ENV
 from takeoff_cache.companion.bringup import CompanionPaths
 from takeoff_cache.companion.ssh import Connection
+from takeoff_cache.core.env import KEY_PASSPHRASE, SECRETS
 from takeoff_cache.errors import EXIT_COMPANION, RemoteCommandError, RemoteOutputError
 
-PASSPHRASE_ENV = "TAKEOFF_CACHE_KEY_PASSPHRASE"
 # Exit codes the remote takeoff-cache shares with ours (SPEC §9); others are the companion's.
 _SHARED_CODES = frozenset(range(1, 9))
 # Lines of output an error shows when the report cannot be read.
@@ -40,7 +39,7 @@ class Redactor:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Redactor:
         env = os.environ if env is None else env
-        return cls(env.get(name, "") for name in SECRET_ENV)
+        return cls(env.get(name, "") for name in SECRETS)
 
     def __call__(self, text: str) -> str:
         for secret in self._secrets:
@@ -96,7 +95,7 @@ def _secret_stdin(passphrase: str | None) -> tuple[str, str | None]:
             "companion: a key passphrase with a newline cannot be sent", EXIT_COMPANION
         )
     return (
-        f"IFS= read -r {PASSPHRASE_ENV} && export {PASSPHRASE_ENV} && ",
+        f"IFS= read -r {KEY_PASSPHRASE} && export {KEY_PASSPHRASE} && ",
         passphrase + "\n",
     )
 

@@ -27,10 +27,7 @@ import signal
 import time
 from typing import Any
 
-KILL_ENV = "TAKEOFF_CACHE_KILL_AT"
-FAIL_ENV = "TAKEOFF_CACHE_FAIL_AT"
-STOP_ENV = "TAKEOFF_CACHE_STOP_AT"
-TRACE_ENV = "TAKEOFF_CACHE_FAULT_TRACE"
+from takeoff_cache.core.env import FAIL_AT, FAULT_TRACE, KILL_AT, STOP_AT
 
 # name -> list of (occurrence or 0 for every time, errno, or _KILL or _STOP)
 _KILL, _STOP = 0, -1
@@ -81,8 +78,8 @@ class _Tracer(dict[str, list[tuple[int, int]]]):
 def reset() -> None:
     """Re-read the environment and restart the occurrence counts."""
     global _plan
-    _plan = parse(os.environ.get(KILL_ENV), os.environ.get(FAIL_ENV), os.environ.get(STOP_ENV))
-    trace = os.environ.get(TRACE_ENV)
+    _plan = parse(os.environ.get(KILL_AT), os.environ.get(FAIL_AT), os.environ.get(STOP_AT))
+    trace = os.environ.get(FAULT_TRACE)
     if trace:
         _plan = _Tracer(_plan, trace)
     _seen.clear()

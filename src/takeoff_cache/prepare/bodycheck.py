@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from takeoff_cache import SECRET_ENV
+from takeoff_cache.core.env import SECRETS
 
 _READY = b"R"
 _FORMATS = ("", "jpg", "png", "webp")  # code 0: not an image
@@ -44,7 +44,7 @@ class BodyChecker:
     def __init__(self) -> None:
         package_parent = str(Path(__file__).resolve().parents[1])
         # The child needs none of the run's secrets: it is not given them.
-        env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+        env = {k: v for k, v in os.environ.items() if k not in SECRETS}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
         # numpy (simplejpeg's) would start a BLAS thread per core that nothing here uses.
         env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")

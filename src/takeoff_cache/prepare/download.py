@@ -38,6 +38,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from takeoff_cache import USER_AGENT
+from takeoff_cache.core.env import TILES_API_KEY
 from takeoff_cache.errors import HostFailingError, InvalidRequestError, TooManyTilesError
 from takeoff_cache.prepare.bodycheck import BodyChecker
 from takeoff_cache.prepare.tileserver import (
@@ -55,7 +56,6 @@ from takeoff_cache.tiles.mbtiles import (
     stored_tiles,
 )
 
-TILES_KEY_ENV = "TAKEOFF_CACHE_TILES_API_KEY"
 DEFAULT_TILE_BYTES = 20_000  # a 256 px satellite JPEG, for estimates of unseen zooms
 _COMMIT_INTERVAL_S = 1.0  # the most a kill can cost: tiles received in the last second
 
@@ -197,10 +197,10 @@ def download_tiles(
     """
     options = options or DownloadOptions()
     started = time.monotonic()
-    key = api_key if api_key is not None else os.environ.get(TILES_KEY_ENV) or None
+    key = api_key if api_key is not None else os.environ.get(TILES_API_KEY) or None
     if (source.key_header or source.key_param) and not key:
         raise InvalidRequestError(
-            f"tiles key: {TILES_KEY_ENV} is not set (the source sends it as"
+            f"tiles key: {TILES_API_KEY} is not set (the source sends it as"
             f" {source.key_header or source.key_param})"
         )
     unique = sorted(set(tiles))

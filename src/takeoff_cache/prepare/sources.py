@@ -16,6 +16,7 @@ from urllib.parse import quote
 import httpx
 
 from takeoff_cache import USER_AGENT
+from takeoff_cache.core.env import FLIGHTS_TOKEN
 from takeoff_cache.errors import (
     FlightFileError,
     FlightNotFoundError,
@@ -27,8 +28,6 @@ from takeoff_cache.errors import (
 )
 from takeoff_cache.prepare import qgc
 from takeoff_cache.prepare.flight import FLIGHT_KEYS, Flight, parse_flight_json
-
-FLIGHTS_TOKEN_ENV = "TAKEOFF_CACHE_FLIGHTS_TOKEN"
 
 
 def load_flight(path: Path) -> Flight:
@@ -85,7 +84,7 @@ def fetch_flight(
     if not api_url.startswith(("http://", "https://")):
         raise InvalidRequestError(f"flights API: {api_url!r} is not an http(s) URL")
     url = f"{api_url.rstrip('/')}/flights/{quote(fid, safe='')}"
-    token = token if token is not None else os.environ.get(FLIGHTS_TOKEN_ENV)
+    token = token if token is not None else os.environ.get(FLIGHTS_TOKEN)
     headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
     if token:
         headers["Authorization"] = f"Bearer {token}"
@@ -106,7 +105,7 @@ def fetch_flight(
         hint = "no token given" if not token else "the token was refused"
         raise FlightsAuthError(
             f"flights API: not authorized for flight {fid} (HTTP {status}; {hint};"
-            f" set {FLIGHTS_TOKEN_ENV})"
+            f" set {FLIGHTS_TOKEN})"
         )
     if status != 200:
         raise FlightsUnreachableError(f"flights API: {url} answered HTTP {status}")

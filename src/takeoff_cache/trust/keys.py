@@ -18,10 +18,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from takeoff_cache.core.env import KEY_PASSPHRASE
 from takeoff_cache.core.fsutil import kind_problem
 from takeoff_cache.errors import SigningKeyError
-
-PASSPHRASE_ENV = "TAKEOFF_CACHE_KEY_PASSPHRASE"
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
@@ -104,7 +103,7 @@ def write_keypair(private: Ed25519PrivateKey, key_path: Path, passphrase: bytes 
     return pub_path
 
 
-def load_signer(key_path: Path, passphrase_env: str = PASSPHRASE_ENV) -> Signer:
+def load_signer(key_path: Path, passphrase_env: str = KEY_PASSPHRASE) -> Signer:
     """Read and check the operator's private key; errors never include key material."""
     try:
         st = key_path.stat()
