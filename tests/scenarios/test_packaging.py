@@ -7,7 +7,9 @@ import importlib.metadata
 import subprocess
 import sys
 import sysconfig
+import tomllib
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -91,7 +93,28 @@ def test_importing_the_library_never_imports_prefect() -> None:
     assert out.stdout.strip() == "[]", out.stdout
 
 
+def _setuptools() -> dict[str, Any]:
+    config: dict[str, Any] = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    return config["tool"]["setuptools"]
+
+
 def test_prefect_side_names_are_the_folders_prefect_deploy_reads() -> None:
-    for name in ("tasks", "flows"):
-        link = ROOT / "src" / "takeoff_cache_prefect" / name
-        assert link.is_symlink() and link.resolve() == (ROOT / name).resolve()
+    # Mapped by the packaging, not linked: nothing under src/ points elsewhere.
+    dirs = _setuptools()["package-dir"]
+    assert dirs["takeoff_cache_prefect.tasks"] == "tasks"
+    assert dirs["takeoff_cache_prefect.flows"] == "flows"
+    links = [str(p) for p in (ROOT / "src").rglob("*") if p.is_symlink()]
+    assert not links, links
+    module = importlib.import_module("takeoff_cache_prefect.flows.build")
+    assert Path(str(module.__file__)).resolve() == (ROOT / "flows" / "build.py").resolve()
+
+
+def test_every_package_folder_is_listed_for_the_wheel() -> None:
+    # An unlisted package would import here (the checkout is on the path) and be
+    # missing from the wheel an operator installs.
+    listed = set(_setuptools()["packages"])
+    found = {
+        ".".join(p.parent.relative_to(ROOT / "src").parts)
+        for p in (ROOT / "src").rglob("__init__.py")
+    } | {"takeoff_cache_prefect.tasks", "takeoff_cache_prefect.flows"}
+    assert listed == found, f"unlisted: {sorted(found - listed)}; gone: {sorted(listed - found)}"
