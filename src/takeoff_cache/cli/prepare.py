@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from takeoff_cache.cli.args import request_args
 from takeoff_cache.core.env import FLIGHTS_TOKEN, KEY_PASSPHRASE, TILES_API_KEY
 from takeoff_cache.errors import InvalidRequestError, TakeoffCacheError
 
@@ -35,7 +35,7 @@ secrets come from the environment only: {TILES_API_KEY} (sent as
 API's bearer token), {KEY_PASSPHRASE} (the signing key's)."""
 
 
-def add_parser(sub: Any, request_args: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "prepare",
         help="flight plan -> area -> tiles -> build -> verify",
@@ -124,7 +124,8 @@ def _prepare(
 ) -> tuple[dict[str, Any], TakeoffCacheError | None]:
     from takeoff_cache.build.lock import holding_early
     from takeoff_cache.build.request import FIELDS
-    from takeoff_cache.cli.main import _options, _request_doc
+    from takeoff_cache.cli.args import options_from as _options
+    from takeoff_cache.cli.args import request_doc as _request_doc
     from takeoff_cache.prepare import job as p
 
     if args.area is not None:
