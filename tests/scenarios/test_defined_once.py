@@ -6,8 +6,12 @@ definition of a fact appears outside the module that owns it.
 from __future__ import annotations
 
 import ast
+import inspect
+import re
 from collections.abc import Iterator
 from pathlib import Path
+
+from takeoff_cache.core import workdir
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = ("src", "tasks", "flows")
@@ -52,3 +56,74 @@ def test_environment_variables_are_named_only_in_core_env() -> None:
         if "TAKEOFF_CACHE_" in text
     ]
     assert not found, f"import the variable's name from {owner} instead:\n" + "\n".join(found)
+
+
+def _work_folder_names() -> set[str]:
+    """The work folder's entries, as core/workdir.py lays them out: what each of
+    its functions of a work folder alone returns."""
+    names = set()
+    for fn in vars(workdir).values():
+        if (
+            inspect.isfunction(fn)
+            and fn.__module__ == workdir.__name__
+            and list(inspect.signature(fn).parameters) == ["work"]
+        ):
+            names.add(fn(Path("WORK")).relative_to("WORK").parts[0])
+    return names
+
+
+_WORK = re.compile(r"\bwork(_dir|dir|_folder)?\b")
+
+
+def _names_work_folder(node: ast.expr) -> bool:
+    """Whether an expression is a work folder itself (``work``, ``options.work_dir``,
+    ``Path(params["work_dir"])``), not something a function derived from one."""
+    if isinstance(node, ast.Call):
+        func = ast.unparse(node.func)
+        return func in ("Path", "pathlib.Path") and any(_names_work_folder(a) for a in node.args)
+    return bool(_WORK.search(ast.unparse(node)))
+
+
+def _literal_joins(tree: ast.Module) -> Iterator[tuple[int, str, str]]:
+    """(line, folder expression, name) for every literal name joined onto a path:
+    ``a / "x"``, ``a.joinpath("x")``, ``os.path.join(a, "x")``, ``f"{a}/x"``."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+            if isinstance(node.right, ast.Constant) and isinstance(node.right.value, str):
+                yield node.lineno, ast.unparse(node.left), node.right.value
+        elif isinstance(node, ast.Call):
+            func = ast.unparse(node.func)
+            if func.endswith(".joinpath") and isinstance(node.func, ast.Attribute):
+                base, args = node.func.value, node.args
+            elif func in ("os.path.join", "join") and node.args:
+                base, args = node.args[0], node.args[1:]
+            else:
+                continue
+            for arg in args:
+                if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                    yield node.lineno, ast.unparse(base), arg.value
+        elif isinstance(node, ast.JoinedStr):
+            for before, after in zip(node.values, node.values[1:], strict=False):
+                if (
+                    isinstance(before, ast.FormattedValue)
+                    and isinstance(after, ast.Constant)
+                    and isinstance(after.value, str)
+                    and after.value.startswith("/")
+                ):
+                    yield node.lineno, ast.unparse(before.value), after.value[1:]
+
+
+def test_the_work_folder_layout_is_only_in_core_workdir() -> None:
+    owner = "src/takeoff_cache/core/workdir.py"
+    layout = _work_folder_names()
+    assert {"tiles", "locks", "areas", "engines", "indexes"} <= layout
+    found = []
+    for path, tree in _modules():
+        if path == owner:
+            continue
+        for line, folder, name in _literal_joins(tree):
+            first = name.strip("/").split("/")[0]
+            # Any literal joined onto a work folder is layout; a layout name is, onto anything.
+            if first in layout or _names_work_folder(ast.parse(folder, mode="eval").body):
+                found.append(f"{path}:{line}: {folder} / {name!r}")
+    assert not found, f"ask {owner} for the folder instead:\n" + "\n".join(found)

@@ -72,6 +72,21 @@ def checked_backbones_dir(work: Path) -> Path:
     return work / "checked-backbones"
 
 
+def tiles_dir(work: Path) -> Path:
+    """``prepare``'s tile corpora, one MBTiles per tile source, shared by every flight."""
+    return work / "tiles"
+
+
+def locks_dir(work: Path) -> Path:
+    """``prepare``'s workstation locks, one per corpus."""
+    return work / "locks"
+
+
+def areas_dir(work: Path) -> Path:
+    """The mission areas ``prepare`` writes, one GeoJSON per flight, for the build's ``--area``."""
+    return work / "areas"
+
+
 def index_files(folder: Path, stem: str) -> tuple[Path, Path]:
     """The faiss index and the tile map of index ``stem`` in ``folder``."""
     index, tile_map = (folder / f"{stem}{suffix}" for suffix in INDEX_SUFFIXES)

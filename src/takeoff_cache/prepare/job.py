@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 from takeoff_cache.build.lock import ExclusiveLock
 from takeoff_cache.build.request import BuildRequest, parse_request, parse_zoom_levels
 from takeoff_cache.core.fsutil import atomic_write_bytes
-from takeoff_cache.core.workdir import resolve_work_dir
+from takeoff_cache.core.workdir import areas_dir, locks_dir, resolve_work_dir, tiles_dir
 from takeoff_cache.errors import CacheIOError, InvalidRequestError, TooManyTilesError
 from takeoff_cache.prepare.area import flight_area
 from takeoff_cache.prepare.download import (
@@ -194,7 +194,7 @@ def default_corpus(work: Path, template: str | None) -> Path:
     """One MBTiles per tile source in the work folder, shared by every flight."""
     host = urlsplit(template).netloc if template else ""
     slug = re.sub(r"[^a-z0-9]+", "-", host.lower()).strip("-") or "tiles"
-    return work / "tiles" / f"{slug}.mbtiles"
+    return tiles_dir(work) / f"{slug}.mbtiles"
 
 
 def workstation_lock(work: Path, corpus: Path) -> ExclusiveLock:
@@ -205,7 +205,7 @@ def workstation_lock(work: Path, corpus: Path) -> ExclusiveLock:
     """
     corpus = corpus.expanduser().resolve()
     digest = hashlib.sha256(str(corpus).encode()).hexdigest()[:16]
-    path = work / "locks" / f"prepare-{digest}.lock"
+    path = locks_dir(work) / f"prepare-{digest}.lock"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -263,7 +263,7 @@ def write_area(work: Path, flight: Flight, mission: MissionArea) -> Path:
     """The area as a GeoJSON Feature in the work folder: what the build's ``--area`` reads."""
     name = flight.id or Path(flight.source).stem or "flight"
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "flight"
-    path = work / "areas" / f"{slug}.geojson"
+    path = areas_dir(work) / f"{slug}.geojson"
     feature = {
         "type": "Feature",
         "properties": {"flight_id": flight.id, "km2": round(mission.area.km2, 4)},
