@@ -127,3 +127,50 @@ def test_the_work_folder_layout_is_only_in_core_workdir() -> None:
             if first in layout or _names_work_folder(ast.parse(folder, mode="eval").body):
                 found.append(f"{path}:{line}: {folder} / {name!r}")
     assert not found, f"ask {owner} for the folder instead:\n" + "\n".join(found)
+
+
+# The commit protocol's own renames: they move files that are already whole and
+# fsynced in staging (written through atomic_output, atomic_write_bytes or
+# copy_file) into the cache, then switch the manifest, each step with its own
+# fault point and the folders synced once after the moves. They are the
+# protocol, not a write through a temporary name. (module, function): renames.
+_PROTOCOL_RENAMES = {("src/takeoff_cache/build/commit.py", "commit"): 2}
+_RENAMES = frozenset({"os.replace", "os.rename", "os.renames", "shutil.move"})
+
+
+def _renames(tree: ast.Module) -> Iterator[tuple[int, str, str]]:
+    """(line, enclosing function, call) for every rename: ``os.replace`` and its kin,
+    and ``Path.replace``/``Path.rename`` (a ``.replace`` or ``.rename`` of one
+    positional argument: ``str.replace`` takes two, ``datetime.replace`` keywords)."""
+
+    def visit(node: ast.AST, function: str) -> Iterator[tuple[int, str, str]]:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            function = node.name
+        if isinstance(node, ast.Call):
+            func = ast.unparse(node.func)
+            one_path = len(node.args) == 1 and not node.keywords
+            if func in _RENAMES or (
+                isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("replace", "rename")
+                and one_path
+            ):
+                yield node.lineno, function, func
+        for child in ast.iter_child_nodes(node):
+            yield from visit(child, function)
+
+    yield from visit(tree, "<module>")
+
+
+def test_writes_through_a_temporary_name_go_through_core_fsutil() -> None:
+    owner = "src/takeoff_cache/core/fsutil.py"
+    found, protocol = [], dict.fromkeys(_PROTOCOL_RENAMES, 0)
+    for path, tree in _modules():
+        if path == owner:
+            continue
+        for line, function, call in _renames(tree):
+            if (path, function) in protocol:
+                protocol[path, function] += 1
+            else:
+                found.append(f"{path}:{line}: {call}() in {function}")
+    assert not found, f"write through {owner}'s atomic_output instead:\n" + "\n".join(found)
+    assert protocol == _PROTOCOL_RENAMES, "the commit protocol's renames changed: review them"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import sqlite3
 import tomllib
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from takeoff_cache.build.request import BuildRequest
-from takeoff_cache.core.fsutil import fsync_dir, temp_path
+from takeoff_cache.core.fsutil import atomic_output
 from takeoff_cache.core.tilemath import tile_bounds, tms_row
 from takeoff_cache.errors import BackboneError, CorpusError
 from takeoff_cache.tiles.corpus import Tile, open_corpus
@@ -51,26 +50,23 @@ def write_tile_subset(corpus: Path, tiles: Sequence[Tile], out: Path) -> int:
     missing = [f"{z}/{x}/{y}" for (z, x, y), b in zip(coords, blobs, strict=True) if b is None]
     if missing:
         raise CorpusError(f"corpus: {len(missing)} selected tile(s) gone, e.g. {missing[0]}")
-    tmp = temp_path(out)
-    tmp.unlink(missing_ok=True)
-    db = sqlite3.connect(tmp)
-    try:
-        db.executescript(
-            "CREATE TABLE metadata (name TEXT, value TEXT);"
-            "CREATE TABLE tiles (zoom_level INTEGER, tile_column INTEGER, tile_row INTEGER,"
-            " tile_data BLOB);"
-            "CREATE UNIQUE INDEX tile_index ON tiles (zoom_level, tile_column, tile_row);"
-        )
-        rows = [(z, x, tms_row(z, y), blob) for (z, x, y), blob in zip(coords, blobs, strict=True)]
-        db.executemany("INSERT INTO tiles VALUES (?, ?, ?, ?)", rows)
-        db.executemany("INSERT INTO metadata VALUES (?, ?)", _metadata(coords, blobs))
-        db.commit()
-    finally:
-        db.close()
-    with tmp.open("rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, out)
-    fsync_dir(out.parent)
+    with atomic_output(out) as tmp:
+        db = sqlite3.connect(tmp)
+        try:
+            db.executescript(
+                "CREATE TABLE metadata (name TEXT, value TEXT);"
+                "CREATE TABLE tiles (zoom_level INTEGER, tile_column INTEGER, tile_row INTEGER,"
+                " tile_data BLOB);"
+                "CREATE UNIQUE INDEX tile_index ON tiles (zoom_level, tile_column, tile_row);"
+            )
+            rows = [
+                (z, x, tms_row(z, y), blob) for (z, x, y), blob in zip(coords, blobs, strict=True)
+            ]
+            db.executemany("INSERT INTO tiles VALUES (?, ?, ?, ?)", rows)
+            db.executemany("INSERT INTO metadata VALUES (?, ?)", _metadata(coords, blobs))
+            db.commit()
+        finally:
+            db.close()
     return len(coords)
 
 
