@@ -174,3 +174,40 @@ def test_writes_through_a_temporary_name_go_through_core_fsutil() -> None:
                 found.append(f"{path}:{line}: {call}() in {function}")
     assert not found, f"write through {owner}'s atomic_output instead:\n" + "\n".join(found)
     assert protocol == _PROTOCOL_RENAMES, "the commit protocol's renames changed: review them"
+
+
+_CREATE = re.compile(
+    r"\bCREATE\s+(?:UNIQUE\s+)?(TABLE|INDEX|VIEW|TRIGGER)\s+(?:IF\s+NOT\s+EXISTS\s+)?"
+    r"(?!IF\s+NOT\b)[\"`\[]?(\w*)"
+    r"(?:\s+ON\s+[\"`\[]?(\w+))?",
+    re.IGNORECASE,
+)
+# MBTiles' own objects: the tables, and whatever is made on the tiles table.
+_MBTILES = frozenset({"tiles", "metadata", "tile_index"})
+# Tables of other SQLite files, which have nothing to do with MBTiles: (module, table).
+_OTHER_TABLES = frozenset(
+    {
+        ("src/takeoff_cache/descriptors/store.py", "spaces"),
+        ("src/takeoff_cache/descriptors/store.py", "vectors"),
+    }
+)
+
+
+def _created(tree: ast.Module) -> Iterator[tuple[int, str, str | None]]:
+    """(line, object, table it is on) for every CREATE in a string constant."""
+    for line, text in _strings(tree):
+        for match in _CREATE.finditer(text):
+            yield line, match[2].lower() or "<formatted>", (match[3] or "").lower() or None
+
+
+def test_the_mbtiles_schema_is_only_in_tiles_mbtiles() -> None:
+    owner = "src/takeoff_cache/tiles/mbtiles.py"
+    found, owned = [], []
+    for path, tree in _modules():
+        for line, name, table in _created(tree):
+            if path == owner:
+                owned += [name] if name in _MBTILES else []
+            elif name in _MBTILES or table in _MBTILES or (path, name) not in _OTHER_TABLES:
+                found.append(f"{path}:{line}: CREATE {name}" + (f" ON {table}" if table else ""))
+    assert not found, f"create MBTiles tables with {owner}'s create_schema:\n" + "\n".join(found)
+    assert sorted(owned) == sorted(_MBTILES), f"{owner} creates each MBTiles object once: {owned}"

@@ -23,6 +23,7 @@ from takeoff_cache.core.fsutil import atomic_output
 from takeoff_cache.core.tilemath import tile_bounds, tms_row
 from takeoff_cache.errors import BackboneError, CorpusError
 from takeoff_cache.tiles.corpus import Tile, open_corpus
+from takeoff_cache.tiles.mbtiles import create_schema
 
 _MAGIC = ((b"\xff\xd8\xff", "jpg"), (b"\x89PNG", "png"), (b"RIFF", "webp"))
 # Room a build needs besides its inputs: per tile its copy and descriptors, per model an
@@ -53,12 +54,7 @@ def write_tile_subset(corpus: Path, tiles: Sequence[Tile], out: Path) -> int:
     with atomic_output(out) as tmp:
         db = sqlite3.connect(tmp)
         try:
-            db.executescript(
-                "CREATE TABLE metadata (name TEXT, value TEXT);"
-                "CREATE TABLE tiles (zoom_level INTEGER, tile_column INTEGER, tile_row INTEGER,"
-                " tile_data BLOB);"
-                "CREATE UNIQUE INDEX tile_index ON tiles (zoom_level, tile_column, tile_row);"
-            )
+            create_schema(db)
             rows = [
                 (z, x, tms_row(z, y), blob) for (z, x, y), blob in zip(coords, blobs, strict=True)
             ]

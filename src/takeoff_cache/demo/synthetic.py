@@ -32,6 +32,7 @@ from PIL import Image
 
 from takeoff_cache.core.fsutil import atomic_output
 from takeoff_cache.core.tilemath import lonlat_to_fractional_tile, tile_bounds, tms_row
+from takeoff_cache.tiles.mbtiles import create_schema
 
 TILE_SIZE = 256
 JPEG_QUALITY = 85
@@ -712,14 +713,7 @@ def write_corpus(
             db.execute("PRAGMA journal_mode=OFF")
             db.execute("PRAGMA synchronous=OFF")
             db.execute("BEGIN")
-            db.execute("CREATE TABLE metadata (name TEXT, value TEXT)")
-            db.execute(
-                "CREATE TABLE tiles (zoom_level INTEGER, tile_column INTEGER,"
-                " tile_row INTEGER, tile_data BLOB)"
-            )
-            db.execute(
-                "CREATE UNIQUE INDEX tile_index ON tiles (zoom_level, tile_column, tile_row)"
-            )
+            create_schema(db)
             db.executemany("INSERT INTO metadata VALUES (?, ?)", sorted(meta.items()))
             batch: list[tuple[int, int, int, bytes]] = []
             count = 0

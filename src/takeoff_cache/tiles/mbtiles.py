@@ -30,6 +30,21 @@ from takeoff_cache.errors import CacheIOError, CorpusError
 
 Coord = tuple[int, int, int]
 
+# The MBTiles tables, defined here only: every MBTiles file this project writes
+# (downloads, the companion's subset, the demo corpus) gets them from create_schema.
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS metadata (name TEXT, value TEXT)",
+    "CREATE TABLE IF NOT EXISTS tiles (zoom_level INTEGER, tile_column INTEGER,"
+    " tile_row INTEGER, tile_data BLOB)",
+    "CREATE UNIQUE INDEX IF NOT EXISTS tile_index ON tiles (zoom_level, tile_column, tile_row)",
+)
+
+
+def create_schema(db: sqlite3.Connection) -> None:
+    """Create the ``metadata`` and ``tiles`` tables and the tiles' unique index where missing."""
+    for statement in _SCHEMA:
+        db.execute(statement)
+
 
 @dataclass(frozen=True)
 class StoredTile:
@@ -160,15 +175,7 @@ class MBTilesWriter:
                 f"corpus: {self.path} keeps tiles in a view (map/images); download into a new file"
             )
         db.execute("BEGIN IMMEDIATE")
-        db.execute("CREATE TABLE IF NOT EXISTS metadata (name TEXT, value TEXT)")
-        db.execute(
-            "CREATE TABLE IF NOT EXISTS tiles (zoom_level INTEGER, tile_column INTEGER,"
-            " tile_row INTEGER, tile_data BLOB)"
-        )
-        db.execute(
-            "CREATE UNIQUE INDEX IF NOT EXISTS tile_index ON tiles (zoom_level, tile_column,"
-            " tile_row)"
-        )
+        create_schema(db)
         db.execute(
             "CREATE TABLE IF NOT EXISTS tile_fetch (zoom_level INTEGER, tile_column INTEGER,"
             " tile_row INTEGER, sha256 TEXT, etag TEXT, last_modified TEXT, fetched_at REAL,"
