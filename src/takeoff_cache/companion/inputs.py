@@ -13,12 +13,13 @@ import math
 import re
 import sqlite3
 import tomllib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from takeoff_cache.build.request import BuildRequest
+from takeoff_cache.build.request import REQUEST_FIELDS, BuildRequest
+from takeoff_cache.companion.bringup import CompanionPaths
 from takeoff_cache.core.fsutil import atomic_output
 from takeoff_cache.core.tilemath import tile_bounds, tms_row
 from takeoff_cache.errors import BackboneError, CorpusError
@@ -30,6 +31,18 @@ _MAGIC = ((b"\xff\xd8\xff", "jpg"), (b"\x89PNG", "png"), (b"RIFF", "webp"))
 # engine about its size, plus a margin for indexes and staging (checked, not exact).
 _PER_TILE_OVERHEAD = 16 * 1024
 _MARGIN = 64 * 2**20
+
+# How each path field of the request reaches the companion; every other field
+# travels as its value. A file sent there takes this name in its inputs folder:
+INPUT_NAMES = {
+    "corpus": "tiles.mbtiles",
+    "backbones": "backbones.toml",
+    "calibration": "calibration.npz",
+}
+# the cache root, signing key and trust store are the companion's own (CompanionPaths):
+COMPANION_OWN = ("cache_root", "key", "trust")
+# and the area travels inline: the request holds its geometry, not the file it came from.
+INLINE = ("area",)
 
 
 @dataclass(frozen=True)
@@ -108,36 +121,30 @@ def companion_backbones(backbones: Path) -> tuple[str, list[Upload]]:
     return toml_dumps(doc), uploads
 
 
-def companion_request(request: BuildRequest, remote: dict[str, str]) -> str:
+def remote_paths(there: CompanionPaths) -> dict[str, str]:
+    """Where each path field points on the companion (see :data:`INPUT_NAMES`)."""
+    sent = {name: f"{there.inputs_dir}/{file}" for name, file in INPUT_NAMES.items()}
+    return {**sent, **{name: getattr(there, name) for name in COMPANION_OWN}}
+
+
+def companion_request(request: BuildRequest, remote: Mapping[str, str]) -> str:
     """The request TOML for the companion: the same build, with paths there.
 
-    ``remote`` maps path fields (corpus, backbones, calibration, cache_root, key,
-    trust) to the companion's absolute paths.
+    ``remote`` maps path fields to the companion's absolute paths (:func:`remote_paths`).
     """
     return toml_dumps(companion_fields(request, remote))
 
 
-def companion_fields(request: BuildRequest, remote: dict[str, str]) -> dict[str, Any]:
-    """The companion's request as fields: :func:`companion_request`'s, for a flow."""
-    doc: dict[str, Any] = {
-        "corpus": remote["corpus"],
-        "bbox": list(request.bbox.as_tuple()),
-        "zoom_levels": list(request.zoom_levels),
-        "sector_class": request.sector_class,
-        "backbones": remote["backbones"],
-        "precision": request.precision,
-        "cache_root": remote["cache_root"],
-        "key": remote["key"],
-        "trust": remote["trust"],
-    }
-    if request.calibration is not None:
-        doc["calibration"] = remote["calibration"]
-    if request.takeoff_origin is not None:
-        doc["takeoff_origin"] = list(request.takeoff_origin)
-    if request.flight_id is not None:
-        doc["flight_id"] = request.flight_id
-    if request.area is not None:
-        doc["area"] = request.area
+def companion_fields(request: BuildRequest, remote: Mapping[str, str]) -> dict[str, Any]:
+    """The companion's request as fields: every field of ``REQUEST_FIELDS`` that is
+    set, a path replaced by the companion's (:func:`companion_request`'s, for a flow)."""
+    here = request.to_json()
+    doc: dict[str, Any] = {}
+    for field in REQUEST_FIELDS:
+        value = here[field.name]
+        if value is None:
+            continue
+        doc[field.name] = remote[field.name] if field.path and field.name not in INLINE else value
     return doc
 
 

@@ -55,17 +55,19 @@ async def send_to_companion(
     """Check the companion, then send it the selected tiles, the models and the request."""
     with tempfile.TemporaryDirectory(prefix="takeoff-cache-companion-") as tmp:
         staging = Path(tmp)
-        subset = staging / "tiles.mbtiles"
+        names = inputs.INPUT_NAMES
+        subset = staging / names["corpus"]
         inputs.write_tile_subset(request.corpus, tiles, subset)
         backbones_text, uploads = inputs.companion_backbones(request.backbones)
-        (staging / "backbones.toml").write_text(backbones_text, encoding="utf-8")
+        backbones = staging / names["backbones"]
+        backbones.write_text(backbones_text, encoding="utf-8")
         uploads = [
-            inputs.Upload(subset, "tiles.mbtiles"),
-            inputs.Upload(staging / "backbones.toml", "backbones.toml"),
+            inputs.Upload(subset, names["corpus"]),
+            inputs.Upload(backbones, names["backbones"]),
             *uploads,
         ]
         if request.calibration is not None:
-            uploads.append(inputs.Upload(request.calibration, "calibration.npz"))
+            uploads.append(inputs.Upload(request.calibration, names["calibration"]))
         send = inputs.total_bytes(u.local for u in uploads)
         model_bytes = send - subset.stat().st_size
         estimate = inputs.estimate_build_bytes(subset.stat().st_size, model_bytes, len(tiles))
@@ -74,17 +76,7 @@ async def send_to_companion(
         )
         there = up.paths
         remote_dir = there.inputs_dir
-        fields = inputs.companion_fields(
-            request,
-            {
-                "corpus": f"{remote_dir}/tiles.mbtiles",
-                "backbones": f"{remote_dir}/backbones.toml",
-                "calibration": f"{remote_dir}/calibration.npz",
-                "cache_root": there.cache_root,
-                "key": there.key,
-                "trust": there.trust,
-            },
-        )
+        fields = inputs.companion_fields(request, inputs.remote_paths(there))
         (staging / "request.toml").write_text(inputs.toml_dumps(fields), encoding="utf-8")
         uploads.append(inputs.Upload(staging / "request.toml", "request.toml"))
         sent = await send_files(conn, uploads, remote_dir, python=up.python)

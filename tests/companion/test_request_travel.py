@@ -1,0 +1,99 @@
+"""The request the companion builds is this one: every field of REQUEST_FIELDS
+travels, each path as the companion's own, without a list of its own here."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+
+from takeoff_cache.build.request import (
+    FIELDS,
+    PATH_FIELDS,
+    REQUEST_FIELDS,
+    Bbox,
+    BuildRequest,
+    Field,
+)
+from takeoff_cache.companion import inputs
+from takeoff_cache.companion.bringup import CompanionPaths
+
+THERE = CompanionPaths("/c/cache", "/c/key.pem", "/c/trust", inputs_dir="/c/inputs")
+AREA = {
+    "type": "Polygon",
+    "coordinates": [[[35.0, 48.0], [35.1, 48.0], [35.1, 48.1], [35.0, 48.0]]],
+}
+
+
+def _request(cls: type[BuildRequest] = BuildRequest) -> BuildRequest:
+    """A request with every field set."""
+    return cls(
+        corpus=Path("/w/corpus.mbtiles"),
+        bbox=Bbox(48.0, 35.0, 48.1, 35.1),
+        zoom_levels=(16, 17),
+        sector_class="stable_rear",
+        backbones=Path("/w/backbones.toml"),
+        precision="int8",
+        calibration=Path("/w/calibration.npz"),
+        cache_root=Path("/w/cache"),
+        key=Path("/w/key.pem"),
+        trust=Path("/w/trust"),
+        takeoff_origin=(48.05, 35.05, 120.0),
+        flight_id="0f8fad5b-d9cb-469f-a165-70867728950e",
+        area=AREA,
+    )
+
+
+def test_every_path_field_has_one_way_to_the_companion() -> None:
+    ways = [*inputs.INPUT_NAMES, *inputs.COMPANION_OWN, *inputs.INLINE]
+    assert len(ways) == len(set(ways)), "a path field with two ways to the companion"
+    assert sorted(ways) == sorted(PATH_FIELDS)
+
+
+def test_every_field_set_reaches_the_companion_with_its_paths_there() -> None:
+    request = _request()
+    assert all(value is not None for value in request.to_json().values())
+    remote = inputs.remote_paths(THERE)
+    fields = inputs.companion_fields(request, remote)
+    assert list(fields) == list(FIELDS)
+    here = request.to_json()
+    for name in FIELDS:
+        travels_as_path = name in PATH_FIELDS and name not in inputs.INLINE
+        assert fields[name] == (remote[name] if travels_as_path else here[name]), name
+    assert remote["corpus"] == "/c/inputs/tiles.mbtiles" and remote["key"] == THERE.key
+    # The TOML the companion reads holds the same request.
+    assert tomllib.loads(inputs.companion_request(request, remote)) == fields
+
+
+def test_fields_left_unset_stay_unset_there() -> None:
+    unset = {"calibration": None, "takeoff_origin": None, "flight_id": None, "area": None}
+    bare = replace(_request(), **unset)
+    fields = inputs.companion_fields(bare, inputs.remote_paths(THERE))
+    assert set(FIELDS) - set(fields) == set(unset)
+
+
+@dataclass(frozen=True)
+class _Grown(BuildRequest):
+    """The request as it would be with one field more."""
+
+    new_knob: str = "on"
+
+
+def test_a_new_field_travels_without_a_change_in_companion_code(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    grown = (*REQUEST_FIELDS, Field("new_knob", "--new-knob", "a field added later"))
+    monkeypatch.setattr(inputs, "REQUEST_FIELDS", grown)
+    fields = inputs.companion_fields(_request(_Grown), inputs.remote_paths(THERE))
+    assert fields["new_knob"] == "on"
+
+
+def test_a_new_path_field_needs_its_way_to_the_companion(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    grown = (*REQUEST_FIELDS, Field("new_knob", "--new-knob", "a file added later", path=True))
+    monkeypatch.setattr(inputs, "REQUEST_FIELDS", grown)
+    with pytest.raises(KeyError, match="new_knob"):
+        inputs.companion_fields(_request(_Grown), inputs.remote_paths(THERE))
