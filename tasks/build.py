@@ -90,7 +90,7 @@ def build_identity(validated: ValidatedRequest, fingerprint: str) -> str:
 def noop_check(validated: ValidatedRequest, build_id: str) -> tuple[Manifest | None, bool]:
     root = validated.request.cache_root
     current = noop.current_manifest(root, validated.trusted)
-    return current, noop.is_noop(root, current, build_id)
+    return current, noop.is_noop(root, current, build_id, validated.trusted)
 
 
 @task(name="manifest", task_run_name="manifest", cache_policy=NO_CACHE, persist_result=False)

@@ -55,7 +55,7 @@ def prechecked(raw: dict[str, Any], options: BuildOptions) -> Iterator[Precheck]
         build_id = identity.build_identity(validated, selection.fingerprint)
         phases["identity"], mark = _lap(mark)
         current = noop.current_manifest(root, validated.trusted)
-        is_noop = bool(selection.tiles) and noop.is_noop(root, current, build_id)
+        is_noop = bool(selection.tiles) and noop.is_noop(root, current, build_id, validated.trusted)
         phases["noop"], mark = _lap(mark)
         report = None
         if is_noop:

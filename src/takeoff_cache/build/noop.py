@@ -1,8 +1,10 @@
 """The no-op check: the current cache is already what this request would build.
 
-It reads Manifest.json and checks every listed file's size and SHA-256 — a
-file damaged in place keeps its size, and a no-op must never vouch for a
-cache that fails ``verify``. It writes nothing.
+A no-op vouches for the cache as it stands, so it checks it exactly as
+``verify`` does, through the same reader (:mod:`takeoff_cache.trust.cachefiles`):
+the signature, every listed file's size and SHA-256, no file unlisted, no
+symlink. Whatever ``verify`` would refuse, the build rebuilds (or reports).
+It writes nothing.
 """
 
 from __future__ import annotations
@@ -10,9 +12,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from takeoff_cache.core.fsutil import sha256_file
 from takeoff_cache.core.layout import MANIFEST_NAME
 from takeoff_cache.errors import VerificationError
+from takeoff_cache.trust.cachefiles import file_problems, read_manifest
 from takeoff_cache.trust.keys import TrustedKey
 from takeoff_cache.trust.manifest import Manifest, verify_manifest_bytes
 
@@ -20,11 +22,7 @@ from takeoff_cache.trust.manifest import Manifest, verify_manifest_bytes
 def current_manifest(cache_root: Path, trusted: tuple[TrustedKey, ...]) -> Manifest | None:
     """The manifest in force if it verifies with a trusted key, else None."""
     try:
-        data = (cache_root / MANIFEST_NAME).read_bytes()
-    except FileNotFoundError:
-        return None
-    try:
-        return verify_manifest_bytes(data, list(trusted))
+        return verify_manifest_bytes(read_manifest(cache_root), list(trusted))
     except VerificationError:
         return None
 
@@ -39,15 +37,11 @@ def previous_version(cache_root: Path) -> int:
     return version if isinstance(version, int) and not isinstance(version, bool) else 0
 
 
-def is_noop(cache_root: Path, manifest: Manifest | None, identity: str) -> bool:
+def is_noop(
+    cache_root: Path, manifest: Manifest | None, identity: str, trusted: tuple[TrustedKey, ...]
+) -> bool:
+    """True when ``manifest`` (the one in force) was built for ``identity`` and the
+    cache's files pass every check ``verify`` makes of them."""
     if manifest is None or manifest.build_identity != identity:
         return False
-    for artifact in manifest.artifacts:
-        path = cache_root / artifact.path
-        try:
-            st = path.lstat()
-        except OSError:
-            return False
-        if not path.is_file() or path.is_symlink() or st.st_size != artifact.size:
-            return False
-    return all(sha256_file(cache_root / a.path) == a.sha256 for a in manifest.artifacts)
+    return not file_problems(cache_root, manifest, trusted)

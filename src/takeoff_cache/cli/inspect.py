@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,11 +38,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _inspect(cache_root: Path, png: Path | None = None) -> list[str]:
-    """The summary of a cache's manifest, read through the parser ``verify`` uses;
-    with ``png``, its coverage map drawn there too."""
+    """The summary of a cache's manifest, read as ``verify`` reads it (one reader, one
+    parser); with ``png``, its coverage map drawn there too."""
     import stat
 
-    from takeoff_cache.core.layout import MANIFEST_NAME
+    from takeoff_cache.trust.cachefiles import read_manifest
     from takeoff_cache.trust.manifest import parse_manifest_bytes
 
     try:
@@ -53,19 +52,7 @@ def _inspect(cache_root: Path, png: Path | None = None) -> list[str]:
         raise InvalidRequestError(f"{cache_root} does not exist") from None
     except OSError as exc:
         raise InvalidRequestError(f"{cache_root} cannot be read: {exc.strerror}") from None
-    path = cache_root / MANIFEST_NAME
-    try:
-        # lstat first: opening a FIFO or a device could block or read forever.
-        mode = os.lstat(path).st_mode
-        if stat.S_ISDIR(mode):
-            raise VerificationError(f"{MANIFEST_NAME} is a folder, not a file")
-        if not stat.S_ISREG(mode):
-            raise VerificationError(f"{MANIFEST_NAME} is not a regular file (symlink or special)")
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise VerificationError(f"{MANIFEST_NAME} is missing from {cache_root}") from None
-    except OSError as exc:
-        raise VerificationError(f"{MANIFEST_NAME} cannot be read: {exc.strerror}") from None
+    data = read_manifest(cache_root)
     manifest = parse_manifest_bytes(data)
     signed = manifest.signed
     request, corpus = _object(signed.get("request")), _object(signed.get("corpus"))

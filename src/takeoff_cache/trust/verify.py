@@ -1,7 +1,9 @@
 """``takeoff-cache verify``: prove a cache is complete, unmodified, trusted and meant for this host.
 
 The signature, format, expiry and version checks are the pure function
-:func:`manifest.verify_manifest_bytes`; this module reads the files around it.
+:func:`manifest.verify_manifest_bytes`; the cache's files are read and checked by
+:mod:`.cachefiles`, as every other reader of a cache reads them. This module adds
+what only ``verify`` does: the rollback state and the host check.
 """
 
 from __future__ import annotations
@@ -9,21 +11,14 @@ from __future__ import annotations
 import json
 import os
 import stat
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, cast
 
-from takeoff_cache.core.fsutil import atomic_write_bytes, sha256_file, temp_target
-from takeoff_cache.core.layout import (
-    LOCK_NAME,
-    MANIFEST_NAME,
-    PENDING_MANIFEST,
-    RETIRED_MANIFEST,
-    STAGING_NAME,
-    walk_cache,
-)
+from takeoff_cache.core.fsutil import atomic_write_bytes
 from takeoff_cache.errors import VerificationError
+from takeoff_cache.trust.cachefiles import file_problems, read_manifest
 from takeoff_cache.trust.keys import TrustedKey
-from takeoff_cache.trust.manifest import Artifact, Manifest, verify_manifest_bytes
+from takeoff_cache.trust.manifest import Manifest, verify_manifest_bytes
 
 STATE_FORMAT = "takeoff-cache-verify-state"
 _STATE_KEYS = {"format", "lineages", "caches"}
@@ -116,134 +111,6 @@ def _write_state(
         raise VerificationError(f"state: cannot write {state_file}: {exc.strerror or exc}") from exc
 
 
-def _check_artifact(root: Path, artifact: Artifact) -> str | None:
-    try:
-        return _artifact_problem(root, artifact)
-    except (OSError, ValueError) as exc:
-        # A signed path the OS cannot even look up (too long, a NUL byte), or an unreadable file.
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        return f"{artifact.path[:200]!r}: cannot be checked: {reason}"
-
-
-def _artifact_problem(root: Path, artifact: Artifact) -> str | None:
-    rel = PurePosixPath(artifact.path)
-    # Every component must be a real folder, not a symlink that leads elsewhere.
-    current = root
-    for part in rel.parts[:-1]:
-        current = current / part
-        try:
-            if not stat.S_ISDIR(os.lstat(current).st_mode):
-                return f"{artifact.path}: {current.relative_to(root)} is not a folder"
-        except FileNotFoundError:
-            return f"{artifact.path}: missing"
-    path = root / artifact.path
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return f"{artifact.path}: missing"
-    if stat.S_ISLNK(st.st_mode):
-        return f"{artifact.path}: is a symlink"
-    if not stat.S_ISREG(st.st_mode):
-        return f"{artifact.path}: not a regular file"
-    if st.st_size != artifact.size:
-        return f"{artifact.path}: size {st.st_size} != recorded {artifact.size}"
-    if sha256_file(path) != artifact.sha256:
-        return f"{artifact.path}: SHA-256 differs from the manifest"
-    return None
-
-
-def _staging_manifests(root: Path, trusted: list[TrustedKey], version: int) -> dict[str, Manifest]:
-    """The signed manifests in staging that a commit in progress can have left, by name.
-
-    Only what a commit leaves counts: the pending manifest is the current version
-    + 1; the retired one is the current manifest itself (kept, not yet replaced)
-    or, past the commit point, the version - 1. An older signed manifest dropped
-    into staging vouches for nothing.
-    """
-    found = {}
-    for name, expected in (
-        (PENDING_MANIFEST, {version + 1}),
-        (RETIRED_MANIFEST, {version, version - 1}),
-    ):
-        other = _signed_manifest(root / STAGING_NAME / name, trusted, expected)
-        if other is not None:
-            found[name] = other
-    return found
-
-
-def _signed_manifest(path: Path, trusted: list[TrustedKey], versions: set[int]) -> Manifest | None:
-    try:
-        if not stat.S_ISREG(os.lstat(path).st_mode):
-            return None
-        other = verify_manifest_bytes(path.read_bytes(), trusted, check_expiry=False)
-    except (OSError, VerificationError):
-        return None
-    return other if other.version in versions else None
-
-
-def _staging_problems(
-    root: Path, trusted: list[TrustedKey], version: int, manifests: dict[str, Manifest]
-) -> list[str]:
-    """Every entry of ``.staging/`` must be accounted for by a signed manifest there.
-
-    A file passes when it is one of those manifests, or a copy of an artifact one
-    of them lists (same size and SHA-256), or the temporary file of such a copy
-    cut short (no larger than the artifact) or of such a manifest (complete and
-    signed): what a build killed mid-commit leaves, and nothing else.
-    """
-    staging = root / STAGING_NAME
-    if staging.is_symlink() or (staging.exists() and not staging.is_dir()):
-        return [f"{STAGING_NAME}: not a folder"]
-    if not staging.is_dir():
-        return []
-    vouched = {a.path: a for m in manifests.values() for a in m.artifacts}
-    versions = {PENDING_MANIFEST: {version + 1}, RETIRED_MANIFEST: {version, version - 1}}
-    problems = []
-    for dirpath, dirnames, filenames in os.walk(staging):
-        for name in sorted(dirnames + filenames):
-            full = Path(dirpath) / name
-            shown = full.relative_to(root).as_posix()
-            rel = full.relative_to(staging).as_posix()
-            st = os.lstat(full)
-            if stat.S_ISDIR(st.st_mode):
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                problems.append(f"{shown}: not a regular file")
-                continue
-            if rel in versions:
-                if rel not in manifests:
-                    problems.append(
-                        f"{shown}: not a manifest of this cache signed by a trusted key"
-                    )
-                continue
-            artifact = vouched.get(rel)
-            if artifact is not None and _check_artifact(staging, artifact) is None:
-                continue
-            target = temp_target(name)
-            if target is not None:
-                meant = (Path(rel).parent / target).as_posix()
-                if meant in vouched and st.st_size <= vouched[meant].size:
-                    continue  # a copy cut short
-                if meant in versions and _signed_manifest(full, trusted, versions[meant]):
-                    continue  # written and signed, not yet renamed
-            problems.append(f"{shown}: not vouched for by a signed manifest in {STAGING_NAME}")
-    return problems
-
-
-def _lock_problems(root: Path) -> list[str]:
-    """The lock file is only ever locked, never written: it may hide nothing."""
-    lock = root / LOCK_NAME
-    try:
-        st = os.lstat(lock)
-    except FileNotFoundError:
-        return []
-    if not stat.S_ISREG(st.st_mode):
-        return [f"{LOCK_NAME}: not a regular file"]
-    if st.st_size:
-        return [f"{LOCK_NAME}: holds {st.st_size} bytes; the lock file is always empty"]
-    return []
-
-
 def engine_host_problem(manifest: Manifest, host: dict[str, Any]) -> str | None:
     built_for = manifest.signed.get("host")
     if built_for != host:
@@ -272,22 +139,7 @@ def verify_cache(
     cache_id = str(root)
     if not root.is_dir():
         raise VerificationError(f"{cache_root} is not a folder")
-    manifest_path = root / MANIFEST_NAME
-    if manifest_path.is_symlink():
-        raise VerificationError(f"{MANIFEST_NAME} is a symlink; it must be a regular file")
-    try:
-        # Checked before opening: a FIFO would block the open, a device read forever.
-        mode = os.lstat(manifest_path).st_mode
-        if stat.S_ISDIR(mode):
-            raise VerificationError(f"{MANIFEST_NAME} is a folder, not a file")
-        if not stat.S_ISREG(mode):
-            raise VerificationError(f"{MANIFEST_NAME} is not a regular file")
-        data = manifest_path.read_bytes()
-    except FileNotFoundError:
-        raise VerificationError(f"{MANIFEST_NAME} is missing from {cache_root}") from None
-    except OSError as exc:
-        raise VerificationError(f"{MANIFEST_NAME} cannot be read: {exc.strerror}") from None
-    manifest = verify_manifest_bytes(data, trusted)
+    manifest = verify_manifest_bytes(read_manifest(root), trusted)
     seen = _seen_version(state, manifest, cache_id) if state is not None else None
     if seen is not None and manifest.version < seen:
         raise VerificationError(
@@ -295,20 +147,7 @@ def verify_cache(
             f" for lineage {manifest.lineage} (rollback)"
         )
 
-    problems = [p for a in manifest.artifacts if (p := _check_artifact(root, a))]
-    listed = {a.path for a in manifest.artifacts}
-    entries = walk_cache(root)
-    unlisted = [p for p in entries.files if p not in listed]
-    manifests = _staging_manifests(root, trusted, manifest.version)
-    if unlisted:
-        vouched = {a.path: a for m in manifests.values() for a in m.artifacts}
-        for rel in unlisted:
-            other = vouched.get(rel)
-            if other is None or _check_artifact(root, other) is not None:
-                problems.append(f"{rel}: not listed in the manifest")
-    problems += [f"{rel}: not a regular file (symlink or special file)" for rel in entries.others]
-    problems += _lock_problems(root)
-    problems += _staging_problems(root, trusted, manifest.version, manifests)
+    problems = file_problems(root, manifest, trusted)
     if host is not None and (problem := engine_host_problem(manifest, host)):
         problems.append(problem)
     if problems:
