@@ -126,17 +126,17 @@ def _prepare(
         report["download"] = t.download(job)
         report["area"]["path"] = t.write_area(job)
     fields = {name: params[name] for name in FIELDS if name in params}
+    options = {f.name: params[f.name] for f in OPTION_FIELDS}
     companion = CompanionOptions.from_json(params["companion"]) if params["companion"] else None
     pool = params["work_pool"]
     if companion is not None and not pool:
         with _phase(report, "companion"):
-            done = t.companion_build(job, fields, companion, params["backend"])
+            done = t.companion_build(job, fields, companion, options)
         report["companion"] = {"bring_up": done["bring_up"], "transfer": done["transfer"]}
         report.update(build=done["build"], verify=done["verify"])
         report.update(outcome=done["build"]["outcome"], phase="done", exit_code=0)
         return _end(report)
     raw = p.build_raw(fields, job.flight, job.mission, job.corpus)
-    options = {f.name: params[f.name] for f in OPTION_FIELDS}
     sent = None
     if companion is not None:
         # The pool's worker is on the companion: its inputs go over SSH first.

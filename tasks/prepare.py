@@ -87,10 +87,11 @@ def _relay(prefix: str) -> Callable[[str], None]:
 
 @task(name="companion", task_run_name="companion", cache_policy=NO_CACHE, persist_result=False)
 def companion_build(
-    job: prepare.Job, fields: dict[str, Any], companion: CompanionOptions, backend: str
+    job: prepare.Job, fields: dict[str, Any], companion: CompanionOptions, options: dict[str, Any]
 ) -> dict[str, Any]:
-    """Bring the companion up, send it the area's tiles and the models, build and
-    verify there; its progress lines go to the run log (and the command line)."""
+    """Bring the companion up, send it the area's tiles and the models, build there
+    with the build ``options`` and verify; its progress lines go to the run log (and
+    the command line)."""
     from takeoff_cache.companion.session import build_on_companion
 
     request, tiles = prepare.companion_request(job, fields, companion)
@@ -101,7 +102,8 @@ def companion_build(
             request,
             tiles,
             companion.paths,
-            backend=backend,
+            backend=options["backend"],
+            options=options,
             tool=companion.tool,
             on_line=on_line,
             passphrase=os.environ.get(COMPANION_KEY_PASSPHRASE),

@@ -76,8 +76,10 @@ def test_a_flight_is_built_and_verified_on_the_companion(
 ) -> None:
     for name, value in SECRETS.items():
         monkeypatch.setenv(name, value)
-    first = prepare(capsys, demo, request_file(demo), *companion_flags(rig))
+    # The build options go with the build: the self-test is skipped there too.
+    first = prepare(capsys, demo, request_file(demo), *companion_flags(rig), "--self-test", "0")
     assert first.code == 0, first.err
+    assert any(" build " in c and "--self-test 0" in c for c in rig.companion.commands)
     report = first.json()
     assert report["outcome"] == "success" and report["verify"]["ok"] is True
     up, sent = report["companion"]["bring_up"], report["companion"]["transfer"]

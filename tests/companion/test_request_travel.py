@@ -1,5 +1,7 @@
-"""The request the companion builds is this one: every field of REQUEST_FIELDS
-travels, each path as the companion's own, without a list of its own here."""
+"""The build the companion runs is this one: every field of REQUEST_FIELDS
+travels, each path as the companion's own, and every build option of
+OPTION_FIELDS but those kept here for a stated reason, without lists of their
+own in the companion's code."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from takeoff_cache.build.options import OPTION_FIELDS, parse_duration
 from takeoff_cache.build.request import (
     FIELDS,
     PATH_FIELDS,
@@ -17,8 +20,9 @@ from takeoff_cache.build.request import (
     BuildRequest,
     Field,
 )
-from takeoff_cache.companion import inputs
+from takeoff_cache.companion import inputs, remote
 from takeoff_cache.companion.bringup import CompanionPaths
+from takeoff_cache.companion.remote import LOCAL_OPTIONS, option_args
 
 THERE = CompanionPaths("/c/cache", "/c/key.pem", "/c/trust", inputs_dir="/c/inputs")
 AREA = {
@@ -97,3 +101,33 @@ def test_a_new_path_field_needs_its_way_to_the_companion(
     monkeypatch.setattr(inputs, "REQUEST_FIELDS", grown)
     with pytest.raises(KeyError, match="new_knob"):
         inputs.companion_fields(_request(_Grown), inputs.remote_paths(THERE))
+
+
+def test_every_build_option_reaches_the_companion_build_or_stays_here_for_a_reason() -> None:
+    options = {
+        "work_dir": "/here/work",
+        "backend": "onnxruntime",
+        "coverage": "lenient",
+        "expires_in_s": 129600.0,
+        "dask_address": "tcp://10.0.0.2:8786",
+        "self_test": 0,
+        "min_recall": 0.5,
+    }
+    assert set(options) == {f.name for f in OPTION_FIELDS}
+    args = option_args(options, THERE.work_dir)
+    flags = dict(zip(args[::2], args[1::2], strict=True))
+    for field in OPTION_FIELDS:
+        if field.name in LOCAL_OPTIONS:
+            assert field.flag not in flags and LOCAL_OPTIONS[field.name]
+        elif field.name == "work_dir":
+            assert flags[field.flag] == THERE.work_dir
+        else:
+            assert flags[field.flag] == str(options[field.name]), field.name
+    # The lifetime goes as seconds, which --expires-in reads back as they were.
+    assert parse_duration(flags["--expires-in"]) == options["expires_in_s"]
+
+
+def test_a_new_build_option_reaches_the_companion_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    grown = (*OPTION_FIELDS, Field("new_option", "--new-option", "an option added later"))
+    monkeypatch.setattr(remote, "OPTION_FIELDS", grown)
+    assert remote.option_args({"new_option": "on"}, "/c/work")[-2:] == ["--new-option", "on"]

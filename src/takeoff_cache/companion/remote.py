@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from takeoff_cache.build.options import OPTION_FIELDS
 from takeoff_cache.companion.bringup import CompanionPaths
 from takeoff_cache.companion.ssh import Connection
 from takeoff_cache.core.env import KEY_PASSPHRASE, SECRETS
@@ -27,6 +28,12 @@ from takeoff_cache.errors import EXIT_COMPANION, RemoteCommandError, RemoteOutpu
 _SHARED_CODES = frozenset(range(1, 9))
 # Lines of output an error shows when the report cannot be read.
 TAIL_LINES = 8
+# Build options that stay here; every other one of OPTION_FIELDS reaches the
+# companion's build as its flag (the work folder as the companion's own).
+LOCAL_OPTIONS = {
+    "dask_address": "a Dask cluster's workers need the build's work folder at the same path,"
+    " and the companion's is its own",
+}
 
 
 class Redactor:
@@ -141,6 +148,17 @@ async def _run_json(
     return RemoteResult(code, doc, elapsed)
 
 
+def option_args(options: Mapping[str, Any], work_dir: str) -> list[str]:
+    """The build options as the companion's ``build`` flags: each one of
+    OPTION_FIELDS that is set, but :data:`LOCAL_OPTIONS`, with ``work_dir`` its work folder."""
+    args: list[str] = []
+    for field in OPTION_FIELDS:
+        value = work_dir if field.name == "work_dir" else options.get(field.name)
+        if field.name not in LOCAL_OPTIONS and value is not None:
+            args += [field.flag, str(value)]
+    return args
+
+
 async def remote_build(
     conn: Connection,
     paths: CompanionPaths,
@@ -148,13 +166,15 @@ async def remote_build(
     *,
     tool: str = "takeoff-cache",
     backend: str = "auto",
+    options: Mapping[str, Any] | None = None,
     extra_args: Iterable[str] = (),
     on_line: Callable[[str], None] | None = None,
     passphrase: str | None = None,
     redact: Redactor | None = None,
     timeout_s: float | None = None,
 ) -> RemoteResult:
-    """``takeoff-cache build --request REQUEST --json`` there; stderr lines go to ``on_line``.
+    """``takeoff-cache build --request REQUEST --json`` there, with ``options`` (the build
+    options, ``backend`` apart) as its flags; stderr lines go to ``on_line``.
 
     A build that ends ``failure`` or exits non-zero raises :class:`RemoteCommandError`
     carrying its report and the exit code mapped to ours.
@@ -163,10 +183,7 @@ async def remote_build(
         "build",
         "--request",
         request_path,
-        "--work-dir",
-        paths.work_dir,
-        "--backend",
-        backend,
+        *option_args({**(options or {}), "backend": backend}, paths.work_dir),
         *extra_args,
         "--json",
     ]

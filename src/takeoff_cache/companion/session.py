@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -90,12 +90,16 @@ async def build_on_companion(
     paths: CompanionPaths,
     *,
     backend: str = "auto",
+    options: Mapping[str, Any] | None = None,
     tool: str = "takeoff-cache",
     on_line: Callable[[str], None] | None = None,
     passphrase: str | None = None,
     redact: Redactor | None = None,
 ) -> CompanionReport:
-    """Check the companion, send it the selected tiles and the models, build and verify there."""
+    """Check the companion, send it the selected tiles and the models, build and verify there.
+
+    ``options``: the build options (:func:`takeoff_cache.companion.remote.option_args`).
+    """
     redact = redact or Redactor.from_env()
     async with connect(settings) as conn:
         sent = await send_to_companion(conn, request, tiles, paths, backend=backend, tool=tool)
@@ -105,6 +109,7 @@ async def build_on_companion(
             sent.request_path,
             tool=tool,
             backend=backend,
+            options=options,
             # Its run logs (each phase as it ends) are the progress streamed back.
             extra_args=("-v",),
             on_line=on_line,
