@@ -31,6 +31,7 @@ from takeoff_cache.companion.options import CompanionOptions
 from takeoff_cache.errors import RemoteCommandError, TakeoffCacheError
 from takeoff_cache.prepare import job as p
 from takeoff_cache.prepare.download import DownloadOptions
+from takeoff_cache.prepare.report import PrepareReport
 from takeoff_cache.tiles.area import DEFAULT_BUFFER_M
 from takeoff_cache_prefect.artifacts import artifact_key
 
@@ -38,14 +39,14 @@ from takeoff_cache_prefect.artifacts import artifact_key
 EXIT_BUILD_FAILED = 3
 
 # The report of each run, and the error that ended it, for a caller in this process.
-_prepared: ContextVar[list[tuple[dict[str, Any], TakeoffCacheError | None]] | None] = ContextVar(
+_prepared: ContextVar[list[tuple[PrepareReport, TakeoffCacheError | None]] | None] = ContextVar(
     "prepare_flight_outcomes", default=None
 )
 
 
 @contextmanager
-def recorded_prepares() -> Iterator[list[tuple[dict[str, Any], TakeoffCacheError | None]]]:
-    outcomes: list[tuple[dict[str, Any], TakeoffCacheError | None]] = []
+def recorded_prepares() -> Iterator[list[tuple[PrepareReport, TakeoffCacheError | None]]]:
+    outcomes: list[tuple[PrepareReport, TakeoffCacheError | None]] = []
     token = _prepared.set(outcomes)
     try:
         yield outcomes
@@ -97,34 +98,35 @@ def prepare_flight(
     key passphrase are read from this process's environment where they are used.
     """
     params = dict(locals())
-    report: dict[str, Any] = {"outcome": None, "phase": "resolve", "phases": {}}
+    report = PrepareReport()
     try:
         with ExitStack() as run:
             return _prepare(params, report, run)
     except TakeoffCacheError as exc:
-        report.update(outcome="failure", exit_code=exc.exit_code, error=str(exc))
+        report.fail(exc.exit_code, str(exc))
         if isinstance(exc, RemoteCommandError) and exc.report:
-            report["build"] = exc.report  # the companion's own report of what failed
+            report.build = exc.report  # the companion's own report of what failed
         _end(report, exc)
         raise
 
 
 def _prepare(
-    params: dict[str, Any], report: dict[str, Any], run: ExitStack
+    params: dict[str, Any], report: PrepareReport, run: ExitStack
 ) -> dict[str, Any] | State:
     with _phase(report, "resolve"):
         job = t.resolve({name: params[name] for name in p.JOB_PARAMETERS})
-    report.update(job.report())
+    report.resolved(job)
     if params["dry_run"]:
-        report.update(download=p.dry_run(job.corpus, job.mission, job.options), outcome="dry_run")
+        report.download = p.dry_run(job.corpus, job.mission, job.options)
+        report.outcome = "dry_run"
         return _end(report)
     with _phase(report, "lock"):
         if job.source is not None:
             p.check_job_size(job.corpus, job.mission, job.options)
-        report["lock"] = t.lock(job, run)
+        report.lock = t.lock(job, run)
     with _phase(report, "download"):
-        report["download"] = t.download(job)
-        report["area"]["path"] = t.write_area(job)
+        report.download = t.download(job)
+        report.area = {**job.mission.to_json(), "path": t.write_area(job)}
     fields = {name: params[name] for name in FIELDS if name in params}
     options = {f.name: params[f.name] for f in OPTION_FIELDS}
     companion = CompanionOptions.from_json(params["companion"]) if params["companion"] else None
@@ -132,9 +134,9 @@ def _prepare(
     if companion is not None and not pool:
         with _phase(report, "companion"):
             done = t.companion_build(job, fields, companion, options)
-        report["companion"] = {"bring_up": done["bring_up"], "transfer": done["transfer"]}
-        report.update(build=done["build"], verify=done["verify"])
-        report.update(outcome=done["build"]["outcome"], phase="done", exit_code=0)
+        report.companion = {"bring_up": done["bring_up"], "transfer": done["transfer"]}
+        report.build, report.verify = done["build"], done["verify"]
+        report.finish(done["build"]["outcome"])
         return _end(report)
     raw = p.build_raw(fields, job.flight, job.mission, job.corpus)
     sent = None
@@ -142,7 +144,7 @@ def _prepare(
         # The pool's worker is on the companion: its inputs go over SSH first.
         with _phase(report, "companion"):
             sent = t.companion_send(job, fields, companion, params["backend"])
-        report["companion"] = {
+        report.companion = {
             "bring_up": sent.bring_up.to_json(),
             "transfer": asdict(sent.transfer),
         }
@@ -155,46 +157,45 @@ def _prepare(
             work = {"work_dir": str(job.work)}
             state = build_cache(**raw, **{**options, **work}, return_state=True)
         build = report_of(outcomes, state)
-    report["build"] = build
+    report.build = build
     if build["outcome"] == "failure":
-        report.update(outcome="failure", exit_code=EXIT_BUILD_FAILED, error=build["failure_reason"])
-        _end(report)
-        return Failed(message=f"build failed: {build['failure_reason']}", data=report)
+        report.fail(EXIT_BUILD_FAILED, build["failure_reason"])
+        return Failed(message=f"build failed: {build['failure_reason']}", data=_end(report))
     with _phase(report, "verify"):
         manifest = Path(str(build["manifest_path"]))
         if companion is not None and sent is not None:
-            report["verify"] = t.companion_verify(companion, sent)
+            report.verify = t.companion_verify(companion, sent)
         elif pool and not manifest.is_file():
             # The worker's paths are its own: the cache is there, not here.
-            report["verify"] = {
+            report.verify = {
                 "ok": None,
                 "skipped": f"{manifest.parent} is on the worker's machine; verify it there"
                 " (with --companion, prepare verifies it over SSH)",
             }
         else:
-            report["verify"] = t.verify(str(manifest.parent), str(params["trust"]))
-    report.update(outcome=build["outcome"], phase="done", exit_code=0)
+            report.verify = t.verify(str(manifest.parent), str(params["trust"]))
+    report.finish(build["outcome"])
     return _end(report)
 
 
 @contextmanager
-def _phase(report: dict[str, Any], name: str) -> Iterator[None]:
-    report["phase"] = name
+def _phase(report: PrepareReport, name: str) -> Iterator[None]:
+    report.phase = name
     start = time.perf_counter()
     try:
         yield
     finally:
-        report["phases"][name] = round(time.perf_counter() - start, 4)
+        report.phases[name] = round(time.perf_counter() - start, 4)
 
 
-def _end(report: dict[str, Any], error: TakeoffCacheError | None = None) -> dict[str, Any]:
+def _end(report: PrepareReport, error: TakeoffCacheError | None = None) -> dict[str, Any]:
     recorded = _prepared.get()
     if recorded is not None:
         recorded.append((report, error))
     with contextlib.suppress(Exception):  # a lost UI artifact must not change the outcome
         create_markdown_artifact(
-            p.report_markdown(report),
-            key=artifact_key("prepare-report", Path(p.report_subject(report))),
+            report.markdown(),
+            key=artifact_key("prepare-report", Path(report.subject())),
             description="takeoff-cache prepare report",
         )
-    return report
+    return report.to_json()

@@ -18,6 +18,7 @@ from takeoff_cache.errors import TakeoffCacheError
 
 if TYPE_CHECKING:
     from takeoff_cache.prepare.download import DownloadProgress
+    from takeoff_cache.prepare.report import PrepareReport
 
 # Prefect's names for the flow-run heartbeat interval (the second is its legacy alias).
 HEARTBEAT_SETTINGS = ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY")
@@ -134,7 +135,7 @@ def run_prepare(
     verbose: bool,
     progress: Callable[[DownloadProgress], None] | None = None,
     lines: Callable[[str], None] | None = None,
-) -> tuple[dict[str, Any], TakeoffCacheError | None]:
+) -> tuple[PrepareReport, TakeoffCacheError | None]:
     """Run prepare-flight; return its report and the error that stopped it, if one did.
 
     ``progress`` sees the download's progress and ``lines`` what a companion's

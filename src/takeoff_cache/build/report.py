@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
@@ -35,7 +35,9 @@ class BuildReport:
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> BuildReport:
-        return cls(**{k: v for k, v in doc.items() if k != "manifest_hash"})
+        """The report from its JSON; keys a newer build added (and manifest_hash) are dropped."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in doc.items() if k in names})
 
     def markdown(self) -> str:
         rows = [

@@ -12,11 +12,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from takeoff_cache.cli.args import request_args
 from takeoff_cache.core.env import FLIGHTS_TOKEN, KEY_PASSPHRASE, TILES_API_KEY
 from takeoff_cache.errors import InvalidRequestError, TakeoffCacheError
+
+if TYPE_CHECKING:
+    from takeoff_cache.prepare.report import PrepareReport
 
 EXIT_CODES = f"""\
 exit codes, by the phase that stopped:
@@ -99,29 +102,29 @@ _COMPANION_PATHS = {
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     """Flight -> area -> tiles -> build -> verify; the report names the phase that stopped."""
-    from takeoff_cache.prepare.job import report_text
+    from takeoff_cache.prepare.report import PrepareReport
 
-    report: dict[str, Any] = {"outcome": None, "phase": "resolve"}
+    report = PrepareReport()
     try:
         report, error = _prepare(args, report)
     except TakeoffCacheError as exc:
-        report.update(outcome="failure", exit_code=exc.exit_code, error=str(exc))
+        report.fail(exc.exit_code, str(exc))
         error = exc
     if args.json:
-        print(json.dumps(report))
+        print(json.dumps(report.to_json()))
     if error is not None:
         raise error  # one line, and its code
     if not args.json:
-        print(report_text(report))
-    if report["outcome"] == "failure":  # the build's own verdict, told in its report
-        print(f"takeoff-cache: build failed: {report['error']}", file=sys.stderr)
-        return int(report["exit_code"])
+        print(report.text())
+    if report.outcome == "failure":  # the build's own verdict, told in its report
+        print(f"takeoff-cache: build failed: {report.error}", file=sys.stderr)
+        return report.exit_code or 1
     return 0
 
 
 def _prepare(
-    args: argparse.Namespace, report: dict[str, Any]
-) -> tuple[dict[str, Any], TakeoffCacheError | None]:
+    args: argparse.Namespace, report: PrepareReport
+) -> tuple[PrepareReport, TakeoffCacheError | None]:
     from takeoff_cache.build.lock import holding_early
     from takeoff_cache.build.request import FIELDS
     from takeoff_cache.cli.args import options_from as _options
@@ -153,14 +156,15 @@ def _prepare(
     # Resolved here, before any lock or write: a bad plan leaves no trace.
     job_args: dict[str, Any] = {name: params.get(name) for name in p.JOB_PARAMETERS}
     job = p.plan_job(**{**job_args, "work_dir": args.work_dir})
-    report.update(job.report())
-    report["phase"] = "download"
+    report.resolved(job)
+    report.phase = "download"
     if args.dry_run:
-        report.update(download=p.dry_run(job.corpus, job.mission, job.options), outcome="dry_run")
+        report.download = p.dry_run(job.corpus, job.mission, job.options)
+        report.outcome = "dry_run"
         return report, None
     if job.source is not None:
         p.check_job_size(job.corpus, job.mission, job.options)
-    report["phase"] = "lock"
+    report.phase = "lock"
     args.work_dir = str(job.work)
     options = _options(args)
     params.update(flight=job.flight_json(), corpus=str(job.corpus))

@@ -91,14 +91,6 @@ class Job:
     source: TileSource | None
     options: DownloadOptions
 
-    def report(self) -> dict[str, Any]:
-        """The report's start: the flight, its area and the corpus."""
-        return {
-            "flight": flight_summary(self.flight),
-            "area": self.mission.to_json(),
-            "corpus": str(self.corpus),
-        }
-
     def flight_json(self) -> dict[str, Any]:
         """The flight as a flow parameter: resolved once, on the operator's machine."""
         return {**self.flight.to_json(), "source": self.flight.source}
@@ -304,73 +296,6 @@ def verify_built(cache_root: Path, trust: Path) -> dict[str, Any]:
         "build_identity": manifest.build_identity,
         "artifacts": len(manifest.artifacts),
     }
-
-
-def report_subject(report: dict[str, Any]) -> str:
-    """What a prepare report is about: its flight's id, else where the flight came from."""
-    flight = report.get("flight") or {}
-    return str(flight.get("id") or flight.get("source") or "flight")
-
-
-def report_text(report: dict[str, Any]) -> str:
-    """The report for a person: flight, area, corpus, download, build, verify."""
-    from takeoff_cache.build.report import BuildReport
-
-    lines = []
-    if "flight" in report:
-        area, download = report["area"], report.get("download") or {}
-        lines += [
-            f"flight:   {report_subject(report)}",
-            f"area:     {area['km2']:.2f} km², {area['tiles']} tiles {area['tiles_per_zoom']}",
-            f"corpus:   {report['corpus']}",
-        ]
-        if download.get("dry_run"):
-            lines.append(
-                f"dry run:  {download['to_fetch']} tiles to fetch {download['per_zoom']},"
-                f" about {download['estimated_bytes']:,} bytes; nothing fetched"
-            )
-        elif download.get("source"):
-            lines.append(
-                f"download: {download['fetched']} fetched, {download['kept']} kept,"
-                f" {download['revalidated']} revalidated, {download['failed_count']} failed,"
-                f" {download['bytes']:,} bytes, {download['tiles_per_s']} tiles/s"
-            )
-            if download.get("failed"):
-                more = download["failed_count"] - len(download["failed"])
-                lines.append(
-                    f"failed:   {'; '.join(download['failed'])}"
-                    + (f"; and {more} more" if more > 0 else "")
-                )
-        elif "missing" in download:
-            lines.append(f"missing:  {download['missing']} tiles of the area are not in the corpus")
-    if "companion" in report:
-        up, sent = report["companion"]["bring_up"], report["companion"]["transfer"]
-        lines += [
-            f"companion: {up['target']}: takeoff-cache {up['version']}, {up['backend']}"
-            f" {up['backend_version']} ({up['host_tag']})",
-            f"transfer: {sent['bytes_sent']:,} bytes sent in {sent['files_sent']} files,"
-            f" {sent['bytes_skipped']:,} already there, {sent['elapsed_s']:.2f} s",
-        ]
-    if "build" in report:
-        lines.append(BuildReport.from_json(report["build"]).text())
-    if "verify" in report:
-        verified = report["verify"]
-        lines.append(
-            f"verify:   ok (manifest version {verified['version']})"
-            if verified.get("ok")
-            else f"verify:   skipped: {verified.get('skipped')}"
-        )
-    if report.get("error"):
-        lines.append(f"stopped:  {report['phase']}: {report['error']}")
-    return "\n".join(lines)
-
-
-def report_markdown(report: dict[str, Any]) -> str:
-    """The report as the Prefect UI shows it (an artifact of the run)."""
-    return (
-        f"# Prepare: {report_subject(report)} — {report.get('outcome')}\n\n"
-        f"```\n{report_text(report)}\n```\n"
-    )
 
 
 def companion_request(
