@@ -9,6 +9,7 @@ from prefect.client.schemas.objects import State
 from takeoff_cache_prefect.flows.phases import BuildRun
 from takeoff_cache_prefect.tasks import build as t
 
+from takeoff_cache.build import front
 from takeoff_cache.build.options import OPTION_FIELDS, build_options
 from takeoff_cache.build.preload import preload
 from takeoff_cache.build.request import FIELDS
@@ -45,20 +46,15 @@ def build_cache(
         report = run.report
         with run.phase("validate"):
             options = build_options(**{f.name: params[f.name] for f in OPTION_FIELDS})
-            validated = t.validate({name: params[name] for name in FIELDS}, options)
+        raw = {name: params[name] for name in FIELDS}
+        done = front.run_front(raw, options, t.FRONT, run, run.phase)
+        validated, selection, previous = done.validated, done.selection, done.previous
         root = validated.request.cache_root
-        with run.phase("lock"):
-            t.lock(validated, run)
-        with run.phase("select"):
-            selection = t.select(validated, options.work_dir)
         report.tiles = len(selection.tiles)
-        if not selection.tiles:
+        if done.build_id is None:
             return run.end(failure_reason=t.no_tiles_reason(validated))
-        with run.phase("identity"):
-            report.build_identity = t.build_identity(validated, selection.fingerprint)
-        with run.phase("noop"):
-            previous, is_noop = t.noop_check(validated, report.build_identity)
-        if is_noop:
+        report.build_identity = done.build_id
+        if done.is_noop:
             return run.end(
                 "idempotent_no_op",
                 descriptors_reused=len(selection.tiles),

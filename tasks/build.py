@@ -20,15 +20,12 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from takeoff_cache import __version__
-from takeoff_cache.build import commit, coverage, identity, noop
-from takeoff_cache.build import lock as lock_mod
-from takeoff_cache.build import validate as validate_mod
+from takeoff_cache.build import commit, coverage, front, noop
+from takeoff_cache.build.lock import ExclusiveLock
 from takeoff_cache.build.options import BuildOptions
 from takeoff_cache.build.report import BuildReport
 from takeoff_cache.build.validate import ValidatedRequest
-from takeoff_cache.core import workdir
 from takeoff_cache.tiles import corpus
-from takeoff_cache.tiles import selection as selection_cache
 from takeoff_cache.trust.manifest import (
     Artifact,
     Manifest,
@@ -36,23 +33,23 @@ from takeoff_cache.trust.manifest import (
     new_lineage,
     sign_manifest,
 )
+from takeoff_cache_prefect import context
 from takeoff_cache_prefect.artifacts import artifact_key, embedded_map, report_block
 
 if TYPE_CHECKING:  # the self-test's module pulls in numpy, Pillow and faiss
     from takeoff_cache_prefect.tasks.selftest import SelfTested
 
 
+# The front's steps (takeoff_cache.build.front), each a task.
 @task(name="validate", task_run_name="validate", cache_policy=NO_CACHE, persist_result=False)
 def validate(raw: dict[str, Any], options: BuildOptions) -> ValidatedRequest:
-    return validate_mod.validate(raw, options.backend, options.work_dir)
+    return front.validate_step(raw, options)
 
 
 @task(name="lock", task_run_name="lock", cache_policy=NO_CACHE, persist_result=False)
-def lock(validated: ValidatedRequest, run: ExitStack) -> None:
-    """Hold the cache's lock until ``run`` ends."""
-    run.enter_context(lock_mod.acquire(validated.request.cache_root))
-    # A build killed mid-commit left staging behind; settle it before reading the cache.
-    commit.recover(validated.request.cache_root, validated.trusted)
+def lock(validated: ValidatedRequest, run: ExitStack) -> ExclusiveLock:
+    """Hold the cache's lock until ``run`` ends, adopting the one handed over."""
+    return front.lock_step(validated, run, context.held_locks.get())
 
 
 @task(name="staging", task_run_name="staging", cache_policy=NO_CACHE, persist_result=False)
@@ -62,15 +59,8 @@ def open_staging(validated: ValidatedRequest, run: ExitStack) -> Path:
 
 
 @task(name="select", task_run_name="select", cache_policy=NO_CACHE, persist_result=False)
-def select(validated: ValidatedRequest, work_dir: Path) -> corpus.TileSelection:
-    req = validated.request
-    return selection_cache.select_tiles_cached(
-        req.corpus,
-        req.bbox.as_tuple(),
-        req.zoom_levels,
-        workdir.selections_dir(work_dir),
-        area=req.area,
-    )
+def select(validated: ValidatedRequest, options: BuildOptions) -> corpus.TileSelection:
+    return front.select_step(validated, options)
 
 
 def no_tiles_reason(validated: ValidatedRequest) -> str:
@@ -83,14 +73,16 @@ def no_tiles_reason(validated: ValidatedRequest) -> str:
 
 @task(name="identity", task_run_name="identity", cache_policy=NO_CACHE, persist_result=False)
 def build_identity(validated: ValidatedRequest, fingerprint: str) -> str:
-    return identity.build_identity(validated, fingerprint)
+    return front.identity_step(validated, fingerprint)
 
 
 @task(name="noop", task_run_name="noop", cache_policy=NO_CACHE, persist_result=False)
 def noop_check(validated: ValidatedRequest, build_id: str) -> tuple[Manifest | None, bool]:
-    root = validated.request.cache_root
-    current = noop.current_manifest(root, validated.trusted)
-    return current, noop.is_noop(root, current, build_id, validated.trusted)
+    return front.noop_step(validated, build_id)
+
+
+# The front as the flow runs it: each step a task.
+FRONT = front.Steps(validate, lock, select, build_identity, noop_check)
 
 
 @task(name="manifest", task_run_name="manifest", cache_policy=NO_CACHE, persist_result=False)

@@ -20,6 +20,7 @@ from takeoff_cache.companion.session import Sent
 from takeoff_cache.core.env import COMPANION_KEY_PASSPHRASE
 from takeoff_cache.prepare import job as prepare
 from takeoff_cache.prepare.download import DownloadProgress
+from takeoff_cache_prefect import context
 
 # How often the download writes its progress to the run log (the UI's view of it).
 _LOG_EVERY_S = 10.0
@@ -34,14 +35,15 @@ def resolve(params: dict[str, Any]) -> prepare.Job:
 def lock(job: prepare.Job, run: ExitStack) -> str:
     """Hold the corpus's workstation lock until ``run`` ends (adopting the command
     line's, when it took it before the flow started)."""
-    held = run.enter_context(adopt_or_acquire(prepare.workstation_lock(job.work, job.corpus)))
+    lock = prepare.workstation_lock(job.work, job.corpus)
+    held = run.enter_context(adopt_or_acquire(lock, context.held_locks.get()))
     return str(held.path)
 
 
 @task(name="download", task_run_name="download", cache_policy=NO_CACHE, persist_result=False)
 def download(job: prepare.Job) -> dict[str, Any]:
     logger = get_run_logger()
-    shown = prepare.download_progress.get()
+    shown = context.download_progress.get()
     logged = [time.monotonic()]
 
     def progress(state: DownloadProgress) -> None:
@@ -73,9 +75,9 @@ def verify(cache_root: str, trust: str) -> dict[str, Any]:
 
 def _relay(prefix: str) -> Callable[[str], None]:
     """A line from the companion's side: to the run log, and to the command line's
-    stderr when one is watching (``prepare.companion_lines``)."""
+    stderr when one is watching (``context.companion_lines``)."""
     logger = get_run_logger()
-    shown = prepare.companion_lines.get()
+    shown = context.companion_lines.get()
 
     def relay(line: str) -> None:
         logger.info("%s%s", prefix, line)

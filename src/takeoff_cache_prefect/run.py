@@ -17,6 +17,7 @@ from takeoff_cache.build.options import BuildOptions
 from takeoff_cache.errors import TakeoffCacheError
 
 if TYPE_CHECKING:
+    from takeoff_cache.build.lock import ExclusiveLock
     from takeoff_cache.prepare.download import DownloadProgress
     from takeoff_cache.prepare.report import PrepareReport
 
@@ -114,9 +115,18 @@ def _flow_options(options: BuildOptions) -> dict[str, Any]:
     }
 
 
-def run_build(raw: dict[str, Any], options: BuildOptions, verbose: bool) -> dict[str, Any]:
-    """Run build-cache for one request; return its report or raise its typed error."""
+def run_build(
+    raw: dict[str, Any],
+    options: BuildOptions,
+    verbose: bool,
+    held: tuple[ExclusiveLock, ...] = (),
+) -> dict[str, Any]:
+    """Run build-cache for one request; return its report or raise its typed error.
+
+    ``held`` are locks this process took before (the cache's): the run adopts them.
+    """
     server = _start(verbose)
+    from takeoff_cache_prefect.context import handed
     from takeoff_cache_prefect.flows.build import build_cache
     from takeoff_cache_prefect.flows.phases import recorded_outcomes, report_of
 
@@ -124,7 +134,7 @@ def run_build(raw: dict[str, Any], options: BuildOptions, verbose: bool) -> dict
     params.update(_flow_options(options))
     # As a state: a soft failure is a Failed run, and an unexpected error is the
     # state's data rather than a traceback through Prefect's engine.
-    with _session(server, verbose), recorded_outcomes() as outcomes:
+    with _session(server, verbose), handed(held), recorded_outcomes() as outcomes:
         state = build_cache(**params, return_state=True)
     return report_of(outcomes, state)
 
@@ -135,24 +145,25 @@ def run_prepare(
     verbose: bool,
     progress: Callable[[DownloadProgress], None] | None = None,
     lines: Callable[[str], None] | None = None,
+    held: tuple[ExclusiveLock, ...] = (),
 ) -> tuple[PrepareReport, TakeoffCacheError | None]:
     """Run prepare-flight; return its report and the error that stopped it, if one did.
 
-    ``progress`` sees the download's progress and ``lines`` what a companion's
-    build prints (a flow parameter cannot carry a callable).
+    ``progress`` sees the download's progress, ``lines`` what a companion's build
+    prints, and ``held`` are locks this process took before (the corpus's), which
+    the run adopts: none of them can be a flow parameter.
     """
     server = _start(verbose)
-    from takeoff_cache.prepare.job import companion_lines, download_progress
+    from takeoff_cache_prefect.context import handed
     from takeoff_cache_prefect.flows.prepare import prepare_flight, recorded_prepares
 
     params = {**params, **_flow_options(options)}
-    shown = download_progress.set(progress), companion_lines.set(lines)
-    try:
-        with _session(server, verbose), recorded_prepares() as outcomes:
-            state = prepare_flight(**params, return_state=True)
-    finally:
-        download_progress.reset(shown[0])
-        companion_lines.reset(shown[1])
+    with (
+        _session(server, verbose),
+        handed(held, progress, lines),
+        recorded_prepares() as outcomes,
+    ):
+        state = prepare_flight(**params, return_state=True)
     if outcomes:
         return outcomes[-1]
     result = state.result(raise_on_failure=False)

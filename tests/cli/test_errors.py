@@ -154,11 +154,12 @@ def test_a_run_started_by_prefect_is_refused_by_its_own_lock_phase(built: Demo) 
 def test_the_lock_phase_adopts_the_lock_the_command_line_took(
     capsys: pytest.CaptureFixture[str], built: Demo
 ) -> None:
-    from takeoff_cache.build import lock
+    from takeoff_cache.build.lock import BuildLock, adopt_or_acquire
 
-    with lock.held_early(built.cache) as early:
-        assert early is not None and early.held
-        assert lock.acquire(built.cache) is early
+    with BuildLock(built.cache).acquire() as early:
+        assert early.held
+        # Handed over, the lock this process holds is adopted, not opened twice.
+        assert adopt_or_acquire(BuildLock(built.cache), (early,)) is early
         # Held by this process: another process is refused.
         probe = subprocess.run(
             [

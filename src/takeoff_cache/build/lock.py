@@ -8,8 +8,7 @@ whose mere existence blocks forever.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -76,45 +75,15 @@ class BuildLock(ExclusiveLock):
         super().__init__(cache_root / LOCK_NAME, "build")
 
 
-# Locks this process took before its flow started (see ``held_early``). flock
-# locks belong to an open file, so the flow's lock phase must adopt the one
-# already held: a second open of the same file in this process would be refused.
-_early: dict[Path, ExclusiveLock] = {}
+def adopt_or_acquire(lock: ExclusiveLock, held: Iterable[ExclusiveLock] = ()) -> ExclusiveLock:
+    """The one of ``held`` (locks this process already holds, handed over by its
+    caller) that is ``lock``'s file, else ``lock`` acquired now.
 
-
-def adopt_or_acquire(lock: ExclusiveLock) -> ExclusiveLock:
-    """The same lock taken early by this process, else ``lock`` acquired now."""
-    early = _early.get(lock.path.resolve())
-    if early is not None and early.held:
-        return early
-    return lock.acquire()
-
-
-def acquire(cache_root: Path) -> ExclusiveLock:
-    return adopt_or_acquire(BuildLock(cache_root))
-
-
-@contextmanager
-def held_early(cache_root: Path) -> Iterator[ExclusiveLock]:
-    """Take a validated request's cache lock before Prefect starts, so a second build
-    is refused at once; the flow's lock phase adopts it.
-
-    Starting Prefect, and recording a refused run as Failed, take seconds. Only
-    after validation: the lock file is the first write to a cache root, and an
-    invalid request (an untrusted key) must leave it untouched.
+    flock locks belong to an open file: a second open of the same file in this
+    process would be refused, so a lock taken before a flow started is adopted.
     """
-    with holding_early(BuildLock(cache_root)) as lock:
-        yield lock
-
-
-@contextmanager
-def holding_early(lock: ExclusiveLock) -> Iterator[ExclusiveLock]:
-    """Hold ``lock`` within, for :func:`adopt_or_acquire` in this process to adopt."""
     path = lock.path.resolve()
-    lock.acquire()
-    _early[path] = lock
-    try:
-        yield lock
-    finally:
-        _early.pop(path, None)
-        lock.release()
+    for early in held:
+        if early.held and early.path.resolve() == path:
+            return early
+    return lock.acquire()

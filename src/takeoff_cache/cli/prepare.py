@@ -125,7 +125,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def _prepare(
     args: argparse.Namespace, report: PrepareReport
 ) -> tuple[PrepareReport, TakeoffCacheError | None]:
-    from takeoff_cache.build.lock import holding_early
     from takeoff_cache.build.request import FIELDS
     from takeoff_cache.cli.args import options_from as _options
     from takeoff_cache.cli.args import request_doc as _request_doc
@@ -168,12 +167,16 @@ def _prepare(
     args.work_dir = str(job.work)
     options = _options(args)
     params.update(flight=job.flight_json(), corpus=str(job.corpus))
-    with holding_early(p.workstation_lock(job.work, job.corpus)):
+    # Taken here, so a second prepare on this corpus is refused before Prefect starts;
+    # handed to the flow, whose lock phase adopts it.
+    with p.workstation_lock(job.work, job.corpus).acquire() as lock:
         from takeoff_cache.cli.progress import ProgressBar
         from takeoff_cache_prefect.run import run_prepare
 
         with ProgressBar() as bar:
-            return run_prepare(params, options, args.verbose, progress=bar, lines=_show)
+            return run_prepare(
+                params, options, args.verbose, progress=bar, lines=_show, held=(lock,)
+            )
 
 
 def _show(line: str) -> None:

@@ -14,7 +14,6 @@ import hashlib
 import json
 import re
 from collections.abc import Callable
-from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,16 +46,6 @@ if TYPE_CHECKING:
 
 DEFAULT_ZOOMS = (16, 17)
 _SHOWN_MISSING = 20
-
-# Where the download phase reports its progress, when a caller in this process
-# (the command line's progress bar) wants it: a flow parameter cannot carry a callable.
-download_progress: ContextVar[Callable[[DownloadProgress], None] | None] = ContextVar(
-    "download_progress", default=None
-)
-# The same for the lines a companion's build prints while it runs.
-companion_lines: ContextVar[Callable[[str], None] | None] = ContextVar(
-    "companion_lines", default=None
-)
 
 
 @dataclass(frozen=True)
