@@ -3,7 +3,7 @@ and the next build succeeds and leaves nothing unlisted.
 
 Every killed build is a real ``takeoff-cache build`` process reporting to one
 real Prefect server; ``TAKEOFF_CACHE_KILL_AT`` makes it SIGKILL itself at a
-named fault point (see takeoff_cache/faults.py). The build that follows runs
+named fault point (see takeoff_cache/core/faults.py). The build that follows runs
 in-process through the same CLI entry point.
 
 The default run kills at a fixed list of points; ``make stress`` kills at every

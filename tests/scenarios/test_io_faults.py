@@ -2,7 +2,7 @@
 traceback; the cache that was there still verifies and the next build succeeds.
 
 The faults are raised where the real call would fail (TAKEOFF_CACHE_FAIL_AT, see
-takeoff_cache/faults.py): the build is an update of a cache holding version 1,
+takeoff_cache/core/faults.py): the build is an update of a cache holding version 1,
 with one tile and one model changed, so it writes an engine, an index and a manifest.
 """
 
