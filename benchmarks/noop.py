@@ -1,13 +1,18 @@
 """No-op benchmark: re-running a finished build, from the shell and as a flow.
 
     python benchmarks/noop.py [--tiles 10000] [--data DIR] [--repeat 5]
+    python benchmarks/noop.py --shell-only --tiles 320 --area [--tool PATH --data DIR]
 
 Builds the demo cache (320 tiles) and one of ``--tiles`` tiles once (reused
 when already built). First, for both, the whole wall time of a fresh
 ``takeoff-cache build`` process re-run on the unchanged request, as an operator
 runs it without a configured Prefect API (answered before Prefect starts),
-next to ``takeoff-cache verify`` on the same cache. Then, for the larger one,
-in the same process setup each time:
+next to ``takeoff-cache verify`` on the same cache. With ``--area`` the request
+has an area, as every cache ``prepare`` makes has: a corridor across the
+demo's bbox, in an ``--area`` GeoJSON file (``request-area.toml``, cache
+``cache-area/``). ``--tool`` times another ``takeoff-cache`` executable (say, an
+older checkout's) on the same inputs: it builds its own caches, so give it its
+own ``--data``. Then, for the larger one, in the same process setup each time:
 
 - warm, in one process with Prefect's API already up: the build-cache flow
   on the unchanged request (an ``idempotent_no_op``) against an empty flow;
@@ -169,10 +174,14 @@ def _wall(argv: list[str], env: dict[str, str]) -> float:
     return wall
 
 
-def shell(request: Path, work: Path, repeat: int) -> dict[str, Any]:
+def _cli(tool: Path | None) -> list[str]:
+    return [str(tool)] if tool else [sys.executable, "-m", "takeoff_cache.cli.main"]
+
+
+def shell(request: Path, work: Path, repeat: int, tool: Path | None = None) -> dict[str, Any]:
     """Whole-process wall time of a no-op CLI re-run and of verify, alternating."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    cli = [sys.executable, "-m", "takeoff_cache.cli.main"]
+    cli = _cli(tool)
     doc = read_request_file(request)
     build = [*cli, "build", "--request", str(request), "--work-dir", str(work), "--json"]
     verify = [*cli, "verify", doc["cache_root"], "--trust", doc["trust"]]
@@ -181,9 +190,10 @@ def shell(request: Path, work: Path, repeat: int) -> dict[str, Any]:
         builds.append(_wall(build, env))
         verifies.append(_wall(verify, env))
     last = subprocess.run(build, cwd=ROOT, env=env, capture_output=True, text=True)
-    outcome = json.loads(last.stdout)["outcome"]
+    report = json.loads(last.stdout)
     return {
-        "outcome": outcome,
+        "outcome": report["outcome"],
+        "noop_phases": report["phases"],
         "noop_wall_s": round(statistics.median(builds), 3),
         "noop_wall_min_s": round(min(builds), 3),
         "verify_wall_s": round(statistics.median(verifies), 3),
@@ -191,22 +201,48 @@ def shell(request: Path, work: Path, repeat: int) -> dict[str, Any]:
     }
 
 
-def built(data: Path, tiles: int, work: Path) -> Any:
+def area_request(demo: Any) -> Path:
+    """``request-area.toml`` beside the demo's request: the same, with a corridor across
+    its bbox as the area (a GeoJSON file, its ring not yet normalized) and its own cache."""
+    request: Path = demo.root / "request-area.toml"
+    if request.is_file():
+        return request
+    lat0, lon0, lat1, lon1 = read_request_file(demo.request)["bbox"]
+    dlat, dlon = (lat1 - lat0) * 0.15, (lon1 - lon0) * 0.15
+    ring = [
+        [lon0, lat0],
+        [lon0, lat0 + dlat],
+        [lon1 - dlon, lat1],
+        [lon1, lat1],
+        [lon1, lat1 - dlat],
+        [lon0 + dlon, lat0],
+        [lon0, lat0],
+    ]
+    feature = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}}
+    (demo.root / "area.geojson").write_text(json.dumps(feature))
+    (demo.root / "cache-area").mkdir(exist_ok=True)
+    lines = [
+        line for line in demo.request.read_text().splitlines() if not line.startswith("cache_root")
+    ]
+    lines += ['cache_root = "cache-area"', 'area = "area.geojson"']
+    request.write_text("\n".join(lines) + "\n")
+    return request
+
+
+def built(
+    data: Path, tiles: int, work: Path, area: bool = False, tool: Path | None = None
+) -> tuple[Any, Path]:
+    """The demo inputs of ``tiles`` tiles and the request to time, built once."""
     demo = make_demo_data(data / f"{tiles}", tiles=tiles)
-    if not (demo.root / "cache" / "Manifest.json").is_file():
-        log(f"building the {demo.tile_count}-tile cache once ...")
-        argv = [
-            sys.executable,
-            "-m",
-            "takeoff_cache.cli.main",
-            "build",
-            "--request",
-            str(demo.request),
-        ]
-        proc = subprocess.run([*argv, "--work-dir", str(work)], cwd=ROOT)
+    request = area_request(demo) if area else demo.request
+    cache = Path(read_request_file(request)["cache_root"])
+    if not (cache / "Manifest.json").is_file():
+        log(f"building the {demo.tile_count}-tile cache {cache} once ...")
+        argv = [*_cli(tool), "build", "--request", str(request), "--work-dir", str(work)]
+        proc = subprocess.run(argv, cwd=ROOT)
         if proc.returncode != 0:
             raise SystemExit("the first build failed")
-    return demo
+    return demo, request
 
 
 def cold_with_server(request: Path, work: Path, repeat: int) -> dict[str, Any]:
@@ -230,15 +266,21 @@ def main() -> None:
     p.add_argument(
         "--shell-only", action="store_true", help="only the shell no-op and verify timings"
     )
+    p.add_argument("--area", action="store_true", help="a request with an area (as prepare makes)")
+    p.add_argument("--tool", type=Path, default=None, help="the takeoff-cache executable to time")
     args = p.parse_args()
+    if args.tool and not args.shell_only:
+        p.error("--tool times only the shell figures: add --shell-only")
     figures: dict[str, Any] = {"benchmark": "noop", "load_before": os.getloadavg()[0]}
+    figures["request"] = "area" if args.area else "bbox"
+    figures["tool"] = str(args.tool) if args.tool else "this checkout"
     figures["shell"] = {}
     for tiles in sorted({320, args.tiles}):
         shell_work = args.data / f"work-{tiles}"
-        shell_demo = built(args.data, tiles, shell_work)
+        shell_demo, shell_request = built(args.data, tiles, shell_work, args.area, args.tool)
         log(f"shell: no-op CLI re-run and verify, {shell_demo.tile_count} tiles ...")
         figures["shell"][str(shell_demo.tile_count)] = shell(
-            shell_demo.request, shell_work, args.repeat
+            shell_request, shell_work, args.repeat, args.tool
         )
         log(f"    {figures['shell'][str(shell_demo.tile_count)]}")
     if args.shell_only:
@@ -246,15 +288,15 @@ def main() -> None:
         print(json.dumps(figures, sort_keys=True))
         return
     work = args.work or args.data / f"work-{args.tiles}"
-    demo = built(args.data, args.tiles, work)
+    _, request = built(args.data, args.tiles, work, args.area)
     log("warm: no-op build vs empty flow, one process ...")
-    figures["warm"] = warm(demo.request, work, args.repeat)
+    figures["warm"] = warm(request, work, args.repeat)
     log(f"    {figures['warm']}")
     log("cold: fresh processes, each with its own temporary API ...")
-    figures["cold"] = cold(demo.request, work, args.cold_repeat)
+    figures["cold"] = cold(request, work, args.cold_repeat)
     log(f"    {figures['cold']}")
     log("cold: fresh processes against one prefect server ...")
-    figures["cold_server"] = cold_with_server(demo.request, work, args.repeat)
+    figures["cold_server"] = cold_with_server(request, work, args.repeat)
     log(f"    {figures['cold_server']}")
     figures["load_after"] = os.getloadavg()[0]
     figures["target_s"] = 1.0

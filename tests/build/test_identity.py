@@ -293,6 +293,29 @@ def test_the_work_folder_does_not_matter(raw: Raw, tmp_path: Path) -> None:
     assert identify(raw, tmp_path / "work-b") == plain
 
 
+def test_a_remembered_area_keeps_the_identity_and_is_not_normalized_again(
+    raw: Raw, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lat0, lon0, lat1, lon1 = validate(raw, "onnxruntime").request.bbox.as_tuple()
+    # Clockwise, from another corner: not yet the normalized form the identity hashes.
+    ring = [[lon0, lat0], [lon0, lat1], [lon1, lat1], [lon1, lat0 + 1e-3], [lon0, lat0]]
+    polygon = {"type": "Polygon", "coordinates": [ring]}
+    path = tmp_path / "area.geojson"
+    path.write_text(json.dumps(polygon))
+    with_area = {**raw, "area": str(path)}
+    plain = identify(with_area)
+    work = tmp_path / "work"
+    assert identify(with_area, work) == plain  # normalized, and remembered
+    monkeypatch.setattr("takeoff_cache.tiles.area.parse_area", _not_again)
+    assert identify(with_area, work) == plain
+    remembered = validate(with_area, "onnxruntime", work).request.area
+    assert remembered == parse_area(polygon, "test").geojson
+
+
+def _not_again(obj: Any, source: str) -> Any:
+    raise AssertionError("an area remembered in the work folder was normalized again")
+
+
 # --- What validate derives ---------------------------------------------------------------
 
 

@@ -17,6 +17,7 @@ from takeoff_cache.core.env import KEY_PASSPHRASE
 from takeoff_cache.core.fsutil import kind_problem
 from takeoff_cache.core.tilemath import MAX_LAT
 from takeoff_cache.errors import InvalidRequestError
+from takeoff_cache.tiles.geojson import bounds, geometries, read_geojson, recall, remember
 
 SECTOR_CLASSES = ("active_conflict", "stable_rear")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -235,35 +236,46 @@ def _required_path(field: str, raw: dict[str, Any]) -> Path:
     return path
 
 
-def parse_area_field(value: Any) -> dict[str, Any] | None:
+def parse_area_field(value: Any, remembered: Path | None = None) -> dict[str, Any] | None:
     """The ``area`` field: a GeoJSON file's path, or GeoJSON itself (a TOML table, a flow
-    parameter, a manifest's record), normalized to the geometry the build hashes."""
+    parameter, a manifest's record), normalized to the geometry the build hashes.
+
+    ``remembered``: a work folder's record of areas already normalized (tiles/geojson.py);
+    an area found there is not normalized again, so shapely, pyproj and numpy stay unloaded.
+    """
     if value is None or value == "":
         return None
-    # shapely and pyproj load only for requests with an area.
-    from takeoff_cache.tiles.area import load_area, parse_area
-
     if isinstance(value, str | Path):
-        return load_area(Path(value).expanduser()).geojson
-    if isinstance(value, dict):
-        return parse_area(value, "the request's inline table").geojson
-    raise InvalidRequestError(f"area: expected a GeoJSON file or object, got {value!r:.80}")
+        path = Path(value).expanduser()
+        obj, source = read_geojson(path), str(path)
+    elif isinstance(value, dict):
+        obj, source = value, "the request's inline table"
+    else:
+        raise InvalidRequestError(f"area: expected a GeoJSON file or object, got {value!r:.80}")
+    found = geometries(obj, source)
+    if remembered is not None and (area := recall(remembered, found)) is not None:
+        return area
+    from takeoff_cache.tiles.area import parse_area  # shapely, pyproj and numpy
+
+    area = parse_area(obj, source).geojson
+    if remembered is not None:
+        remember(remembered, found, area)
+    return area
 
 
 def _area_bbox(area: dict[str, Any]) -> Bbox:
-    from takeoff_cache.tiles.area import Area
-
-    lat_min, lon_min, lat_max, lon_max = Area(area, 0.0).bbox
+    lat_min, lon_min, lat_max, lon_max = bounds(area)
     # The area may reach Web Mercator's exact limit; SPEC §2's bbox stops at its rounding.
     return Bbox(max(lat_min, -LAT_LIMIT), lon_min, min(lat_max, LAT_LIMIT), lon_max)
 
 
-def parse_request(raw: dict[str, Any]) -> BuildRequest:
-    """Normalize raw field values; nothing here touches the disk but path resolution."""
+def parse_request(raw: dict[str, Any], remembered_areas: Path | None = None) -> BuildRequest:
+    """Normalize raw field values; nothing here touches the disk but path resolution and
+    the area (its file, and ``remembered_areas``: see :func:`parse_area_field`)."""
     unknown = sorted(set(raw) - set(FIELDS))
     if unknown:
         raise InvalidRequestError(f"request: unknown field {unknown[0]!r}")
-    area = parse_area_field(raw.get("area"))
+    area = parse_area_field(raw.get("area"), remembered_areas)
     if raw.get("bbox") is None and area is None:
         raise InvalidRequestError(
             "bbox: missing (give --bbox LAT_MIN,LON_MIN,LAT_MAX,LON_MAX or --area FILE)"

@@ -14,7 +14,7 @@ from typing import Any
 from takeoff_cache.backbones.file import Backbone, load_backbones
 from takeoff_cache.build.request import BuildRequest, parse_request
 from takeoff_cache.core.fsutil import kind_problem, sha256_file
-from takeoff_cache.core.workdir import checked_backbones_dir
+from takeoff_cache.core.workdir import checked_backbones_dir, normalized_areas_dir
 from takeoff_cache.engines import Backend, get_backend
 from takeoff_cache.errors import CorpusError, InvalidRequestError
 from takeoff_cache.tiles.corpus import open_corpus
@@ -78,7 +78,7 @@ def check_engine_inputs(
 def validate(
     raw: dict[str, Any], backend_name: str = "auto", work_dir: Path | None = None
 ) -> ValidatedRequest:
-    request = parse_request(raw)
+    request = parse_request(raw, normalized_areas_dir(work_dir) if work_dir else None)
     if problem := kind_problem(request.cache_root, "folder"):
         hint = "; create it first (a build never creates the cache root)"
         raise InvalidRequestError(

@@ -72,6 +72,11 @@ def checked_backbones_dir(work: Path) -> Path:
     return work / "checked-backbones"
 
 
+def normalized_areas_dir(work: Path) -> Path:
+    """Mission areas normalized once, by the GeoJSON they came from (tiles/geojson.py)."""
+    return work / "normalized-areas"
+
+
 def tiles_dir(work: Path) -> Path:
     """``prepare``'s tile corpora, one MBTiles per tile source, shared by every flight."""
     return work / "tiles"

@@ -10,7 +10,6 @@ exterior rings counter-clockwise), coordinates rounded to 1e-7 degrees (about
 from __future__ import annotations
 
 import functools
-import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from shapely.geometry.polygon import orient
 
 from takeoff_cache.core.tilemath import MAX_LAT
 from takeoff_cache.errors import AntimeridianError, InvalidRequestError
+from takeoff_cache.tiles.geojson import bounds, geometries, read_geojson
 
 DEFAULT_BUFFER_M = 500.0
 _DIGITS = 7
@@ -44,8 +44,7 @@ class Area:
     @property
     def bbox(self) -> tuple[float, float, float, float]:
         """``(lat_min, lon_min, lat_max, lon_max)``, the build request's bbox order."""
-        lon_min, lat_min, lon_max, lat_max = shape(self.geojson).bounds
-        return lat_min, lon_min, lat_max, lon_max
+        return bounds(self.geojson)
 
 
 def area_of(geometry: BaseGeometry, source: str) -> Area:
@@ -56,9 +55,8 @@ def area_of(geometry: BaseGeometry, source: str) -> Area:
 
 def parse_area(obj: Any, source: str) -> Area:
     """An area from GeoJSON: a Polygon or MultiPolygon, bare or in a Feature (Collection)."""
-    geometries = _geometries(obj, source)
     polygons: list[BaseGeometry] = []
-    for geometry in geometries:
+    for geometry in geometries(obj, source):
         kind = geometry.get("type")
         if kind not in ("Polygon", "MultiPolygon"):
             raise InvalidRequestError(
@@ -90,15 +88,7 @@ def parse_area(obj: Any, source: str) -> Area:
 
 def load_area(path: Path) -> Area:
     """Read an ``--area`` GeoJSON file; every problem is one :class:`InvalidRequestError` line."""
-    try:
-        obj = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise InvalidRequestError(f"area: {path} does not exist") from None
-    except OSError as exc:
-        raise InvalidRequestError(f"area: cannot read {path}: {exc.strerror or exc}") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequestError(f"area: {path} is not JSON: {exc}") from None
-    return parse_area(obj, str(path))
+    return parse_area(read_geojson(path), str(path))
 
 
 def tiles_for_area(
@@ -196,24 +186,3 @@ def _fractional_tiles(coords: NDArray[np.float64], n: int) -> NDArray[np.float64
     x = (lon + 180.0) / 360.0 * n
     y = (1.0 - np.arcsinh(np.tan(lat)) / math.pi) / 2.0 * n
     return np.column_stack([x, y])
-
-
-def _geometries(obj: Any, source: str) -> list[dict[str, Any]]:
-    if not isinstance(obj, dict):
-        raise InvalidRequestError(f"area: {source} is not a GeoJSON object")
-    crs = obj.get("crs")
-    if crs is not None and "CRS84" not in json.dumps(crs) and "4326" not in json.dumps(crs):
-        raise InvalidRequestError(f"area: {source} names a CRS other than WGS84: {crs!r:.80}")
-    kind = obj.get("type")
-    if kind == "Feature":
-        return _geometries(obj.get("geometry"), source)
-    if kind == "FeatureCollection":
-        features = obj.get("features")
-        if not isinstance(features, list) or not features:
-            raise InvalidRequestError(f"area: {source}: a FeatureCollection with no features")
-        return [g for f in features for g in _geometries(f, source)]
-    if kind in ("Polygon", "MultiPolygon"):
-        return [obj]
-    raise InvalidRequestError(
-        f"area: {source}: GeoJSON type {kind!r}; expected a Polygon or MultiPolygon"
-    )
