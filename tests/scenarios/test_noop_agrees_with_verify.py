@@ -25,7 +25,7 @@ from takeoff_cache.build.front import prechecked
 from takeoff_cache.build.options import build_options
 from takeoff_cache.build.request import read_request_file
 from takeoff_cache.cli.main import main
-from takeoff_cache.core.layout import MANIFEST_NAME
+from takeoff_cache.core.layout import LOCK_NAME, MANIFEST_NAME
 from tests.support.cli import run_cli
 from tests.support.procs import copy_sandbox
 
@@ -58,6 +58,7 @@ CHANGES = st.one_of(
         Change, st.just("alter"), st.integers(0, 9), st.sampled_from(["flip", "append", "cut"])
     ),
     st.builds(Change, st.just("symlink"), st.integers(0, 9), st.sampled_from(["file", "folder"])),
+    st.builds(Change, st.just("lock"), st.just(0)),
     st.builds(
         Change,
         st.just("manifest"),
@@ -107,6 +108,9 @@ def _to_symlink(path: Path, cache: Path) -> None:
 
 
 def apply(change: Change, cache: Path, artifacts: list[str]) -> None:
+    if change.kind == "lock":
+        (cache / LOCK_NAME).write_bytes(b"hidden")
+        return
     if change.kind == "stray":
         path = cache / STRAY_PLACES[change.target]
         path.parent.mkdir(parents=True, exist_ok=True)

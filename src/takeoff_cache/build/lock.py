@@ -8,6 +8,7 @@ whose mere existence blocks forever.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -73,6 +74,24 @@ class ExclusiveLock:
 class BuildLock(ExclusiveLock):
     def __init__(self, cache_root: Path) -> None:
         super().__init__(cache_root / LOCK_NAME, "build")
+
+    def acquire(self) -> ExclusiveLock:
+        """Take the cache's lock and empty its file: the lock file is only ever locked,
+        and ``verify`` refuses one that holds bytes, so a build must not leave any."""
+        super().acquire()
+        try:
+            # Not through a link: what it leads to is not the cache's to empty.
+            fd = os.open(self.path, os.O_WRONLY | os.O_NOFOLLOW)
+            try:
+                if os.fstat(fd).st_size:
+                    os.ftruncate(fd, 0)
+                    os.fsync(fd)
+            finally:
+                os.close(fd)  # a second descriptor: the flock stays with the first
+        except OSError as exc:
+            self.release()
+            raise CacheIOError(f"lock: cannot empty {self.path}: {exc.strerror}") from exc
+        return self
 
 
 def adopt_or_acquire(lock: ExclusiveLock, held: Iterable[ExclusiveLock] = ()) -> ExclusiveLock:
