@@ -4,13 +4,24 @@ request's flags and how they make a request, and how text read from a file print
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import Any
 
 from takeoff_cache.errors import InvalidRequestError
 
+# A value such as -33.9,18.4 (a southern or western coordinate list): argparse
+# takes a word that starts with "-" for an option unless it looks like a negative
+# number, and a list of numbers does not.
+_NEGATIVE_NUMBERS = re.compile(r"^-\d*\.?\d+([eE][-+]?\d+)?(,\s*[-+]?\d*\.?\d+([eE][-+]?\d+)?)*$")
+
 
 class Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # argparse's own hook for what counts as a negative number, not an option.
+        self._negative_number_matcher = _NEGATIVE_NUMBERS
+
     def parse_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
