@@ -5,7 +5,7 @@ Order of operations, each step durable (fsync) before the next:
 1. the signed new manifest is written to ``.staging/Manifest.pending.json``;
    only then are the artifacts copied from the work folder into ``.staging/``,
    so that nothing is ever in staging that a signed manifest there does not
-   list with its digest (an interrupted copy excepted, see verify.py);
+   list with its digest (an interrupted copy excepted, see trust/cachefiles.py);
 2. the artifacts move from ``.staging/`` to their final paths;
 3. the current manifest is kept as ``.staging/Manifest.previous.json``;
 4. ``Manifest.json`` is replaced by the pending one in one ``rename`` — the commit point;
@@ -14,7 +14,7 @@ Order of operations, each step durable (fsync) before the next:
 Between 2 and 4 the cache holds files the old manifest does not list, and
 between 4 and 6 files the new one does not list; both are listed, with their
 digests, in a signed manifest kept in staging, which is what lets
-``verify`` accept them (see verify.py). A build killed anywhere leaves a
+``verify`` accept them (see trust/cachefiles.py). A build killed anywhere leaves a
 cache that verifies; :func:`recover` rolls the leftovers back (before the
 commit point) or forward (after it) under the next build's lock.
 """

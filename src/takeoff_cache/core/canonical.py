@@ -1,6 +1,6 @@
 """Canonical JSON: the one serialization that keys, identities and signatures hash.
 
-Keys sorted, no whitespace, UTF-8, no NaN or infinities; see manifest.py for
+Keys sorted, no whitespace, UTF-8, no NaN or infinities; see trust/manifest.py for
 the full rule as it applies to signatures.
 """
 

@@ -16,7 +16,7 @@ MANIFEST_NAME = "Manifest.json"
 LOCK_NAME = ".build.lock"
 STAGING_NAME = ".staging"
 # Inside staging: the signed manifest about to take over, and the one it
-# replaced, kept until the old files are gone (see commit.py).
+# replaced, kept until the old files are gone (see build/commit.py).
 PENDING_MANIFEST = "Manifest.pending.json"
 RETIRED_MANIFEST = "Manifest.previous.json"
 RESERVED = frozenset({MANIFEST_NAME, LOCK_NAME, STAGING_NAME})

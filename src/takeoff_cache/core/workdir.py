@@ -58,7 +58,7 @@ def indexes_dir(work: Path) -> Path:
 
 
 def selections_dir(work: Path) -> Path:
-    """Remembered tile selections (selection_cache.py)."""
+    """Remembered tile selections (tiles/selection.py)."""
     return work / "selections"
 
 
@@ -68,7 +68,7 @@ def maps_dir(work: Path) -> Path:
 
 
 def checked_backbones_dir(work: Path) -> Path:
-    """Markers of backbone graphs that passed their check (backbones.py)."""
+    """Markers of backbone graphs that passed their check (backbones/file.py)."""
     return work / "checked-backbones"
 
 
