@@ -67,14 +67,27 @@ class BringUp:
         return out
 
 
+def tool_words(tool: str) -> list[str]:
+    """The companion's program as its words (``docker run --rm img takeoff-cache`` is
+    several), each one to be quoted: never pasted into a remote shell as it is."""
+    try:
+        words = shlex.split(tool)
+    except ValueError as exc:
+        raise CompanionToolError(f"companion: tool {tool!r} is not a command: {exc}") from exc
+    if not words:
+        raise CompanionToolError("companion: the companion's tool is empty")
+    return words
+
+
 def probe_command(tool: str, args: dict[str, Any]) -> str:
     """The shell command that runs the probe with the tool's own interpreter."""
-    exe = shlex.split(tool)[0]
+    exe = tool_words(tool)[0]
     return (
         f"t=$(command -v {shlex.quote(exe)}) || "
         f"{{ echo {shlex.quote(f'{exe}: command not found')} >&2; exit {_NOT_FOUND}; }}; "
         # A console script's first line names its interpreter, e.g. #!/opt/venv/bin/python.
         'py=$(sed -n "1s/^#! *//p" "$t"); case "$py" in *python*) ;; *) py=python3;; esac; '
+        # $py is split on purpose: a "#!/usr/bin/env python3" line is two words.
         f"exec $py - {shlex.quote(json.dumps(args))}"
     )
 
@@ -114,8 +127,8 @@ async def bring_up(
     result = await conn.run(command, input=program, timeout_s=PROBE_TIMEOUT_S)
     if result.exit_status == _NOT_FOUND:
         raise CompanionToolError(
-            f"companion: {target}: takeoff-cache is not installed there (not on the PATH of"
-            " a non-interactive shell); install it or give its full path"
+            f"companion: {target}: {tool_words(tool)[0]!r} is not installed there (not on the"
+            " PATH of a non-interactive shell); install takeoff-cache or give its full path"
         )
     if result.exit_status != 0:
         last = result.stderr.strip().splitlines()[-1:] or ["no output"]
@@ -142,13 +155,13 @@ async def bring_up(
     found = doc["paths"]
     if not found["cache_root"]["is_dir"]:
         raise CompanionPathError(
-            f"companion: {target}: cache_root {found['cache_root']['path']} does not exist"
+            f"companion: {target}: cache_root {_shown(found['cache_root']['path'])} does not exist"
             " there (create it first; it is never created for you)"
         )
     for name in ("key", "trust"):
         if not found[name]["exists"]:
             raise CompanionPathError(
-                f"companion: {target}: {name} {found[name]['path']} does not exist there"
+                f"companion: {target}: {name} {_shown(found[name]['path'])} does not exist there"
             )
     inputs, cache = found["inputs_dir"], found["cache_root"]
     # The inputs and the cache may share a disk: then it must hold both.
@@ -161,7 +174,7 @@ async def bring_up(
     for where, need in checks:
         if where["free"] < need:
             raise CompanionDiskError(
-                f"companion: {target}: {where['path']} has {_mib(where['free'])} free;"
+                f"companion: {target}: {_shown(where['path'])} has {_mib(where['free'])} free;"
                 f" the inputs and the build need {_mib(need)}"
             )
     return BringUp(
@@ -177,6 +190,11 @@ async def bring_up(
         free_bytes=int(inputs["free"]),
         needed_bytes=send_bytes + build_estimate_bytes,
     )
+
+
+def _shown(path: str) -> str:
+    """A path for a one-line message: quoted where it holds a newline or another control."""
+    return path if path.isprintable() else repr(path)
 
 
 def _mib(n: int) -> str:

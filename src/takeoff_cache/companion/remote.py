@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from takeoff_cache.build.options import OPTION_FIELDS
-from takeoff_cache.companion.bringup import CompanionPaths
+from takeoff_cache.companion.bringup import CompanionPaths, tool_words
 from takeoff_cache.companion.ssh import Connection
 from takeoff_cache.core.env import KEY_PASSPHRASE, SECRETS
 from takeoff_cache.errors import EXIT_COMPANION, RemoteCommandError, RemoteOutputError
@@ -120,7 +120,7 @@ async def _run_json(
     report_key: str,
 ) -> RemoteResult:
     prefix, stdin = _secret_stdin(passphrase)
-    command = prefix + "exec " + " ".join([tool, *(shlex.quote(a) for a in argv)])
+    command = prefix + "exec " + shlex.join([*tool_words(tool), *argv])
     shown = (lambda line: on_line(redact(line))) if on_line is not None else None
     started = time.perf_counter()
     result = await conn.stream(command, shown, input=stdin, timeout_s=timeout_s)
