@@ -63,6 +63,73 @@ class RemoteResult:
     elapsed_s: float
 
 
+# The outcomes of a build that succeeded (SPEC §9: exit 0).
+SUCCESS_OUTCOMES = frozenset({"success", "idempotent_no_op"})
+_OPTIONAL_STR = (str, type(None))
+# The types of the report fields read here; fields a newer companion adds pass unchecked.
+REPORT_TYPES: dict[str, dict[str, tuple[type, ...]]] = {
+    "build": {
+        "outcome": (str,),
+        "tiles": (int,),
+        "engines_built": (int,),
+        "engines_reused": (int,),
+        "descriptors_generated": (int,),
+        "descriptors_reused": (int,),
+        "build_identity": _OPTIONAL_STR,
+        "manifest_path": _OPTIONAL_STR,
+        "failure_reason": _OPTIONAL_STR,
+        "elapsed_s": (int, float),
+        "phases": (dict,),
+        "warnings": (list,),
+    },
+    "verify": {"ok": (bool,), "version": (int,), "artifacts": (int,), "problems": (list,)},
+}
+_CONTROLS = {c: f"^{chr(c + 64)}" for c in range(32) if c != 9} | {127: "^?"}
+_CONTROLS.update({c: f"\\x{c:02x}" for c in range(0x80, 0xA0)})
+
+
+# The same for a whole output, whose line ends are kept to be split on.
+_TEXT_CONTROLS = {c: v for c, v in _CONTROLS.items() if c not in (10, 13)}
+
+
+def neutralize(text: str, *, lines: bool = False) -> str:
+    """``text`` with its terminal controls (ESC, CSI, other C0 but tab) made visible;
+    ``lines``: keep its line ends."""
+    return text.translate(_TEXT_CONTROLS if lines else _CONTROLS)
+
+
+def _neutralize_doc(value: Any) -> Any:
+    if isinstance(value, str):
+        return neutralize(value)
+    if isinstance(value, dict):
+        return {neutralize(str(k)): _neutralize_doc(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_neutralize_doc(v) for v in value]
+    return value
+
+
+def check_report(what: str, doc: dict[str, Any], target: str) -> None:
+    """Raise :class:`RemoteOutputError` naming the first field of the wrong type."""
+    for name, types in REPORT_TYPES[what].items():
+        if name not in doc:
+            continue
+        value = doc[name]
+        bad_bool = isinstance(value, bool) and bool not in types
+        if bad_bool or not isinstance(value, types):
+            raise RemoteOutputError(
+                f"companion: {target}: {what} report's {name!r} is"
+                f" {type(value).__name__} {neutralize(repr(value))[:80]}, not"
+                f" {' or '.join(t.__name__ for t in types)}"
+            )
+
+
+def claims_success(what: str, doc: dict[str, Any]) -> bool:
+    """Whether a (type-checked) report says its command succeeded."""
+    if what == "verify":
+        return doc.get("ok") is True
+    return doc.get("outcome") in SUCCESS_OUTCOMES
+
+
 def map_exit_code(remote: int) -> int:
     """The remote exit code where it means the same here, else the companion's code."""
     return remote if remote in _SHARED_CODES else EXIT_COMPANION
@@ -121,12 +188,13 @@ async def _run_json(
 ) -> RemoteResult:
     prefix, stdin = _secret_stdin(passphrase)
     command = prefix + "exec " + shlex.join([*tool_words(tool), *argv])
-    shown = (lambda line: on_line(redact(line))) if on_line is not None else None
+    shown = (lambda line: on_line(neutralize(redact(line)))) if on_line is not None else None
     started = time.perf_counter()
     result = await conn.stream(command, shown, input=stdin, timeout_s=timeout_s)
     elapsed = round(time.perf_counter() - started, 3)
     stdout, stderr = redact(result.stdout), redact(result.stderr)
     doc = _last_json(stdout)
+    stdout, stderr = neutralize(stdout, lines=True), neutralize(stderr, lines=True)
     code = result.exit_status
     target = conn.target
     if doc is None or report_key not in doc:
@@ -139,10 +207,27 @@ async def _run_json(
         raise RemoteOutputError(
             f"companion: {target}: {what} printed no JSON report; its last lines: {tail}"
         )
+    check_report(what, doc, str(target))
+    doc = _neutralize_doc(doc)
+    success = claims_success(what, doc)
+    if code != 0 and success:
+        raise RemoteCommandError(
+            f"companion: {target}: {what} exited {code} but its report says"
+            f" {report_key} {doc[report_key]!r}; not trusted",
+            EXIT_COMPANION,
+            doc,
+        )
     if code != 0:
         raise RemoteCommandError(
             f"companion: {target}: {what} failed there (exit {code}): {_stderr_line(stderr)}",
             map_exit_code(code),
+            doc,
+        )
+    if not success:
+        raise RemoteCommandError(
+            f"companion: {target}: {what} exited 0 but its report says"
+            f" {report_key} {doc[report_key]!r}; not trusted",
+            EXIT_COMPANION,
             doc,
         )
     return RemoteResult(code, doc, elapsed)
