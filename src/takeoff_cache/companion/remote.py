@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -37,7 +38,11 @@ LOCAL_OPTIONS = {
 
 
 class Redactor:
-    """Replaces every known secret value in a text with ``***``."""
+    """Replaces every known secret value in a text with ``***``.
+
+    A line that shows a secret only once read (its JSON escapes decoded, its
+    ``\\r`` dropped) becomes ``***`` as a whole.
+    """
 
     def __init__(self, secrets: Iterable[str]) -> None:
         # Longest first, so a secret that contains another is replaced whole.
@@ -51,7 +56,32 @@ class Redactor:
     def __call__(self, text: str) -> str:
         for secret in self._secrets:
             text = text.replace(secret, "***")
-        return text
+        if not self._secrets:
+            return text
+        return "\n".join(self._line(line) for line in text.split("\n"))
+
+    def _line(self, line: str) -> str:
+        read = _JSON_ESCAPE.sub(_unescape, line).replace("\r", "")
+        return "***" if any(s in read for s in self._secrets) else line
+
+
+# A JSON string escape: ``\uXXXX`` or one of the single-character ones.
+_JSON_ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{4}|[\"\\/bfnrt])")
+_SIMPLE_ESCAPES = {
+    '"': '"',
+    "\\": "\\",
+    "/": "/",
+    "b": "\b",
+    "f": "\f",
+    "n": "\n",
+    "r": "\r",
+    "t": "\t",
+}
+
+
+def _unescape(match: re.Match[str]) -> str:
+    code = match.group(1)
+    return chr(int(code[1:], 16)) if code[0] == "u" else _SIMPLE_ESCAPES[code]
 
 
 @dataclass(frozen=True)
