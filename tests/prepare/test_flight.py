@@ -240,6 +240,8 @@ def api() -> Iterator[tuple[str, _Api]]:
             mode = state.mode
             if mode == "slow":
                 time.sleep(1.5)
+            if mode == "drip":
+                return self._drip(body)
             if self.path != f"/v1/flights/{FLIGHT_ID}" or mode == "404":
                 return self._answer(404, b'{"error": "not found"}')
             if self.headers.get("Authorization") != f"Bearer {TOKEN}":
@@ -249,6 +251,7 @@ def api() -> Iterator[tuple[str, _Api]]:
                 "500": (500, b"oops"),
                 "html": (200, b"<html>maintenance</html>"),
                 "list": (200, b"[1, 2]"),
+                "huge": (200, b'{"id": "' + b"x" * (9 << 20) + b'"}'),
                 "other": (
                     200,
                     json.dumps(
@@ -257,6 +260,18 @@ def api() -> Iterator[tuple[str, _Api]]:
                 ),
             }
             self._answer(*answers.get(mode, (200, body)))
+
+        def _drip(self, data: bytes) -> None:
+            try:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                for i in range(len(data)):
+                    self.wfile.write(data[i : i + 1])
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
 
         def _answer(self, status: int, data: bytes) -> None:
             try:
@@ -301,6 +316,8 @@ def test_the_flights_api_answers_a_flight_with_the_bearer_token(
         ("500", TOKEN, FlightsUnreachableError, "answered HTTP 500"),
         ("slow", TOKEN, FlightsUnreachableError, "did not answer within 0.5 s"),
         ("html", TOKEN, MalformedFlightError, "not JSON"),
+        ("drip", TOKEN, FlightsUnreachableError, "did not send its answer within 1 s"),
+        ("huge", TOKEN, MalformedFlightError, "larger than 8,388,608 bytes; not a flight"),
         ("list", TOKEN, MalformedFlightError, "not an object"),
         ("other", TOKEN, MalformedFlightError, "the answer is flight 00000000"),
     ],
@@ -319,8 +336,9 @@ def test_each_flights_api_failure_has_its_own_error(
     if token:
         monkeypatch.setenv("TAKEOFF_CACHE_FLIGHTS_TOKEN", token)
     with pytest.raises(error, match=match) as info:
-        fetch_flight(url, FLIGHT_ID, timeout_s=0.5)
+        fetch_flight(url, FLIGHT_ID, timeout_s=0.5, deadline_s=1.0)
     assert info.value.exit_code == EXIT_RESOLVE
+    assert "\n" not in str(info.value)
     assert TOKEN not in str(info.value) and "wrong" not in str(info.value)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from pathlib import Path
 from urllib.parse import quote
@@ -28,6 +29,9 @@ from takeoff_cache.errors import (
 )
 from takeoff_cache.prepare import qgc
 from takeoff_cache.prepare.flight import FLIGHT_KEYS, Flight, parse_flight_json
+from takeoff_cache.prepare.httpbody import ACCEPT_ENCODING, read_body
+
+MAX_FLIGHT_BYTES = 8 << 20  # decoded; a flight of thousands of waypoints is a few MB
 
 
 def load_flight(path: Path) -> Flight:
@@ -71,11 +75,18 @@ def parse_flight(data: bytes, source: str) -> Flight:
 
 
 def fetch_flight(
-    api_url: str, flight_id: str, *, token: str | None = None, timeout_s: float = 10.0
+    api_url: str,
+    flight_id: str,
+    *,
+    token: str | None = None,
+    timeout_s: float = 10.0,
+    deadline_s: float = 20.0,
 ) -> Flight:
     """``GET {api_url}/flights/{flight_id}``; the token defaults to the environment's.
 
-    The token is sent as a bearer header only; no message names it.
+    ``timeout_s`` bounds each connect and read, ``deadline_s`` the whole answer;
+    an answer over :data:`MAX_FLIGHT_BYTES` is refused. The token is sent as a
+    bearer header only; no message names it.
     """
     try:
         fid = str(uuid.UUID(flight_id))
@@ -85,11 +96,27 @@ def fetch_flight(
         raise InvalidRequestError(f"flights API: {api_url!r} is not an http(s) URL")
     url = f"{api_url.rstrip('/')}/flights/{quote(fid, safe='')}"
     token = token if token is not None else os.environ.get(FLIGHTS_TOKEN)
-    headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
+    headers = {
+        "Accept": "application/json",
+        "Accept-Encoding": ACCEPT_ENCODING,
+        "User-Agent": USER_AGENT,
+    }
     if token:
         headers["Authorization"] = f"Bearer {token}"
     try:
-        response = httpx.get(url, headers=headers, timeout=timeout_s, follow_redirects=True)
+        deadline = time.monotonic() + deadline_s
+        with httpx.stream(
+            "GET", url, headers=headers, timeout=timeout_s, follow_redirects=True
+        ) as response:
+            body = read_body(response, MAX_FLIGHT_BYTES, deadline)
+    except TimeoutError:
+        raise FlightsUnreachableError(
+            f"flights API: {url} did not send its answer within {deadline_s:g} s"
+        ) from None
+    except ValueError as exc:
+        raise MalformedFlightError(
+            f"flights API: the answer for flight {fid} is {exc}; not a flight"
+        ) from None
     except httpx.TimeoutException:
         raise FlightsUnreachableError(
             f"flights API: {url} did not answer within {timeout_s:g} s"
@@ -110,7 +137,7 @@ def fetch_flight(
     if status != 200:
         raise FlightsUnreachableError(f"flights API: {url} answered HTTP {status}")
     try:
-        obj = response.json()
+        obj = json.loads(body)
     except ValueError:
         raise MalformedFlightError(
             f"flights API: the answer for flight {fid} is not JSON"
