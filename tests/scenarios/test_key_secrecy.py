@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from takeoff_cache.core.env import KEY_PASSPHRASE as PASSPHRASE_ENV
 from takeoff_cache.trust.keys import key_id, write_keypair
+from tests.conftest import Demo
 from tests.support.cli import CliResult, run_cli
 from tests.support.procs import assert_clean, copy_sandbox
 
@@ -131,3 +132,43 @@ def test_an_encrypted_key_without_its_passphrase_is_refused_with_exit_6(
     assert result.code == 6
     assert len(result.err_lines) == 1 and PASSPHRASE_ENV in result.err_lines[0], result.err
     assert_no_secret(result.out + result.err, secrets_of(root / "secret.key", private), "stderr")
+
+
+@pytest.mark.parametrize(
+    ("url", "extra"),
+    [
+        ("https://pilot:url-pass-9Xq@tiles.example/{z}/{x}/{y}.png", ()),
+        (
+            "https://tiles.example/{z}/{x}/{y}.png?apikey=url-pass-9Xq",
+            ("--tiles-key-param", "apikey"),
+        ),
+    ],
+)
+def test_credentials_in_the_tiles_url_are_refused_and_never_shown(
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    demo: Demo,
+    url: str,
+    extra: tuple[str, ...],
+) -> None:
+    plan = Path(__file__).parents[1] / "data" / "flights" / "survey_corridor.plan"
+    result = run_cli(
+        capsys,
+        "prepare",
+        "--request",
+        str(demo.request),
+        "--work-dir",
+        str(demo.work),
+        "--plan",
+        str(plan),
+        "--tiles-url",
+        url,
+        *extra,
+        "--json",
+    )
+    assert result.code == 2, result.err
+    assert len(result.err_lines) == 1 and "TAKEOFF_CACHE_TILES_API_KEY" in result.err
+    assert result.json()["phase"] == "resolve"
+    for where, text in (("stdout", result.out), ("stderr", result.err), ("logs", caplog.text)):
+        assert "url-pass-9Xq" not in text, where
+    assert not demo.work.exists()

@@ -42,8 +42,10 @@ from takeoff_cache.core.env import TILES_API_KEY
 from takeoff_cache.errors import HostFailingError, InvalidRequestError, TooManyTilesError
 from takeoff_cache.prepare.bodycheck import BodyChecker
 from takeoff_cache.prepare.tileserver import (
+    MIN_KEY_CHARS,
     TileSource,
     image_format,
+    origin,
     redact,
     redacting_logs,
     retry_after_s,
@@ -203,6 +205,12 @@ def download_tiles(
             f"tiles key: {TILES_API_KEY} is not set (the source sends it as"
             f" {source.key_header or source.key_param})"
         )
+    if key and len(key) < MIN_KEY_CHARS:
+        # A short key cannot be told from ordinary text: redacting it would not hide it.
+        raise InvalidRequestError(
+            f"tiles key: {TILES_API_KEY} is shorter than {MIN_KEY_CHARS} characters;"
+            " a real API key is longer"
+        )
     unique = sorted(set(tiles))
     have = stored_tiles(corpus_path, unique)
     todo, _ = _todo(unique, have, options.max_age_days, time.time())
@@ -356,6 +364,12 @@ class _Run:
         headers = {"User-Agent": USER_AGENT}
         if self.key and self.source.key_header:
             headers[self.source.key_header] = self.key
+        # The key goes only to the origins the template names, redirects included.
+        scheme = urlsplit(self.source.url_template).scheme
+        origins = {origin(f"{scheme}://{name}/") for name in jobs}
+        hooks: dict[str, list[Callable[..., Any]]] = (
+            {"request": [_SameOrigin(origins)]} if self.key else {}
+        )
         workers = self.options.concurrency * len(jobs)
         limits = httpx.Limits(max_connections=workers, max_keepalive_connections=workers)
         # Workers hand over each outcome (or what they raised) here, and nothing else.
@@ -370,6 +384,7 @@ class _Run:
                 timeout=self.options.timeout_s,
                 limits=limits,
                 follow_redirects=True,
+                event_hooks=hooks,
             ) as client,
         ):
             threads = [
@@ -471,6 +486,10 @@ class _Run:
             return _Outcome(job, "cancelled")
         try:
             response = client.get(job.url, params=params, headers=headers)
+        except _CrossOriginRedirect as exc:
+            self._success(host)  # the server answered; this tile is not to be had here
+            reason = f"redirected to another origin ({exc}); the key is not sent there"
+            return _Outcome(job, "failed", reason=self._redact(reason))
         except httpx.TimeoutException:
             return self._retry(job, f"timed out after {self.options.timeout_s:g} s")
         except httpx.TransportError as exc:
@@ -574,6 +593,22 @@ class _Run:
 
     def _redact(self, text: str) -> str:
         return redact(text, self.key)
+
+
+class _CrossOriginRedirect(Exception):
+    """A redirect to an origin the tile template does not name: not followed."""
+
+
+class _SameOrigin:
+    """A request hook: refuses, before it is sent, a request to another origin."""
+
+    def __init__(self, origins: set[str]) -> None:
+        self.origins = origins
+
+    def __call__(self, request: httpx.Request) -> None:
+        there = origin(str(request.url))
+        if there not in self.origins:
+            raise _CrossOriginRedirect(there)
 
 
 def _validators(response: httpx.Response, old: StoredTile | None) -> tuple[str | None, str | None]:

@@ -173,7 +173,8 @@ def tile_source(
 
 def default_corpus(work: Path, template: str | None) -> Path:
     """One MBTiles per tile source in the work folder, shared by every flight."""
-    host = urlsplit(template).netloc if template else ""
+    # The host and port only: never a user or password written into the URL.
+    host = urlsplit(template).netloc.rpartition("@")[2] if template else ""
     slug = re.sub(r"[^a-z0-9]+", "-", host.lower()).strip("-") or "tiles"
     return tiles_dir(work) / f"{slug}.mbtiles"
 

@@ -17,13 +17,17 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from urllib.parse import quote, quote_plus, urlsplit
+from urllib.parse import parse_qs, quote, quote_plus, urlsplit
 
 import simplejpeg
 
+from takeoff_cache.core.env import TILES_API_KEY
 from takeoff_cache.errors import InvalidRequestError
 
 REDACTED = "[redacted]"
+# Shorter keys are refused: replacing a two-letter key in every message hides nothing.
+MIN_KEY_CHARS = 8
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 _PLACEHOLDER = re.compile(r"\{[^}]*\}")
 _KNOWN = {"{z}", "{x}", "{y}", "{-y}", "{s}", "{q}"}
 
@@ -41,6 +45,18 @@ class TileSource:
 
     def __post_init__(self) -> None:
         t = self.url_template
+        parts = urlsplit(t)
+        if "@" in parts.netloc:
+            # Not echoed: the URL holds a password or key.
+            raise InvalidRequestError(
+                "tiles URL: credentials in the URL (user:password@) are refused; send the key"
+                f" from {TILES_API_KEY} with --tiles-key-header or --tiles-key-param"
+            )
+        if self.key_param and self.key_param in parse_qs(parts.query, keep_blank_values=True):
+            raise InvalidRequestError(
+                f"tiles URL: the key parameter {self.key_param!r} is in the URL; leave it out,"
+                f" the key comes from {TILES_API_KEY}"
+            )
         if urlsplit(t).scheme not in ("http", "https") or not urlsplit(t).netloc:
             raise InvalidRequestError(f"tiles URL: {t!r} is not an http(s) URL template")
         unknown = set(_PLACEHOLDER.findall(t)) - _KNOWN
@@ -73,6 +89,14 @@ class TileSource:
 
     def host(self, z: int, x: int, y: int) -> str:
         return urlsplit(self.url(z, x, y)).netloc
+
+
+def origin(url: str) -> str:
+    """``scheme://host:port`` of ``url``, the port written out: what a key is tied to."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    port = parts.port or _DEFAULT_PORTS.get(scheme)
+    return f"{scheme}://{(parts.hostname or '').lower()}:{port}"
 
 
 def quadkey(z: int, x: int, y: int) -> str:
