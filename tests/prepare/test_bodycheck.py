@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -28,10 +29,22 @@ def _ready(checker: BodyChecker) -> None:
         time.sleep(0.01)
 
 
-def _encoded(fmt: str) -> bytes:
+def _encoded(fmt: str, size: tuple[int, int] = (64, 64)) -> bytes:
     out = io.BytesIO()
-    Image.new("RGB", (64, 64), (90, 120, 60)).save(out, format=fmt)
+    Image.new("RGB", size, (90, 120, 60)).save(out, format=fmt)
     return out.getvalue()
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header gives this size and whose pixels are one row of zeros."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data).to_bytes(4, "big")
+        return len(data).to_bytes(4, "big") + kind + data + crc
+
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    idat = zlib.compress(bytes(width + 1))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def test_the_child_answers_as_this_process_would() -> None:
@@ -45,13 +58,19 @@ def test_the_child_answers_as_this_process_would() -> None:
         b"<html><body>quota exceeded</body></html>",
         b"",
         tile_bytes(16, 39_001, 22_000),
+        _encoded("PNG", (1, 1)),
+        _encoded("JPEG", (1, 1)),
+        _png_claiming(12_000, 12_000),  # refused from its header, never decoded
     ]
     with BodyChecker() as checker:
         _ready(checker)
         answers = checker.check(bodies)
         assert checker.check([]) == []
     assert answers == [(image_format(b), hashlib.sha256(b).hexdigest()) for b in bodies]
-    assert [a[0] for a in answers] == ["jpg", "png", "webp", None, None, None, None, "jpg"]
+    assert [a[0] for a in answers] == [
+        *("jpg", "png", "webp", None, None, None, None, "jpg"),
+        *(None, None, None),
+    ]
 
 
 def test_a_large_batch_is_answered_in_order() -> None:

@@ -6,11 +6,13 @@ import hashlib
 import json
 import logging
 import os
+import resource
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -504,3 +506,44 @@ def test_committed_tiles_reach_the_file_while_the_writer_goes_on(tmp_path: Path)
         assert corpus.stat().st_size >= body  # in the file itself, with the writer still open
     assert not Path(f"{corpus}-wal").exists()
     assert _all_tiles_valid(corpus) and _stored(corpus) == len(tiles)
+
+
+# --------------------------------------------------------------------------- bounds
+
+
+def test_a_dripping_server_fails_its_tiles_within_the_deadline(tmp_path: Path) -> None:
+    tiles = block(n=2)
+    with tile_server(faults={"*": ["drip"]}, drip_s=0.05) as server:
+        options = replace(FAST, deadline_s=0.3, max_retries=1, breaker_failures=100)
+        started = time.monotonic()
+        result = download_tiles(tmp_path / "c.mbtiles", tiles, TileSource(server.template), options)
+        seconds = time.monotonic() - started
+    assert result.failed_count == len(tiles) and result.fetched == 0
+    assert "body not complete within 0.3 s after 2 attempts" in result.failed[0].reason
+    # A tile's ~2 kB at 20 bytes/s would take minutes; two attempts end in about 0.6 s.
+    assert seconds < 5
+
+
+@pytest.mark.parametrize("fault", ["huge", "gzipbomb"])
+def test_oversized_bodies_are_failed_attempts_read_no_further(tmp_path: Path, fault: str) -> None:
+    tiles = block(n=1)
+    with tile_server(faults={"*": [fault]}) as server:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        started = time.monotonic()
+        options = replace(FAST, max_retries=1)
+        result = download_tiles(tmp_path / "c.mbtiles", tiles, TileSource(server.template), options)
+        seconds = time.monotonic() - started
+        grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert result.failed_count == 1 and result.fetched == 0
+    assert "with a body larger than 4,194,304 bytes after 2 attempts" in result.failed[0].reason
+    assert seconds < 5
+    assert grown_mib < 64  # the bomb inflates to 256 MiB
+
+
+def test_a_1x1_tile_is_a_failed_attempt(tmp_path: Path) -> None:
+    tiles = block(n=1)
+    with tile_server(faults={"*": ["tiny"]}) as server:
+        options = replace(FAST, max_retries=1)
+        result = download_tiles(tmp_path / "c.mbtiles", tiles, TileSource(server.template), options)
+    assert result.failed_count == 1
+    assert "a 1x1 px image, not a map tile after 2 attempts" in result.failed[0].reason

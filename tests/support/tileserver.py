@@ -12,7 +12,10 @@ request, before answering normally:
 - ``"slow"``: the tile, after ``slow_s`` seconds (past the client's timeout);
 - ``"html"``: a 200 with an HTML error page; ``"garbage"``: a 200 with random bytes
   labelled image/jpeg; ``"truncated"``: the first half of the JPEG;
-- ``"reset"``: the connection closed without an answer.
+- ``"reset"``: the connection closed without an answer;
+- ``"drip"``: the tile, one byte every ``drip_s`` seconds; ``"huge"``: a 200 of
+  8 MiB labelled image/jpeg; ``"gzipbomb"``: a 256 KiB gzip body that inflates to
+  256 MiB; ``"tiny"``: a valid 1x1 JPEG.
 
 ``stall_after = N`` holds every request after the N-th good tile open until
 :meth:`release`. ETag / If-None-Match and Last-Modified / If-Modified-Since are
@@ -27,12 +30,16 @@ import os
 import socket
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+import simplejpeg
 
 from takeoff_cache.demo.synthetic import encode_jpeg, render_tile
 
@@ -53,6 +60,19 @@ def tile_bytes(z: int, x: int, y: int, version: int = 0) -> bytes:
     return base[:2] + comment + base[2:]
 
 
+@cache
+def gzip_bomb() -> bytes:
+    """256 MiB of zeros, gzipped (about 256 KiB)."""
+    z = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    block = bytes(1 << 20)
+    return b"".join(z.compress(block) for _ in range(256)) + z.flush()
+
+
+@cache
+def tiny_jpeg() -> bytes:
+    return simplejpeg.encode_jpeg(np.zeros((1, 1, 3), np.uint8))
+
+
 @dataclass
 class Seen:
     path: str
@@ -68,6 +88,7 @@ class TileServer:
     faults: dict[str, list[str]] = field(default_factory=dict)
     versions: dict[str, int] = field(default_factory=dict)
     slow_s: float = 1.0
+    drip_s: float = 0.05
     stall_after: int | None = None
     requests: list[Seen] = field(default_factory=list)
     good: int = 0
@@ -136,6 +157,25 @@ def _handler(server: TileServer) -> type[BaseHTTPRequestHandler]:
             except (BrokenPipeError, ConnectionResetError):
                 pass
 
+        def _drip(self, body: bytes, every_s: float) -> None:
+            self._send_head(200, len(body))
+            try:
+                for i in range(len(body)):
+                    self.wfile.write(body[i : i + 1])
+                    self.wfile.flush()
+                    time.sleep(every_s)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+        def _send_head(self, status: int, length: int) -> None:
+            seen = Seen(self.path, {}, dict(self.headers.items()), status, time.monotonic())
+            with server._lock:
+                server.requests.append(seen)
+            self.send_response(status)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(length))
+            self.end_headers()
+
         def do_GET(self) -> None:
             with server._lock:
                 server.in_flight += 1
@@ -184,6 +224,15 @@ def _handler(server: TileServer) -> type[BaseHTTPRequestHandler]:
                 self._send(200, os.urandom(2048), {"Content-Type": "image/jpeg"})
             elif fault == "truncated":
                 self._send(200, body[: len(body) // 2], {"Content-Type": "image/jpeg"})
+            elif fault == "drip":
+                self._drip(body, server.drip_s)
+            elif fault == "huge":
+                self._send(200, os.urandom(8 << 20), {"Content-Type": "image/jpeg"})
+            elif fault == "gzipbomb":
+                headers = {"Content-Type": "image/jpeg", "Content-Encoding": "gzip"}
+                self._send(200, gzip_bomb(), headers)
+            elif fault == "tiny":
+                self._send(200, tiny_jpeg(), {"Content-Type": "image/jpeg"})
             elif fault == "reset":
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)

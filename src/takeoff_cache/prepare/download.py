@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import io
 import itertools
 import os
 import queue
@@ -41,6 +42,7 @@ from takeoff_cache import USER_AGENT
 from takeoff_cache.core.env import TILES_API_KEY
 from takeoff_cache.errors import HostFailingError, InvalidRequestError, TooManyTilesError
 from takeoff_cache.prepare.bodycheck import BodyChecker
+from takeoff_cache.prepare.httpbody import ACCEPT_ENCODING, read_body
 from takeoff_cache.prepare.tileserver import (
     MIN_KEY_CHARS,
     TileSource,
@@ -49,6 +51,7 @@ from takeoff_cache.prepare.tileserver import (
     redact,
     redacting_logs,
     retry_after_s,
+    tile_sized,
 )
 from takeoff_cache.tiles.mbtiles import (
     Coord,
@@ -65,7 +68,9 @@ _COMMIT_INTERVAL_S = 1.0  # the most a kill can cost: tiles received in the last
 @dataclass(frozen=True)
 class DownloadOptions:
     concurrency: int = 4  # requests in flight per host
-    timeout_s: float = 15.0
+    timeout_s: float = 15.0  # each connect and read
+    deadline_s: float = 30.0  # a whole attempt: a slower body is a failed attempt
+    max_body_bytes: int = 4 << 20  # decoded: a larger body is a failed attempt
     max_retries: int = 4
     backoff_base_s: float = 0.5
     backoff_max_s: float = 30.0
@@ -361,7 +366,7 @@ class _Run:
             host = url.split("/", 3)[2]  # the netloc, cheaper than urlsplit
             jobs.setdefault(host, queue.SimpleQueue()).put(_Job(c, url, host))
         self.hosts = {name: _Host() for name in jobs}
-        headers = {"User-Agent": USER_AGENT}
+        headers = {"User-Agent": USER_AGENT, "Accept-Encoding": ACCEPT_ENCODING}
         if self.key and self.source.key_header:
             headers[self.source.key_header] = self.key
         # The key goes only to the origins the template names, redirects included.
@@ -485,7 +490,15 @@ class _Run:
         if self.stop.is_set():
             return _Outcome(job, "cancelled")
         try:
-            response = client.get(job.url, params=params, headers=headers)
+            deadline = time.monotonic() + self.options.deadline_s
+            with client.stream("GET", job.url, params=params, headers=headers) as response:
+                try:
+                    body = read_body(response, self.options.max_body_bytes, deadline)
+                except TimeoutError:
+                    slow = f"body not complete within {self.options.deadline_s:g} s"
+                    return self._retry(job, slow)
+                except ValueError as exc:  # leaving the stream unread drops the connection
+                    return self._retry(job, f"HTTP {response.status_code} with a body {exc}")
         except _CrossOriginRedirect as exc:
             self._success(host)  # the server answered; this tile is not to be had here
             reason = f"redirected to another origin ({exc}); the key is not sent there"
@@ -502,7 +515,7 @@ class _Run:
         if status == 200:
             etag, modified = _validators(response, None)
             content_type = response.headers.get("content-type", "")
-            return _Outcome(job, "body", response.content, None, etag, modified, content_type)
+            return _Outcome(job, "body", body, None, etag, modified, content_type)
         problem = f"HTTP {status}"
         if status in (401, 403):
             self._trip(job.host, problem, "the server refused the request: check the API key")
@@ -628,6 +641,16 @@ def _not_an_image_type(content_type: str) -> str:
 
 
 def _not_decodable(data: bytes) -> str:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        pass
+    else:
+        if not tile_sized(width, height):
+            return f"HTTP 200 with a {width}x{height} px image, not a map tile"
     return f"HTTP 200 with a body that is not a decodable image ({len(data)} bytes)"
 
 

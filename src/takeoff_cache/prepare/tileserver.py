@@ -124,14 +124,31 @@ def retry_after_s(value: str | None, now: float | None = None) -> float | None:
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
+MIN_TILE_SIDE = 64  # smaller images are placeholders (a 1x1 "no data" tile), not imagery
+MAX_TILE_PIXELS = 4096 * 4096  # larger ones are refused from the header, before a decode
+
+
+def tile_sized(width: int, height: int) -> bool:
+    """Whether an image of this size can be a map tile."""
+    return min(width, height) >= MIN_TILE_SIDE and width * height <= MAX_TILE_PIXELS
+
+
 def image_format(data: bytes) -> str | None:
     """``"jpg"``, ``"png"`` or ``"webp"`` if ``data`` decodes completely as that image, else None.
 
-    JPEGs are decoded by libjpeg-turbo at 1/8 scale and in grey, the cheapest
-    decode that still reads every entropy-coded byte (a truncated or damaged tile
-    fails).
+    An image whose header gives a size that :func:`tile_sized` refuses is None
+    without being decoded. JPEGs are decoded by libjpeg-turbo at 1/8 scale and in
+    grey, the cheapest decode that still reads every entropy-coded byte (a
+    truncated or damaged tile fails).
     """
     if data[:3] == b"\xff\xd8\xff":
+        try:
+            height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+        except ValueError:
+            pass  # Pillow reads the header below
+        else:
+            if not tile_sized(width, height):
+                return None
         try:
             simplejpeg.decode_jpeg(data, colorspace="GRAY", min_height=1, min_width=1, strict=True)
         except ValueError:
@@ -142,6 +159,8 @@ def image_format(data: bytes) -> str | None:
 
     try:
         with Image.open(io.BytesIO(data)) as image:
+            if not tile_sized(*image.size):
+                return None
             fmt = _PILLOW_FORMATS.get(image.format or "")
             image.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
