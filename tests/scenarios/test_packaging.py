@@ -113,8 +113,14 @@ def test_every_package_folder_is_listed_for_the_wheel() -> None:
     # An unlisted package would import here (the checkout is on the path) and be
     # missing from the wheel an operator installs.
     listed = set(_setuptools()["packages"])
+    # Every folder that holds a module or data: an unlisted data folder is left
+    # out of the wheel too (and setuptools warns of it at every install).
     found = {
         ".".join(p.parent.relative_to(ROOT / "src").parts)
-        for p in (ROOT / "src").rglob("__init__.py")
+        for p in (ROOT / "src").rglob("*")
+        if p.is_file()
+        and p.parent != ROOT / "src"
+        and "__pycache__" not in p.parts
+        and not any(part.endswith(".egg-info") for part in p.parts)
     } | {"takeoff_cache_prefect.tasks", "takeoff_cache_prefect.flows"}
     assert listed == found, f"unlisted: {sorted(found - listed)}; gone: {sorted(listed - found)}"
