@@ -54,6 +54,7 @@ os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
 
 from takeoff_cache.build.request import read_request_file  # noqa: E402
 from takeoff_cache.demo import make_demo_data  # noqa: E402
+from takeoff_cache.demo.synthetic import corridor_area  # noqa: E402
 
 EMPTY_FLOW = """
 from prefect import flow
@@ -207,18 +208,7 @@ def area_request(demo: Any) -> Path:
     request: Path = demo.root / "request-area.toml"
     if request.is_file():
         return request
-    lat0, lon0, lat1, lon1 = read_request_file(demo.request)["bbox"]
-    dlat, dlon = (lat1 - lat0) * 0.15, (lon1 - lon0) * 0.15
-    ring = [
-        [lon0, lat0],
-        [lon0, lat0 + dlat],
-        [lon1 - dlon, lat1],
-        [lon1, lat1],
-        [lon1, lat1 - dlat],
-        [lon0 + dlon, lat0],
-        [lon0, lat0],
-    ]
-    feature = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}}
+    feature = corridor_area(tuple(read_request_file(demo.request)["bbox"]))
     (demo.root / "area.geojson").write_text(json.dumps(feature))
     (demo.root / "cache-area").mkdir(exist_ok=True)
     lines = [

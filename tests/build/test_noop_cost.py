@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from takeoff_cache.demo.synthetic import corridor_area
 from tests.support.procs import PrefectServer, copy_sandbox, run_build
 
 # What engines, decoding and the index need; a no-op needs none of them, and no
@@ -51,19 +52,7 @@ def with_area(root: Path) -> None:
     """Give the sandbox's request an area: a corridor across its bbox, as a GeoJSON file
     whose ring is not yet in the normalized form the build hashes."""
     request = root / "request.toml"
-    lat0, lon0, lat1, lon1 = tomllib.loads(request.read_text())["bbox"]
-    dlat, dlon = (lat1 - lat0) * 0.15, (lon1 - lon0) * 0.15
-    ring = [
-        [lon0, lat0],
-        [lon0, lat0 + dlat],
-        [lon1 - dlon, lat1],
-        [lon1, lat1],
-        [lon1, lat1 - dlat],
-        [lon0 + dlon, lat0],
-        [lon0, lat0],
-    ]
-    geometry = {"type": "Polygon", "coordinates": [ring]}
-    feature = {"type": "Feature", "properties": {"name": "corridor"}, "geometry": geometry}
+    feature = corridor_area(tuple(tomllib.loads(request.read_text())["bbox"]))
     (root / "area.geojson").write_text(json.dumps(feature))
     request.write_text(request.read_text() + 'area = "area.geojson"\n')
 

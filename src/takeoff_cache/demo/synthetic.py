@@ -25,6 +25,7 @@ import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -748,3 +749,25 @@ def replace_tile_bytes(path: Path, z: int, x: int, y: int, data: bytes) -> None:
                 raise KeyError(f"tile {z}/{x}/{y} is not in {path}")
     finally:
         db.close()
+
+
+def corridor_area(bbox: tuple[float, float, float, float]) -> dict[str, Any]:
+    """A GeoJSON Feature crossing ``bbox`` (lat_min, lon_min, lat_max, lon_max) corner to
+    corner, 30% of its width wide: an area request over the demo corpus, its ring not in
+    the normalized form a build hashes (so a build must normalize it)."""
+    lat0, lon0, lat1, lon1 = bbox
+    dlat, dlon = (lat1 - lat0) * 0.15, (lon1 - lon0) * 0.15
+    ring = [
+        [lon0, lat0],
+        [lon0, lat0 + dlat],
+        [lon1 - dlon, lat1],
+        [lon1, lat1],
+        [lon1, lat1 - dlat],
+        [lon0 + dlon, lat0],
+        [lon0, lat0],
+    ]
+    return {
+        "type": "Feature",
+        "properties": {"name": "corridor"},
+        "geometry": {"type": "Polygon", "coordinates": [ring]},
+    }
