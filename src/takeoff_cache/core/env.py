@@ -15,6 +15,11 @@ KEY_PASSPHRASE = "TAKEOFF_CACHE_KEY_PASSPHRASE"
 COMPANION_KEY_PASSPHRASE = "TAKEOFF_CACHE_COMPANION_KEY_PASSPHRASE"
 SECRETS = (TILES_API_KEY, FLIGHTS_TOKEN, KEY_PASSPHRASE, COMPANION_KEY_PASSPHRASE)
 
+# Who downloads: a contact (URL or e-mail) added to the User-Agent that tile servers
+# and the flights API see, or the whole User-Agent (prepare/httpbody.user_agent).
+CONTACT = "TAKEOFF_CACHE_CONTACT"
+USER_AGENT_VAR = "TAKEOFF_CACHE_USER_AGENT"
+
 # Fault points (core/faults.py): kill, fail or stop the process at a named point,
 # or trace every point reached.
 KILL_AT = "TAKEOFF_CACHE_KILL_AT"
