@@ -315,7 +315,7 @@ def test_the_flights_api_answers_a_flight_with_the_bearer_token(
         ("403", TOKEN, FlightsAuthError, "HTTP 403"),
         ("500", TOKEN, FlightsUnreachableError, "answered HTTP 500"),
         ("slow", TOKEN, FlightsUnreachableError, "did not answer within 0.5 s"),
-        ("html", TOKEN, MalformedFlightError, "not JSON"),
+        ("html", TOKEN, MalformedFlightError, "not valid JSON"),
         ("drip", TOKEN, FlightsUnreachableError, "did not send its answer within 1 s"),
         ("huge", TOKEN, MalformedFlightError, "larger than 8,388,608 bytes; not a flight"),
         ("list", TOKEN, MalformedFlightError, "not an object"),

@@ -252,7 +252,7 @@ def test_a_missing_or_broken_area_file(tmp_path: Path) -> None:
     with pytest.raises(InvalidRequestError, match="does not exist"):
         load_area(tmp_path / "none.geojson")
     (tmp_path / "bad.geojson").write_text("{ nope")
-    with pytest.raises(InvalidRequestError, match="is not JSON"):
+    with pytest.raises(InvalidRequestError, match="is not valid JSON"):
         load_area(tmp_path / "bad.geojson")
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from takeoff_cache import __version__
 from takeoff_cache.backbones.spec import InputSpec
 from takeoff_cache.core.canonical import content_key
+from takeoff_cache.core.documents import MAX_BACKBONES_BYTES, load_toml, read_document
 from takeoff_cache.core.fsutil import kind_problem
 from takeoff_cache.errors import BackboneError
 
@@ -243,16 +243,12 @@ def load_backbones(path: Path, checked: Path | None = None) -> tuple[Backbone, .
 
     ``checked``: the work folder's record of graphs that passed (module docstring).
     """
-    if problem := kind_problem(path, "file"):
-        raise BackboneError(f"backbones: {path} {problem}")
+    data = read_document(path, MAX_BACKBONES_BYTES, BackboneError, "backbones")
     try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise BackboneError(f"backbones: {path} does not exist") from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise BackboneError(f"backbones: {path} is not valid TOML: {exc}") from exc
-    except OSError as exc:
-        raise BackboneError(f"backbones: cannot read {path}: {exc.strerror}") from exc
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BackboneError(f"backbones: {path} is not valid TOML: {exc}") from None
+    doc = load_toml(text, str(path), BackboneError, "backbones")
     entries = doc.get("backbone")
     if not isinstance(entries, list) or not entries:
         raise BackboneError(f"backbones: {path} has no [[backbone]] entries")

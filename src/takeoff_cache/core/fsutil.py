@@ -37,11 +37,44 @@ def kind_problem(path: Path, want: str) -> str | None:
         return "does not exist"
     except OSError as exc:
         return f"cannot be read: {exc.strerror}"
+    return _mode_problem(mode, want)
+
+
+def _mode_problem(mode: int, want: str) -> str | None:
     if stat.S_ISREG(mode):
         return None if "file" in want else "is a file, not a folder"
     if stat.S_ISDIR(mode):
         return None if "folder" in want else "is a folder, not a file"
     return f"is a FIFO, socket or device, not a {want}"
+
+
+def read_regular(path: Path, max_bytes: int) -> bytes:
+    """The bytes of the regular file ``path``, at most ``max_bytes`` of them.
+
+    The file is opened without blocking and checked on the open descriptor, so a
+    FIFO, a device (``/dev/zero``) or a folder is refused at once, never read or
+    waited on, even if it took the name after a stat. Raises ``OSError`` when it
+    cannot be opened or read, ``ValueError`` whose text follows the path ("is a
+    FIFO, socket or device, not a file", "is larger than N bytes") otherwise.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if problem := _mode_problem(st.st_mode, "file"):
+            raise ValueError(problem)
+        too_large = f"is larger than {max_bytes:,} bytes"
+        if st.st_size > max_bytes:
+            raise ValueError(too_large)
+        parts: list[bytes] = []
+        size = 0
+        while chunk := os.read(fd, min(_CHUNK, max_bytes + 1 - size)):
+            parts.append(chunk)
+            size += len(chunk)
+            if size > max_bytes:  # it grew since the fstat
+                raise ValueError(too_large)
+        return b"".join(parts)
+    finally:
+        os.close(fd)
 
 
 def sha256_file(path: Path) -> str:

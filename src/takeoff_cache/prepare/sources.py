@@ -7,7 +7,6 @@ the bearer token from ``TAKEOFF_CACHE_FLIGHTS_TOKEN``.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import uuid
@@ -17,6 +16,7 @@ from urllib.parse import quote
 import httpx
 
 from takeoff_cache import USER_AGENT
+from takeoff_cache.core.documents import MAX_FLIGHT_BYTES, load_json, read_document
 from takeoff_cache.core.env import FLIGHTS_TOKEN
 from takeoff_cache.errors import (
     FlightFileError,
@@ -31,18 +31,16 @@ from takeoff_cache.prepare import qgc
 from takeoff_cache.prepare.flight import FLIGHT_KEYS, Flight, parse_flight_json
 from takeoff_cache.prepare.httpbody import ACCEPT_ENCODING, read_body
 
-MAX_FLIGHT_BYTES = 8 << 20  # decoded; a flight of thousands of waypoints is a few MB
+__all__ = ["MAX_FLIGHT_BYTES", "fetch_flight", "load_flight", "parse_flight"]
 
 
 def load_flight(path: Path) -> Flight:
-    """Read a flight file of any supported format, told apart by its content."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise FlightFileError(f"flight: {path} does not exist") from None
-    except OSError as exc:
-        raise FlightFileError(f"flight: cannot read {path}: {exc.strerror or exc}") from exc
-    return parse_flight(data, str(path))
+    """Read a flight file of any supported format, told apart by its content.
+
+    Only a regular file of at most :data:`MAX_FLIGHT_BYTES` is read: a FIFO or a
+    device is refused without waiting on it.
+    """
+    return parse_flight(read_document(path, MAX_FLIGHT_BYTES, FlightFileError, "flight"), str(path))
 
 
 def parse_flight(data: bytes, source: str) -> Flight:
@@ -60,10 +58,7 @@ def parse_flight(data: bytes, source: str) -> Flight:
         raise NotAPlanError(
             f"flight: {source} is not a flight plan (expected a .plan, QGC WPL or JSON file)"
         )
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise FlightFileError(f"flight: {source} is not valid JSON: {exc}") from exc
+    obj = load_json(text, source, FlightFileError, "flight")
     if isinstance(obj, dict) and obj.get("fileType") == "Plan":
         return qgc.parse_plan(obj, source)
     if isinstance(obj, dict) and FLIGHT_KEYS & obj.keys():
@@ -136,12 +131,7 @@ def fetch_flight(
         )
     if status != 200:
         raise FlightsUnreachableError(f"flights API: {url} answered HTTP {status}")
-    try:
-        obj = json.loads(body)
-    except ValueError:
-        raise MalformedFlightError(
-            f"flights API: the answer for flight {fid} is not JSON"
-        ) from None
+    obj = load_json(body, f"the answer for flight {fid}", MalformedFlightError, "flights API")
     if not isinstance(obj, dict):
         raise MalformedFlightError(f"flights API: the answer for flight {fid} is not an object")
     flight = parse_flight_json(obj, url, default_id=fid)

@@ -19,6 +19,7 @@ from typing import Any
 
 from takeoff_cache import __version__
 from takeoff_cache.core.canonical import content_key
+from takeoff_cache.core.documents import MAX_AREA_BYTES, load_json, read_document
 from takeoff_cache.core.fsutil import atomic_write_bytes
 from takeoff_cache.errors import InvalidRequestError
 
@@ -27,15 +28,11 @@ _KINDS = ("Polygon", "MultiPolygon")
 
 
 def read_geojson(path: Path) -> Any:
-    """The parsed JSON of an ``--area`` file; every problem is one :class:`InvalidRequestError`."""
-    try:
-        return json.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise InvalidRequestError(f"area: {path} does not exist") from None
-    except OSError as exc:
-        raise InvalidRequestError(f"area: cannot read {path}: {exc.strerror or exc}") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequestError(f"area: {path} is not JSON: {exc}") from None
+    """The parsed JSON of an ``--area`` file (a regular file of at most
+    :data:`~takeoff_cache.core.documents.MAX_AREA_BYTES`); every problem is one
+    :class:`InvalidRequestError`."""
+    data = read_document(path, MAX_AREA_BYTES, InvalidRequestError, "area")
+    return load_json(data, str(path), InvalidRequestError, "area")
 
 
 def geometries(obj: Any, source: str) -> list[dict[str, Any]]:
