@@ -32,6 +32,7 @@ def build_cache(
     takeoff_origin: list[float] | str | None = None,
     flight_id: str | None = None,
     area: dict[str, Any] | str | None = None,
+    route: dict[str, Any] | str | None = None,
     work_dir: str | None = None,
     backend: str = "auto",
     coverage: str = "strict",

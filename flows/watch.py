@@ -34,6 +34,7 @@ def watch_corpus(
     takeoff_origin: list[float] | str | None = None,
     flight_id: str | None = None,
     area: dict[str, Any] | str | None = None,
+    route: dict[str, Any] | str | None = None,
     work_dir: str | None = None,
     backend: str = "auto",
 ) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from takeoff_cache.demo.synthetic import replace_tile_bytes
 from takeoff_cache.engines.onnxruntime import OnnxRuntimeBackend
 from takeoff_cache.tiles.area import parse_area, tiles_for_area
 from takeoff_cache.tiles.corpus import select_tiles
+from takeoff_cache.tiles.route import Route
 from tests.conftest import Demo
 from tests.support.factories import new_signer, on_another_cpu
 
@@ -87,6 +88,18 @@ REQUEST_CHANGES: dict[str, Callable[[BuildRequest], list[Any]]] = {
     "flight_id": lambda r: [FLIGHT, "00000000-0000-0000-0000-000000000001"],
     # No area, a corridor, and the same corridor a little wider.
     "area": lambda r: [_corridor(r.bbox), _corridor(r.bbox, 0.12)],
+    # A route, the same route one position longer, and one with altitudes.
+    "route": lambda r: [
+        Route(((r.bbox.lat_min, r.bbox.lon_min), (r.bbox.lat_max, r.bbox.lon_max))),
+        Route(
+            (
+                (r.bbox.lat_min, r.bbox.lon_min),
+                (r.bbox.lat_max, r.bbox.lon_max),
+                (r.bbox.lat_max, r.bbox.lon_min),
+            )
+        ),
+        Route(((r.bbox.lat_min, r.bbox.lon_min, 80.0), (r.bbox.lat_max, r.bbox.lon_max, 80.0))),
+    ],
 }
 
 

@@ -371,3 +371,54 @@ def test_a_bad_area_is_refused(tmp_path: Path, area: Any) -> None:
     if isinstance(area, str):
         area = str(tmp_path / area)
     refused({**as_toml(tmp_path), "area": area}, "area")
+
+
+ROUTE = {"type": "LineString", "coordinates": [[35.03, 48.445, 80.0], [35.06, 48.465, 90.0]]}
+
+
+def test_a_route_from_a_file_a_table_and_a_flag_is_one_route(tmp_path: Path) -> None:
+    import json
+
+    (tmp_path / "route.geojson").write_text(
+        json.dumps({"type": "Feature", "geometry": ROUTE, "properties": {}})
+    )
+    path = tmp_path / "request.toml"
+    path.write_text(REQUEST_TOML.format(key=tmp_path / "k") + 'route = "route.geojson"\n')
+    from_file = parse_request(read_request_file(path))
+    from_table = parse_request({**read_request_file(path), "route": ROUTE})
+    assert from_file.route is not None
+    assert from_file.route.points == ((48.445, 35.03, 80.0), (48.465, 35.06, 90.0))
+    assert from_table == from_file
+    # What the manifest records (and the companion receives) reads back as the same route.
+    recorded = from_file.to_json()["route"]
+    assert recorded == ROUTE
+    assert parse_request({**read_request_file(path), "route": recorded}) == from_file
+
+
+def test_a_request_without_a_route_records_none(tmp_path: Path) -> None:
+    request = parse_request(as_toml(tmp_path))
+    assert request.route is None and request.to_json()["route"] is None
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ({"type": "Polygon", "coordinates": []}, "must be a GeoJSON LineString"),
+        ({"type": "LineString", "coordinates": []}, "has no coordinates"),
+        ({"type": "LineString", "coordinates": [[35.0, 91.0]]}, "is off the map"),
+        ({"type": "LineString", "coordinates": [["35", 48.0]]}, "must be [lon, lat]"),
+        ("missing.geojson", "does not exist"),
+        (42, "expected a GeoJSON file or object"),
+    ],
+)
+def test_a_bad_route_is_one_line_naming_the_route(tmp_path: Path, value: Any, says: str) -> None:
+    if value == "missing.geojson":
+        value = str(tmp_path / value)
+    message = refused({**as_toml(tmp_path), "route": value}, "route")
+    assert says in message and "\n" not in message
+
+
+def test_a_route_file_that_is_not_json_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "route.geojson"
+    bad.write_text("{not json")
+    assert "is not JSON" in refused({**as_toml(tmp_path), "route": str(bad)}, "route")

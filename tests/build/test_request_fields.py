@@ -76,7 +76,7 @@ def test_prepare_flight_takes_the_fields_the_flight_does_not_decide() -> None:
 
     own = ("plan", "flight", "flights_api", "tiles_url", "tiles_key_header", "tiles_key_param")
     own += ("buffer_m", "max_age_days", "max_tiles", "dry_run", "companion", "work_pool")
-    decided = {"bbox", "area", "takeoff_origin"}
+    decided = {"bbox", "area", "takeoff_origin", "route"}
     fields = tuple(name for name in FIELDS if name not in decided)
     assert _parameters(prepare_flight) == own + fields + OPTIONS
     # The resolve phase takes its own share of them, by the same names.

@@ -23,6 +23,7 @@ from takeoff_cache.build.request import (
 from takeoff_cache.companion import inputs, remote
 from takeoff_cache.companion.bringup import CompanionPaths
 from takeoff_cache.companion.remote import LOCAL_OPTIONS, option_args
+from takeoff_cache.tiles.route import Route
 
 THERE = CompanionPaths("/c/cache", "/c/key.pem", "/c/trust", inputs_dir="/c/inputs")
 AREA = {
@@ -47,6 +48,7 @@ def _request(cls: type[BuildRequest] = BuildRequest) -> BuildRequest:
         takeoff_origin=(48.05, 35.05, 120.0),
         flight_id="0f8fad5b-d9cb-469f-a165-70867728950e",
         area=AREA,
+        route=Route(((48.01, 35.01, 120.0), (48.09, 35.09, 120.0))),
     )
 
 
@@ -72,7 +74,13 @@ def test_every_field_set_reaches_the_companion_with_its_paths_there() -> None:
 
 
 def test_fields_left_unset_stay_unset_there() -> None:
-    unset = {"calibration": None, "takeoff_origin": None, "flight_id": None, "area": None}
+    unset = {
+        "calibration": None,
+        "takeoff_origin": None,
+        "flight_id": None,
+        "area": None,
+        "route": None,
+    }
     bare = replace(_request(), **unset)
     fields = inputs.companion_fields(bare, inputs.remote_paths(THERE))
     assert set(FIELDS) - set(fields) == set(unset)

@@ -7,17 +7,23 @@ Values may come as TOML values (lists, numbers) or as flag strings
 
 from __future__ import annotations
 
-import tomllib
+import json
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from takeoff_cache.core.documents import (
+    MAX_REQUEST_BYTES,
+    check_depth,
+    load_toml,
+    read_document,
+)
 from takeoff_cache.core.env import KEY_PASSPHRASE
-from takeoff_cache.core.fsutil import kind_problem
 from takeoff_cache.core.tilemath import MAX_LAT
 from takeoff_cache.errors import InvalidRequestError
 from takeoff_cache.tiles.geojson import bounds, geometries, read_geojson, recall, remember
+from takeoff_cache.tiles.route import Route, parse_route
 
 SECTOR_CLASSES = ("active_conflict", "stable_rear")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -60,6 +66,13 @@ REQUEST_FIELDS = (
         "mission area: GeoJSON Polygon/MultiPolygon (WGS84); selects its tiles, not the bbox's",
         path=True,
     ),
+    # Like the area: a path, or an inline GeoJSON table in TOML; prepare fills it.
+    Field(
+        "route",
+        "--route",
+        "flight path: GeoJSON LineString (WGS84); readiness and the self-test follow it",
+        path=True,
+    ),
 )
 FIELDS = tuple(f.name for f in REQUEST_FIELDS)
 PATH_FIELDS = tuple(f.name for f in REQUEST_FIELDS if f.path)
@@ -95,6 +108,8 @@ class BuildRequest:
     flight_id: str | None
     # The area's normalized GeoJSON geometry (area.parse_area), never the file it came from.
     area: dict[str, Any] | None = None
+    # The positions flown, in order (tiles/route.py), never the file they came from.
+    route: Route | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The request as recorded in the manifest (paths as given, resolved)."""
@@ -105,6 +120,7 @@ class BuildRequest:
         for name in PATH_FIELDS:
             out[name] = str(out[name]) if out[name] is not None else None
         out["area"] = self.area
+        out["route"] = self.route.to_geojson() if self.route is not None else None
         return out
 
 
@@ -118,16 +134,12 @@ def read_request_sections(
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """A request TOML's fields, and the tables named in ``tables`` (``[companion]``)
     that a command reads beside them, as given."""
-    if problem := kind_problem(path, "file"):
-        raise InvalidRequestError(f"request: {path} {problem}")
+    data = read_document(path, MAX_REQUEST_BYTES, InvalidRequestError, "request")
     try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise InvalidRequestError(f"request: {path} does not exist") from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequestError(f"request: {path} is not valid TOML: {exc}") from exc
-    except OSError as exc:
-        raise InvalidRequestError(f"request: cannot read {path}: {exc.strerror}") from exc
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequestError(f"request: {path} is not valid TOML: {exc}") from None
+    doc = load_toml(text, str(path), InvalidRequestError, "request")
     sections: dict[str, dict[str, Any]] = {}
     for name in tables:
         if name in doc:
@@ -250,6 +262,7 @@ def parse_area_field(value: Any, remembered: Path | None = None) -> dict[str, An
         obj, source = read_geojson(path), str(path)
     elif isinstance(value, dict):
         obj, source = value, "the request's inline table"
+        check_depth(obj, source, InvalidRequestError, "area")
     else:
         raise InvalidRequestError(f"area: expected a GeoJSON file or object, got {value!r:.80}")
     found = geometries(obj, source)
@@ -261,6 +274,29 @@ def parse_area_field(value: Any, remembered: Path | None = None) -> dict[str, An
     if remembered is not None:
         remember(remembered, found, area)
     return area
+
+
+def parse_route_field(value: Any) -> Route | None:
+    """The ``route`` field: a GeoJSON LineString file's path, or the LineString itself
+    (a TOML table, a flow parameter, a manifest's record)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, Route):
+        return value
+    if isinstance(value, str | Path):
+        path = Path(value).expanduser()
+        try:
+            obj = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            raise InvalidRequestError(f"route: {path} does not exist") from None
+        except OSError as exc:
+            raise InvalidRequestError(f"route: cannot read {path}: {exc.strerror or exc}") from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidRequestError(f"route: {path} is not JSON: {exc}") from None
+        return parse_route(obj, f"route: {path}")
+    if isinstance(value, dict):
+        return parse_route(value, "route: the request's inline table")
+    raise InvalidRequestError(f"route: expected a GeoJSON file or object, got {value!r:.80}")
 
 
 def _area_bbox(area: dict[str, Any]) -> Bbox:
@@ -319,5 +355,6 @@ def parse_request(raw: dict[str, Any], remembered_areas: Path | None = None) -> 
         takeoff_origin=parse_origin(raw.get("takeoff_origin")),
         flight_id=flight_id,
         area=area,
+        route=parse_route_field(raw.get("route")),
     )
     return request

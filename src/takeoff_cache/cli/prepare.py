@@ -133,7 +133,7 @@ def _prepare(
     if args.area is not None:
         raise InvalidRequestError("area: prepare computes the area from the flight; drop --area")
     raw, sections = _request_doc(args, ("companion",))
-    for decided in ("bbox", "area", "takeoff_origin"):
+    for decided in ("bbox", "area", "takeoff_origin", "route"):
         raw.pop(decided, None)  # the flight decides these
     params: dict[str, Any] = {
         "plan": str(args.plan) if args.plan else None,

@@ -41,8 +41,8 @@ INPUT_NAMES = {
 }
 # the cache root, signing key and trust store are the companion's own (CompanionPaths):
 COMPANION_OWN = ("cache_root", "key", "trust")
-# and the area travels inline: the request holds its geometry, not the file it came from.
-INLINE = ("area",)
+# and the area and route travel inline: the request holds their geometry, not their files.
+INLINE = ("area", "route")
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from takeoff_cache.prepare.tileserver import TileSource
 from takeoff_cache.tiles.area import DEFAULT_BUFFER_M, Area, tiles_for_area
 from takeoff_cache.tiles.corpus import Tile, select_tiles
 from takeoff_cache.tiles.mbtiles import Coord
+from takeoff_cache.tiles.route import Route
 from takeoff_cache.trust.keys import load_trust_store
 from takeoff_cache.trust.verify import verify_cache
 
@@ -268,7 +269,17 @@ def build_raw(
         "zoom_levels": list(mission.zoom_levels),
         "flight_id": flight.id,
         "takeoff_origin": takeoff_origin(flight),
+        "route": flight_route(flight),
     }
+
+
+def flight_route(flight: Flight) -> dict[str, Any] | None:
+    """The route flown, home first, as the request's GeoJSON LineString; None for a flight
+    with no path (only polygons, circles, points): its readiness rests on the area."""
+    if not flight.positions:
+        return None
+    home = (flight.planned_home,) if flight.planned_home is not None else ()
+    return Route(tuple((*home, *flight.positions))).to_geojson()
 
 
 def takeoff_origin(flight: Flight) -> list[float]:
