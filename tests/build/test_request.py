@@ -421,4 +421,4 @@ def test_a_bad_route_is_one_line_naming_the_route(tmp_path: Path, value: Any, sa
 def test_a_route_file_that_is_not_json_is_refused(tmp_path: Path) -> None:
     bad = tmp_path / "route.geojson"
     bad.write_text("{not json")
-    assert "is not JSON" in refused({**as_toml(tmp_path), "route": str(bad)}, "route")
+    assert "is not valid JSON" in refused({**as_toml(tmp_path), "route": str(bad)}, "route")

@@ -7,15 +7,16 @@ Values may come as TOML values (lists, numbers) or as flag strings
 
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from takeoff_cache.core.documents import (
+    MAX_AREA_BYTES,
     MAX_REQUEST_BYTES,
     check_depth,
+    load_json,
     load_toml,
     read_document,
 )
@@ -285,16 +286,11 @@ def parse_route_field(value: Any) -> Route | None:
         return value
     if isinstance(value, str | Path):
         path = Path(value).expanduser()
-        try:
-            obj = json.loads(path.read_bytes())
-        except FileNotFoundError:
-            raise InvalidRequestError(f"route: {path} does not exist") from None
-        except OSError as exc:
-            raise InvalidRequestError(f"route: cannot read {path}: {exc.strerror or exc}") from None
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidRequestError(f"route: {path} is not JSON: {exc}") from None
+        data = read_document(path, MAX_AREA_BYTES, InvalidRequestError, "route")
+        obj = load_json(data, str(path), InvalidRequestError, "route")
         return parse_route(obj, f"route: {path}")
     if isinstance(value, dict):
+        check_depth(value, "the request's inline table", InvalidRequestError, "route")
         return parse_route(value, "route: the request's inline table")
     raise InvalidRequestError(f"route: expected a GeoJSON file or object, got {value!r:.80}")
 
