@@ -115,10 +115,16 @@ async def start_server(
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
-        await process.redirect(stdin=proc.stdin, stdout=proc.stdout, stderr=proc.stderr)
+        # Pumped by hand, each with the channel's flow control: asyncssh's redirect of
+        # asyncio pipes reads one of them twice at once when the client reads slowly.
+        await asyncio.gather(
+            _pump_in(process, proc),
+            _pump_out(proc.stdout, process.stdout),
+            _pump_out(proc.stderr, process.stderr),
+        )
         code = await proc.wait()
         process.exit(code)
-        await process.wait_closed()  # runs the redirect's cleanup
+        await process.wait_closed()
 
     keys = asyncssh.import_authorized_keys(authorized.export_public_key().decode())
     server = await asyncssh.create_server(
@@ -133,6 +139,32 @@ async def start_server(
     )
     companion.port = server.sockets[0].getsockname()[1]
     return server
+
+
+async def _pump_in(
+    process: asyncssh.SSHServerProcess[bytes], proc: asyncio.subprocess.Process
+) -> None:
+    assert proc.stdin is not None
+    try:
+        while data := await process.stdin.read(65536):
+            proc.stdin.write(data)
+            await proc.stdin.drain()
+    except (asyncssh.Error, ConnectionError):
+        pass
+    finally:
+        proc.stdin.close()
+
+
+async def _pump_out(source: asyncio.StreamReader | None, sink: asyncssh.SSHWriter[bytes]) -> None:
+    assert source is not None
+    try:
+        while data := await source.read(65536):
+            sink.write(data)
+            await sink.drain()
+    except (asyncssh.Error, ConnectionError):
+        # The client went away: drain the pipe so the command is not blocked on it.
+        while await source.read(65536):
+            pass
 
 
 def host_key_line(companion: Companion, host_key: asyncssh.SSHKey) -> str:
