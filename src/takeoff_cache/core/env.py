@@ -26,3 +26,8 @@ KILL_AT = "TAKEOFF_CACHE_KILL_AT"
 FAIL_AT = "TAKEOFF_CACHE_FAIL_AT"
 STOP_AT = "TAKEOFF_CACHE_STOP_AT"
 FAULT_TRACE = "TAKEOFF_CACHE_FAULT_TRACE"
+
+# Minutes the local Prefect API stays up unused between commands; 0 or "off":
+# none stays, each command starts and stops a temporary one
+# (takeoff_cache_prefect/tempapi.py).
+PREFECT_IDLE_MIN = "TAKEOFF_CACHE_PREFECT_IDLE_MIN"
