@@ -6,6 +6,9 @@ knows nothing of takeoff-cache still handles them sensibly.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class TakeoffCacheError(Exception):
     """Base of all takeoff-cache errors."""
@@ -17,6 +20,37 @@ class InvalidRequestError(TakeoffCacheError, ValueError):
     """The build request, a backbones file or a command-line value is invalid."""
 
     exit_code = 2
+
+
+class Problems:
+    """Problems gathered so that one error names them all, one line each.
+
+    A single problem is raised as it is, with its own exit code; several are one
+    :class:`InvalidRequestError` (exit 2) whose message has a line per problem.
+    """
+
+    def __init__(self) -> None:
+        self.found: list[TakeoffCacheError] = []
+
+    def add(self, problem: TakeoffCacheError) -> None:
+        self.found.append(problem)
+
+    @contextlib.contextmanager
+    def check(self) -> Iterator[None]:
+        """Within: a takeoff-cache error is kept, and the caller goes on."""
+        try:
+            yield
+        except TakeoffCacheError as exc:
+            self.found.append(exc)
+
+    def raise_any(self) -> None:
+        if len(self.found) == 1:
+            raise self.found[0]
+        if self.found:
+            lines: list[str] = []
+            for problem in self.found:
+                lines += [line for line in str(problem).splitlines() if line not in lines]
+            raise InvalidRequestError("\n".join(lines))
 
 
 class ImageError(InvalidRequestError):
@@ -256,3 +290,21 @@ class RemoteCommandError(CompanionError):
         self,
     ) -> tuple[type[RemoteCommandError], tuple[str, int, dict[str, object] | None]]:
         return type(self), (str(self), self.exit_code, self.report)
+
+
+EXIT_NOT_READY = 12
+
+
+class NotReadyError(TakeoffCacheError):
+    """The readiness verdict (SPEC §11) says the cache is not fit for the flight: holes
+    under the route, area coverage below ``--min-coverage``, or route Recall@1 below
+    ``--min-recall``. ``reasons`` holds one line each; the previous cache stays in force."""
+
+    exit_code = EXIT_NOT_READY
+
+    def __init__(self, reasons: list[str]) -> None:
+        super().__init__("not ready: " + "; ".join(reasons))
+        self.reasons = reasons
+
+    def __reduce__(self) -> tuple[type[NotReadyError], tuple[list[str]]]:
+        return type(self), (self.reasons,)
