@@ -26,7 +26,9 @@ KEY = "k3y-Origin-9Qz-keep-me-home"
 TOKEN = "tok-Origin-77-bearer-stays"
 FLIGHT = Path(__file__).parents[1] / "data" / "flights" / "flight.json"
 FLIGHT_ID = "6f1c2a8e-5d0b-4b9e-9a51-2f1d7c3e8b40"
-FAST = DownloadOptions(backoff_base_s=0.01, backoff_max_s=0.02, timeout_s=5.0, max_retries=1)
+FAST = DownloadOptions(
+    backoff_base_s=0.01, backoff_max_s=0.02, timeout_s=5.0, max_retries=1, failing_share=1.0
+)
 TILE = (16, 39000, 22000)
 
 

@@ -24,13 +24,14 @@ import hashlib
 import heapq
 import io
 import itertools
+import math
 import os
 import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Generator, Sequence
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -38,11 +39,17 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from takeoff_cache import USER_AGENT
 from takeoff_cache.core.env import TILES_API_KEY
 from takeoff_cache.errors import HostFailingError, InvalidRequestError, TooManyTilesError
 from takeoff_cache.prepare.bodycheck import BodyChecker
-from takeoff_cache.prepare.httpbody import ACCEPT_ENCODING, read_body
+from takeoff_cache.prepare.httpbody import (
+    ACCEPT_ENCODING,
+    AttemptOverdue,
+    AttemptStopped,
+    SocketWatch,
+    read_body,
+    user_agent,
+)
 from takeoff_cache.prepare.tileserver import (
     MIN_KEY_CHARS,
     TileSource,
@@ -63,24 +70,42 @@ from takeoff_cache.tiles.mbtiles import (
 
 DEFAULT_TILE_BYTES = 20_000  # a 256 px satellite JPEG, for estimates of unseen zooms
 _COMMIT_INTERVAL_S = 1.0  # the most a kill can cost: tiles received in the last second
+# Once stopped, how long worker threads get to leave before they are left behind
+# (daemon threads, in a connect or a name lookup no stop can cut short).
+_STOP_GRACE_S = 2.0
 
 
 @dataclass(frozen=True)
 class DownloadOptions:
     concurrency: int = 4  # requests in flight per host
     timeout_s: float = 15.0  # each connect and read
-    deadline_s: float = 30.0  # a whole attempt: a slower body is a failed attempt
+    deadline_s: float = 30.0  # a whole attempt (connect, headers, body): later is a failure
     max_body_bytes: int = 4 << 20  # decoded: a larger body is a failed attempt
     max_retries: int = 4
     backoff_base_s: float = 0.5
     backoff_max_s: float = 30.0
     max_wait_s: float = 120.0  # a longer Retry-After stops the download
     breaker_failures: int = 12  # failed attempts in a row that stop the download
+    # A job that ends with more than this share of its tiles failed is a
+    # HostFailingError naming the likely cause, not a corpus to build from.
+    failing_share: float = 0.5
     max_age_days: float | None = None
     max_tiles: int = 50_000
     # Jobs this big check their bodies in a child process (see bodycheck); smaller
     # ones finish before it would have started. 0: every job.
     checker_from_tiles: int = 200
+
+    def __post_init__(self) -> None:
+        for name in ("timeout_s", "deadline_s", "backoff_base_s", "backoff_max_s", "max_wait_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and 0 < value < math.inf):
+                raise InvalidRequestError(
+                    f"download: {name} must be a finite number of seconds above 0, not {value!r}"
+                )
+        if self.max_age_days is not None and not 0 <= self.max_age_days < math.inf:
+            raise InvalidRequestError(
+                f"download: --max-age must be a finite number of days, not {self.max_age_days!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -204,6 +229,70 @@ def download_tiles(
     """
     options = options or DownloadOptions()
     started = time.monotonic()
+    key = check_tiles_key(source, api_key)
+    agent = user_agent()
+    unique = sorted(set(tiles))
+    have = stored_tiles(corpus_path, unique)
+    todo, _ = _todo(unique, have, options.max_age_days, time.time())
+    if len(todo) > options.max_tiles:
+        raise TooManyTilesError(
+            f"download: {len(todo):,} tiles to fetch, more than max_tiles {options.max_tiles:,};"
+            " narrow the area or the zoom levels, or raise the limit"
+        )
+    run = _Run(source, options, key, agent)
+    counts = {"fetched": 0, "revalidated": 0, "bytes": 0}
+    failed: list[FailedTile] = []
+    causes: dict[str, int] = {}  # failed tiles by what failed them: "404", "5xx", ...
+    if todo:
+        name = source.name or urlsplit(source.url_template).netloc
+        with (
+            redacting_logs(key),
+            MBTilesWriter(
+                corpus_path, name=name, attribution=source.attribution, planned=todo
+            ) as writer,
+        ):
+            formats: set[str] = set()
+            done = 0
+            outcomes = run.outcomes(todo, have, tick_s=_COMMIT_INTERVAL_S)
+            # Closed at once however this ends: a stop must not wait for the collector.
+            with closing(outcomes):
+                for batch in outcomes:
+                    if not batch:
+                        writer.commit_if_due()  # a stalled server must not hold tiles uncommitted
+                        continue
+                    now = time.time()
+                    for outcome in batch:
+                        _record(writer, outcome, counts, failed, formats, now)
+                        if outcome.kind == "failed":
+                            causes[outcome.cause] = causes.get(outcome.cause, 0) + 1
+                    done += len(batch)
+                    if progress is not None:
+                        seconds = time.monotonic() - started
+                        progress(
+                            DownloadProgress(done, len(todo), len(failed), counts["bytes"], seconds)
+                        )
+            if len(formats) == 1 and not have:
+                writer.set_format(formats.pop())  # a new corpus says what it holds
+    if run.tripped is not None:
+        raise run.tripped
+    failed.sort(key=lambda f: (f.z, f.x, f.y))
+    if todo and len(failed) > options.failing_share * len(todo):
+        raise _mostly_failed(source, len(failed), len(todo), causes, run.first_failed)
+    return DownloadResult(
+        requested=len(unique),
+        fetched=counts["fetched"],
+        kept=len(unique) - len(todo),
+        revalidated=counts["revalidated"],
+        failed=tuple(failed[:20]),
+        failed_count=len(failed),
+        bytes=counts["bytes"],
+        seconds=time.monotonic() - started,
+    )
+
+
+def check_tiles_key(source: TileSource, api_key: str | None = None) -> str | None:
+    """The key ``source`` sends (``api_key``, else ``TAKEOFF_CACHE_TILES_API_KEY``),
+    None if it sends none; an input error if it names one that is missing or short."""
     key = api_key if api_key is not None else os.environ.get(TILES_API_KEY) or None
     if (source.key_header or source.key_param) and not key:
         raise InvalidRequestError(
@@ -216,55 +305,7 @@ def download_tiles(
             f"tiles key: {TILES_API_KEY} is shorter than {MIN_KEY_CHARS} characters;"
             " a real API key is longer"
         )
-    unique = sorted(set(tiles))
-    have = stored_tiles(corpus_path, unique)
-    todo, _ = _todo(unique, have, options.max_age_days, time.time())
-    if len(todo) > options.max_tiles:
-        raise TooManyTilesError(
-            f"download: {len(todo):,} tiles to fetch, more than max_tiles {options.max_tiles:,};"
-            " narrow the area or the zoom levels, or raise the limit"
-        )
-    run = _Run(source, options, key)
-    counts = {"fetched": 0, "revalidated": 0, "bytes": 0}
-    failed: list[FailedTile] = []
-    if todo:
-        name = source.name or urlsplit(source.url_template).netloc
-        with (
-            redacting_logs(key),
-            MBTilesWriter(
-                corpus_path, name=name, attribution=source.attribution, planned=todo
-            ) as writer,
-        ):
-            formats: set[str] = set()
-            done = 0
-            for batch in run.outcomes(todo, have, tick_s=_COMMIT_INTERVAL_S):
-                if not batch:
-                    writer.commit_if_due()  # a stalled server must not hold tiles uncommitted
-                    continue
-                now = time.time()
-                for outcome in batch:
-                    _record(writer, outcome, counts, failed, formats, now)
-                done += len(batch)
-                if progress is not None:
-                    seconds = time.monotonic() - started
-                    progress(
-                        DownloadProgress(done, len(todo), len(failed), counts["bytes"], seconds)
-                    )
-            if len(formats) == 1 and not have:
-                writer.set_format(formats.pop())  # a new corpus says what it holds
-    if run.tripped is not None:
-        raise run.tripped
-    failed.sort(key=lambda f: (f.z, f.x, f.y))
-    return DownloadResult(
-        requested=len(unique),
-        fetched=counts["fetched"],
-        kept=len(unique) - len(todo),
-        revalidated=counts["revalidated"],
-        failed=tuple(failed[:20]),
-        failed_count=len(failed),
-        bytes=counts["bytes"],
-        seconds=time.monotonic() - started,
-    )
+    return key
 
 
 # --------------------------------------------------------------------------- internals
@@ -301,6 +342,7 @@ class _Outcome:
     content_type: str = ""
     tile_format: str = ""
     reason: str = ""
+    cause: str = ""  # a failed tile's: its HTTP status ("404"), "5xx", "timeout", "network", "body"
 
 
 def _record(
@@ -334,6 +376,7 @@ class _Host:
     not_before: float = 0.0
     failures: int = 0
     last_status: str = ""
+    served: bool = False  # a tile came from it: its 404s are holes in its coverage
 
 
 class _Run:
@@ -346,18 +389,23 @@ class _Run:
     request thread sits idle while a tile waits for its next attempt.
     """
 
-    def __init__(self, source: TileSource, options: DownloadOptions, key: str | None) -> None:
+    def __init__(
+        self, source: TileSource, options: DownloadOptions, key: str | None, agent: str
+    ) -> None:
         self.source = source
         self.options = options
         self.key = key
+        self.agent = agent
         self.stop = threading.Event()
+        self.watch = SocketWatch(self.stop)
         self.tripped: HostFailingError | None = None
         self.hosts: dict[str, _Host] = {}
+        self.first_failed: str = ""  # the URL of a tile that failed (no key in it)
         self._trip_lock = threading.Lock()
 
     def outcomes(
         self, todo: list[Coord], have: dict[Coord, StoredTile], tick_s: float
-    ) -> Iterator[list[_Outcome]]:
+    ) -> Generator[list[_Outcome], None, None]:
         """Settled outcomes as they arrive, as many at a time as have arrived; an
         empty list after ``tick_s`` without one."""
         jobs: dict[str, queue.SimpleQueue[_Job | None]] = {}
@@ -366,7 +414,7 @@ class _Run:
             host = url.split("/", 3)[2]  # the netloc, cheaper than urlsplit
             jobs.setdefault(host, queue.SimpleQueue()).put(_Job(c, url, host))
         self.hosts = {name: _Host() for name in jobs}
-        headers = {"User-Agent": USER_AGENT, "Accept-Encoding": ACCEPT_ENCODING}
+        headers = {"User-Agent": self.agent, "Accept-Encoding": ACCEPT_ENCODING}
         if self.key and self.source.key_header:
             headers[self.source.key_header] = self.key
         # The key goes only to the origins the template names, redirects included.
@@ -392,11 +440,13 @@ class _Run:
                 event_hooks=hooks,
             ) as client,
         ):
+            self.watch.install(client)
             threads = [
                 threading.Thread(
                     target=self._work,
                     args=(client, host_jobs, have, arrived),
                     name=f"tiles-{name}-{i}",
+                    daemon=True,  # one left in a connect must not hold the process
                 )
                 for name, host_jobs in jobs.items()
                 for i in range(self.options.concurrency)
@@ -439,13 +489,16 @@ class _Run:
                     left -= len(settled)
                     yield settled
             finally:
-                # Workers stop between requests; tiles not started are dropped.
+                # Workers notice the stop within POLL_S, in a socket wait or between
+                # requests; tiles not started are dropped. None is waited for longer
+                # than the grace: a connect or name lookup may not end sooner.
                 self.stop.set()
                 for host_jobs in jobs.values():
                     for _ in range(self.options.concurrency):
                         host_jobs.put(None)
+                until = time.monotonic() + _STOP_GRACE_S
                 for thread in threads:
-                    thread.join()
+                    thread.join(max(until - time.monotonic(), 0.0))
             # Tiles that arrived while the others were being stopped are kept all the same.
             stopped: list[_Outcome] = []
             while True:
@@ -489,27 +542,44 @@ class _Run:
         self._wait(host.not_before - time.monotonic())
         if self.stop.is_set():
             return _Outcome(job, "cancelled")
+        late = f"no complete answer within {self.options.deadline_s:g} s"
+        deadline = time.monotonic() + self.options.deadline_s
         try:
-            deadline = time.monotonic() + self.options.deadline_s
-            with client.stream("GET", job.url, params=params, headers=headers) as response:
+            with (
+                self.watch.attempt(deadline),
+                client.stream("GET", job.url, params=params, headers=headers) as response,
+            ):
                 try:
                     body = read_body(response, self.options.max_body_bytes, deadline)
                 except TimeoutError:
-                    slow = f"body not complete within {self.options.deadline_s:g} s"
-                    return self._retry(job, slow)
+                    return self._retry(job, late, "timeout")
                 except ValueError as exc:  # leaving the stream unread drops the connection
-                    return self._retry(job, f"HTTP {response.status_code} with a body {exc}")
+                    problem = f"HTTP {response.status_code} with a body {exc}"
+                    return self._retry(job, problem, "body")
+        except AttemptStopped:
+            return _Outcome(job, "cancelled")
+        except AttemptOverdue:
+            return self._retry(job, late, "timeout")
         except _CrossOriginRedirect as exc:
             self._success(host)  # the server answered; this tile is not to be had here
             reason = f"redirected to another origin ({exc}); the key is not sent there"
-            return _Outcome(job, "failed", reason=self._redact(reason))
+            return _Outcome(job, "failed", reason=self._redact(reason), cause="redirect")
+        except httpx.TooManyRedirects:
+            why = "it redirects in a loop"
+            self._trip(job.host, "too many redirects", why, cause="redirect")
+            return _Outcome(job, "cancelled")
         except httpx.TimeoutException:
-            return self._retry(job, f"timed out after {self.options.timeout_s:g} s")
+            problem = f"timed out after {self.options.timeout_s:g} s"
+            return self._retry(job, problem, "timeout")
         except httpx.TransportError as exc:
-            return self._retry(job, f"connection failed ({type(exc).__name__})")
+            return self._retry(job, f"connection failed ({type(exc).__name__})", "network")
+        except httpx.HTTPError as exc:  # a redirect to a URL no request can be made to
+            self._success(host)
+            reason = self._redact(f"cannot be requested ({type(exc).__name__}: {exc})")
+            return _Outcome(job, "failed", reason=reason, cause="redirect")
         status = response.status_code
         if status == 304 and old is not None:
-            self._success(host)
+            self._success(host, served=True)
             etag, modified = _validators(response, old)
             return _Outcome(job, "same", sha256=old.sha256, etag=etag, last_modified=modified)
         if status == 200:
@@ -517,21 +587,31 @@ class _Run:
             content_type = response.headers.get("content-type", "")
             return _Outcome(job, "body", body, None, etag, modified, content_type)
         problem = f"HTTP {status}"
+        cause = "5xx" if status >= 500 else str(status)
         if status in (401, 403):
-            self._trip(job.host, problem, "the server refused the request: check the API key")
+            self._note_failed(job)
+            self._trip(job.host, problem, f"it refuses the request with {problem}", cause=cause)
             return _Outcome(job, "cancelled")
         if status == 429 or status >= 500:
             wait = retry_after_s(response.headers.get("retry-after"))
             if wait is not None:
                 if wait > self.options.max_wait_s:
-                    self._trip(job.host, problem, f"it asks to wait {wait:.0f} s")
+                    why = f"it asks to wait {wait:.0f} s"
+                    self._trip(job.host, problem, why, cause="wait")
                     return _Outcome(job, "cancelled")
                 with host.lock:
                     host.not_before = max(host.not_before, time.monotonic() + wait)
-            return self._retry(job, problem)
+            return self._retry(job, problem, cause)
         # 404 and other client errors: the server answered; this tile is not to be had.
-        self._success(host)
-        return _Outcome(job, "failed", reason=problem)
+        # From a server that has served tiles, a hole in its coverage; from one that has
+        # not served any yet, a failure towards the breaker (a template that does not
+        # match the server 404s on every tile).
+        self._note_failed(job)
+        if host.served:
+            self._success(host)
+        else:
+            self._failure(job.host, problem, cause)
+        return _Outcome(job, "failed", reason=problem, cause=cause)
 
     def _settled(
         self,
@@ -556,19 +636,25 @@ class _Run:
     def _settle(self, outcome: _Outcome, have: dict[Coord, StoredTile]) -> _Outcome:
         job = outcome.job
         if outcome.reason:
-            return self._retry(job, outcome.reason)
-        self._success(self.hosts[job.host])
+            return self._retry(job, outcome.reason, "body")
+        self._success(self.hosts[job.host], served=True)
         old = have.get(job.coord)
         outcome.kind = "same" if old is not None and old.sha256 == outcome.sha256 else "stored"
         return outcome
 
-    def _retry(self, job: _Job, problem: str) -> _Outcome:
+    def _retry(self, job: _Job, problem: str, cause: str) -> _Outcome:
         """A failed attempt: the next one (``kind == "retry"``), or the tile failed."""
-        self._failure(job.host, problem)
+        self._failure(job.host, problem, cause)
         if job.attempt < self.options.max_retries:
             return _Outcome(replace(job, attempt=job.attempt + 1), "retry", reason=problem)
+        self._note_failed(job)
         attempts = self.options.max_retries + 1
-        return _Outcome(job, "failed", reason=self._redact(f"{problem} after {attempts} attempts"))
+        reason = self._redact(f"{problem} after {attempts} attempts")
+        return _Outcome(job, "failed", reason=reason, cause=cause)
+
+    def _note_failed(self, job: _Job) -> None:
+        if not self.first_failed:
+            self.first_failed = job.url  # never the key: it goes as a header or parameter
 
     def _backoff(self, attempt: int) -> float:
         delay = min(self.options.backoff_max_s, self.options.backoff_base_s * 2.0 ** (attempt - 1))
@@ -578,26 +664,29 @@ class _Run:
         if seconds > 0:
             self.stop.wait(seconds)
 
-    def _success(self, host: _Host) -> None:
+    def _success(self, host: _Host, served: bool = False) -> None:
         with host.lock:
             host.failures = 0
+            host.served = host.served or served
 
-    def _failure(self, host_name: str, problem: str) -> None:
+    def _failure(self, host_name: str, problem: str, cause: str) -> None:
         host = self.hosts[host_name]
         with host.lock:
             host.failures += 1
             host.last_status = problem
             tripped = host.failures >= self.options.breaker_failures
         if tripped:
-            self._trip(host_name, problem, f"{host.failures} failed attempts in a row")
+            self._trip(host_name, problem, f"{host.failures} failed attempts in a row", cause)
 
-    def _trip(self, host_name: str, status: str, why: str) -> None:
+    def _trip(self, host_name: str, status: str, why: str, cause: str) -> None:
         with self._trip_lock:
             if self.tripped is None:
+                example = f", e.g. {self.first_failed}" if cause.isdigit() else ""
                 self.tripped = HostFailingError(
                     self._redact(
-                        f"download: tile server {host_name} keeps failing ({why}; last: {status});"
-                        " stopped. Tiles stored so far are kept; run again later to resume"
+                        f"download: tile server {host_name} keeps failing ({why};"
+                        f" last: {status}{example}); stopped: {advice(cause, self.source)}."
+                        " Tiles stored so far are kept"
                     ),
                     host=host_name,
                     status=self._redact(status),
@@ -606,6 +695,52 @@ class _Run:
 
     def _redact(self, text: str) -> str:
         return redact(text, self.key)
+
+
+def advice(cause: str, source: TileSource) -> str:
+    """What an operator should look at when tiles fail for ``cause`` (an HTTP status,
+    ``"5xx"``, ``"timeout"``, ``"network"``, ``"body"``, ``"redirect"`` or ``"wait"``)."""
+    if cause == "404":
+        return (
+            "the URL template probably does not match the server: check --tiles-url against"
+            " a tile the server has (its extension, .png or .jpg, and the order of {z}/{x}/{y})"
+        )
+    if cause in ("401", "403"):
+        sent = source.key_header or source.key_param
+        if sent:
+            return f"the tile key is missing or wrong: check {TILES_API_KEY} (sent as {sent})"
+        return (
+            f"the server wants a key: set {TILES_API_KEY} and say how it is sent with"
+            " --tiles-key-header or --tiles-key-param"
+        )
+    if cause == "5xx":
+        return "the tile server is failing: try again later"
+    if cause == "wait":
+        return "the tile server asks to wait: try again later"
+    if cause in ("timeout", "network"):
+        return "the tile server does not answer in time: check the network and --tiles-url"
+    if cause == "body":
+        return "the server answers with something that is not a map tile: check --tiles-url"
+    if cause == "redirect":
+        return "the server redirects the requests elsewhere: check --tiles-url"
+    return f"the server refuses these requests (HTTP {cause}): check --tiles-url"
+
+
+def _mostly_failed(
+    source: TileSource, failed: int, todo: int, causes: dict[str, int], example: str
+) -> HostFailingError:
+    """The error of a job that ended with more than ``failing_share`` of it failed."""
+    top = max(causes, key=lambda c: causes[c]) if causes else "network"
+    named = {"5xx": "HTTP 5xx"} | {c: f"HTTP {c}" for c in causes if c.isdigit()}
+    counts = ", ".join(f"{named.get(c, c)}: {n}" for c, n in sorted(causes.items()))
+    where = f", e.g. {example}" if top.isdigit() and example else ""
+    host = urlsplit(source.url_template).netloc
+    return HostFailingError(
+        f"download: {failed:,} of {todo:,} tiles failed from {host} ({counts}{where});"
+        f" {advice(top, source)}. Tiles stored so far are kept",
+        host=host,
+        status=named.get(top, top),
+    )
 
 
 class _CrossOriginRedirect(Exception):

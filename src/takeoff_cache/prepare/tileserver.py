@@ -12,6 +12,7 @@ from __future__ import annotations
 import email.utils
 import io
 import logging
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -90,6 +91,26 @@ class TileSource:
     def host(self, z: int, x: int, y: int) -> str:
         return urlsplit(self.url(z, x, y)).netloc
 
+    def api_key(self, given: str | None = None) -> str | None:
+        """The key sent with each request: ``given``, else the environment's.
+
+        Raises InvalidRequestError when the source sends a key and none is set, or
+        when the key is too short to be told from ordinary text (so too short to
+        redact). Checked before the first request: ``prepare``'s precheck asks too.
+        """
+        key = given if given is not None else os.environ.get(TILES_API_KEY) or None
+        if (self.key_header or self.key_param) and not key:
+            raise InvalidRequestError(
+                f"tiles key: {TILES_API_KEY} is not set (the source sends it as"
+                f" {self.key_header or self.key_param})"
+            )
+        if key and len(key) < MIN_KEY_CHARS:
+            raise InvalidRequestError(
+                f"tiles key: {TILES_API_KEY} is shorter than {MIN_KEY_CHARS} characters;"
+                " a real API key is longer"
+            )
+        return key
+
 
 def origin(url: str) -> str:
     """``scheme://host:port`` of ``url``, the port written out: what a key is tied to."""
@@ -108,20 +129,30 @@ def quadkey(z: int, x: int, y: int) -> str:
     return "".join(digits)
 
 
+# The longest wait a Retry-After is read as: a larger one (a year, 10**5000 seconds,
+# a date in 2999) means "not today", which max_wait_s then refuses to wait for.
+RETRY_AFTER_CAP_S = 86_400.0
+_DELTA_SECONDS = re.compile(r"[0-9]+")  # ASCII digits only: "²".isdigit() is True
+
+
 def retry_after_s(value: str | None, now: float | None = None) -> float | None:
-    """Seconds a ``Retry-After`` header asks for (delta-seconds or an HTTP-date)."""
+    """Seconds a ``Retry-After`` header asks for (delta-seconds or an HTTP-date),
+    at most :data:`RETRY_AFTER_CAP_S`; None (as if absent) for anything else."""
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if _DELTA_SECONDS.fullmatch(value):
+        # Compared as text first: int() refuses more than 4300 digits.
+        return RETRY_AFTER_CAP_S if len(value) > 6 else min(float(value), RETRY_AFTER_CAP_S)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        at = when.timestamp()
+    except (TypeError, ValueError, OverflowError, IndexError):
         return None
     if when.tzinfo is None:
         return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    wait = at - (time.time() if now is None else now)
+    return min(max(0.0, wait), RETRY_AFTER_CAP_S)
 
 
 MIN_TILE_SIDE = 64  # smaller images are placeholders (a 1x1 "no data" tile), not imagery
