@@ -17,7 +17,13 @@ from takeoff_cache.errors import AntimeridianError, InvalidRequestError
 from takeoff_cache.prepare.area import flight_area
 from takeoff_cache.prepare.flight import Circle, Corridor, Flight
 from takeoff_cache.prepare.sources import load_flight
-from takeoff_cache.tiles.area import load_area, parse_area, tiles_for_area
+from takeoff_cache.tiles.area import (
+    count_area_tiles,
+    load_area,
+    parse_area,
+    tile_count_bounds,
+    tiles_for_area,
+)
 
 DATA = Path(__file__).parents[1] / "data" / "flights"
 GEOD = Geod(ellps="WGS84")
@@ -260,3 +266,26 @@ def test_a_flight_area_reads_back_as_an_area_file(tmp_path: Path) -> None:
     area = flight_area(load_flight(DATA / "flight.json"))
     again = parse_area(json.loads(json.dumps(area.geojson)), "again")
     assert again == area
+
+
+@pytest.mark.parametrize(("lat", "lon"), PLACES)
+@pytest.mark.parametrize("quad_segs", [1, 16])
+def test_tile_count_bounds_hold_the_exact_count(lat: float, lon: float, quad_segs: int) -> None:
+    # Coarse and fine outlines, at every latitude band and hemisphere.
+    for radius, zoom in ((0.003, 17), (0.05, 14), (0.4, 12)):
+        geometry = shapely.Point(lon, lat).buffer(radius, quad_segs=quad_segs)
+        area = parse_area(shapely.geometry.mapping(geometry), "t").geojson
+        exact = len(tiles_for_area(area, (zoom, zoom + 1)))
+        lower, upper = tile_count_bounds(area, (zoom, zoom + 1))
+        assert lower <= exact <= upper
+        assert count_area_tiles(area, (zoom, zoom + 1)) == exact
+
+
+def test_tile_count_bounds_of_a_continent_are_close_and_cheap() -> None:
+    ring = [[-10.0, 35.0], [15.0, 35.0], [15.0, 55.0], [-10.0, 55.0], [-10.0, 35.0]]
+    area = parse_area({"type": "Polygon", "coordinates": [ring]}, "t").geojson
+    lower, upper = tile_count_bounds(area, (17,))
+    x0, x1, y0, y1 = tile_range((35.0, -10.0, 55.0, 15.0), 17)
+    box_tiles = (x1 - x0 + 1) * (y1 - y0 + 1)
+    assert lower <= box_tiles <= upper
+    assert upper - lower < box_tiles / 1000

@@ -22,9 +22,15 @@ from urllib.parse import urlsplit
 from takeoff_cache.build.lock import ExclusiveLock
 from takeoff_cache.build.request import BuildRequest, parse_request, parse_zoom_levels
 from takeoff_cache.core.fsutil import atomic_write_bytes
-from takeoff_cache.core.workdir import areas_dir, locks_dir, resolve_work_dir, tiles_dir
+from takeoff_cache.core.workdir import (
+    areas_dir,
+    default_work_dir,
+    locks_dir,
+    resolve_work_dir,
+    tiles_dir,
+)
 from takeoff_cache.errors import CacheIOError, InvalidRequestError, TooManyTilesError
-from takeoff_cache.prepare.area import flight_area
+from takeoff_cache.prepare.area import check_tile_budget, flight_area
 from takeoff_cache.prepare.download import (
     DownloadOptions,
     DownloadProgress,
@@ -67,6 +73,7 @@ class MissionArea:
             "zoom_levels": list(self.zoom_levels),
             "tiles": len(self.tiles),
             "tiles_per_zoom": per_zoom,
+            **({"warnings": list(self.area.warnings)} if self.area.warnings else {}),
         }
 
 
@@ -111,9 +118,10 @@ def plan_job(
         resolved = parse_flight_json(flight, str(flight.get("source") or "flight"))
     else:
         resolved = resolve_flight(Path(plan) if plan else None, flight_id, flights_api)
-    mission = mission_area(resolved, zooms, buffer_m)
+    named = Path(work_dir).expanduser().resolve() if work_dir else default_work_dir()
+    corpus_path = Path(corpus).expanduser() if corpus else default_corpus(named, tiles_url)
+    mission = mission_area(resolved, zooms, buffer_m, max_tiles, corpus_path)
     work = resolve_work_dir(work_dir)
-    corpus_path = Path(corpus).expanduser() if corpus else default_corpus(work, tiles_url)
     return Job(resolved, mission, work, corpus_path.absolute(), source, options)
 
 
@@ -147,9 +155,15 @@ def resolve_flight(plan: Path | None, flight_id: str | None, flights_api: str | 
 
 
 def mission_area(
-    flight: Flight, zoom_levels: tuple[int, ...], buffer_m: float = DEFAULT_BUFFER_M
+    flight: Flight,
+    zoom_levels: tuple[int, ...],
+    buffer_m: float = DEFAULT_BUFFER_M,
+    max_tiles: int | None = None,
+    corpus: Path | None = None,
 ) -> MissionArea:
     area = flight_area(flight, buffer_m)
+    if max_tiles is not None:  # before a continent's tiles are listed
+        check_tile_budget(area, zoom_levels, max_tiles, corpus)
     return MissionArea(area, zoom_levels, tuple(tiles_for_area(area.geojson, zoom_levels)))
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,8 @@ class Area:
 
     geojson: dict[str, Any]
     km2: float
+    # What the operator should know about how the area was drawn (a far element).
+    warnings: tuple[str, ...] = ()
 
     @property
     def bbox(self) -> tuple[float, float, float, float]:
@@ -49,7 +51,7 @@ class Area:
 
 def area_of(geometry: BaseGeometry, source: str) -> Area:
     """The area of a WGS84 geometry: checked, clipped to Web-Mercator, canonical."""
-    _check_antimeridian(geometry, source)
+    check_antimeridian(geometry, f"the area of {source}")
     return _area(_web_mercator_part(geometry))
 
 
@@ -104,34 +106,85 @@ def tiles_for_area(
     geometry = shape(area_geojson)
     out: list[tuple[int, int, int]] = []
     for z in sorted(set(zoom_levels)):
+        for y, spans in _rows(geometry, z):
+            out.extend((z, x, y) for first, last in spans for x in range(first, last + 1))
+    out.sort()
+    return out
+
+
+def count_area_tiles(area_geojson: dict[str, Any], zoom_levels: Iterable[int]) -> int:
+    """``len(tiles_for_area(...))``, counted row by row: memory stays that of one row."""
+    geometry = shape(area_geojson)
+    return sum(
+        last - first + 1
+        for z in set(zoom_levels)
+        for _, spans in _rows(geometry, z)
+        for first, last in spans
+    )
+
+
+def tile_count_bounds(area_geojson: dict[str, Any], zoom_levels: Iterable[int]) -> tuple[int, int]:
+    """``(lower, upper)`` bounds on :func:`count_area_tiles`, from the geometry alone.
+
+    Work and memory grow with the area's vertices, not its tiles. In tile
+    coordinates the selected tiles cover the area, so there are at least as many
+    as its area in tiles. Those not wholly inside it each meet its outline, and a
+    segment of length ``l`` meets at most ``3 + 2 l`` unit squares; the others fit
+    inside, at most its area of them. Neither bound exceeds the bbox's tile count.
+    """
+    geometry = shape(area_geojson)
+    lower = upper = 0
+    for z in set(zoom_levels):
         n = 2**z
         tiles = shapely.transform(geometry, functools.partial(_fractional_tiles, n=n))
         x_min, y_min, x_max, y_max = tiles.bounds
-        row0 = max(0, math.floor(y_min + _EDGE))
-        row1 = min(n - 1, math.ceil(y_max - _EDGE) - 1)
-        strips = [
-            shapely.clip_by_rect(tiles, x_min - 1, y, x_max + 1, y + 1)
-            for y in range(row0, row1 + 1)
-        ]
-        for y, strip in zip(range(row0, row1 + 1), strips, strict=True):
-            columns: set[int] = set()
-            for piece in getattr(strip, "geoms", [strip]):
-                # Pieces that only touch the strip's edge are lines or points: no area.
-                if piece.geom_type != "Polygon" or piece.area == 0:
-                    continue
-                px0, _, px1, _ = piece.bounds
-                first = max(0, math.floor(px0 + _EDGE))
-                last = min(n - 1, max(first, math.ceil(px1 - _EDGE) - 1))
-                columns.update(range(first, last + 1))
-            out.extend((z, x, y) for x in columns)
-    out.sort()
+        box = (math.ceil(x_max) - math.floor(x_min)) * (math.ceil(y_max) - math.floor(y_min))
+        outline = shapely.get_num_coordinates(tiles.boundary)
+        # _EDGE lets slivers of up to 1e-6 tile along the outline go uncounted.
+        lower += max(0, math.floor(tiles.area - 2 * _EDGE * tiles.length) - 1)
+        upper += min(box, math.ceil(tiles.area + 3 * outline + 2 * tiles.length))
+    return min(lower, upper), upper
+
+
+def _rows(geometry: BaseGeometry, z: int) -> Iterator[tuple[int, list[tuple[int, int]]]]:
+    """``(y, [(first, last), ...])``: each tile row of the area at zoom ``z`` and the
+    column spans of it the area covers, row by row (see :func:`tiles_for_area`)."""
+    n = 2**z
+    tiles = shapely.transform(geometry, functools.partial(_fractional_tiles, n=n))
+    x_min, y_min, x_max, y_max = tiles.bounds
+    row0 = max(0, math.floor(y_min + _EDGE))
+    row1 = min(n - 1, math.ceil(y_max - _EDGE) - 1)
+    shapely.prepare(tiles)
+    for y in range(row0, row1 + 1):
+        strip = shapely.clip_by_rect(tiles, x_min - 1, y, x_max + 1, y + 1)
+        spans: list[tuple[int, int]] = []
+        for piece in getattr(strip, "geoms", [strip]):
+            # Pieces that only touch the strip's edge are lines or points: no area.
+            if piece.geom_type != "Polygon" or piece.area == 0:
+                continue
+            px0, _, px1, _ = piece.bounds
+            first = max(0, math.floor(px0 + _EDGE))
+            last = min(n - 1, max(first, math.ceil(px1 - _EDGE) - 1))
+            spans.append((first, last))
+        yield y, _merged(spans)
+
+
+def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Overlapping or touching column spans joined, in order."""
+    out: list[tuple[int, int]] = []
+    for first, last in sorted(spans):
+        if out and first <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], last))
+        else:
+            out.append((first, last))
     return out
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def _check_antimeridian(geometry: BaseGeometry, source: str) -> None:
+def check_antimeridian(geometry: BaseGeometry, what: str) -> None:
+    """Refuse ``what`` (a WGS84 geometry drawn from a flight) if it went over the antimeridian."""
     # Back in degrees, a ring that went over the antimeridian jumps by ~360 degrees
     # of longitude between neighbouring vertices (the densified edges are short).
     for polygon in getattr(geometry, "geoms", [geometry]):
@@ -139,8 +192,7 @@ def _check_antimeridian(geometry: BaseGeometry, source: str) -> None:
             lons = np.asarray(ring.coords)[:, 0]
             if lons.size and float(np.max(np.abs(np.diff(lons)))) > 180.0:
                 raise AntimeridianError(
-                    f"area: the area of {source} crosses the antimeridian; split the flight"
-                    " into one on each side"
+                    f"area: {what} crosses the antimeridian; split the flight into one on each side"
                 )
 
 
