@@ -21,6 +21,7 @@ from typing import Any
 from takeoff_cache.core.fsutil import kind_problem
 from takeoff_cache.core.tilemath import tile_range, tms_row
 from takeoff_cache.errors import CorpusError
+from takeoff_cache.tiles.mbtiles import TILE_ADDRESS, bounded_rows, query_error, start_clock
 
 _XYZ_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -108,18 +109,24 @@ class MBTilesCorpus(Corpus):
         # MBTiles rows are TMS (south-origin): flip the y range for the query.
         rows = self._query(
             "SELECT tile_column, tile_row, CAST(tile_data AS BLOB) FROM tiles WHERE zoom_level = ?"
-            " AND tile_column BETWEEN ? AND ? AND tile_row BETWEEN ? AND ?",
+            f" AND tile_column BETWEEN ? AND ? AND tile_row BETWEEN ? AND ? AND {TILE_ADDRESS}",
             (z, x0, x1, tms_row(z, y1), tms_row(z, y0)),
         )
-        for column, row, data in rows:
+        # No more rows than tiles in the range: a view that repeats rows is refused
+        # before the selection grows without end.
+        for column, row, data in bounded_rows(rows, (x1 - x0 + 1) * (y1 - y0 + 1), self.path):
             yield int(column), tms_row(z, int(row)), _blob(data)
 
     def read(self, z: int, x: int, y: int) -> bytes:
         rows = list(
-            self._query(
-                "SELECT CAST(tile_data AS BLOB) FROM tiles"
-                " WHERE zoom_level = ? AND tile_column = ? AND tile_row = ?",
-                (z, x, tms_row(z, y)),
+            bounded_rows(
+                self._query(
+                    "SELECT CAST(tile_data AS BLOB) FROM tiles"
+                    " WHERE zoom_level = ? AND tile_column = ? AND tile_row = ?",
+                    (z, x, tms_row(z, y)),
+                ),
+                1,
+                self.path,
             )
         )
         if not rows:
@@ -165,9 +172,13 @@ class MBTilesCorpus(Corpus):
         return out if offset == len(view) else super().read_many(coords)
 
     def _query(self, sql: str, args: tuple[int, ...]) -> Iterator[tuple[Any, ...]]:
+        """The rows of one statement, within QUERY_DEADLINE_S of its start."""
         try:
+            start_clock(self._db)
             yield from self._db.execute(sql, args)
         except sqlite3.DatabaseError as exc:
+            if "interrupted" in str(exc):
+                raise query_error(self.path, exc) from exc
             raise CorpusError(f"corpus: cannot read tiles from {self.path}: {exc}") from exc
 
     def close(self) -> None:

@@ -18,17 +18,20 @@ little left to fold: a finished corpus is one self-contained file again.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from takeoff_cache.core.tilemath import tile_bounds, tms_row
 from takeoff_cache.errors import CacheIOError, CorpusError
 
 Coord = tuple[int, int, int]
+Row = TypeVar("Row")
 
 # The MBTiles tables, defined here only: every MBTiles file this project writes
 # (downloads, the companion's subset, the demo corpus) gets them from create_schema.
@@ -38,6 +41,57 @@ _SCHEMA = (
     " tile_row INTEGER, tile_data BLOB)",
     "CREATE UNIQUE INDEX IF NOT EXISTS tile_index ON tiles (zoom_level, tile_column, tile_row)",
 )
+
+
+# Rows that are tile addresses: integer zoom 0..30, column and row inside its grid.
+# Files made elsewhere may hold others (a negative zoom, text in a number's column,
+# a row past the grid): no selection can ask for them, so they are skipped
+# everywhere, never an error, and do not count in bounds, zooms or sizes.
+TILE_ADDRESS = (
+    "typeof(zoom_level) = 'integer' AND zoom_level BETWEEN 0 AND 30"
+    " AND typeof(tile_column) = 'integer' AND typeof(tile_row) = 'integer'"
+    " AND tile_column BETWEEN 0 AND (1 << zoom_level) - 1"
+    " AND tile_row BETWEEN 0 AND (1 << zoom_level) - 1"
+)
+
+# The longest one statement on a corpus may run. A ``tiles`` view can be any SQL,
+# a recursive one that never ends included: past this, it is interrupted.
+QUERY_DEADLINE_S = 30.0
+_PROGRESS_STEPS = 10_000  # SQLite instructions between two looks at the clock
+
+
+def start_clock(db: sqlite3.Connection, seconds: float | None = None) -> None:
+    """Interrupt ``db``'s statements once ``seconds`` (default QUERY_DEADLINE_S) from
+    now have passed; each statement that must stay bounded starts its own clock."""
+    until = time.monotonic() + (QUERY_DEADLINE_S if seconds is None else seconds)
+    db.set_progress_handler(lambda: time.monotonic() > until, _PROGRESS_STEPS)
+
+
+def bounded_rows(rows: Iterable[Row], limit: int, path: Path) -> Iterator[Row]:
+    """``rows``, refused past ``limit``: more rows than tiles in the range asked for
+    means a ``tiles`` view that repeats rows (or never stops)."""
+    try:
+        for n, row in enumerate(rows, 1):
+            if n > limit:
+                raise CorpusError(
+                    f"corpus: {path} answers more than {limit:,} rows for {limit:,} tiles;"
+                    " its 'tiles' table or view repeats tiles"
+                )
+            yield row
+    finally:
+        close = getattr(rows, "close", None)
+        if close is not None:
+            close()  # the statement ends now, while its database is open
+
+
+def query_error(path: Path, exc: sqlite3.DatabaseError) -> CorpusError:
+    """The one-line error of a failed statement on corpus ``path``."""
+    if "interrupted" in str(exc):
+        return CorpusError(
+            f"corpus: reading {path} took longer than {QUERY_DEADLINE_S:g} s and was stopped;"
+            " its 'tiles' view may never end"
+        )
+    return CorpusError(f"corpus: {path} is not a readable MBTiles file: {exc}")
 
 
 def create_schema(db: sqlite3.Connection) -> None:
@@ -68,9 +122,9 @@ def stored_tiles(path: Path, coords: Iterable[Coord]) -> dict[Coord, StoredTile]
     except sqlite3.Error as exc:
         raise CorpusError(f"corpus: cannot open {path}: {exc}") from exc
     try:
-        return _stored(db, wanted)
+        return _stored(db, wanted, path)
     except sqlite3.DatabaseError as exc:
-        raise CorpusError(f"corpus: {path} is not a readable MBTiles file: {exc}") from exc
+        raise query_error(path, exc) from exc
     finally:
         db.close()
 
@@ -79,19 +133,24 @@ def mean_tile_bytes(path: Path) -> dict[int, float]:
     """Average stored tile size per zoom level (the dry run's byte estimate)."""
     if not path.is_file():
         return {}
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise CorpusError(f"corpus: cannot open {path}: {exc}") from exc
+    try:
+        start_clock(db)
         rows = db.execute(
-            "SELECT zoom_level, avg(length(tile_data)) FROM tiles GROUP BY zoom_level"
+            "SELECT zoom_level, avg(length(tile_data)) FROM tiles"
+            f" WHERE {TILE_ADDRESS} GROUP BY zoom_level"
         ).fetchall()
     except sqlite3.DatabaseError as exc:
-        raise CorpusError(f"corpus: {path} is not a readable MBTiles file: {exc}") from exc
+        raise query_error(path, exc) from exc
     finally:
         db.close()
     return {int(z): float(size) for z, size in rows if size is not None}
 
 
-def _stored(db: sqlite3.Connection, wanted: set[Coord]) -> dict[Coord, StoredTile]:
+def _stored(db: sqlite3.Connection, wanted: set[Coord], path: Path) -> dict[Coord, StoredTile]:
     names = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
     if "tiles" not in names:
         raise sqlite3.DatabaseError("no 'tiles' table")
@@ -104,17 +163,24 @@ def _stored(db: sqlite3.Connection, wanted: set[Coord]) -> dict[Coord, StoredTil
         x0, x1 = min(c[1] for c in cs), max(c[1] for c in cs)
         r0, r1 = tms_row(z, max(c[2] for c in cs)), tms_row(z, min(c[2] for c in cs))
         args = (z, x0, x1, r0, r1)
+        cells = (x1 - x0 + 1) * (r1 - r0 + 1)
         where = "zoom_level = ? AND tile_column BETWEEN ? AND ? AND tile_row BETWEEN ? AND ?"
-        for x, row in db.execute(f"SELECT tile_column, tile_row FROM tiles WHERE {where}", args):
+        start_clock(db)
+        rows = db.execute(
+            f"SELECT tile_column, tile_row FROM tiles WHERE {where} AND {TILE_ADDRESS}", args
+        )
+        for x, row in bounded_rows(rows, cells, path):
             c = (z, int(x), tms_row(z, int(row)))
             if c in wanted:
                 out[c] = StoredTile(None, None, None, None)
         if "tile_fetch" in names:
-            for x, row, sha, etag, modified, at in db.execute(
+            start_clock(db)
+            fetches = db.execute(
                 "SELECT tile_column, tile_row, sha256, etag, last_modified, fetched_at"
-                f" FROM tile_fetch WHERE {where}",
+                f" FROM tile_fetch WHERE {where} AND {TILE_ADDRESS}",
                 args,
-            ):
+            )
+            for x, row, sha, etag, modified, at in bounded_rows(fetches, cells, path):
                 c = (z, int(x), tms_row(z, int(row)))
                 if c in out:
                     out[c] = StoredTile(sha, etag, modified, at)
@@ -235,7 +301,16 @@ class MBTilesWriter:
         try:
             self._db.execute(sql, args)
         except sqlite3.OperationalError as exc:
-            raise CacheIOError(f"corpus: cannot write {self.path}: {exc}") from exc
+            raise self._io_error("write", exc) from exc
+
+    def _io_error(self, doing: str, exc: sqlite3.Error) -> CacheIOError:
+        """A failed write, in one line; a full disk (CacheIOError, exit 1) says so."""
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            return CacheIOError(
+                f"corpus: cannot {doing} {self.path}: no space left on its device; free some"
+                " and run again (tiles committed so far are kept)"
+            )
+        return CacheIOError(f"corpus: cannot {doing} {self.path}: {exc}")
 
     def _step(self) -> None:
         self._pending = len(self._fetches)
@@ -266,7 +341,7 @@ class MBTilesWriter:
             self._db.execute("COMMIT")
             self._db.execute("BEGIN")
         except sqlite3.OperationalError as exc:
-            raise CacheIOError(f"corpus: cannot commit tiles to {self.path}: {exc}") from exc
+            raise self._io_error("commit tiles to", exc) from exc
         self._tiles.clear()
         self._fetches.clear()
         self._pending = 0
@@ -286,7 +361,7 @@ class MBTilesWriter:
             except sqlite3.OperationalError:
                 pass  # a reader holds the file open: it stays in WAL mode, just as valid
         except sqlite3.OperationalError as exc:
-            raise CacheIOError(f"corpus: cannot finish {self.path}: {exc}") from exc
+            raise self._io_error("finish", exc) from exc
         finally:
             self._db.close()
 
@@ -294,7 +369,7 @@ class MBTilesWriter:
         extent: dict[int, list[int]] = {}  # z -> [x0, x1, row0, row1]
         rows = self._db.execute(
             "SELECT zoom_level, min(tile_column), max(tile_column), min(tile_row), max(tile_row)"
-            " FROM tiles GROUP BY zoom_level"
+            f" FROM tiles WHERE {TILE_ADDRESS} GROUP BY zoom_level"
         ).fetchall()
         for z, x0, x1, r0, r1 in rows:
             extent[int(z)] = [int(x0), int(x1), int(r0), int(r1)]
@@ -319,8 +394,14 @@ class MBTilesWriter:
     def __enter__(self) -> MBTilesWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        if kind is None:
+            self.close()
+            return
+        # Leaving on an error (a full disk, a stop): keep what can be committed, and
+        # let that error be the one told; a second failure here would only repeat it.
+        with contextlib.suppress(CacheIOError, sqlite3.Error):
+            self.close()
 
 
 class _Checkpointer:
