@@ -276,6 +276,11 @@ class RemoteOutputError(CompanionError, ValueError):
     """A remote command's output is not the JSON it must end with (malformed or truncated)."""
 
 
+class CompanionManifestError(CompanionError):
+    """The companion's Manifest.json is missing, too large, not signed by a key the
+    workstation trusts, or of another build than the one sent."""
+
+
 class RemoteCommandError(CompanionError):
     """A remote build or verify failed; ``exit_code`` is the remote one where it is ours."""
 
