@@ -20,7 +20,7 @@ import numpy as np
 import shapely
 from numpy.typing import NDArray
 from pyproj import Geod
-from shapely.geometry import MultiPolygon, mapping, shape
+from shapely.geometry import MultiPolygon, Polygon, shape
 from shapely.geometry.base import BaseGeometry
 from shapely.geometry.polygon import orient
 
@@ -216,18 +216,22 @@ def _area(geometry: BaseGeometry) -> Area:
         raise InvalidRequestError("area: nothing is left of the area at 1e-7 degrees")
     canonical = polygons[0] if len(polygons) == 1 else MultiPolygon(polygons)
     km2 = abs(_GEOD.geometry_area_perimeter(canonical)[0]) / 1e6
-    return Area(_lists(mapping(canonical)), km2)
+    return Area(_geojson(canonical), km2)
 
 
-def _lists(value: Any) -> Any:
-    """mapping() gives tuples; JSON and equality checks want lists of rounded floats."""
-    if isinstance(value, dict):
-        return {k: _lists(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_lists(v) for v in value]
-    if isinstance(value, float):
-        return round(value, _DIGITS)
-    return value
+def _geojson(geometry: Polygon | MultiPolygon) -> dict[str, Any]:
+    """GeoJSON of a polygon or multipolygon as lists of floats rounded to 1e-7 degrees,
+    ring by ring with numpy (a continent's outline has tens of thousands of vertices)."""
+
+    def rings(polygon: Polygon) -> list[Any]:
+        return [
+            np.round(np.asarray(ring.coords)[:, :2], _DIGITS).tolist()
+            for ring in (polygon.exterior, *polygon.interiors)
+        ]
+
+    if isinstance(geometry, Polygon):
+        return {"type": "Polygon", "coordinates": rings(geometry)}
+    return {"type": "MultiPolygon", "coordinates": [rings(p) for p in geometry.geoms]}
 
 
 def _fractional_tiles(coords: NDArray[np.float64], n: int) -> NDArray[np.float64]:
