@@ -119,6 +119,8 @@ class Precheck:
     # The report a no-op run ends with; None when there is work to do (or no tiles:
     # the flow reports that, as a failed run).
     noop_report: BuildReport | None
+    # The manifest in force, when one verifies with a trusted key.
+    previous: Manifest | None = None
 
 
 @contextmanager
@@ -150,4 +152,4 @@ def prechecked(raw: dict[str, Any], options: BuildOptions) -> Iterator[Precheck]
                 elapsed_s=round(time.perf_counter() - started, 4),
                 phases=phases,
             )
-        yield Precheck(front.validated, front.lock, report)
+        yield Precheck(front.validated, front.lock, report, front.previous)
