@@ -40,6 +40,9 @@ def build_cache(
     dask_address: str | None = None,
     self_test: int = 200,
     min_recall: float | None = None,
+    min_coverage: float | None = None,
+    allow_gaps: bool | None = None,
+    require_ready: bool | None = None,
 ) -> dict[str, Any] | State:
     """Build (or confirm) the signed takeoff cache for one request; return the build report."""
     params = dict(locals())
@@ -56,6 +59,15 @@ def build_cache(
             return run.end(failure_reason=t.no_tiles_reason(validated))
         report.build_identity = done.build_id
         if done.is_noop:
+            # The cache stands. Its verdict is the one it was signed with, judged again on
+            # this run's thresholds only when they gate (a plain no-op loads no area code).
+            report.ready = previous.signed.get("ready") if previous else None
+            if options.gated:
+                tested_before = previous.signed.get("self_test") if previous else None
+                with run.phase("readiness"):
+                    report.ready = t.readiness(validated, selection, options, tested_before)
+                if not report.ready["ok"]:
+                    return run.end(failure_reason=t.not_ready_reason(report.ready))
             return run.end(
                 "idempotent_no_op",
                 descriptors_reused=len(selection.tiles),
@@ -90,11 +102,22 @@ def build_cache(
                 validated, selection, records, index_described, options, report.build_identity
             )
         report.self_test, report.coverage_map = tested.summary, tested.coverage_map
+        with run.phase("readiness"):
+            report.ready = t.readiness(validated, selection, options, tested.summary)
+        if options.gated and not report.ready["ok"]:
+            # Before anything is signed: the previous cache stays in force (exit 12).
+            return run.end(failure_reason=t.not_ready_reason(report.ready))
         if tested.failure_reason:
             return run.end(failure_reason=tested.failure_reason)
         with run.phase("manifest"):
             manifest = t.manifest(
-                validated, report.build_identity, untracked(selection), described, options, tested
+                validated,
+                report.build_identity,
+                untracked(selection),
+                described,
+                options,
+                tested,
+                report.ready,
             )
         with run.phase("coverage"):
             new_paths = {a.path for a in described}

@@ -25,10 +25,10 @@ from takeoff_cache_prefect.flows.build import build_cache
 from takeoff_cache_prefect.flows.phases import recorded_outcomes, report_of
 from takeoff_cache_prefect.tasks import prepare as t
 
-from takeoff_cache.build.options import OPTION_FIELDS
+from takeoff_cache.build.options import OPTION_FIELDS, for_prepare
 from takeoff_cache.build.request import FIELDS
 from takeoff_cache.companion.options import CompanionOptions
-from takeoff_cache.errors import RemoteCommandError, TakeoffCacheError
+from takeoff_cache.errors import NotReadyError, RemoteCommandError, TakeoffCacheError
 from takeoff_cache.prepare import job as p
 from takeoff_cache.prepare.download import DownloadOptions
 from takeoff_cache.prepare.report import PrepareReport
@@ -85,6 +85,9 @@ def prepare_flight(
     dask_address: str | None = None,
     self_test: int = 200,
     min_recall: float | None = None,
+    min_coverage: float | None = None,
+    allow_gaps: bool | None = None,
+    require_ready: bool | None = None,
 ) -> dict[str, Any] | State:
     """Resolve a flight, fetch its area's tiles, build and verify its cache; return the report.
 
@@ -106,6 +109,8 @@ def prepare_flight(
         report.fail(exc.exit_code, str(exc))
         if isinstance(exc, RemoteCommandError) and exc.report:
             report.build = exc.report  # the companion's own report of what failed
+            ready = exc.report.get("ready")
+            report.ready = ready if isinstance(ready, dict) else None
         _end(report, exc)
         raise
 
@@ -128,7 +133,9 @@ def _prepare(
         report.download = t.download(job)
         report.area = {**job.mission.to_json(), "path": t.write_area(job)}
     fields = {name: params[name] for name in FIELDS if name in params}
-    options = {f.name: params[f.name] for f in OPTION_FIELDS}
+    # The build is judged as prepare judges: not ready stops it (exit 12), with
+    # protective thresholds unless the operator gave their own (SPEC §11).
+    options = for_prepare({f.name: params[f.name] for f in OPTION_FIELDS})
     companion = CompanionOptions.from_json(params["companion"]) if params["companion"] else None
     pool = params["work_pool"]
     if companion is not None and not pool:
@@ -136,6 +143,7 @@ def _prepare(
             done = t.companion_build(job, fields, companion, options)
         report.companion = {"bring_up": done["bring_up"], "transfer": done["transfer"]}
         report.build, report.verify = done["build"], done["verify"]
+        report.ready = done["build"].get("ready")
         report.finish(done["build"]["outcome"])
         return _end(report)
     raw = p.build_raw(fields, job.flight, job.mission, job.corpus)
@@ -158,6 +166,11 @@ def _prepare(
             state = build_cache(**raw, **{**options, **work}, return_state=True)
         build = report_of(outcomes, state)
     report.build = build
+    report.ready = build.get("ready")
+    if report.ready is not None and not report.ready.get("ok"):
+        error = NotReadyError(list(report.ready.get("reasons", [])))
+        report.fail(error.exit_code, str(error))
+        return Failed(message=str(error), data=_end(report))
     if build["outcome"] == "failure":
         report.fail(EXIT_BUILD_FAILED, build["failure_reason"])
         return Failed(message=f"build failed: {build['failure_reason']}", data=_end(report))

@@ -23,6 +23,7 @@ from takeoff_cache import __version__
 from takeoff_cache.build import commit, coverage, front, noop
 from takeoff_cache.build.lock import ExclusiveLock
 from takeoff_cache.build.options import BuildOptions
+from takeoff_cache.build.readiness import judge
 from takeoff_cache.build.report import BuildReport
 from takeoff_cache.build.validate import ValidatedRequest
 from takeoff_cache.tiles import corpus
@@ -93,6 +94,7 @@ def manifest(
     described: list[Artifact],
     options: BuildOptions,
     tested: SelfTested,
+    ready: dict[str, Any] | None = None,
 ) -> bytes:
     root = validated.request.cache_root
     now = datetime.now(UTC)
@@ -113,8 +115,28 @@ def manifest(
         artifacts=described,
         tool_version=__version__,
         self_test=tested.signed,
+        ready=ready,
     )
     return sign_manifest(signed, validated.signer)
+
+
+@task(name="readiness", task_run_name="readiness", cache_policy=NO_CACHE, persist_result=False)
+def readiness(
+    validated: ValidatedRequest,
+    selection: corpus.TileSelection,
+    options: BuildOptions,
+    self_test: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The readiness verdict (SPEC §11): the selection's coverage of the area and the
+    route, and the self-test's figures, judged on the options' thresholds."""
+    tiles = [(t.z, t.x, t.y) for t in selection.tiles]
+    return judge(validated.request, tiles, options, self_test)
+
+
+def not_ready_reason(ready: dict[str, Any]) -> str:
+    """The build's failure reason for a not-ready verdict (the report's
+    ``ready.reasons`` keeps them one by one)."""
+    return "not ready: " + "; ".join(ready["reasons"])
 
 
 @task(name="coverage", task_run_name="coverage", cache_policy=NO_CACHE, persist_result=False)

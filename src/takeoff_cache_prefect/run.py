@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from takeoff_cache.build.options import BuildOptions
+from takeoff_cache.build.options import OPTION_FIELDS, BuildOptions
 from takeoff_cache.errors import TakeoffCacheError
 
 if TYPE_CHECKING:
@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from takeoff_cache.prepare.download import DownloadProgress
     from takeoff_cache.prepare.report import PrepareReport
 
+# Retries of a failed call to the API (Prefect's default is 5: 2+4+8+16+32 s of waits).
+CLIENT_MAX_RETRIES = 2
 # Prefect's names for the flow-run heartbeat interval (the second is its legacy alias).
 HEARTBEAT_SETTINGS = ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY")
 
@@ -34,10 +36,17 @@ def prefect_env(verbose: bool) -> None:
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
     # The embedded API starts in a subprocess; on a busy 2-core host 20 s is not enough.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # An API that stops answering mid-run (a configured server that went down) is
+    # given up on within seconds per call, not Prefect's five retries of a minute
+    # in all: a command stuck on it for minutes helps no one (docs/operations.md).
+    os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", str(CLIENT_MAX_RETRIES))
     if not verbose:
         # Run logs still reach the Prefect API (and UI); only the terminal copy is muted,
-        # so an operator sees our one-line errors, not Prefect's tracebacks.
+        # so an operator sees our one-line errors, not Prefect's tracebacks, nor its
+        # workers' complaints about an API that went away.
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+        os.environ.setdefault("PREFECT_INTERNAL_LOGGING_LEVEL", "CRITICAL")
+        logging.raiseExceptions = False
 
 
 @contextlib.contextmanager
@@ -104,15 +113,9 @@ def _start(verbose: bool) -> Any:
 
 
 def _flow_options(options: BuildOptions) -> dict[str, Any]:
-    return {
-        "work_dir": str(options.work_dir),
-        "backend": options.backend,
-        "coverage": options.coverage,
-        "expires_in_s": options.expires_in_s,
-        "dask_address": options.dask_address,
-        "self_test": options.self_test,
-        "min_recall": options.min_recall,
-    }
+    out = {f.name: getattr(options, f.name) for f in OPTION_FIELDS}
+    out["work_dir"] = str(options.work_dir)
+    return out
 
 
 def run_build(

@@ -120,6 +120,9 @@ def test_every_build_option_reaches_the_companion_build_or_stays_here_for_a_reas
         "dask_address": "tcp://10.0.0.2:8786",
         "self_test": 0,
         "min_recall": 0.5,
+        "min_coverage": 0.98,
+        "allow_gaps": True,
+        "require_ready": True,
     }
     assert set(options) == {f.name for f in OPTION_FIELDS}
     args = option_args(options, THERE.work_dir)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from takeoff_cache.build.request import Field
 from takeoff_cache.core.workdir import resolve_work_dir
@@ -18,6 +19,10 @@ from takeoff_cache.errors import InvalidRequestError
 COVERAGE_MODES = ("strict", "lenient")
 # A manifest lifetime beyond this cannot be written as a date (datetime's year 9999).
 MAX_EXPIRES_IN_S = 100 * 365 * 86400
+
+# prepare's protective defaults for the readiness verdict (SPEC §11); build's are off.
+PREPARE_MIN_COVERAGE = 0.98
+PREPARE_MIN_RECALL = 0.5
 
 # Views the self-test draws by default (SPEC §11).
 DEFAULT_SELF_TEST = 200
@@ -43,7 +48,28 @@ OPTION_FIELDS = (
     Field(
         "min_recall",
         "--min-recall",
-        "fail the build when the self-test's Recall@1 is below R, in [0, 1] (default: none)",
+        "fail the build when the self-test's Recall@1 is below R, in [0, 1] (default: none;"
+        " prepare: 0.5, and its verdict judges Recall@1 along the route; 0 turns it off)",
+    ),
+    Field(
+        "min_coverage",
+        "--min-coverage",
+        "not ready when a zoom level holds less than F of the area's tiles, in [0, 1]"
+        " (prepare: default 0.98; build: judged only when given)",
+    ),
+    Field(
+        "allow_gaps",
+        "--allow-gaps",
+        "accept missing tiles under the route and below --min-coverage knowingly:"
+        " the verdict is 'ready with gaps' and names them",
+        switch=True,
+    ),
+    Field(
+        "require_ready",
+        "--require-ready",
+        "build: stop with exit 12, the previous cache in force, when the readiness"
+        " verdict is not ready (prepare always does)",
+        switch=True,
     ),
 )
 
@@ -57,10 +83,18 @@ class BuildOptions:
     dask_address: str | None = None
     self_test: int = DEFAULT_SELF_TEST
     min_recall: float | None = None
+    min_coverage: float | None = None
+    allow_gaps: bool = False
+    require_ready: bool = False
 
     @property
     def strict(self) -> bool:
         return self.coverage == "strict"
+
+    @property
+    def gated(self) -> bool:
+        """Whether a not-ready verdict stops the build (SPEC §11): when asked for."""
+        return self.require_ready or self.min_coverage is not None
 
 
 def build_options(
@@ -71,6 +105,9 @@ def build_options(
     dask_address: str | None = None,
     self_test: float | str | None = DEFAULT_SELF_TEST,
     min_recall: float | str | None = None,
+    min_coverage: float | str | None = None,
+    allow_gaps: bool | str | None = None,
+    require_ready: bool | str | None = None,
 ) -> BuildOptions:
     """Validate the options as a flow or the command line received them."""
     backend = backend or "auto"
@@ -89,7 +126,7 @@ def build_options(
                 f"expires-in: {expires_in_s:.0f} s is more than 100 years; give a shorter lifetime"
             )
     views = _self_test_views(self_test)
-    threshold = _min_recall(min_recall)
+    threshold = _fraction("min-recall", min_recall)
     if threshold is not None and views == 0:
         raise InvalidRequestError("min-recall: needs the self-test, which --self-test 0 turns off")
     return BuildOptions(
@@ -100,7 +137,37 @@ def build_options(
         dask_address=dask_address or None,
         self_test=views,
         min_recall=threshold,
+        min_coverage=_fraction("min-coverage", min_coverage),
+        allow_gaps=_switch("allow-gaps", allow_gaps),
+        require_ready=_switch("require-ready", require_ready),
     )
+
+
+def for_prepare(options: dict[str, Any]) -> dict[str, Any]:
+    """``prepare``'s options: the build's, with the verdict's protective defaults (a
+    value given, ``0`` included, is kept) and the verdict always required."""
+    out = dict(options)
+    if out.get("min_coverage") in (None, ""):
+        out["min_coverage"] = PREPARE_MIN_COVERAGE
+    self_test = out.get("self_test")
+    if out.get("min_recall") in (None, "") and self_test not in (0, "0"):
+        out["min_recall"] = PREPARE_MIN_RECALL
+    out["require_ready"] = True
+    return out
+
+
+def _switch(name: str, value: bool | str | None) -> bool:
+    # A flow parameter arrives as a bool, a flag as text ("yes" when given alone).
+    if value is None or value == "":
+        return False
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("yes", "true", "on", "1"):
+        return True
+    if text in ("no", "false", "off", "0"):
+        return False
+    raise InvalidRequestError(f"{name}: expected yes or no, got {value!r}")
 
 
 def _self_test_views(value: float | str | None) -> int:
@@ -120,7 +187,7 @@ def _self_test_views(value: float | str | None) -> int:
     return views
 
 
-def _min_recall(value: float | str | None) -> float | None:
+def _fraction(name: str, value: float | str | None) -> float | None:
     if value is None or value == "":
         return None
     try:
@@ -128,11 +195,9 @@ def _min_recall(value: float | str | None) -> float | None:
             raise ValueError
         threshold = float(value)
     except ValueError:
-        raise InvalidRequestError(
-            f"min-recall: expected a number in [0, 1], got {value!r}"
-        ) from None
+        raise InvalidRequestError(f"{name}: expected a number in [0, 1], got {value!r}") from None
     if not 0.0 <= threshold <= 1.0:  # also refuses NaN
-        raise InvalidRequestError(f"min-recall: {value!r} is outside [0, 1]")
+        raise InvalidRequestError(f"{name}: {value!r} is outside [0, 1]")
     return threshold
 
 

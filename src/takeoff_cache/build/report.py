@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from takeoff_cache.build.readiness import readiness_lines
+
 
 @dataclass
 class BuildReport:
@@ -26,6 +28,9 @@ class BuildReport:
     # None when it did not run. The coverage map it drew, in the work folder.
     self_test: dict[str, Any] | None = None
     coverage_map: str | None = None
+    # The readiness verdict (build/readiness.py): coverage of the area and the route,
+    # the self-test judged; None when the build stopped before it.
+    ready: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -40,23 +45,22 @@ class BuildReport:
         return cls(**{k: v for k, v in doc.items() if k in names})
 
     def markdown(self) -> str:
+        lines = ["# takeoff-cache build report", ""]
+        if self.ready:
+            lines += ["```", *readiness_lines(self.ready), "```", ""]
+        shown = ("phases", "self_test", "ready", "warnings", "precision_drift")
         rows = [
-            f"| {k} | {v} |" for k, v in asdict(self).items() if k not in ("phases", "self_test")
+            f"| {k} | {_plain(v)} |"
+            for k, v in asdict(self).items()
+            if k not in shown and v is not None
         ]
         phases = " · ".join(f"{k} {v:.2f}s" for k, v in self.phases.items())
-        lines = [
-            "# takeoff-cache build report",
-            "",
-            "| field | value |",
-            "|---|---|",
-            *rows,
-            "",
-            f"**phases:** {phases}",
-            "",
-        ]
+        lines += ["| field | value |", "|---|---|", *rows, "", f"**phases:** {phases}", ""]
         if self.self_test:
             lines += [f"**self-test:** {self.self_test_line()}", ""]
-        return "\n".join(lines)
+        lines += [f"**int8 drift:** {line}" for line in self._drift_lines()]
+        lines += [f"**warning:** {w}" for w in self.warnings]
+        return "\n".join(lines) + ("\n" if self.warnings or self.precision_drift else "")
 
     def self_test_line(self) -> str:
         st = self.self_test or {}
@@ -66,8 +70,16 @@ class BuildReport:
             f" ({st.get('k', 0)} views, {st.get('seconds', 0):.2f}s)"
         )
 
+    def _drift_lines(self) -> list[str]:
+        return [
+            f"{name}: mean cosine {value:.4f} vs fp32"
+            for name, value in self.precision_drift.items()
+        ]
+
     def text(self) -> str:
-        lines = [f"outcome:               {self.outcome}"]
+        """The report for a person: the verdict first, then what the build did."""
+        lines = readiness_lines(self.ready) if self.ready else []
+        lines.append(f"outcome:               {self.outcome}")
         if self.failure_reason:
             lines.append(f"failure_reason:        {self.failure_reason}")
         lines += [
@@ -76,18 +88,28 @@ class BuildReport:
             f"engines_reused:        {self.engines_reused}",
             f"descriptors_generated: {self.descriptors_generated}",
             f"descriptors_reused:    {self.descriptors_reused}",
-            f"build_identity:        {self.build_identity}",
-            f"manifest_path:         {self.manifest_path}",
+        ]
+        if self.build_identity:
+            lines.append(f"build_identity:        {self.build_identity}")
+        if self.manifest_path:
+            lines.append(f"manifest_path:         {self.manifest_path}")
+        lines += [
             f"elapsed_s:             {self.elapsed_s:.2f}",
             "phases:                " + ", ".join(f"{k} {v:.2f}s" for k, v in self.phases.items()),
         ]
-        lines += [
-            f"int8 drift:            {name}: mean cosine {value:.4f} vs fp32"
-            for name, value in self.precision_drift.items()
-        ]
+        lines += [f"int8 drift:            {line}" for line in self._drift_lines()]
         if self.self_test:
             lines.append(f"self_test:             {self.self_test_line()}")
         if self.coverage_map:
             lines.append(f"coverage_map:          {self.coverage_map}")
         lines += [f"warning:               {w}" for w in self.warnings]
         return "\n".join(lines)
+
+
+def _plain(value: Any) -> str:
+    """A value for a person: lists as comma-separated items, never a Python repr."""
+    if isinstance(value, list | tuple):
+        return ", ".join(_plain(v) for v in value) or "-"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_plain(v)}" for k, v in value.items()) or "-"
+    return str(value)

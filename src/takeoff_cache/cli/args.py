@@ -48,7 +48,16 @@ def request_args(p: argparse.ArgumentParser, with_options: bool = True) -> None:
         p.add_argument(field.flag, dest=field.name, help=field.help)
     for field in OPTION_FIELDS:
         # Commands that only compile take the work folder and backend, nothing more.
-        if with_options or field.name in ("work_dir", "backend"):
+        if field.switch and with_options:
+            p.add_argument(
+                field.flag,
+                dest=field.name,
+                nargs="?",
+                const="yes",
+                metavar="yes|no",
+                help=field.help,
+            )
+        elif with_options or field.name in ("work_dir", "backend"):
             p.add_argument(field.flag, dest=field.name, help=field.help)
     if with_options:
         p.add_argument("--json", action="store_true", help="print the build report as JSON")
@@ -86,6 +95,9 @@ def options_from(args: argparse.Namespace) -> Any:
         dask_address=getattr(args, "dask_address", None),
         self_test=getattr(args, "self_test", None),
         min_recall=getattr(args, "min_recall", None),
+        min_coverage=getattr(args, "min_coverage", None),
+        allow_gaps=getattr(args, "allow_gaps", None),
+        require_ready=getattr(args, "require_ready", None),
     )
 
 

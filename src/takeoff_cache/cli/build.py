@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from takeoff_cache.cli.args import options_from, raw_request, request_args
-from takeoff_cache.errors import TakeoffCacheError
+from takeoff_cache.errors import EXIT_NOT_READY, TakeoffCacheError
 
 EXIT_FAILURE = 3
 
@@ -51,6 +51,17 @@ def cmd_build(args: argparse.Namespace) -> int:
     else:
         print(BuildReport.from_json(report).text())
     if report["outcome"] == "failure":
+        if not_ready(report.get("ready")):
+            return EXIT_NOT_READY
         print(f"takeoff-cache: build failed: {report['failure_reason']}", file=sys.stderr)
         return EXIT_FAILURE
     return 0
+
+
+def not_ready(ready: dict[str, Any] | None) -> bool:
+    """Whether the verdict stopped the build; if so, say why on stderr, a line a reason."""
+    if not ready or ready.get("ok") or not ready.get("gated", True):
+        return False
+    for reason in ready.get("reasons", []):
+        print(f"takeoff-cache: not ready: {reason}", file=sys.stderr)
+    return True

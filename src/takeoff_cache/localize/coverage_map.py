@@ -40,6 +40,27 @@ _PAD = 24
 _WORLD_M = 2.0 * math.pi * 6378137.0
 
 
+def needed_tiles(
+    bbox: tuple[float, float, float, float],
+    zoom_levels: Iterable[int],
+    *,
+    area: dict[str, Any] | None = None,
+) -> list[TileKey]:
+    """Every tile the request needs at ``zoom_levels``, as select takes them: those
+    intersecting ``area`` when there is one (tiles/area.py), else ``bbox``'s range."""
+    if area is not None:
+        from takeoff_cache.tiles.area import (
+            tiles_for_area,  # shapely loads only for requests with an area
+        )
+
+        return tiles_for_area(area, zoom_levels)
+    out = []
+    for z in sorted(set(zoom_levels)):
+        x0, x1, y0, y1 = tile_range(bbox, z)
+        out += [(z, x, y) for x in range(x0, x1 + 1) for y in range(y0, y1 + 1)]
+    return out
+
+
 def missing_tiles(
     bbox: tuple[float, float, float, float],
     zoom_levels: Iterable[int],
@@ -47,20 +68,9 @@ def missing_tiles(
     *,
     area: dict[str, Any] | None = None,
 ) -> list[TileKey]:
-    """Tiles the request needs at ``zoom_levels`` that are not in ``present``: those
-    intersecting ``area`` when there is one (as select takes them), else ``bbox``."""
+    """Tiles the request needs at ``zoom_levels`` (:func:`needed_tiles`) not in ``present``."""
     have = set(present)
-    if area is not None:
-        from takeoff_cache.tiles.area import (
-            tiles_for_area,  # shapely loads only for requests with an area
-        )
-
-        return [t for t in tiles_for_area(area, zoom_levels) if t not in have]
-    out = []
-    for z in zoom_levels:
-        x0, x1, y0, y1 = tile_range(bbox, z)
-        out += [(z, x, y) for x in range(x0, x1 + 1) for y in range(y0, y1 + 1)]
-    return [t for t in out if t not in have]
+    return [t for t in needed_tiles(bbox, zoom_levels, area=area) if t not in have]
 
 
 def area_rings(geojson: dict[str, Any]) -> list[Ring]:

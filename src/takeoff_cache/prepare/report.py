@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
+from takeoff_cache.build.readiness import readiness_lines
 from takeoff_cache.build.report import BuildReport
+from takeoff_cache.errors import EXIT_NOT_READY
 from takeoff_cache.prepare.job import flight_summary
 
 if TYPE_CHECKING:
@@ -15,6 +17,8 @@ if TYPE_CHECKING:
 @dataclass
 class PrepareReport:
     outcome: str | None = None  # success | idempotent_no_op | failure | dry_run
+    # The readiness verdict (build/readiness.py), the build's: first in every report.
+    ready: dict[str, Any] | None = None
     phase: str = "resolve"  # the phase under way, or the one that stopped; done at the end
     phases: dict[str, float] = field(default_factory=dict)  # seconds, as the flow timed them
     flight: dict[str, Any] | None = None
@@ -68,12 +72,14 @@ class PrepareReport:
             area, download = self.area or {}, self.download or {}
             lines += [
                 f"flight:   {self.subject()}",
-                f"area:     {area['km2']:.2f} km², {area['tiles']} tiles {area['tiles_per_zoom']}",
+                f"area:     {area['km2']:.2f} km², {area['tiles']} tiles"
+                f" ({per_zoom(area['tiles_per_zoom'])})",
                 f"corpus:   {self.corpus}",
             ]
             if download.get("dry_run"):
                 lines.append(
-                    f"dry run:  {download['to_fetch']} tiles to fetch {download['per_zoom']},"
+                    f"dry run:  {download['to_fetch']} tiles to fetch"
+                    f" ({per_zoom(download['per_zoom'])}),"
                     f" about {download['estimated_bytes']:,} bytes; nothing fetched"
                 )
             elif download.get("source"):
@@ -101,17 +107,29 @@ class PrepareReport:
                 f" {sent['bytes_skipped']:,} already there, {sent['elapsed_s']:.2f} s",
             ]
         if self.build is not None:
-            lines.append(BuildReport.from_json(self.build).text())
+            # Its verdict is this report's, shown first.
+            lines.append(BuildReport.from_json({**self.build, "ready": None}).text())
         if self.verify is not None:
             lines.append(
                 f"verify:   ok (manifest version {self.verify['version']})"
                 if self.verify.get("ok")
                 else f"verify:   skipped: {self.verify.get('skipped')}"
             )
-        if self.error:
+        if self.exit_code == EXIT_NOT_READY:
+            lines.append(
+                f"stopped:  {self.phase}: not ready (the reasons above);"
+                " the previous cache stays in force"
+            )
+        elif self.error:
             lines.append(f"stopped:  {self.phase}: {self.error}")
-        return "\n".join(lines)
+        ready = readiness_lines(self.ready) if self.ready else []
+        return "\n".join([*ready, *lines])
 
     def markdown(self) -> str:
         """The report as the Prefect UI shows it (an artifact of the run)."""
         return f"# Prepare: {self.subject()} — {self.outcome}\n\n```\n{self.text()}\n```\n"
+
+
+def per_zoom(counts: dict[str, int] | None) -> str:
+    """``{"16": 46, "17": 180}`` as a person reads it: ``z16 46, z17 180``."""
+    return ", ".join(f"z{z} {n}" for z, n in (counts or {}).items()) or "none"

@@ -330,9 +330,11 @@ def compose_signed(
     artifacts: list[Artifact],
     tool_version: str,
     self_test: dict[str, Any] | None = None,
+    ready: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``signed`` object of a new manifest (see schema/manifest.schema.json);
-    ``self_test``: the self-test's figures, absent from a build that skipped it."""
+    ``self_test``: the self-test's figures, absent from a build that skipped it;
+    ``ready``: the readiness verdict (build/readiness.py), absent from older builds."""
     signed: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
         "format_version": MANIFEST_FORMAT_VERSION,
@@ -349,4 +351,6 @@ def compose_signed(
     }
     if self_test is not None:
         signed["self_test"] = self_test
+    if ready is not None:
+        signed["ready"] = ready
     return signed
