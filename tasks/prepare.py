@@ -32,9 +32,12 @@ def resolve(params: dict[str, Any]) -> prepare.Job:
 
 
 @task(name="lock", task_run_name="lock", cache_policy=NO_CACHE, persist_result=False)
-def lock(job: prepare.Job, run: ExitStack) -> str:
+def lock(job: prepare.Job, run: ExitStack) -> str | None:
     """Hold the corpus's workstation lock until ``run`` ends (adopting the command
-    line's, when it took it before the flow started)."""
+    line's, when it took it before the flow started); None for a run that does not
+    download, which takes none."""
+    if not prepare.downloads(job):
+        return None
     lock = prepare.workstation_lock(job.work, job.corpus)
     held = run.enter_context(adopt_or_acquire(lock, context.held_locks.get()))
     return str(held.path)

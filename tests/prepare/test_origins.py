@@ -176,6 +176,11 @@ def test_a_key_parameter_written_into_the_url_is_refused() -> None:
 
 def test_the_corpus_is_never_named_after_credentials(tmp_path: Path) -> None:
     corpus = default_corpus(tmp_path, "https://user:s3cr3t@t.example:8443/{z}/{x}/{y}.png")
+    assert corpus.name == "tiles.mbtiles"
+    # A corpus an older release named after the host: still found, never the password.
+    (tmp_path / "tiles").mkdir()
+    (tmp_path / "tiles" / "t-example-8443.mbtiles").touch()
+    corpus = default_corpus(tmp_path, "https://user:s3cr3t@t.example:8443/{z}/{x}/{y}.png")
     assert corpus.name == "t-example-8443.mbtiles"
 
 

@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from takeoff_cache.cli.args import request_args
-from takeoff_cache.cli.build import not_ready
 from takeoff_cache.core.env import FLIGHTS_TOKEN, KEY_PASSPHRASE, TILES_API_KEY
-from takeoff_cache.errors import EXIT_NOT_READY, InvalidRequestError, TakeoffCacheError
+from takeoff_cache.errors import InvalidRequestError, TakeoffCacheError
 
 if TYPE_CHECKING:
     from takeoff_cache.prepare.report import PrepareReport
@@ -27,13 +26,10 @@ exit codes, by the phase that stopped:
   0  prepared: the cache is built (or already was) and verifies; --dry-run printed its estimate
   2  invalid input or usage (a bad --zoom, --tiles-url, a flight id that is not a UUID)
   9  resolve: the flight cannot be resolved (file, plan, position, flights API)
-  4  lock: another prepare of the same corpus holds its lock (WORK/locks/)
+  4  lock: another prepare downloading into the same corpus holds its lock
+     (CORPUS.lock, beside the corpus file)
   10 download: the tile server kept failing, or more tiles than --max-tiles
   3, 5, 6, 8  build: the build's own code (failure, coverage, key, engine)
-  12 not ready: a tile under the route is missing (--allow-gaps accepts it), a zoom
-     holds less than --min-coverage of the area (default 0.98), or Recall@1 along
-     the route is below --min-recall (default 0.5; 0 turns it off); one line per
-     reason, and the previous cache stays in force
   7  verify: the built cache does not verify
   11 companion: it cannot be reached or used (host key, auth, tool, disk, paths,
      transfer); a build there that fails exits with its own code
@@ -122,8 +118,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if not args.json:
         print(report.text())
     if report.outcome == "failure":  # the build's own verdict, told in its report
-        if report.exit_code == EXIT_NOT_READY and not_ready(report.ready):
-            return EXIT_NOT_READY
         print(f"takeoff-cache: build failed: {report.error}", file=sys.stderr)
         return report.exit_code or 1
     return 0
@@ -174,15 +168,16 @@ def _prepare(
     args.work_dir = str(job.work)
     options = _options(args)
     params.update(flight=job.flight_json(), corpus=str(job.corpus))
-    # Taken here, so a second prepare on this corpus is refused before Prefect starts;
-    # handed to the flow, whose lock phase adopts it.
-    with p.workstation_lock(job.work, job.corpus).acquire() as lock:
+    # Taken here by a run that downloads, so a second one writing this corpus is
+    # refused before Prefect starts; handed to the flow, whose lock phase adopts it.
+    # A run that only reads the corpus takes none.
+    with p.corpus_lock(job) as held:
         from takeoff_cache.cli.progress import ProgressBar
         from takeoff_cache_prefect.run import run_prepare
 
         with ProgressBar() as bar:
             return run_prepare(
-                params, options, args.verbose, progress=bar, lines=_show, held=(lock,)
+                params, options, args.verbose, progress=bar, lines=_show, held=held
             )
 
 

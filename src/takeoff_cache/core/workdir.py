@@ -78,13 +78,22 @@ def normalized_areas_dir(work: Path) -> Path:
 
 
 def tiles_dir(work: Path) -> Path:
-    """``prepare``'s tile corpora, one MBTiles per tile source, shared by every flight."""
+    """``prepare``'s tile corpora."""
     return work / "tiles"
 
 
-def locks_dir(work: Path) -> Path:
-    """``prepare``'s workstation locks, one per corpus."""
-    return work / "locks"
+def default_corpus_path(work: Path) -> Path:
+    """The corpus ``prepare`` downloads into and builds from unless told otherwise:
+    one name, whatever the tile server, so a run offline (no ``--tiles-url``) finds
+    what an earlier run downloaded. Older releases named it after the server's host
+    and port (``tiles/<host>-<port>.mbtiles``); ``prepare`` still finds those."""
+    return tiles_dir(work) / "tiles.mbtiles"
+
+
+def corpus_lock_path(corpus: Path) -> Path:
+    """The workstation lock of a corpus file, beside it: two ``prepare`` runs that
+    would write one corpus meet there whatever their work folders."""
+    return corpus.with_name(f"{corpus.name}.lock")
 
 
 def areas_dir(work: Path) -> Path:

@@ -10,10 +10,10 @@ value here, nor any report, ever holds them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,12 +24,13 @@ from takeoff_cache.build.request import BuildRequest, parse_request, parse_zoom_
 from takeoff_cache.core.fsutil import atomic_write_bytes
 from takeoff_cache.core.workdir import (
     areas_dir,
+    corpus_lock_path,
+    default_corpus_path,
     default_work_dir,
-    locks_dir,
     resolve_work_dir,
     tiles_dir,
 )
-from takeoff_cache.errors import CacheIOError, InvalidRequestError, TooManyTilesError
+from takeoff_cache.errors import CacheIOError, CorpusError, InvalidRequestError, TooManyTilesError
 from takeoff_cache.prepare.area import check_tile_budget, flight_area
 from takeoff_cache.prepare.download import (
     DownloadOptions,
@@ -39,6 +40,7 @@ from takeoff_cache.prepare.download import (
     missing_tiles,
 )
 from takeoff_cache.prepare.flight import Flight, parse_flight_json
+from takeoff_cache.prepare.httpbody import user_agent
 from takeoff_cache.prepare.sources import fetch_flight, load_flight
 from takeoff_cache.prepare.tileserver import TileSource
 from takeoff_cache.tiles.area import DEFAULT_BUFFER_M, Area, tiles_for_area
@@ -113,6 +115,8 @@ def plan_job(
     its area and tiles, the corpus. Nothing is written but the work folder, made last."""
     zooms = parse_zoom_levels(zoom_levels or list(DEFAULT_ZOOMS))
     options = DownloadOptions(max_age_days=max_age_days, max_tiles=max_tiles)
+    if tiles_url:
+        user_agent()  # a bad TAKEOFF_CACHE_CONTACT is refused before the flight is read
     source = tile_source(tiles_url, tiles_key_header, tiles_key_param) if tiles_url else None
     if flight is not None:
         resolved = parse_flight_json(flight, str(flight.get("source") or "flight"))
@@ -187,27 +191,69 @@ def tile_source(
 
 
 def default_corpus(work: Path, template: str | None) -> Path:
-    """One MBTiles per tile source in the work folder, shared by every flight."""
-    # The host and port only: never a user or password written into the URL.
-    host = urlsplit(template).netloc.rpartition("@")[2] if template else ""
-    slug = re.sub(r"[^a-z0-9]+", "-", host.lower()).strip("-") or "tiles"
-    return tiles_dir(work) / f"{slug}.mbtiles"
+    """The work folder's corpus: :func:`default_corpus_path`, the same with or
+    without a tile server, so an offline re-run builds from what was downloaded.
+
+    Until it exists, a corpus an older release made (named after its server's
+    host and port) stands in: the one of ``template``'s host, or, with no
+    template, the only one there is. Several and no template to choose by is an
+    input error listing them.
+    """
+    path = default_corpus_path(work)
+    if path.exists():
+        return path
+    legacy = sorted(p for p in tiles_dir(work).glob("*.mbtiles") if p != path)
+    if template:
+        # The host and port only: never a user or password written into the URL.
+        host = urlsplit(template).netloc.rpartition("@")[2]
+        slug = re.sub(r"[^a-z0-9]+", "-", host.lower()).strip("-")
+        named = tiles_dir(work) / f"{slug}.mbtiles"
+        return named if named in legacy else path
+    if len(legacy) == 1:
+        return legacy[0]
+    if legacy:
+        names = ", ".join(p.name for p in legacy)
+        raise CorpusError(
+            f"corpus: {tiles_dir(work)} holds several corpora ({names}); name one with"
+            " --corpus, or give --tiles-url to take its server's"
+        )
+    return path
+
+
+def downloads(job: Job) -> bool:
+    """Whether the job writes its corpus: a tile source, and tiles to fetch."""
+    if job.source is None:
+        return False
+    return estimate_download(job.corpus, job.mission.tiles, job.options).to_fetch > 0
 
 
 def workstation_lock(work: Path, corpus: Path) -> ExclusiveLock:
-    """One ``prepare`` per corpus at a time: its lock, in the work folder.
+    """One ``prepare`` writing a corpus at a time: its lock, beside the corpus file.
 
-    Per corpus, not per work folder: flights over other tile sources go on side
-    by side, and two that would write one MBTiles never do.
+    Keyed on the file (its resolved path), not the work folder: two runs that
+    would write one MBTiles meet there whichever work folders they use, and
+    flights over other corpora go on side by side. Taken only by runs that
+    download (:func:`downloads`): runs that only read a corpus never wait.
     """
     corpus = corpus.expanduser().resolve()
-    digest = hashlib.sha256(str(corpus).encode()).hexdigest()[:16]
-    path = locks_dir(work) / f"prepare-{digest}.lock"
+    path = corpus_lock_path(corpus)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CacheIOError(f"lock: cannot create {path.parent}: {exc.strerror}") from exc
     return ExclusiveLock(path, f"prepare of {corpus}", point="prepare.lock")
+
+
+@contextmanager
+def corpus_lock(job: Job) -> Iterator[tuple[ExclusiveLock, ...]]:
+    """The locks a ``prepare`` holds while it runs: the corpus's workstation lock if
+    it downloads (:func:`downloads`), else none, so runs that only read one corpus
+    for different caches never block each other."""
+    if not downloads(job):
+        yield ()
+        return
+    with workstation_lock(job.work, job.corpus).acquire() as lock:
+        yield (lock,)
 
 
 def check_job_size(corpus: Path, mission: MissionArea, options: DownloadOptions) -> int:
