@@ -8,6 +8,7 @@ Values may come as TOML values (lists, numbers) or as flag strings
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from takeoff_cache.core.documents import (
 )
 from takeoff_cache.core.env import KEY_PASSPHRASE
 from takeoff_cache.core.tilemath import MAX_LAT
-from takeoff_cache.errors import InvalidRequestError
+from takeoff_cache.errors import InvalidRequestError, Problems
 from takeoff_cache.tiles.geojson import bounds, geometries, read_geojson, recall, remember
 from takeoff_cache.tiles.route import Route, parse_route
 
@@ -305,54 +306,89 @@ def _area_bbox(area: dict[str, Any]) -> Bbox:
 
 def parse_request(raw: dict[str, Any], remembered_areas: Path | None = None) -> BuildRequest:
     """Normalize raw field values; nothing here touches the disk but path resolution and
-    the area (its file, and ``remembered_areas``: see :func:`parse_area_field`)."""
+    the area (its file, and ``remembered_areas``: see :func:`parse_area_field`).
+
+    Every field is checked before anything is raised, so one error names every
+    problem of the request, one line each (:class:`takeoff_cache.errors.Problems`).
+    """
+    problems = Problems()
+    fields = parse_fields(raw, problems, remembered_areas)
+    problems.raise_any()
+    return BuildRequest(**fields)
+
+
+def parse_fields(
+    raw: dict[str, Any],
+    problems: Problems,
+    remembered_areas: Path | None = None,
+    pending: Iterable[str] = (),
+) -> dict[str, Any]:
+    """The fields of ``raw`` normalized, each problem added to ``problems``.
+
+    ``pending``: fields another step decides later (``prepare``'s flight decides the
+    area, and its download the corpus); they are neither checked nor returned.
+    What a problem left undecided is missing from the answer.
+    """
+    skip = frozenset(pending)
+    out: dict[str, Any] = {}
     unknown = sorted(set(raw) - set(FIELDS))
     if unknown:
-        raise InvalidRequestError(f"request: unknown field {unknown[0]!r}")
-    area = parse_area_field(raw.get("area"), remembered_areas)
-    if raw.get("bbox") is None and area is None:
-        raise InvalidRequestError(
-            "bbox: missing (give --bbox LAT_MIN,LON_MIN,LAT_MAX,LON_MAX or --area FILE)"
+        problems.add(InvalidRequestError(f"request: unknown field {unknown[0]!r}"))
+
+    def field(name: str, parse: Callable[[], Any]) -> None:
+        if name not in skip:
+            with problems.check():
+                out[name] = parse()
+
+    field("area", lambda: parse_area_field(raw.get("area"), remembered_areas))
+    field("bbox", lambda: _bbox(raw.get("bbox"), out.get("area"), "area" in skip))
+    field("zoom_levels", lambda: parse_zoom_levels(_given(raw, "zoom_levels", "Z[,Z...]")))
+    field("sector_class", lambda: _choice("sector_class", raw.get("sector_class"), SECTOR_CLASSES))
+    field("precision", lambda: _choice("precision", raw.get("precision") or "fp32", PRECISIONS))
+    field("flight_id", lambda: _flight_id(raw.get("flight_id")))
+    field("calibration", lambda: _optional_path("calibration", raw.get("calibration")))
+    if out.get("precision") == "int8" and "calibration" in out and out["calibration"] is None:
+        problems.add(
+            InvalidRequestError(
+                "precision: int8 needs --calibration (make one with 'takeoff-cache calibrate')"
+            )
         )
-    if raw.get("zoom_levels") is None:
-        raise InvalidRequestError("zoom_levels: missing (give --zoom Z[,Z...])")
-    sector = raw.get("sector_class")
-    if sector not in SECTOR_CLASSES:
-        raise InvalidRequestError(
-            f"sector_class: must be one of {', '.join(SECTOR_CLASSES)}; got {sector!r}"
-        )
-    precision = raw.get("precision") or "fp32"
-    if precision not in PRECISIONS:
-        raise InvalidRequestError(
-            f"precision: must be one of {', '.join(PRECISIONS)}; got {precision!r}"
-        )
-    flight_id = raw.get("flight_id")
-    if flight_id not in (None, ""):
-        try:
-            flight_id = str(uuid.UUID(str(flight_id)))
-        except ValueError:
-            raise InvalidRequestError(f"flight_id: {flight_id!r} is not a UUID") from None
-    else:
-        flight_id = None
-    calibration = _optional_path("calibration", raw.get("calibration"))
-    if precision == "int8" and calibration is None:
-        raise InvalidRequestError(
-            "precision: int8 needs --calibration (make one with 'takeoff-cache calibrate')"
-        )
-    request = BuildRequest(
-        corpus=_required_path("corpus", raw),
-        bbox=parse_bbox(raw["bbox"]) if area is None or raw.get("bbox") else _area_bbox(area),
-        zoom_levels=parse_zoom_levels(raw["zoom_levels"]),
-        sector_class=str(sector),
-        backbones=_required_path("backbones", raw),
-        precision=precision,
-        calibration=calibration,
-        cache_root=_required_path("cache_root", raw),
-        key=_required_path("key", raw),
-        trust=_required_path("trust", raw),
-        takeoff_origin=parse_origin(raw.get("takeoff_origin")),
-        flight_id=flight_id,
-        area=area,
-        route=parse_route_field(raw.get("route")),
+    for name in ("corpus", "backbones", "cache_root", "key", "trust"):
+        field(name, lambda name=name: _required_path(name, raw))  # type: ignore[misc]
+    field("takeoff_origin", lambda: parse_origin(raw.get("takeoff_origin")))
+    field("route", lambda: parse_route_field(raw.get("route")))
+    return out
+
+
+def _given(raw: dict[str, Any], name: str, form: str) -> Any:
+    if raw.get(name) is None:
+        raise InvalidRequestError(f"{name}: missing (give {FLAGS[name]} {form})")
+    return raw[name]
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise InvalidRequestError(f"{name}: must be one of {', '.join(allowed)}; got {value!r}")
+    return str(value)
+
+
+def _flight_id(value: Any) -> str | None:
+    if value in (None, ""):
+        return None
+    try:
+        return str(uuid.UUID(str(value)))
+    except ValueError:
+        raise InvalidRequestError(f"flight_id: {value!r} is not a UUID") from None
+
+
+def _bbox(value: Any, area: dict[str, Any] | None, area_pending: bool) -> Bbox | None:
+    """The bbox as given, else the area's; None only while the area is still to come."""
+    if value is not None and value != "":
+        return parse_bbox(value)
+    if area is not None:
+        return _area_bbox(area)
+    if area_pending:
+        return None
+    raise InvalidRequestError(
+        "bbox: missing (give --bbox LAT_MIN,LON_MIN,LAT_MAX,LON_MAX or --area FILE)"
     )
-    return request
