@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from takeoff_cache.cli.args import request_args
+from takeoff_cache.cli.build import not_ready
 from takeoff_cache.core.env import FLIGHTS_TOKEN, KEY_PASSPHRASE, TILES_API_KEY
-from takeoff_cache.errors import InvalidRequestError, TakeoffCacheError
+from takeoff_cache.errors import EXIT_NOT_READY, InvalidRequestError, TakeoffCacheError
 
 if TYPE_CHECKING:
     from takeoff_cache.prepare.report import PrepareReport
@@ -30,6 +31,10 @@ exit codes, by the phase that stopped:
      (CORPUS.lock, beside the corpus file)
   10 download: the tile server kept failing, or more tiles than --max-tiles
   3, 5, 6, 8  build: the build's own code (failure, coverage, key, engine)
+  12 not ready: a tile under the route is missing (--allow-gaps accepts it), a zoom
+     holds less than --min-coverage of the area (default 0.98), or Recall@1 along
+     the route is below --min-recall (default 0.5; 0 turns it off); one line per
+     reason, and the previous cache stays in force
   7  verify: the built cache does not verify
   11 companion: it cannot be reached or used (host key, auth, tool, disk, paths,
      transfer); a build there that fails exits with its own code
@@ -118,6 +123,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if not args.json:
         print(report.text())
     if report.outcome == "failure":  # the build's own verdict, told in its report
+        if report.exit_code == EXIT_NOT_READY and not_ready(report.ready):
+            return EXIT_NOT_READY
         print(f"takeoff-cache: build failed: {report.error}", file=sys.stderr)
         return report.exit_code or 1
     return 0
