@@ -27,6 +27,9 @@ os.environ["DO_NOT_TRACK"] = "1"
 os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "CRITICAL"
 os.environ["PREFECT_SERVER_LOGGING_LEVEL"] = "WARNING"
 os.environ.pop("PREFECT_API_URL", None)
+# A command's Prefect API ends with it: no warm one outlives a test (the tests of the
+# warm one turn it on for themselves, and stop it).
+os.environ["TAKEOFF_CACHE_PREFECT_IDLE_MIN"] = "0"  # core/env.py: PREFECT_IDLE_MIN
 
 DEMO_TILES = 60  # 4x4 tiles at z16 plus 8x8 at z17: 80 tiles
 
