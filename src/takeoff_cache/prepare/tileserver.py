@@ -22,6 +22,7 @@ from urllib.parse import parse_qs, quote, quote_plus, urlsplit
 
 import simplejpeg
 
+from takeoff_cache.backbones.imagesize import header_size
 from takeoff_cache.core.env import TILES_API_KEY
 from takeoff_cache.errors import InvalidRequestError
 
@@ -172,14 +173,10 @@ def image_format(data: bytes) -> str | None:
     grey, the cheapest decode that still reads every entropy-coded byte (a
     truncated or damaged tile fails).
     """
+    size = header_size(data)
+    if size is None or not tile_sized(*size):
+        return None
     if data[:3] == b"\xff\xd8\xff":
-        try:
-            height, width, _, _ = simplejpeg.decode_jpeg_header(data)
-        except ValueError:
-            pass  # Pillow reads the header below
-        else:
-            if not tile_sized(width, height):
-                return None
         try:
             simplejpeg.decode_jpeg(data, colorspace="GRAY", min_height=1, min_width=1, strict=True)
         except ValueError:
@@ -190,8 +187,6 @@ def image_format(data: bytes) -> str | None:
 
     try:
         with Image.open(io.BytesIO(data)) as image:
-            if not tile_sized(*image.size):
-                return None
             fmt = _PILLOW_FORMATS.get(image.format or "")
             image.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
