@@ -20,14 +20,21 @@ from takeoff_cache_prefect.tasks.engines import place_recognition_engine
 
 from takeoff_cache.build.options import BuildOptions
 from takeoff_cache.build.validate import ValidatedRequest
-from takeoff_cache.core.workdir import indexes_dir, maps_dir
+from takeoff_cache.core.workdir import indexes_dir, maps_dir, store_path
 from takeoff_cache.descriptors.decode import decode_workers
 from takeoff_cache.descriptors.index import read_index
+from takeoff_cache.descriptors.store import DescriptorStore, descriptor_space
 from takeoff_cache.engines.store import EngineRecord
 from takeoff_cache.errors import DescriptorError
 from takeoff_cache.localize.coverage_map import missing_tiles, short_path, write_coverage_map
 from takeoff_cache.localize.locate import Localizer, read_tile_map
-from takeoff_cache.localize.selftest import SelfTestResult, min_recall, run_self_test
+from takeoff_cache.localize.selftest import (
+    SelfTestResult,
+    ViewReuse,
+    min_recall,
+    run_self_test,
+    weakest_text,
+)
 from takeoff_cache.tiles import corpus
 from takeoff_cache.trust.manifest import Artifact
 from takeoff_cache_prefect.results import untracked
@@ -56,7 +63,8 @@ def map_path(work_dir: Path, cache_root: Path) -> Path:
 
 def _localizer(
     validated: ValidatedRequest, records: list[EngineRecord], index: Artifact, work_dir: Path
-) -> Localizer:
+) -> tuple[Localizer, str]:
+    """The new index's localizer, and its engine's descriptor space."""
     backbone, record = place_recognition_engine(validated, records)
     runner = validated.backend.load(Path(record.store_path), backbone, backbone.output or "")
     # The cache's index files are copies of these, under the same names.
@@ -66,7 +74,8 @@ def _localizer(
     except RuntimeError as exc:  # faiss reports unreadable files as RuntimeError
         raise DescriptorError(f"self-test: index {index.path} cannot be read: {exc}") from exc
     tiles = read_tile_map(folder / PurePosixPath(str(index.fields["tile_map"])).name)
-    return Localizer(runner, backbone.input, faiss_index, tiles)
+    space = descriptor_space(record.key, backbone.input)
+    return Localizer(runner, backbone.input, faiss_index, tiles), space
 
 
 def _draw(
@@ -78,6 +87,13 @@ def _draw(
     req = validated.request
     bbox = req.bbox.as_tuple()
     tiles = [(t.z, t.x, t.y) for t in selection.tiles]
+    subtitle = (
+        f"self-test: Recall@1 {result.recall_at_1:.2f}, Recall@5 {result.recall_at_5:.2f},"
+        f" median error {result.median_error_m:.0f} m over {result.k} views"
+    )
+    weakest = weakest_text(result.route) if result.route is not None else None
+    if weakest is not None:
+        subtitle += f" along the route; weakest {weakest}"
     return write_coverage_map(
         path,
         bbox=bbox,
@@ -86,10 +102,7 @@ def _draw(
         area=req.area,
         queries=result.queries,
         title=f"takeoff cache at {short_path(req.cache_root)}",
-        subtitle=(
-            f"self-test: Recall@1 {result.recall_at_1:.2f}, Recall@5 {result.recall_at_5:.2f},"
-            f" median error {result.median_error_m:.0f} m over {result.k} views"
-        ),
+        subtitle=subtitle,
     )
 
 
@@ -118,17 +131,25 @@ def self_test_task(
     options: BuildOptions,
     build_id: str,
 ) -> SelfTested:
-    """Query ``options.self_test`` views of the new index, seeded by the build identity
-    (a re-run draws the same views); draw the coverage map into the work folder."""
+    """Query ``options.self_test`` views of the new index, along the request's route when
+    it has one, seeded by the index's tiles and the route (so one build identity draws
+    the same views, and a rebuild reuses the embeddings of views whose tiles did not
+    change); draw the coverage map into the work folder."""
     index = next(a for a in index_described if a.kind == "faiss_index")
-    localizer = _localizer(validated, records, index, options.work_dir)
-    result = run_self_test(
-        localizer,
-        validated.request.corpus,
-        k=options.self_test,
-        seed=build_id,
-        workers=decode_workers(localizer.runner.on_accelerator),
-    )
+    localizer, space = _localizer(validated, records, index, options.work_dir)
+    store = DescriptorStore(store_path(options.work_dir))
+    try:
+        shas = {(t.z, t.x, t.y): t.sha256 for t in selection.tiles}
+        result = run_self_test(
+            localizer,
+            validated.request.corpus,
+            k=options.self_test,
+            route=validated.request.route,
+            workers=decode_workers(localizer.runner.on_accelerator),
+            reuse=ViewReuse(store, space, shas),
+        )
+    finally:
+        store.close()
     drawn = _draw(
         validated, selection, result, map_path(options.work_dir, validated.request.cache_root)
     )

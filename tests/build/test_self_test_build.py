@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 from pathlib import Path
 from typing import Any, cast
 
@@ -12,7 +13,9 @@ import pytest
 from PIL import Image
 from prefect.artifacts import Artifact
 
+from takeoff_cache.core.tilemath import tms_row
 from takeoff_cache.demo.models import build_weak_vpr_model
+from takeoff_cache.demo.synthetic import encode_jpeg, render_tile, replace_tile_bytes
 from takeoff_cache.trust.keys import load_trust_store
 from takeoff_cache.trust.verify import verify_cache
 from takeoff_cache_prefect.artifacts import artifact_key
@@ -138,3 +141,90 @@ def test_min_recall_without_a_self_test_is_refused(
     result = run_cli(capsys, *demo.build_args("--self-test", "0", "--min-recall", "0.5"))
     assert result.code == 2
     assert "min-recall: needs the self-test" in result.err
+
+
+def test_tiles_outside_the_area_change_no_figure_of_one_build_identity(
+    capsys: pytest.CaptureFixture[str], demo: Demo, tmp_path: Path
+) -> None:
+    first = run_cli(capsys, *demo.build_args("--json"))
+    assert first.code == 0, first.err
+    # The corpus gains the ring of tiles around the area, which views along its edge
+    # would straddle; rebuilt into a fresh cache root and work folder.
+    again = Demo(Path(shutil.copytree(demo.root, tmp_path / "grown")), tmp_path / "work-grown")
+    shutil.rmtree(again.cache)
+    again.cache.mkdir()
+    held = {(z, x, y) for z, x, y, _ in _tile_rows(again.corpus)}
+    ring = {
+        (z, x + dx, y + dy)
+        for z, x, y in held
+        for dx in (-1, 0, 1)
+        for dy in (-1, 0, 1)
+        if (z, x + dx, y + dy) not in held
+    }
+    db = sqlite3.connect(again.corpus)
+    with db:
+        db.executemany(
+            "INSERT INTO tiles VALUES (?, ?, ?, ?)",
+            [(z, x, tms_row(z, y), encode_jpeg(render_tile(z, x, y, 3))) for z, x, y in ring],
+        )
+    db.close()
+    second = run_cli(capsys, *again.build_args("--json"))
+    assert second.code == 0, second.err
+    assert second.json()["build_identity"] == first.json()["build_identity"]
+    assert signed_of(again)["self_test"] == signed_of(demo)["self_test"]
+
+
+def _tile_rows(path: Path) -> list[tuple[int, int, int, int]]:
+    db = sqlite3.connect(path)
+    try:
+        rows = db.execute("SELECT zoom_level, tile_column, tile_row, 0 FROM tiles").fetchall()
+    finally:
+        db.close()
+    return [(z, x, (1 << z) - 1 - row, 0) for z, x, row, _ in rows]
+
+
+def test_a_route_draws_the_views_along_it_and_a_rebuild_reuses_them(
+    capsys: pytest.CaptureFixture[str], demo: Demo
+) -> None:
+    request = demo.request.read_text()
+    lat0, lon0, lat1, lon1 = (
+        float(v) for v in request.split("bbox = [")[1].split("]")[0].split(",")
+    )
+    # Corner to corner, climbing from 100 m to 200 m.
+    route = {
+        "type": "LineString",
+        "coordinates": [
+            [lon0 + 0.001, lat0 + 0.001, 100.0],
+            [lon1 - 0.001, lat1 - 0.001, 200.0],
+        ],
+    }
+    (demo.root / "route.geojson").write_text(json.dumps(route))
+    args = demo.build_args(
+        "--json", "--route", str(demo.root / "route.geojson"), "--self-test", "60"
+    )
+    result = run_cli(capsys, *args)
+    assert result.code == 0, result.err
+    figures = result.json()["self_test"]
+    along = figures["route"]
+    assert along["views"] == figures["k"] == 60
+    assert set(along) >= {"recall_at_1", "recall_at_5", "median_error_m", "views", "weakest"}
+    assert along["recall_at_1"] == figures["recall_at_1"]
+    assert along["weakest"] is not None
+    assert set(along["weakest"]) == {"from_km", "to_km", "recall_at_1"}
+    assert along["weakest"]["recall_at_1"] == min(
+        s["recall_at_1"] for s in along["stretches"] if s["views"] >= 5
+    )
+    assert signed_of(demo)["self_test"]["route"] == along
+    assert figures["views_reused"] == 0
+
+    # One tile under the route changed: a rebuild re-embeds the views over it only.
+    rows = signed_of(demo)["self_test"]["queries"]
+    z, x, y = rows[len(rows) // 2][:3]
+    over = sum(r[0] == z and abs(r[1] - x) <= 1 and abs(r[2] - y) <= 1 for r in rows)
+    replace_tile_bytes(demo.corpus, z, x, y, encode_jpeg(render_tile(z, x, y, 99)))
+    rebuilt = run_cli(capsys, *args)
+    assert rebuilt.code == 0, rebuilt.err
+    report = rebuilt.json()
+    assert report["descriptors_generated"] == 1
+    assert report["self_test"]["views_reused"] == 60 - over
+    assert [r[:3] for r in signed_of(demo)["self_test"]["queries"]] == [r[:3] for r in rows]

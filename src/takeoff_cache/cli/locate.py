@@ -58,5 +58,7 @@ def _locate(args: argparse.Namespace) -> int:
             print(f"  {rank:>2}  {match.zxy:<20} score {match.score:.4f}")
         print(f"  best tile centre:   {loc.best[0]:.6f}, {loc.best[1]:.6f}")
         print(f"  weighted estimate:  {loc.weighted[0]:.6f}, {loc.weighted[1]:.6f}")
+        said = loc.confidence or "not calibrated (the cache was built without a self-test)"
+        print(f"  confidence:         {said} (distance ratio {loc.ratio:.3f})")
         print(f"  query:              {loc.seconds * 1000:.1f} ms")
     return 0

@@ -11,6 +11,13 @@ The position is the centre of the best tile, and a score-weighted mean of the
 centres of the top-k tiles at that zoom lying next to it: a view that straddles
 a tile border scores its neighbours almost as high, and pulls the estimate
 towards the border.
+
+How sure an answer is (:class:`Confidence`) rests on one figure, the
+**distance ratio**: the descriptor distance to the best tile over the distance
+to the best tile outside its neighbourhood (a Lowe ratio test between places,
+not between neighbouring tiles, which overlap a view alike). Well below 1, one
+place stands out; near 1, several places look alike, or none is the place.
+Its two thresholds are calibrated by the build's self-test and signed.
 """
 
 from __future__ import annotations
@@ -44,6 +51,11 @@ from takeoff_cache.trust.verify import verify_cache
 TILE_MAP_FORMAT = "takeoff-cache-tile-map"
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
 DEFAULT_K = 5
+# Tiles retrieved to find the best one outside the best tile's neighbourhood: the
+# 3x3 neighbourhood and the tiles overlapping it at the other zooms fill the first
+# ranks.
+CONFIDENCE_DEPTH = 64
+CONFIDENT, AMBIGUOUS, OUTSIDE = "confident", "ambiguous", "outside"
 
 TileKey = tuple[int, int, int]
 
@@ -66,15 +78,78 @@ class Match:
         return tile_center(self.z, self.x, self.y)
 
 
+def near(tile: TileKey, other: TileKey) -> bool:
+    """Whether ``other`` (at any zoom) overlaps the 3x3 neighbourhood of ``tile``."""
+    z, x, y = tile
+    oz, ox, oy = other
+    f = 2.0 ** (z - oz)  # ``other``'s size in tiles of ``tile``'s zoom
+    gap_x = max(0.0, ox * f - (x + 1), x - (ox + 1) * f)
+    gap_y = max(0.0, oy * f - (y + 1), y - (oy + 1) * f)
+    return gap_x <= 0.0 and gap_y <= 0.0
+
+
+def distance_ratio(matches: Sequence[Match], without: TileKey | None = None) -> float:
+    """Descriptor distance to the best match over that to the best match outside its
+    neighbourhood (1.0 where there is none). ``without``: leave out the matches near
+    that tile first, as if the index did not hold the place (the self-test's stand-in
+    for a view from outside the cache)."""
+    kept = [m for m in matches if without is None or not near(without, (m.z, m.x, m.y))]
+    if not kept:
+        return 1.0
+    best = kept[0]
+    other = next((m for m in kept[1:] if not near((best.z, best.x, best.y), (m.z, m.x, m.y))), None)
+    if other is None:
+        return 1.0
+    d_best = np.sqrt(max(0.0, 2.0 - 2.0 * best.score))  # unit vectors: |a - b|^2 = 2 - 2 a.b
+    d_other = np.sqrt(max(0.0, 2.0 - 2.0 * other.score))
+    return 1.0 if d_other <= 0.0 else float(min(1.0, d_best / d_other))
+
+
+@dataclass(frozen=True)
+class Confidence:
+    """The rule that says how sure an answer is, from its :func:`distance_ratio`:
+    ``confident`` up to ``confident_below``, ``outside`` from ``outside_above`` on,
+    ``ambiguous`` between. Calibrated by the self-test (:func:`selftest.calibrate`)."""
+
+    confident_below: float
+    outside_above: float
+
+    def of(self, ratio: float) -> str:
+        if ratio >= self.outside_above:
+            return OUTSIDE
+        return CONFIDENT if ratio <= self.confident_below else AMBIGUOUS
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rule": "distance_ratio",
+            "depth": CONFIDENCE_DEPTH,
+            "confident_below": round(self.confident_below, 4),
+            "outside_above": round(self.outside_above, 4),
+        }
+
+    @classmethod
+    def from_signed(cls, signed: Any) -> Confidence | None:
+        """The rule a manifest's ``self_test.confidence`` records; None where it has none."""
+        if not isinstance(signed, dict) or signed.get("rule") != "distance_ratio":
+            return None
+        try:
+            return cls(float(signed["confident_below"]), float(signed["outside_above"]))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
 @dataclass(frozen=True)
 class Location:
-    """What one image shows: top-k tiles, the position estimates and the query's time."""
+    """What one image shows: top-k tiles, the position estimates, how sure (None: the
+    cache records no calibration, built without a self-test) and the query's time."""
 
     image: str
     matches: tuple[Match, ...]
     best: tuple[float, float]  # (lat, lon) of the best tile's centre
     weighted: tuple[float, float]  # score-weighted estimate, see estimate_position
     seconds: float
+    ratio: float = 1.0  # see distance_ratio
+    confidence: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -82,6 +157,8 @@ class Location:
             "matches": [{"tile": m.zxy, "score": round(m.score, 6)} for m in self.matches],
             "best": {"lat": round(self.best[0], 7), "lon": round(self.best[1], 7)},
             "weighted": {"lat": round(self.weighted[0], 7), "lon": round(self.weighted[1], 7)},
+            "confidence": self.confidence,
+            "distance_ratio": round(self.ratio, 4),
             "seconds": round(self.seconds, 6),
         }
 
@@ -342,11 +419,16 @@ def locate(
         t0 = time.perf_counter()
         read_image(path, localizer.spec, pixels[i])
         decode_s.append(time.perf_counter() - t0)
+    test = manifest.signed.get("self_test")
+    rule = Confidence.from_signed(test.get("confidence") if isinstance(test, dict) else None)
     out = []
     for i, path in enumerate(images):
         t0 = time.perf_counter()
-        (matches,) = localizer.query(pixels[i : i + 1], k)
+        (deep,) = localizer.query(pixels[i : i + 1], max(k, CONFIDENCE_DEPTH))
+        matches = deep[:k]
         best, weighted = matches[0].center, estimate_position(matches)
+        ratio = distance_ratio(deep)
         seconds = decode_s[i] + time.perf_counter() - t0
-        out.append(Location(str(path), matches, best, weighted, seconds))
+        confidence = rule.of(ratio) if rule is not None else None
+        out.append(Location(str(path), matches, best, weighted, seconds, ratio, confidence))
     return out
