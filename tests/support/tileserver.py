@@ -15,7 +15,10 @@ request, before answering normally:
 - ``"reset"``: the connection closed without an answer;
 - ``"drip"``: the tile, one byte every ``drip_s`` seconds; ``"huge"``: a 200 of
   8 MiB labelled image/jpeg; ``"gzipbomb"``: a 256 KiB gzip body that inflates to
-  256 MiB; ``"tiny"``: a valid 1x1 JPEG.
+  256 MiB; ``"tiny"``: a valid 1x1 JPEG;
+- ``"silent"``: the request read, then no answer at all until :meth:`release`;
+- ``"headerdrip"``: the status line and headers, one byte every ``drip_s`` seconds;
+- ``"loop"``: a 302 back to the same URL, for ever.
 
 ``stall_after = N`` holds every request after the N-th good tile open until
 :meth:`release`. ETag / If-None-Match and Last-Modified / If-Modified-Since are
@@ -233,6 +236,23 @@ def _handler(server: TileServer) -> type[BaseHTTPRequestHandler]:
                 self._send(200, gzip_bomb(), headers)
             elif fault == "tiny":
                 self._send(200, tiny_jpeg(), {"Content-Type": "image/jpeg"})
+            elif fault == "silent":
+                server._released.wait(120)
+                self.close_connection = True
+            elif fault == "headerdrip":
+                head = b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\n" + b"X-Pad: " + b"." * 4000
+                try:
+                    for i in range(len(head)):
+                        if server._released.is_set():
+                            break
+                        self.wfile.write(head[i : i + 1])
+                        self.wfile.flush()
+                        time.sleep(server.drip_s)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                self.close_connection = True
+            elif fault == "loop":
+                self._send(302, b"", {"Location": self.path})
             elif fault == "reset":
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)
