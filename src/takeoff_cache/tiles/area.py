@@ -64,6 +64,8 @@ def parse_area(obj: Any, source: str) -> Area:
             raise InvalidRequestError(
                 f"area: {source}: a {kind!r} geometry; expected a Polygon or MultiPolygon"
             )
+        if not _finite(geometry.get("coordinates")):
+            raise InvalidRequestError(f"area: {source}: the {kind} has non-finite coordinates")
         try:
             geom = shape(geometry)
         except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
@@ -74,8 +76,6 @@ def parse_area(obj: Any, source: str) -> Area:
             why = "it is empty" if geom.is_empty else shapely.is_valid_reason(geom)
             raise InvalidRequestError(f"area: {source}: the {kind} is not valid: {why}")
         lon_min, lat_min, lon_max, lat_max = geom.bounds
-        if not all(map(math.isfinite, geom.bounds)):
-            raise InvalidRequestError(f"area: {source}: the {kind} has non-finite coordinates")
         if not (
             max(abs(lon_min), abs(lon_max)) <= 180 and max(abs(lat_min), abs(lat_max)) <= MAX_LAT
         ):
@@ -86,6 +86,18 @@ def parse_area(obj: Any, source: str) -> Area:
             )
         polygons.append(geom)
     return _area(shapely.union_all(polygons))
+
+
+def _finite(coordinates: Any) -> bool:
+    """Whether no number in GeoJSON coordinates is NaN or infinite (JSON's NaN, Infinity)."""
+    stack = [coordinates]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, list | tuple):
+            stack.extend(value)
+        elif isinstance(value, float) and not math.isfinite(value):
+            return False
+    return True
 
 
 def load_area(path: Path) -> Area:
