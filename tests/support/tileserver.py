@@ -257,7 +257,7 @@ def _handler(server: TileServer) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)
             elif ":" in fault:
-                status, after = fault.split(":")
+                status, after = fault.split(":", 1)
                 if after.startswith("date+"):
                     after = email.utils.formatdate(time.time() + float(after[5:]), usegmt=True)
                 self._send(int(status), b"", {"Retry-After": after})
