@@ -112,6 +112,8 @@ def companion_build(
             tool=companion.tool,
             on_line=on_line,
             passphrase=os.environ.get(COMPANION_KEY_PASSPHRASE),
+            # The workstation's own trust store: the companion's manifest must verify with it.
+            trust=fields.get("trust"),
         )
     )
     return report.to_json()

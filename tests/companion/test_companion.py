@@ -19,8 +19,9 @@ from filelock import FileLock
 
 from takeoff_cache.build.request import parse_request, read_request_file
 from takeoff_cache.companion import inputs
+from takeoff_cache.companion.answers import Redactor
 from takeoff_cache.companion.bringup import CompanionPaths, bring_up
-from takeoff_cache.companion.remote import Redactor, remote_build
+from takeoff_cache.companion.remote import remote_build
 from takeoff_cache.companion.session import build_on_companion
 from takeoff_cache.companion.ssh import connect, parse_target
 from takeoff_cache.companion.transfer import part_name, send_files
@@ -69,6 +70,12 @@ class Rig:
             start_server(self.companion, self.host_key, self.client_key), self.loop
         ).result(30)
         self.trust_host()
+        # The workstation's own trust store, holding the companion's public key.
+        self.workstation_trust = self.client_dir / "trust"
+        self.workstation_trust.mkdir()
+        shutil.copy(
+            self.companion.root / "operator.key.pub", self.workstation_trust / "companion.pub"
+        )
 
     def trust_host(self) -> None:
         (self.client_dir / "known_hosts").write_text(host_key_line(self.companion, self.host_key))
@@ -127,6 +134,7 @@ def test_clean_run_then_second_run_sends_nothing(
             rig.companion.paths,
             backend="onnxruntime",
             on_line=lines.append,
+            trust=rig.workstation_trust,
         )
     )
     assert first.build["outcome"] == "success"
@@ -137,10 +145,16 @@ def test_clean_run_then_second_run_sends_nothing(
     assert (rig.companion.cache / "Manifest.json").is_file()
     second = asyncio.run(
         build_on_companion(
-            rig.settings(), request, tiles, rig.companion.paths, backend="onnxruntime"
+            rig.settings(),
+            request,
+            tiles,
+            rig.companion.paths,
+            backend="onnxruntime",
+            trust=rig.workstation_trust,
         )
     )
     assert second.build["outcome"] == "idempotent_no_op"
+    assert second.verify["workstation"]["build_identity"] == second.build["build_identity"]
     assert second.transfer.bytes_sent == 0
     assert second.transfer.bytes_skipped == first.transfer.bytes_sent
     with capsys.disabled():
@@ -229,18 +243,6 @@ def test_companion_without_the_tool(rig: Rig, tmp_path: Path) -> None:
         asyncio.run(_bring_up(rig))
 
 
-def test_companion_with_another_manifest_format(rig: Rig, tmp_path: Path) -> None:
-    fake = tmp_path / "old" / "takeoff_cache"
-    fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text(
-        '__version__ = "0.0.9"\nMANIFEST_FORMAT = "takeoff-cache-manifest"\n'
-        "MANIFEST_FORMAT_VERSION = 0\n"
-    )
-    rig.companion.env["PYTHONPATH"] = str(fake.parent)
-    with pytest.raises(CompanionToolError, match=r"0\.0\.9"):
-        asyncio.run(_bring_up(rig))
-
-
 def test_bring_up_refuses_missing_cache_root_and_full_disk(rig: Rig) -> None:
     up = asyncio.run(_bring_up(rig))
     assert up.paths.cache_root == str(rig.companion.cache)
@@ -318,7 +320,14 @@ def test_remote_build_failure_brings_its_line_and_exit_code(rig: Rig, demo: Demo
     request, tiles = demo_request(demo)
     with pytest.raises(RemoteCommandError) as caught:
         asyncio.run(
-            build_on_companion(rig.settings(), request, tiles, paths, backend="onnxruntime")
+            build_on_companion(
+                rig.settings(),
+                request,
+                tiles,
+                paths,
+                backend="onnxruntime",
+                trust=rig.workstation_trust,
+            )
         )
     assert caught.value.exit_code == 6
     assert "takeoff-cache: error:" in str(caught.value)
@@ -333,7 +342,12 @@ def test_companion_lock_held_by_another_build(rig: Rig, demo: Demo) -> None:
     ):
         asyncio.run(
             build_on_companion(
-                rig.settings(), request, tiles, rig.companion.paths, backend="onnxruntime"
+                rig.settings(),
+                request,
+                tiles,
+                rig.companion.paths,
+                backend="onnxruntime",
+                trust=rig.workstation_trust,
             )
         )
     assert caught.value.exit_code == 4

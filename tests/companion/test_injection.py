@@ -60,7 +60,9 @@ def test_tool_words_split_a_command_with_arguments() -> None:
     for bad in ("", "  ", "'unclosed"):
         with pytest.raises(CompanionToolError):
             tool_words(bad)
-    assert probe_command("$(touch x)", {}).startswith("t=$(command -v '$(touch') ||")
+    assert probe_command("$(touch x) y", "auto", {"cache_root": "~/c;d"}) == (
+        "exec '$(touch' 'x)' y companion-probe --backend=auto '--cache-root=~/c;d'"
+    )
 
 
 @pytest.mark.parametrize("tool", ATTACKS)

@@ -67,7 +67,8 @@ def companion_flags(rig: Rig, trust: str = "~/trust") -> list[str]:
         "--companion", f"pilot@127.0.0.1:{rig.companion.port}",
         "--companion-cache-root", "~/cache", "--companion-key", "~/operator.key",
         "--companion-trust", trust, "--companion-work-dir", "~/work",
-        "--companion-inputs-dir", "~/inputs", *ssh_flags(rig),
+        "--companion-inputs-dir", "~/inputs", "--trust", str(rig.workstation_trust),
+        *ssh_flags(rig),
     ]  # fmt: skip
 
 
@@ -97,7 +98,10 @@ def test_a_flight_is_built_and_verified_on_the_companion(
         'cache_root = "~/cache"\nkey = "~/operator.key"\ntrust = "~/trust"\n'
         'work_dir = "~/work"\ninputs_dir = "~/inputs"\n'
     )
-    second = prepare(capsys, demo, request_file(demo, table), *ssh_flags(rig))
+    second = prepare(
+        capsys, demo, request_file(demo, table), "--trust", str(rig.workstation_trust),
+        *ssh_flags(rig),
+    )  # fmt: skip
     assert second.code == 0, second.err
     again = second.json()
     assert again["build"]["outcome"] == "idempotent_no_op"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from takeoff_cache.companion.remote import Redactor
+from takeoff_cache.companion.answers import Redactor
 
 SECRET = "pass-Phrase-77"
 

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
+from takeoff_cache.companion.answers import neutralize
 from takeoff_cache.companion.remote import (
     check_report,
     claims_success,
-    neutralize,
     remote_build,
     remote_verify,
 )

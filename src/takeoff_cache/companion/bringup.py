@@ -1,27 +1,35 @@
 """Bring-up: check the companion before anything is sent to it.
 
-One small Python program (``probe.py`` beside this module) runs there under
-the interpreter of its takeoff-cache (read from the script's ``#!`` line, so a
-pipx or venv install is found). It imports takeoff_cache and prints, as one
-JSON line, its version and manifest format, the backend it would build with and
-that backend's host identity, the free disk and whether the paths the build
-needs exist. Nothing is created there: a missing cache root is the operator's
-to make, as on the workstation.
+The companion's own takeoff-cache is asked what it is: ``TOOL companion-probe``
+(:mod:`.probe`), whatever command line TOOL is (a console script, a wrapper, a
+``docker run ... takeoff-cache``), every word quoted. Its one JSON line gives its
+version and manifest format, the backend it would build with and that
+backend's host identity, and for each path the build needs where it is there
+(a leading ``~`` is the companion user's home), whether it exists and the free
+disk. That answer is checked before it is used: its fields' types, its paths
+against the ones asked, its free space a sane number. Nothing is created there:
+a missing cache root is the operator's to make, as on the workstation.
 """
 
 from __future__ import annotations
 
-import json
+import posixpath
 import shlex
 from dataclasses import asdict, dataclass
-from importlib.resources import files
 from typing import Any
 
 from takeoff_cache import MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION, __version__
+from takeoff_cache.companion.answers import (
+    Redactor,
+    check_fields,
+    last_json_line,
+    neutralize,
+    shown,
+)
+from takeoff_cache.companion.probe import PROBE_PATHS
 from takeoff_cache.companion.ssh import Connection
 from takeoff_cache.errors import (
     CompanionDiskError,
-    CompanionError,
     CompanionPathError,
     CompanionToolError,
     RemoteOutputError,
@@ -31,6 +39,8 @@ from takeoff_cache.errors import (
 PROBE_TIMEOUT_S = 120.0
 # The shell's answer when a command is not found.
 _NOT_FOUND = 127
+# The tool's subcommand that answers bring-up (cli/companion_probe.py).
+PROBE_COMMAND = "companion-probe"
 
 
 @dataclass(frozen=True)
@@ -79,29 +89,37 @@ def tool_words(tool: str) -> list[str]:
     return words
 
 
-def probe_command(tool: str, args: dict[str, Any]) -> str:
-    """The shell command that runs the probe with the tool's own interpreter."""
-    exe = tool_words(tool)[0]
-    return (
-        f"t=$(command -v {shlex.quote(exe)}) || "
-        f"{{ echo {shlex.quote(f'{exe}: command not found')} >&2; exit {_NOT_FOUND}; }}; "
-        # A console script's first line names its interpreter, e.g. #!/opt/venv/bin/python.
-        'py=$(sed -n "1s/^#! *//p" "$t"); case "$py" in *python*) ;; *) py=python3;; esac; '
-        # $py is split on purpose: a "#!/usr/bin/env python3" line is two words.
-        f"exec $py - {shlex.quote(json.dumps(args))}"
-    )
+def probe_command(tool: str, backend: str, wanted: dict[str, str]) -> str:
+    """The shell command that runs the tool's ``companion-probe`` there."""
+    flags = [f"--{name.replace('_', '-')}={path}" for name, path in wanted.items()]
+    return "exec " + shlex.join([*tool_words(tool), PROBE_COMMAND, f"--backend={backend}", *flags])
 
 
-def _parse_probe(target: str, stdout: str) -> dict[str, Any]:
-    lines = stdout.strip().splitlines()
-    try:
-        doc = json.loads(lines[-1]) if lines else None
-    except json.JSONDecodeError:
-        doc = None
-    if not isinstance(doc, dict):
-        shown = " | ".join(lines[-3:]) or "nothing"
-        raise RemoteOutputError(f"companion: {target}: bring-up probe printed {shown!r:.300}")
-    return doc
+# The types of the answer's fields; fields a newer companion adds pass unread.
+_ANSWER_TYPES: dict[str, tuple[type, ...]] = {
+    "version": (str,),
+    "manifest_format": (list,),
+    "python": (str,),
+    "home": (str,),
+    "cwd": (str,),
+    "backend": (str,),
+    "backend_version": (str,),
+    "host_identity": (dict,),
+    "host_tag": (str,),
+    "paths": (dict,),
+    "backend_error": (str,),
+}
+_NEEDED = ("version", "manifest_format", "python", "home", "cwd", "paths")
+_WITH_BACKEND = ("backend", "backend_version", "host_identity", "host_tag")
+_PATH_TYPES: dict[str, tuple[type, ...]] = {
+    "path": (str,),
+    "exists": (bool,),
+    "is_dir": (bool,),
+    "free": (int,),
+    "device": (int,),
+}
+# More free space than this on one file system is a forged answer (1 EiB).
+FREE_LIMIT = 2**60
 
 
 async def bring_up(
@@ -115,44 +133,72 @@ async def bring_up(
 ) -> BringUp:
     """Check the companion; raise the first problem found as one line, else describe it."""
     target = str(conn.target)
-    wanted = {
-        "cache_root": paths.cache_root,
-        "key": paths.key,
-        "trust": paths.trust,
-        "work_dir": paths.work_dir,
-        "inputs_dir": paths.inputs_dir,
-    }
-    command = probe_command(tool, {"backend": backend, "paths": wanted})
-    program = files("takeoff_cache.companion").joinpath("probe.py").read_text()
-    result = await conn.run(command, input=program, timeout_s=PROBE_TIMEOUT_S)
+    wanted = {name: getattr(paths, name) for name in PROBE_PATHS}
+    result = await conn.run(probe_command(tool, backend, wanted), timeout_s=PROBE_TIMEOUT_S)
+    words = tool_words(tool)
     if result.exit_status == _NOT_FOUND:
         raise CompanionToolError(
-            f"companion: {target}: {tool_words(tool)[0]!r} is not installed there (not on the"
+            f"companion: {target}: {shown(words[0])} is not installed there (not on the"
             " PATH of a non-interactive shell); install takeoff-cache or give its full path"
+            " or a wrapper with --companion-tool"
         )
+    redact = Redactor.from_env()
     if result.exit_status != 0:
-        last = result.stderr.strip().splitlines()[-1:] or ["no output"]
-        raise CompanionError(
-            f"companion: {target}: bring-up probe failed (exit {result.exit_status}): {last[0]}"
-        )
-    doc = _parse_probe(target, result.stdout)
-    if "import_error" in doc:
+        last = _last_line(redact(result.stderr)) or _last_line(redact(result.stdout))
         raise CompanionToolError(
-            f"companion: {target}: takeoff-cache's Python there cannot import it:"
-            f" {doc['import_error']}"
+            f"companion: {target}: {shown(tool, 120)} {PROBE_COMMAND} failed there"
+            f" (exit {result.exit_status}): {last or 'no output'}; is it takeoff-cache"
+            f" {__version__}?"
         )
-    theirs = doc.get("manifest_format")
+    doc, why = last_json_line(result.stdout)
+    if doc is None:
+        raise RemoteOutputError(
+            f"companion: {target}: {shown(tool, 120)} is not takeoff-cache: its"
+            f" {PROBE_COMMAND} printed {why}"
+        )
+    return _checked(target, doc, wanted, backend, send_bytes, build_estimate_bytes)
+
+
+def _checked(
+    target: str,
+    doc: dict[str, Any],
+    wanted: dict[str, str],
+    backend: str,
+    send_bytes: int,
+    build_estimate_bytes: int,
+) -> BringUp:
+    what = "bring-up answer"
+    check_fields(what, doc, _ANSWER_TYPES, target, required=_NEEDED)
+    theirs = doc["manifest_format"]
     ours = [MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION]
-    if theirs != ours:
+    if theirs != ours or doc["version"] != __version__:
         raise CompanionToolError(
-            f"companion: {target}: takeoff-cache {doc.get('version')} there writes manifest"
-            f" format {theirs}, this one ({__version__}) {ours}; install the same release"
+            f"companion: {target}: takeoff-cache {shown(doc['version'], 40)} there writes"
+            f" manifest format {shown(theirs, 60)}, this one is {__version__} writing {ours};"
+            " install the same release on both"
         )
     if "backend_error" in doc:
         raise CompanionToolError(
-            f"companion: {target}: backend {backend} unusable there: {doc['backend_error']}"
+            f"companion: {target}: backend {backend} unusable there:"
+            f" {neutralize(doc['backend_error'])[:200]}"
         )
+    check_fields(what, doc, _ANSWER_TYPES, target, required=_WITH_BACKEND)
     found = doc["paths"]
+    for name, asked in wanted.items():
+        entry = found.get(name)
+        if not isinstance(entry, dict):
+            raise RemoteOutputError(f"companion: {target}: {what} says nothing of {name!r}")
+        check_fields(f"{what}'s {name}", entry, _PATH_TYPES, target, required=tuple(_PATH_TYPES))
+        expected = _there(asked, doc["home"], doc["cwd"])
+        if entry["path"] != expected:
+            raise RemoteOutputError(
+                f"companion: {target}: {what} puts {name} {shown(asked, 300)} at"
+                f" {shown(entry['path'], 300)}, not {shown(expected, 300)}"
+            )
+        if not 0 <= entry["free"] <= FREE_LIMIT:
+            raise RemoteOutputError(
+                f"companion: {target}: {what} gives {name} {shown(entry['free'])} bytes free"
+            )
     if not found["cache_root"]["is_dir"]:
         raise CompanionPathError(
             f"companion: {target}: cache_root {_shown(found['cache_root']['path'])} does not exist"
@@ -179,17 +225,30 @@ async def bring_up(
             )
     return BringUp(
         target=target,
-        version=str(doc["version"]),
-        manifest_format=(str(theirs[0]), int(theirs[1])),
-        python=str(doc["python"]),
-        backend=str(doc["backend"]),
-        backend_version=str(doc["backend_version"]),
+        version=doc["version"],
+        manifest_format=(MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION),
+        python=doc["python"],
+        backend=doc["backend"],
+        backend_version=doc["backend_version"],
         host_identity=dict(doc["host_identity"]),
-        host_tag=str(doc["host_tag"]),
+        host_tag=doc["host_tag"],
         paths=CompanionPaths(**{name: found[name]["path"] for name in wanted}),
-        free_bytes=int(inputs["free"]),
+        free_bytes=inputs["free"],
         needed_bytes=send_bytes + build_estimate_bytes,
     )
+
+
+def _there(asked: str, home: str, cwd: str) -> str:
+    """Where ``asked`` is on the companion: a leading ``~`` its user's home, a relative
+    path under its working folder (as the probe resolves it there)."""
+    if asked == "~" or asked.startswith("~/"):
+        return posixpath.normpath(home + asked[1:])
+    return posixpath.normpath(posixpath.join(cwd, asked))
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text[-4096:].replace("\r", "\n").split("\n") if line.strip()]
+    return neutralize(lines[-1])[:300] if lines else ""
 
 
 def _shown(path: str) -> str:

@@ -1,20 +1,26 @@
-"""The bring-up probe: the program ``bring_up`` runs on the companion.
+"""The companion's side of bring-up: what this install says about itself.
 
-It is sent as the standard input of the companion's own interpreter
-(``python - ARGS``), so it uses the standard library and the companion's
-takeoff_cache only, and prints one JSON line: the version and manifest format
-installed there, the backend it would build with and that backend's host
-identity, and for each path the build needs whether it exists, where it is and
-the free disk under it. It creates nothing.
+``takeoff-cache companion-probe`` prints :func:`probe`'s answer as one JSON
+line: the version and manifest format installed here, the interpreter, the
+user's home and working folder, the backend it would build with and that
+backend's host identity, and for each path the build needs where it is (a
+leading ``~`` expanded here, on the companion), whether it exists, and the free
+disk under it. It creates nothing. Asking the install itself, rather than
+guessing its interpreter, is what lets any install answer: a console script, a
+wrapper that activates a venv first, ``python -m takeoff_cache``, a container.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
 from typing import Any
+
+from takeoff_cache import MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION, __version__
+
+# The paths bring-up asks about, as CompanionPaths names them.
+PROBE_PATHS = ("cache_root", "key", "trust", "work_dir", "inputs_dir")
 
 
 def _existing(path: str) -> str:
@@ -39,25 +45,19 @@ def _paths(wanted: dict[str, str]) -> dict[str, dict[str, Any]]:
     return paths
 
 
-def probe(args: dict[str, Any]) -> dict[str, Any]:
-    """What this machine's takeoff-cache says about itself and the paths in ``args``."""
-    try:
-        import takeoff_cache
-    except ImportError as exc:
-        return {"import_error": str(exc)}
+def probe(backend_name: str, wanted: dict[str, str]) -> dict[str, Any]:
+    """What this machine's takeoff-cache says about itself and the paths in ``wanted``."""
     out: dict[str, Any] = {
-        "version": takeoff_cache.__version__,
-        # Read loosely: an older or newer companion may name its format differently.
-        "manifest_format": [
-            getattr(takeoff_cache, "MANIFEST_FORMAT", None),
-            getattr(takeoff_cache, "MANIFEST_FORMAT_VERSION", None),
-        ],
+        "version": __version__,
+        "manifest_format": [MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION],
         "python": sys.executable,
+        "home": os.path.expanduser("~"),
+        "cwd": os.getcwd(),
     }
     try:
         from takeoff_cache.engines import get_backend
 
-        backend = get_backend(args["backend"])
+        backend = get_backend(backend_name)
         out["backend"] = backend.name
         out["backend_version"] = backend.version
         out["host_identity"] = backend.host_identity()
@@ -65,14 +65,5 @@ def probe(args: dict[str, Any]) -> dict[str, Any]:
     except Exception as exc:
         text = str(exc).strip().splitlines()
         out["backend_error"] = text[0] if text else type(exc).__name__
-    out["paths"] = _paths(args["paths"])
+    out["paths"] = _paths(wanted)
     return out
-
-
-def main(argv: list[str]) -> int:
-    print(json.dumps(probe(json.loads(argv[1]))))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))

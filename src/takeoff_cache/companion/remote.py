@@ -10,9 +10,6 @@ exported to the build alone. Whatever the remote side prints passes through a
 
 from __future__ import annotations
 
-import json
-import os
-import re
 import shlex
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -20,9 +17,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from takeoff_cache.build.options import OPTION_FIELDS
+from takeoff_cache.companion.answers import (
+    Redactor,
+    check_fields,
+    last_json_line,
+    neutralize,
+    neutralize_doc,
+)
 from takeoff_cache.companion.bringup import CompanionPaths, tool_words
 from takeoff_cache.companion.ssh import Connection
-from takeoff_cache.core.env import KEY_PASSPHRASE, SECRETS
+from takeoff_cache.core.env import KEY_PASSPHRASE
 from takeoff_cache.errors import EXIT_COMPANION, RemoteCommandError, RemoteOutputError
 
 # Exit codes the remote takeoff-cache shares with ours (SPEC §9); others are the companion's.
@@ -35,53 +39,6 @@ LOCAL_OPTIONS = {
     "dask_address": "a Dask cluster's workers need the build's work folder at the same path,"
     " and the companion's is its own",
 }
-
-
-class Redactor:
-    """Replaces every known secret value in a text with ``***``.
-
-    A line that shows a secret only once read (its JSON escapes decoded, its
-    ``\\r`` dropped) becomes ``***`` as a whole.
-    """
-
-    def __init__(self, secrets: Iterable[str]) -> None:
-        # Longest first, so a secret that contains another is replaced whole.
-        self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Redactor:
-        env = os.environ if env is None else env
-        return cls(env.get(name, "") for name in SECRETS)
-
-    def __call__(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        if not self._secrets:
-            return text
-        return "\n".join(self._line(line) for line in text.split("\n"))
-
-    def _line(self, line: str) -> str:
-        read = _JSON_ESCAPE.sub(_unescape, line).replace("\r", "")
-        return "***" if any(s in read for s in self._secrets) else line
-
-
-# A JSON string escape: ``\uXXXX`` or one of the single-character ones.
-_JSON_ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{4}|[\"\\/bfnrt])")
-_SIMPLE_ESCAPES = {
-    '"': '"',
-    "\\": "\\",
-    "/": "/",
-    "b": "\b",
-    "f": "\f",
-    "n": "\n",
-    "r": "\r",
-    "t": "\t",
-}
-
-
-def _unescape(match: re.Match[str]) -> str:
-    code = match.group(1)
-    return chr(int(code[1:], 16)) if code[0] == "u" else _SIMPLE_ESCAPES[code]
 
 
 @dataclass(frozen=True)
@@ -114,43 +71,11 @@ REPORT_TYPES: dict[str, dict[str, tuple[type, ...]]] = {
     },
     "verify": {"ok": (bool,), "version": (int,), "artifacts": (int,), "problems": (list,)},
 }
-_CONTROLS = {c: f"^{chr(c + 64)}" for c in range(32) if c != 9} | {127: "^?"}
-_CONTROLS.update({c: f"\\x{c:02x}" for c in range(0x80, 0xA0)})
-
-
-# The same for a whole output, whose line ends are kept to be split on.
-_TEXT_CONTROLS = {c: v for c, v in _CONTROLS.items() if c not in (10, 13)}
-
-
-def neutralize(text: str, *, lines: bool = False) -> str:
-    """``text`` with its terminal controls (ESC, CSI, other C0 but tab) made visible;
-    ``lines``: keep its line ends."""
-    return text.translate(_TEXT_CONTROLS if lines else _CONTROLS)
-
-
-def _neutralize_doc(value: Any) -> Any:
-    if isinstance(value, str):
-        return neutralize(value)
-    if isinstance(value, dict):
-        return {neutralize(str(k)): _neutralize_doc(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_neutralize_doc(v) for v in value]
-    return value
 
 
 def check_report(what: str, doc: dict[str, Any], target: str) -> None:
     """Raise :class:`RemoteOutputError` naming the first field of the wrong type."""
-    for name, types in REPORT_TYPES[what].items():
-        if name not in doc:
-            continue
-        value = doc[name]
-        bad_bool = isinstance(value, bool) and bool not in types
-        if bad_bool or not isinstance(value, types):
-            raise RemoteOutputError(
-                f"companion: {target}: {what} report's {name!r} is"
-                f" {type(value).__name__} {neutralize(repr(value))[:80]}, not"
-                f" {' or '.join(t.__name__ for t in types)}"
-            )
+    check_fields(f"{what} report", doc, REPORT_TYPES[what], target)
 
 
 def claims_success(what: str, doc: dict[str, Any]) -> bool:
@@ -168,17 +93,6 @@ def map_exit_code(remote: int) -> int:
 def _tail(*texts: str) -> list[str]:
     lines = [line for text in texts for line in text.replace("\r", "\n").splitlines()]
     return [line for line in lines if line.strip()][-TAIL_LINES:]
-
-
-def _last_json(stdout: str) -> dict[str, Any] | None:
-    lines = [line for line in stdout.splitlines() if line.strip()]
-    if not lines:
-        return None
-    try:
-        doc = json.loads(lines[-1])
-    except (json.JSONDecodeError, RecursionError):
-        return None
-    return doc if isinstance(doc, dict) else None
 
 
 def _stderr_line(stderr: str) -> str:
@@ -223,7 +137,7 @@ async def _run_json(
     result = await conn.stream(command, shown, input=stdin, timeout_s=timeout_s)
     elapsed = round(time.perf_counter() - started, 3)
     stdout, stderr = redact(result.stdout), redact(result.stderr)
-    doc = _last_json(stdout)
+    doc, why = last_json_line(stdout)
     stdout, stderr = neutralize(stdout, lines=True), neutralize(stderr, lines=True)
     code = result.exit_status
     target = conn.target
@@ -233,12 +147,16 @@ async def _run_json(
                 f"companion: {target}: {what} failed there (exit {code}): {_stderr_line(stderr)}",
                 map_exit_code(code),
             )
-        tail = " | ".join(_tail(stdout, stderr)) or "nothing"
+        if doc is not None:
+            why = f"a JSON line without {report_key!r}"
+        if result.stdout_dropped:
+            why += f" after {_mib(result.stdout_dropped + len(result.stdout))} of output"
+        tail = " | ".join(_tail(stdout, stderr)[-3:])[:600] or "nothing"
         raise RemoteOutputError(
-            f"companion: {target}: {what} printed no JSON report; its last lines: {tail}"
+            f"companion: {target}: {what} printed no JSON report ({why}); its last lines: {tail}"
         )
     check_report(what, doc, str(target))
-    doc = _neutralize_doc(doc)
+    doc = neutralize_doc(doc)
     success = claims_success(what, doc)
     if code != 0 and success:
         raise RemoteCommandError(
@@ -261,6 +179,10 @@ async def _run_json(
             doc,
         )
     return RemoteResult(code, doc, elapsed)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 def option_args(options: Mapping[str, Any], work_dir: str) -> list[str]:

@@ -1,20 +1,41 @@
-"""The whole companion run, phase by phase: bring-up, transfer, build, verify."""
+"""The whole companion run, phase by phase: bring-up, transfer, build, verify.
+
+The companion's word that it built is not taken: afterwards its Manifest.json
+is read back (within :data:`MANIFEST_LIMIT`), its signature verified against the
+workstation's trust store, and its build identity compared with the one
+computed here for what was sent (the companion's host identity from bring-up).
+"""
 
 from __future__ import annotations
 
+import posixpath
+import stat
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncssh
+
+from takeoff_cache.backbones.file import load_backbones
+from takeoff_cache.build.identity import identity_of
 from takeoff_cache.build.request import BuildRequest
 from takeoff_cache.companion import inputs
+from takeoff_cache.companion.answers import Redactor, shown
 from takeoff_cache.companion.bringup import BringUp, CompanionPaths, bring_up
-from takeoff_cache.companion.remote import Redactor, remote_build, remote_verify
+from takeoff_cache.companion.remote import remote_build, remote_verify
 from takeoff_cache.companion.ssh import Connection, SSHSettings, connect
 from takeoff_cache.companion.transfer import TransferReport, send_files
-from takeoff_cache.tiles.corpus import Tile
+from takeoff_cache.core.fsutil import sha256_file
+from takeoff_cache.core.layout import MANIFEST_NAME
+from takeoff_cache.errors import CompanionManifestError, InvalidRequestError, VerificationError
+from takeoff_cache.tiles.corpus import Tile, fingerprint
+from takeoff_cache.trust.keys import TrustedKey, load_trust_store
+from takeoff_cache.trust.manifest import Manifest, verify_manifest_bytes
+
+# A manifest lists a cache's files; one past this size is not read back.
+MANIFEST_LIMIT = 16 * 2**20
 
 
 @dataclass(frozen=True)
@@ -41,6 +62,80 @@ class Sent:
     transfer: TransferReport
     request: dict[str, Any]  # the build request, with the companion's paths
     request_path: str  # the same, as the TOML file sent there
+    identity: str = ""  # the build identity of what was sent, on the companion's host
+
+
+def expected_identity(request: BuildRequest, tiles: Sequence[Tile], host: dict[str, Any]) -> str:
+    """The build identity the companion's build of ``request`` over ``tiles`` must
+    have, with ``host`` its host identity (from bring-up)."""
+    backbones = [b.identity() for b in load_backbones(request.backbones)]
+    calibration = sha256_file(request.calibration) if request.calibration else None
+    return identity_of(request, backbones, calibration, host, fingerprint(tuple(sorted(tiles))))
+
+
+def workstation_trust(trust: Path | str | None) -> tuple[Path, list[TrustedKey]]:
+    """The workstation's trust store, which the companion's manifest must verify with."""
+    if trust is None:
+        raise InvalidRequestError(
+            "trust: a build on the companion needs the workstation's trust store too"
+            " (--trust, holding the companion's public key): its manifest is checked with it"
+        )
+    path = Path(trust).expanduser()
+    return path, load_trust_store(path)
+
+
+async def read_remote_manifest(conn: Connection, cache_root: str) -> bytes:
+    """The bytes of ``cache_root/Manifest.json`` there, a regular file of at most
+    :data:`MANIFEST_LIMIT` bytes."""
+    path = posixpath.join(cache_root, MANIFEST_NAME)
+    target = conn.target
+    try:
+        async with await conn.conn.start_sftp_client() as sftp:
+            attrs = await sftp.lstat(path)
+            if attrs.permissions is None or not stat.S_ISREG(attrs.permissions):
+                raise CompanionManifestError(
+                    f"companion: {target}: {shown(path)} is not a regular file"
+                )
+            if attrs.size is not None and attrs.size > MANIFEST_LIMIT:
+                raise CompanionManifestError(
+                    f"companion: {target}: {shown(path)} holds {attrs.size} bytes,"
+                    f" more than a manifest ({MANIFEST_LIMIT})"
+                )
+            async with sftp.open(path, "rb") as fh:
+                data: bytes = await fh.read(MANIFEST_LIMIT + 1)
+    except asyncssh.SFTPNoSuchFile:
+        raise CompanionManifestError(
+            f"companion: {target}: its build reported success but left no {shown(path)}"
+        ) from None
+    except (asyncssh.Error, OSError) as exc:
+        raise CompanionManifestError(
+            f"companion: {target}: cannot read {shown(path)} back: {exc}"
+        ) from exc
+    if len(data) > MANIFEST_LIMIT:
+        raise CompanionManifestError(
+            f"companion: {target}: {shown(path)} is larger than a manifest ({MANIFEST_LIMIT})"
+        )
+    return data
+
+
+def check_manifest(
+    data: bytes, trusted: list[TrustedKey], identity: str, target: str, trust: Path | str
+) -> Manifest:
+    """The companion's manifest, verified with the workstation's keys and of ``identity``."""
+    try:
+        manifest = verify_manifest_bytes(data, trusted)
+    except VerificationError as exc:
+        raise CompanionManifestError(
+            f"companion: {target}: its {MANIFEST_NAME} does not verify with the"
+            f" workstation's trust store {trust}: {exc}"
+        ) from None
+    if manifest.build_identity != identity:
+        raise CompanionManifestError(
+            f"companion: {target}: its {MANIFEST_NAME} is of build"
+            f" {shown(manifest.build_identity, 16)}..., not of the build sent"
+            f" ({identity[:12]}...)"
+        )
+    return manifest
 
 
 async def send_to_companion(
@@ -80,7 +175,8 @@ async def send_to_companion(
         (staging / "request.toml").write_text(inputs.toml_dumps(fields), encoding="utf-8")
         uploads.append(inputs.Upload(staging / "request.toml", "request.toml"))
         sent = await send_files(conn, uploads, remote_dir, python=up.python)
-    return Sent(up, sent, fields, f"{remote_dir}/request.toml")
+    identity = expected_identity(request, tiles, up.host_identity)
+    return Sent(up, sent, fields, f"{remote_dir}/request.toml", identity)
 
 
 async def build_on_companion(
@@ -95,12 +191,15 @@ async def build_on_companion(
     on_line: Callable[[str], None] | None = None,
     passphrase: str | None = None,
     redact: Redactor | None = None,
+    trust: Path | str | None = None,
 ) -> CompanionReport:
-    """Check the companion, send it the selected tiles and the models, build and verify there.
+    """Check the companion, send it the selected tiles and the models, build and verify there,
+    then check the manifest it signed against ``trust``, the workstation's trust store.
 
     ``options``: the build options (:func:`takeoff_cache.companion.remote.option_args`).
     """
     redact = redact or Redactor.from_env()
+    trust_path, trusted = workstation_trust(trust)
     async with connect(settings) as conn:
         sent = await send_to_companion(conn, request, tiles, paths, backend=backend, tool=tool)
         built = await remote_build(
@@ -117,7 +216,17 @@ async def build_on_companion(
             redact=redact,
         )
         verified = await remote_verify(conn, sent.bring_up.paths, tool=tool, redact=redact)
-    return CompanionReport(sent.bring_up, sent.transfer, built.report, verified.report)
+        data = await read_remote_manifest(conn, sent.bring_up.paths.cache_root)
+    manifest = check_manifest(data, trusted, sent.identity, str(conn.target), trust_path)
+    reported = built.report.get("build_identity")
+    if reported is not None and reported != manifest.build_identity:
+        raise CompanionManifestError(
+            f"companion: {conn.target}: its build reported identity {shown(reported, 16)}...,"
+            f" its manifest {manifest.build_identity[:12]}..."
+        )
+    checked = {"ok": True, "keyid": manifest.keyid, "build_identity": manifest.build_identity}
+    verify = {**verified.report, "workstation": checked}
+    return CompanionReport(sent.bring_up, sent.transfer, built.report, verify)
 
 
 async def verify_on_companion(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -36,6 +37,15 @@ _TARGET = re.compile(
 )
 DEFAULT_CONNECT_TIMEOUT_S = 15.0
 DEFAULT_COMMAND_TIMEOUT_S = 3600.0
+# What a remote command's output may cost here, however much it prints: a line
+# shown as it arrives is cut at LINE_LIMIT characters; of stdout (whose last line
+# is the report) the last STDOUT_LIMIT characters are kept, of stderr (read for
+# its last lines) the last STDERR_LIMIT.
+LINE_LIMIT = 4096
+STDOUT_LIMIT = 8 * 2**20
+STDERR_LIMIT = 64 * 2**10
+READ_CHARS = 65536
+_BREAK = re.compile(r"\r\n|\r|\n")
 
 
 @dataclass(frozen=True)
@@ -80,8 +90,81 @@ class SSHSettings:
 @dataclass(frozen=True)
 class Result:
     exit_status: int  # negative: killed by that signal
-    stdout: str
-    stderr: str
+    stdout: str  # its last STDOUT_LIMIT characters
+    stderr: str  # its last STDERR_LIMIT characters
+    stdout_dropped: int = 0  # characters before those, read and let go
+    stderr_dropped: int = 0
+
+
+class _Tail:
+    """The last ``limit`` characters of a stream, kept in blocks: memory stays bounded
+    and each character is handled a fixed number of times."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.blocks: deque[str] = deque()
+        self.size = 0
+        self.dropped = 0
+
+    def add(self, chunk: str) -> None:
+        self.blocks.append(chunk)
+        self.size += len(chunk)
+        while self.size - len(self.blocks[0]) >= self.limit:
+            self._drop(len(self.blocks.popleft()))
+        if self.size > 2 * self.limit:  # one huge block: cut it
+            head = self.blocks.popleft()
+            cut = self.size - self.limit
+            self.blocks.appendleft(head[cut:])
+            self._drop(cut)
+
+    def _drop(self, n: int) -> None:
+        self.size -= n
+        self.dropped += n
+
+    def text(self) -> str:
+        text = "".join(self.blocks)
+        if len(text) > self.limit:
+            self.dropped += len(text) - self.limit
+            text = text[-self.limit :]
+        return text
+
+
+class _Lines:
+    """Splits a stream into lines as it arrives (``\\r`` ends one too) and hands each
+    non-blank one on, cut to LINE_LIMIT characters: a line is never held longer."""
+
+    def __init__(self, on_line: Callable[[str], None]) -> None:
+        self.on_line = on_line
+        self.parts: list[str] = []
+        self.size = 0
+        self.cut = 0  # characters of the current line past LINE_LIMIT
+
+    def feed(self, chunk: str) -> None:
+        pieces = _BREAK.split(chunk)
+        for piece in pieces[:-1]:
+            self._add(piece)
+            self._flush()
+        self._add(pieces[-1])
+
+    def end(self) -> None:
+        self._flush()
+
+    def _add(self, piece: str) -> None:
+        room = LINE_LIMIT - self.size
+        if len(piece) > room:
+            self.cut += len(piece) - max(room, 0)
+            piece = piece[: max(room, 0)]
+        if piece:
+            self.parts.append(piece)
+            self.size += len(piece)
+
+    def _flush(self) -> None:
+        line = "".join(self.parts)
+        if self.cut:
+            line += f" [{self.cut} more characters not shown]"
+        if line.strip():
+            self.on_line(line)
+        self.parts, self.size, self.cut = [], 0, 0
 
 
 class _HostKeyCheck(asyncssh.SSHClient):
@@ -179,24 +262,30 @@ class Connection:
         if input is not None:
             process.stdin.write(input)
         process.stdin.write_eof()
-        stderr: list[str] = []
+        stdout = _Tail(STDOUT_LIMIT)
+        stderr = _Tail(STDERR_LIMIT)
+        lines = _Lines(on_line) if on_line is not None else None
 
-        async def read_stderr() -> None:
-            pending = ""
-            while chunk := await process.stderr.read(8192):
-                stderr.append(chunk)
-                pending += chunk
-                *lines, pending = re.split(r"\r\n|\r|\n", pending)
-                for line in lines:
-                    if on_line is not None and line.strip():
-                        on_line(line)
-            if on_line is not None and pending.strip():
-                on_line(pending)
+        async def read(stream: asyncssh.SSHReader[str], tail: _Tail, split: bool) -> None:
+            while chunk := await stream.read(READ_CHARS):
+                tail.add(chunk)
+                if split and lines is not None:
+                    lines.feed(chunk)
+            if split and lines is not None:
+                lines.end()
 
-        stdout, _ = await asyncio.gather(process.stdout.read(), read_stderr())
+        await asyncio.gather(
+            read(process.stdout, stdout, False), read(process.stderr, stderr, True)
+        )
         completed = await process.wait(check=False)
         status = completed.returncode
-        return Result(status if status is not None else -1, stdout, "".join(stderr))
+        return Result(
+            status if status is not None else -1,
+            stdout.text(),
+            stderr.text(),
+            stdout_dropped=stdout.dropped,
+            stderr_dropped=stderr.dropped,
+        )
 
     async def close(self) -> None:
         self.conn.close()
