@@ -95,9 +95,9 @@ def test_a_dry_run_reads_as_its_estimate() -> None:
     assert list(report.to_json()) == ["outcome", "phase", "flight", "area", "corpus", "download"]
     assert report.text() == (
         "flight:   3f2c9e4a-flight\n"
-        "area:     1.23 km², 12 tiles {'16': 12}\n"
+        "area:     1.23 km², 12 tiles (z16 12)\n"
         "corpus:   /work/tiles/tiles.mbtiles\n"
-        "dry run:  12 tiles to fetch {'16': 12}, about 1,234,567 bytes; nothing fetched"
+        "dry run:  12 tiles to fetch (z16 12), about 1,234,567 bytes; nothing fetched"
     )
 
 
@@ -124,7 +124,7 @@ def test_a_companion_run_reads_as_bring_up_transfer_build_verify() -> None:
     assert report.text() == "\n".join(
         [
             "flight:   3f2c9e4a-flight",
-            "area:     1.23 km², 12 tiles {'16': 12}",
+            "area:     1.23 km², 12 tiles (z16 12)",
             "corpus:   /work/tiles/tiles.mbtiles",
             "missing:  0 tiles of the area are not in the corpus",
             "companion: pilot@127.0.0.1:2222: takeoff-cache 0.2.0, onnxruntime 1.18.0"
@@ -145,3 +145,48 @@ def test_keys_a_newer_worker_or_companion_adds_are_tolerated() -> None:
     assert "weather" not in report.to_json() and report.outcome == "success"
     assert report.build is not None and report.build["gpu_seconds"] == 3.5  # the build's, kept
     assert "verify:   ok" in report.text()
+
+
+NOT_READY = {
+    "ok": False,
+    "verdict": "not ready",
+    "reasons": [
+        "route: 2 tile(s) under the route missing (z16: 2; km 1.2-1.4): 16/39180/22640 (km 1.2),"
+        " 16/39181/22640 (km 1.4); fetch them, or accept them with --allow-gaps"
+    ],
+    "gaps": [],
+    "notes": [],
+    "gated": True,
+    "allow_gaps": False,
+    "min_coverage": 0.98,
+    "min_recall": 0.5,
+    "coverage": {
+        "needed": 12,
+        "present": 10,
+        "fraction": 0.8333,
+        "per_zoom": {"16": {"needed": 12, "present": 10, "fraction": 0.8333}},
+    },
+    "route": {"length_km": 2.5, "footprint_m": 150.0, "tiles": 6, "holes_count": 2},
+    "localization": None,
+}
+
+
+def test_the_verdict_comes_first_and_a_not_ready_stop_points_at_it() -> None:
+    report = companion_run()
+    report.ready, report.phase = NOT_READY, "build"
+    report.fail(12, "not ready: " + NOT_READY["reasons"][0])  # type: ignore[index]
+    lines = report.text().splitlines()
+    assert lines[:5] == [
+        "ready:    NOT READY: 1 reason(s)",
+        "  reason: " + NOT_READY["reasons"][0],  # type: ignore[index]
+        "  area:   z16 10/12 (83.3%) (minimum 98% a zoom)",
+        "  route:  2.5 km, 6 tiles within 150 m of it, 2 missing",
+        "flight:   3f2c9e4a-flight",
+    ]
+    assert lines[-1] == (
+        "stopped:  build: not ready (the reasons above); the previous cache stays in force"
+    )
+    # The build's own text inside does not repeat the verdict.
+    assert sum(line.startswith("ready:") for line in lines) == 1
+    assert list(report.to_json())[:2] == ["outcome", "ready"]
+    assert "NOT READY" in report.markdown()
