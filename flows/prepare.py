@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.schemas.objects import State
 from prefect.states import Failed
@@ -31,6 +31,7 @@ from takeoff_cache.companion.options import CompanionOptions
 from takeoff_cache.errors import NotReadyError, RemoteCommandError, TakeoffCacheError
 from takeoff_cache.prepare import job as p
 from takeoff_cache.prepare.download import DownloadOptions
+from takeoff_cache.prepare.precheck import precheck
 from takeoff_cache.prepare.report import PrepareReport
 from takeoff_cache.tiles.area import DEFAULT_BUFFER_M
 from takeoff_cache_prefect.artifacts import artifact_key
@@ -111,15 +112,29 @@ def prepare_flight(
             report.build = exc.report  # the companion's own report of what failed
             ready = exc.report.get("ready")
             report.ready = ready if isinstance(ready, dict) else None
-        _end(report, exc)
-        raise
+        # One line in the run's log and state, as the command line prints it: not
+        # a traceback for what is an operator's to fix (a missing secret, a bad plan).
+        get_run_logger().error("%s: %s", report.phase, exc)
+        return Failed(message=f"{report.phase}: {exc}", data=_end(report, exc))
 
 
 def _prepare(
     params: dict[str, Any], report: PrepareReport, run: ExitStack
 ) -> dict[str, Any] | State:
+    job_args = {name: params[name] for name in p.JOB_PARAMETERS}
+    if not params["dry_run"]:
+        # A run started from the UI or a deployment gets the command line's checks:
+        # every missing field and secret at once, before the first request.
+        companion, pool = params["companion"], params["work_pool"]
+        precheck(
+            {name: params[name] for name in FIELDS if name in params},
+            job_args,
+            builds_here=companion is None and not pool,
+            backend=params["backend"],
+            work_dir=_existing(params["work_dir"]),
+        )
     with _phase(report, "resolve"):
-        job = t.resolve({name: params[name] for name in p.JOB_PARAMETERS})
+        job = t.resolve(job_args)
     report.resolved(job)
     if params["dry_run"]:
         report.download = p.dry_run(job.corpus, job.mission, job.options)
@@ -189,6 +204,12 @@ def _prepare(
             report.verify = t.verify(str(manifest.parent), str(params["trust"]))
     report.finish(build["outcome"])
     return _end(report)
+
+
+def _existing(folder: str | None) -> Path | None:
+    """The work folder if it is there already (its checked backbones help); never made."""
+    path = Path(folder).expanduser() if folder else None
+    return path if path is not None and path.is_dir() else None
 
 
 @contextmanager

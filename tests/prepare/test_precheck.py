@@ -149,8 +149,6 @@ def test_a_rerun_with_nothing_to_do_is_answered_before_prefect_starts(
     assert "loaded: -" in again.stderr  # no Prefect, no HTTP client: nothing to fetch
     assert "outcome:               idempotent_no_op" in again.stdout
     assert "verify:   ok (manifest version 1)" in again.stdout
-    # The flight, area and corpus were told before the end.
-    assert again.stderr.index("takeoff-cache: flight:") < again.stderr.index("loaded:")
     assert len(server.tile_requests()) == requests
     assert (demo.cache / "Manifest.json").read_bytes() == manifest
 
@@ -162,3 +160,37 @@ def test_a_rerun_with_nothing_to_do_is_answered_before_prefect_starts(
     assert report["build"]["outcome"] == "idempotent_no_op"
     assert report["verify"]["ok"] is True
     assert report["download"]["fetched"] == 0
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_deployment_run_missing_a_secret_fails_in_one_line(
+    demo: Demo,
+    server: TileServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """As a worker runs prepare-flight: parameters only, the key's variable unset."""
+    from takeoff_cache_prefect.flows.prepare import prepare_flight
+
+    from takeoff_cache.build.request import read_request_file
+
+    monkeypatch.delenv(TILES_API_KEY, raising=False)
+    raw = read_request_file(prepare_toml(demo))
+    state = prepare_flight(
+        plan=str(PLAN),
+        tiles_url=server.template,
+        tiles_key_header="X-Api-Key",
+        zoom_levels=[16],
+        work_dir=str(demo.work),
+        **{k: raw[k] for k in ("sector_class", "backbones", "cache_root", "key", "trust")},
+        return_state=True,
+    )
+    assert state.is_failed()
+    assert (
+        state.message
+        == f"resolve: tiles key: {TILES_API_KEY} is not set (the source sends it as X-Api-Key)"
+    )
+    logged = [r for r in caplog.records if TILES_API_KEY in r.getMessage()]
+    assert logged and all(r.exc_info is None for r in logged)
+    assert "Traceback" not in caplog.text
+    assert server.tile_requests() == []
