@@ -72,7 +72,7 @@ def test_a_corpus_named_after_its_host_by_an_older_release_is_still_found(
     assert p.dry_run(offline.corpus, offline.mission, offline.options)["to_fetch"] == 0
     # A second one: offline, which is meant cannot be told.
     (work / "tiles" / "other-host.mbtiles").touch()
-    with pytest.raises(CorpusError, match="holds several corpora .* name one with --corpus"):
+    with pytest.raises(CorpusError, match=r"holds several corpora .* name one with --corpus"):
         plan(work)
     assert plan(work, server.template).corpus == old
 
