@@ -26,6 +26,15 @@ own ``--data``. Then, for the larger one, in the same process setup each time:
   heartbeats unless their interval is set (docs/operations.md), whose thread
   would otherwise hold the end of the run for up to a second.
 
+With ``--rebuild``, Prefect's own cost of a build that runs the flow: builds
+with nothing to embed (each a new takeoff origin, so engines and descriptors
+are reused), timed as wall minus the report's ``elapsed_s``, without a
+configured API, in a fresh PREFECT_HOME: first with a temporary API per command
+(``TAKEOFF_CACHE_PREFECT_IDLE_MIN=0``, the way every command ran before the warm
+API), then with the warm local API (docs/operations.md), whose first command
+starts it and whose later ones reuse it (target: 2 s or less). The warm API is
+stopped at the end.
+
 Cold runs alternate empty, no-op, empty, no-op...; the difference is the
 median of the paired differences (minima beside it: noise only adds), in
 wall seconds and in CPU seconds of each process and its children.
@@ -53,6 +62,7 @@ os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
 os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
 
 from takeoff_cache.build.request import read_request_file  # noqa: E402
+from takeoff_cache.core.env import PREFECT_IDLE_MIN  # noqa: E402
 from takeoff_cache.demo import make_demo_data  # noqa: E402
 from takeoff_cache.demo.synthetic import corridor_area  # noqa: E402
 
@@ -246,6 +256,47 @@ def cold_with_server(request: Path, work: Path, repeat: int) -> dict[str, Any]:
         server.stop()
 
 
+def rebuild(request: Path, work: Path, repeat: int, warm_api: bool) -> dict[str, Any]:
+    """Wall minus ``elapsed_s`` of builds with only a new takeoff origin, each a fresh
+    process without a configured API: the first, then ``repeat`` more within minutes."""
+    import shutil
+
+    from takeoff_cache_prefect.tempapi import stop_warm
+
+    home = Path(tempfile.mkdtemp(prefix="takeoff-bench-prefect-"))
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update({"PREFECT_HOME": str(home), PREFECT_IDLE_MIN: "10" if warm_api else "0"})
+    lat, lon, alt = read_request_file(request)["takeoff_origin"]
+    build = [*_cli(None), "build", "--request", str(request), "--work-dir", str(work), "--json"]
+    walls: list[float] = []
+    overheads: list[float] = []
+    try:
+        for i in range(repeat + 1):
+            origin = f"--takeoff-origin={lat + (i + 1) * 1e-5},{lon},{alt}"
+            started = time.perf_counter()
+            argv = [*build, origin]
+            proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True)
+            wall = time.perf_counter() - started
+            if proc.returncode != 0:
+                raise SystemExit(f"rebuild failed: {proc.stderr.strip()[-500:]}")
+            report = json.loads(proc.stdout)
+            if report["outcome"] != "success" or report["descriptors_generated"]:
+                raise SystemExit(f"not a rebuild with nothing to embed: {report['outcome']}")
+            walls.append(wall)
+            overheads.append(wall - float(report["elapsed_s"]))
+    finally:
+        stop_warm(home)
+        shutil.rmtree(home, ignore_errors=True)
+    return {
+        "api": "warm, kept between commands" if warm_api else "temporary, one per process",
+        "first_wall_s": round(walls[0], 3),
+        "first_overhead_s": round(overheads[0], 3),
+        "wall_s": round(statistics.median(walls[1:]), 3),
+        "overhead_s": round(statistics.median(overheads[1:]), 3),
+        "overhead_all_s": [round(t, 3) for t in overheads],
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiles", type=int, default=10000)
@@ -258,7 +309,29 @@ def main() -> None:
     )
     p.add_argument("--area", action="store_true", help="a request with an area (as prepare makes)")
     p.add_argument("--tool", type=Path, default=None, help="the takeoff-cache executable to time")
+    p.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="only Prefect's cost of a rebuild: temporary API per command, then the warm one",
+    )
     args = p.parse_args()
+    if args.rebuild:
+        work = args.work or args.data / f"work-{args.tiles}"
+        _, request = built(args.data, args.tiles, work, args.area)
+        figures = {"benchmark": "noop-rebuild", "load_before": os.getloadavg()[0]}
+        for key, warm_api in (("temporary", False), ("warm", True)):
+            log(f"rebuild with a new takeoff origin, {key} API ...")
+            figures[key] = rebuild(request, work, args.cold_repeat, warm_api)
+            log(f"    {figures[key]}")
+        figures["load_after"] = os.getloadavg()[0]
+        figures["target_s"] = 2.0
+        figures["within_target"] = figures["warm"]["overhead_s"] <= 2.0
+        log(
+            f"Prefect's cost of a rebuild: {figures['temporary']['overhead_s']} s with a"
+            f" temporary API per command, {figures['warm']['overhead_s']} s with the warm API"
+        )
+        print(json.dumps(figures, sort_keys=True))
+        return
     if args.tool and not args.shell_only:
         p.error("--tool times only the shell figures: add --shell-only")
     figures: dict[str, Any] = {"benchmark": "noop", "load_before": os.getloadavg()[0]}
