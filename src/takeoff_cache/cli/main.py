@@ -8,11 +8,9 @@ a module of this package that adds its parser and calls the library.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import threading
 
-from takeoff_cache.cli import build, demo, engines, inspect, keys, locate, prepare, verify
+from takeoff_cache.cli import build, demo, engines, inspect, keys, locate, prepare, stops, verify
 from takeoff_cache.cli.args import Parser
 from takeoff_cache.errors import TakeoffCacheError, VerificationError
 
@@ -28,21 +26,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _Stopped(KeyboardInterrupt):
-    """SIGTERM, raised where the main thread is, as Ctrl-C raises KeyboardInterrupt:
-    the build unwinds (staging settled, lock released) and the cache stays as it was."""
-
-
-def _stop(signum: int, frame: object) -> None:
-    raise _Stopped
-
-
 def main(argv: list[str] | None = None) -> int:
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _stop)
+    """Run the command in ``argv`` and return its exit status. None: this process's
+    own command line, and the process then ends within a bound (``stops``)."""
+    code = _run(argv)
+    if argv is None:
+        stops.bound_exit(code)
+    return code
+
+
+def _run(argv: list[str] | None) -> int:
     try:
-        args = build_parser().parse_args(argv)
-        code: int = args.func(args)
+        with stops.handled():  # SIGINT, SIGTERM: one line, 130 or 143, within seconds
+            args = build_parser().parse_args(argv)
+            code: int = args.func(args)
         return code
     except VerificationError as exc:
         for problem in exc.problems:
@@ -52,13 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"takeoff-cache: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:
-        terminated = isinstance(exc, _Stopped)
-        print(
-            f"takeoff-cache: {'terminated' if terminated else 'interrupted'};"
-            " the cache holds its last complete build",
-            file=sys.stderr,
-        )
-        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+        return stops.line(exc)
     except Exception as exc:
         print(f"takeoff-cache: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

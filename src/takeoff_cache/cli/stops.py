@@ -1,0 +1,101 @@
+"""How a command stops: on SIGINT or SIGTERM, promptly, with one line.
+
+A terminal's Ctrl-C, ``timeout``, ``kill -- -PGID`` and systemd signal the
+command's whole process group. The first signal raises KeyboardInterrupt where
+the main thread is (SIGTERM as :class:`Stopped`, a subclass), so the build unwinds
+as it does on Ctrl-C: staging settled, lock released, the cache as it was. A
+second signal is ignored: it must not cut the cleanup the first one started.
+
+Two bounds keep a command from waiting on what will not answer (a Prefect API
+that went away, a thread that never returns): :data:`STOP_GRACE_S` after the
+first signal, and :data:`EXIT_DRAIN_S` after the command has its answer, for
+Prefect's workers to hand their last logs and events to the API. Past either, the
+process exits at once, as a kill would; the cache is crash-safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+STOP_GRACE_S = 8.0
+EXIT_DRAIN_S = 10.0
+
+_said = threading.Event()
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is, as Ctrl-C raises KeyboardInterrupt."""
+
+
+def line(exc: KeyboardInterrupt) -> int:
+    """Say the one line for a stop (unless said already); return the exit status."""
+    signum = signal.SIGTERM if isinstance(exc, Stopped) else signal.SIGINT
+    _say(signum)
+    return 128 + signum
+
+
+def _say(signum: int) -> None:
+    if _said.is_set():
+        return
+    _said.set()
+    word = "terminated" if signum == signal.SIGTERM else "interrupted"
+    print(f"takeoff-cache: {word}; the cache holds its last complete build", file=sys.stderr)
+    sys.stderr.flush()
+
+
+def _end_after_grace(signum: int) -> None:
+    _say(signum)
+    os._exit(128 + signum)
+
+
+def _stop(signum: int, frame: object) -> None:
+    for name in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(name) is _stop:
+            signal.signal(name, signal.SIG_IGN)
+    timer = threading.Timer(STOP_GRACE_S, _end_after_grace, (signum,))
+    timer.daemon = True
+    timer.start()
+    raise Stopped if signum == signal.SIGTERM else KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def handled() -> Iterator[None]:
+    """Within: SIGTERM, and SIGINT unless it is ignored (a background job's), stop the
+    command as above. On another thread (an in-process caller) nothing changes; on
+    the way out the previous handlers are back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {name: signal.getsignal(name) for name in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, _stop)
+    if previous[signal.SIGINT] is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _stop)
+    try:
+        yield
+    finally:
+        for name, handler in previous.items():
+            signal.signal(name, handler)
+
+
+def bound_exit(code: int) -> None:
+    """This process exits with ``code`` at most :data:`EXIT_DRAIN_S` after its main
+    thread ends, whatever Prefect still waits on. Only for a process that is the
+    command (not an in-process caller), and only where Prefect was loaded."""
+    if "prefect" not in sys.modules:
+        return
+    main_thread = threading.main_thread()
+
+    def watch() -> None:
+        while main_thread.is_alive():
+            time.sleep(0.1)
+        time.sleep(EXIT_DRAIN_S)
+        sys.stderr.flush()
+        os._exit(code)
+
+    threading.Thread(target=watch, name="exit-bound", daemon=True).start()
