@@ -34,6 +34,7 @@ PHASES = {
     "engines",
     "descriptors",
     "self_test",
+    "readiness",
     "manifest",
     "coverage",
     "commit",
