@@ -4,7 +4,10 @@ bad images and an unverifiable cache are refused with typed errors."""
 from __future__ import annotations
 
 import io
+import os
 import shutil
+import tracemalloc
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +135,49 @@ def test_a_missing_image_and_another_format_are_refused(built: Path, tmp_path: P
     Image.new("RGB", (64, 64)).save(gif, format="GIF")
     with pytest.raises(ImageError, match="GIF is not a JPEG, PNG or WebP image"):
         run(built, [gif])
+
+
+def test_an_image_too_large_is_refused_from_its_header(built: Path, tmp_path: Path) -> None:
+    # 12000 x 12000 in its header, a few bytes of pixels: decoding would cost 430 MB.
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body).to_bytes(4, "big")
+        return len(body).to_bytes(4, "big") + kind + body + crc
+
+    ihdr = (12_000).to_bytes(4, "big") * 2 + bytes([8, 2, 0, 0, 0])
+    path = tmp_path / "huge.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b""))
+    with pytest.raises(ImageError, match=r"huge\.png: 12000x12000 px is more than 67,108,864"):
+        run(built, [path])
+
+
+@pytest.mark.parametrize("special", ["/dev/zero", "fifo"])
+def test_a_device_or_fifo_is_refused_before_the_cache_is_opened(
+    tmp_path: Path, special: str
+) -> None:
+    path = Path("/dev/zero")
+    if special == "fifo":
+        path = tmp_path / "pipe"
+        os.mkfifo(path)
+    # No cache at all: the images are checked first.
+    with pytest.raises(ImageError, match="FIFO, socket or device, not a file"):
+        locate(tmp_path / "nowhere", [path], [])
+
+
+def test_images_are_decoded_one_at_a_time(built: Path, tmp_path: Path) -> None:
+    path = tmp_path / "tile.jpg"
+    path.write_bytes(tile_bytes(built, tiles_of(built)[0]))
+    run(built, [path])  # the engine and index opened once before measuring
+    many = 400
+    pixels = localizer_of(built)[1].empty_pixels(many).nbytes
+    tracemalloc.start()
+    try:
+        found = run(built, [path] * many)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(found) == many
+    # Decoded all up front, the pixels alone would be this peak; one at a time, a fraction.
+    assert peak < pixels / 2, (peak, pixels)
 
 
 def test_an_unverifiable_cache_is_refused_before_any_image(root: Path, tmp_path: Path) -> None:

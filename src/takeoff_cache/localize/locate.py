@@ -36,8 +36,10 @@ from PIL import Image, UnidentifiedImageError
 from PIL.Image import DecompressionBombError
 
 from takeoff_cache.backbones.file import PLACE_RECOGNITION, Backbone, load_backbones
+from takeoff_cache.backbones.imagesize import header_size
 from takeoff_cache.backbones.preprocess import Normalizer, decode_into, image_into
 from takeoff_cache.backbones.spec import InputSpec
+from takeoff_cache.core.fsutil import kind_problem, read_regular
 from takeoff_cache.core.tilemath import fractional_tile_to_latlon, tile_center
 from takeoff_cache.descriptors.index import descriptor_key, read_index
 from takeoff_cache.descriptors.pipeline import BATCH_SIZE, check_vectors
@@ -50,6 +52,8 @@ from takeoff_cache.trust.verify import verify_cache
 
 TILE_MAP_FORMAT = "takeoff-cache-tile-map"
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
+MAX_IMAGE_BYTES = 64 << 20
+MAX_IMAGE_PIXELS = 8192 * 8192  # a 60-megapixel camera frame; decoded, 200 MB of RGB
 DEFAULT_K = 5
 # Tiles retrieved to find the best one outside the best tile's neighbourhood: the
 # 3x3 neighbourhood and the tiles overlapping it at the other zooms fill the first
@@ -254,12 +258,23 @@ def read_image(path: Path, spec: InputSpec, out: np.ndarray) -> None:
 
     A square image takes the build's own path (:func:`preprocess.decode_into`);
     any other is centre-cropped to a square first, since tiles are square and
-    squeezing a 4:3 photo would distort every shape in it.
+    squeezing a 4:3 photo would distort every shape in it. Only a regular file of
+    at most :data:`MAX_IMAGE_BYTES` is read, and its size is checked against
+    :data:`MAX_IMAGE_PIXELS` from its header before any pixel is decoded.
     """
     try:
-        data = path.read_bytes()
+        data = read_regular(path, MAX_IMAGE_BYTES)
     except OSError as exc:
         raise ImageError(f"image {path}: cannot be read: {exc.strerror or exc}") from exc
+    except ValueError as exc:
+        raise ImageError(f"image {path}: cannot be read: {exc}") from None
+    size = header_size(data)
+    if size is None:
+        raise ImageError(f"image {path}: not a JPEG, PNG or WebP image")
+    if size[0] * size[1] > MAX_IMAGE_PIXELS:
+        raise ImageError(
+            f"image {path}: {size[0]}x{size[1]} px is more than {MAX_IMAGE_PIXELS:,} pixels"
+        )
     try:
         image: Image.Image = Image.open(io.BytesIO(data))
         if image.format not in IMAGE_FORMATS:
@@ -407,28 +422,29 @@ def locate(
 ) -> list[Location]:
     """Verify the cache, then locate each image in it (one query per image, timed).
 
-    Every image is decoded before the first query, so a bad one is refused
-    (:class:`ImageError`) before any work; an unverifiable cache raises
-    :class:`VerificationError` before any image is read.
+    Every image is checked to be a regular file before any work (a FIFO or a
+    device is refused, :class:`ImageError`, without being opened), then each is
+    decoded and queried in turn: memory holds one image's pixels, however many
+    are given. An unverifiable cache raises :class:`VerificationError` before any
+    image is read.
     """
+    for path in images:
+        if problem := kind_problem(path, "file"):
+            raise ImageError(f"image {path}: cannot be read: {problem}")
     manifest = verify_cache(cache_root, trusted)
     localizer = open_localizer(cache_root.resolve(), manifest, backbones=backbones)
-    pixels = localizer.empty_pixels(len(images))
-    decode_s = []
-    for i, path in enumerate(images):
-        t0 = time.perf_counter()
-        read_image(path, localizer.spec, pixels[i])
-        decode_s.append(time.perf_counter() - t0)
+    pixels = localizer.empty_pixels(1)
     test = manifest.signed.get("self_test")
     rule = Confidence.from_signed(test.get("confidence") if isinstance(test, dict) else None)
     out = []
-    for i, path in enumerate(images):
+    for path in images:
         t0 = time.perf_counter()
-        (deep,) = localizer.query(pixels[i : i + 1], max(k, CONFIDENCE_DEPTH))
+        read_image(path, localizer.spec, pixels[0])
+        (deep,) = localizer.query(pixels, max(k, CONFIDENCE_DEPTH))
         matches = deep[:k]
         best, weighted = matches[0].center, estimate_position(matches)
         ratio = distance_ratio(deep)
-        seconds = decode_s[i] + time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
         confidence = rule.of(ratio) if rule is not None else None
         out.append(Location(str(path), matches, best, weighted, seconds, ratio, confidence))
     return out
