@@ -294,3 +294,17 @@ def test_hostile_toml_exits_2_with_one_line(
         result = build(capsys, demo, "--backbones", str(path))
     refused(result, 2, name, *words)
     assert sorted(demo.cache.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- locate: exit 2
+
+
+@pytest.mark.parametrize("special", ["/dev/zero", "fifo"])
+def test_locate_refuses_an_image_that_is_a_device_or_fifo_at_once(
+    capsys: pytest.CaptureFixture[str], demo: Demo, fifo: Path, special: str
+) -> None:
+    path = str(fifo) if special == "fifo" else special
+    started = time.monotonic()
+    result = run_cli(capsys, "locate", str(demo.cache), path, "--trust", str(demo.trust))
+    refused(result, 2, "image", "FIFO, socket or device, not a file")
+    assert time.monotonic() - started < 10  # a hang guard
