@@ -27,6 +27,7 @@ STOP_GRACE_S = 8.0
 EXIT_DRAIN_S = 10.0
 
 _said = threading.Event()
+_stopping = threading.Event()
 
 
 class Stopped(KeyboardInterrupt):
@@ -55,6 +56,7 @@ def _end_after_grace(signum: int) -> None:
 
 
 def _stop(signum: int, frame: object) -> None:
+    _stopping.set()
     for name in (signal.SIGINT, signal.SIGTERM):
         if signal.getsignal(name) is _stop:
             signal.signal(name, signal.SIG_IGN)
@@ -68,7 +70,8 @@ def _stop(signum: int, frame: object) -> None:
 def handled() -> Iterator[None]:
     """Within: SIGTERM, and SIGINT unless it is ignored (a background job's), stop the
     command as above. On another thread (an in-process caller) nothing changes; on
-    the way out the previous handlers are back."""
+    the way out the previous handlers are back, unless a stop began: then further
+    signals stay ignored until the process has exited."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -79,8 +82,9 @@ def handled() -> Iterator[None]:
     try:
         yield
     finally:
-        for name, handler in previous.items():
-            signal.signal(name, handler)
+        if not _stopping.is_set():
+            for name, handler in previous.items():
+                signal.signal(name, handler)
 
 
 def bound_exit(code: int) -> None:
