@@ -50,7 +50,7 @@ def test_the_route_tiles_are_those_under_it(name: str, bbox: Bbox, points: Any) 
     route = Route(points)
     covered = _coverage(bbox, route)
     assert covered.route is not None
-    under = set(tiles_for_area(route.corridor(150.0), ZOOMS))
+    under = set(tiles_for_area(route.corridor(150.0), ZOOMS)) & set(needed_tiles(bbox, ZOOMS))
     assert sum(z.needed for z in covered.route.per_zoom) == len(under)
     # Every tile the route passes over is under it; the corridor is a strip, not the bbox.
     for p in route.sample(10.0):
@@ -212,3 +212,15 @@ def test_build_gates_only_when_asked() -> None:
         build_options(allow_gaps="maybe")
     with pytest.raises(InvalidRequestError, match=r"^min-coverage: 1\.5 is outside"):
         build_options(min_coverage=1.5)
+
+
+def test_ground_beyond_the_area_is_said_not_counted_as_holes() -> None:
+    _name, bbox, points = PLACES[0]
+    # The route runs on 0.01 degrees (about 1.1 km) north of the bbox.
+    beyond = Route((*points, (bbox[2] + 0.01, points[-1][1])))
+    covered = _coverage(bbox, beyond)
+    assert covered.route is not None and covered.route.outside_area > 0
+    assert not covered.route.holes
+    ready = verdict(covered, SELF_TEST, PROTECTIVE)
+    assert ready["ok"] and ready["route"]["outside_area"] == covered.route.outside_area
+    assert any("lie outside the area" in n for n in ready["notes"])

@@ -81,11 +81,14 @@ class RouteCoverage:
     footprint_m: float
     per_zoom: tuple[ZoomCoverage, ...]
     holes: tuple[RouteHole, ...]  # by km along the route
+    # Tiles within the footprint of the route that lie outside the area (or bbox).
+    outside_area: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
             "length_km": round(self.length_km, 3),
             "footprint_m": self.footprint_m,
+            "outside_area": self.outside_area,
             "tiles": sum(z.needed for z in self.per_zoom),
             "present": sum(z.present for z in self.per_zoom),
             "per_zoom": {str(z.zoom): z.to_json() for z in self.per_zoom},
@@ -147,17 +150,22 @@ def tile_coverage(
 
     zooms = sorted(set(zoom_levels))
     have = set(present)
-    area_cov = _per_zoom(zooms, needed_tiles(bbox, zooms, area=area), have)
+    needed = needed_tiles(bbox, zooms, area=area)
+    area_cov = _per_zoom(zooms, needed, have)
     if route is None:
         return TileCoverage(area_cov, None)
     from takeoff_cache.tiles.area import tiles_for_area  # shapely: routes only
 
+    # The route's tiles within the area: the area is the operator's (prepare's
+    # --buffer-m); ground the camera sees beyond it is counted, not required.
+    wanted = set(needed)
     under = tiles_for_area(route.corridor(footprint_m), zooms)
-    route_cov = _per_zoom(zooms, under, have)
+    route_cov = _per_zoom(zooms, [t for t in under if t in wanted], have)
     holes = [RouteHole(t, route.km_of(*tile_center(*t))) for z in route_cov for t in z.holes]
     holes.sort(key=lambda h: (h.km, h.tile))
+    outside = sum(t not in wanted for t in under)
     return TileCoverage(
-        area_cov, RouteCoverage(route.length_km, footprint_m, route_cov, tuple(holes))
+        area_cov, RouteCoverage(route.length_km, footprint_m, route_cov, tuple(holes), outside)
     )
 
 

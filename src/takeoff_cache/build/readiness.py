@@ -102,6 +102,11 @@ def verdict(
         )
     elif route is None:
         notes.append("route: the flight gives no path; the verdict rests on the area alone")
+    if route is not None and route.outside_area:
+        notes.append(
+            f"route: {route.outside_area} tile(s) within {route.footprint_m:g} m of the route"
+            " lie outside the area and are not in the cache (a wider area takes them)"
+        )
     if thresholds.min_coverage is not None:
         for z in coverage.per_zoom:
             if z.fraction >= thresholds.min_coverage:

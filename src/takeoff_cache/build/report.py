@@ -80,7 +80,9 @@ class BuildReport:
         """The report for a person: the verdict first, then what the build did."""
         lines = readiness_lines(self.ready) if self.ready else []
         lines.append(f"outcome:               {self.outcome}")
-        if self.failure_reason:
+        if self.failure_reason and self.ready and not self.ready.get("ok"):
+            lines.append("failure_reason:        not ready (the reasons above)")
+        elif self.failure_reason:
             lines.append(f"failure_reason:        {self.failure_reason}")
         lines += [
             f"tiles:                 {self.tiles}",

@@ -108,7 +108,10 @@ class PrepareReport:
             ]
         if self.build is not None:
             # Its verdict is this report's, shown first.
-            lines.append(BuildReport.from_json({**self.build, "ready": None}).text())
+            build = {**self.build, "ready": None}
+            if self.exit_code == EXIT_NOT_READY:
+                build["failure_reason"] = "not ready (the reasons above)"
+            lines.append(BuildReport.from_json(build).text())
         if self.verify is not None:
             lines.append(
                 f"verify:   ok (manifest version {self.verify['version']})"
