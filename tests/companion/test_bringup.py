@@ -14,7 +14,9 @@ import pytest
 
 from takeoff_cache import __version__
 from takeoff_cache.companion.bringup import BringUp, CompanionPaths, bring_up
+from takeoff_cache.companion.inputs import Upload
 from takeoff_cache.companion.ssh import connect
+from takeoff_cache.companion.transfer import send_files
 from takeoff_cache.errors import (
     EXIT_COMPANION,
     CompanionError,
@@ -126,6 +128,25 @@ def _liar(rig: Rig, lie: str) -> str:
 def test_a_truthful_answer_with_new_fields_is_taken(rig: Rig) -> None:
     up = asyncio.run(_bring_up(rig, _liar(rig, 'doc["from_a_newer_release"] = {"x": [1]}')))
     assert up.paths.key == str(rig.companion.root / "operator.key")
+
+
+def test_a_container_interpreter_leaves_the_transfer_to_the_hosts_python3(
+    rig: Rig, tmp_path: Path
+) -> None:
+    # A docker run answers with the container's interpreter, which the host lacks.
+    tool = _liar(rig, 'doc["python"] = "/opt/container-only/bin/python3"')
+    up = asyncio.run(_bring_up(rig, tool))
+    src = tmp_path / "blob.bin"
+    src.write_bytes(b"tiles" * 1000)
+
+    async def send() -> Any:
+        async with connect(rig.settings()) as conn:
+            return await send_files(
+                conn, [Upload(src, "blob.bin")], up.paths.inputs_dir, python=up.python
+            )
+
+    assert asyncio.run(send()).files_sent == 1  # with the host's python3 (/usr/bin)
+    assert (rig.companion.root / "inputs" / "blob.bin").read_bytes() == src.read_bytes()
 
 
 @pytest.mark.parametrize(

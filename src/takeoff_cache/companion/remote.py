@@ -29,8 +29,9 @@ from takeoff_cache.companion.ssh import Connection
 from takeoff_cache.core.env import KEY_PASSPHRASE
 from takeoff_cache.errors import EXIT_COMPANION, RemoteCommandError, RemoteOutputError
 
-# Exit codes the remote takeoff-cache shares with ours (SPEC §9); others are the companion's.
-_SHARED_CODES = frozenset(range(1, 9))
+# Exit codes the remote takeoff-cache shares with ours (SPEC §9): the build's own, and
+# its readiness verdict (12); others are the companion's.
+_SHARED_CODES = frozenset(range(1, 9)) | {12}
 # Lines of output an error shows when the report cannot be read.
 TAIL_LINES = 8
 # Build options that stay here; every other one of OPTION_FIELDS reaches the

@@ -94,26 +94,26 @@ async def read_remote_manifest(conn: Connection, cache_root: str) -> bytes:
             attrs = await sftp.lstat(path)
             if attrs.permissions is None or not stat.S_ISREG(attrs.permissions):
                 raise CompanionManifestError(
-                    f"companion: {target}: {shown(path)} is not a regular file"
+                    f"companion: {target}: {shown(path, 300)} is not a regular file"
                 )
             if attrs.size is not None and attrs.size > MANIFEST_LIMIT:
                 raise CompanionManifestError(
-                    f"companion: {target}: {shown(path)} holds {attrs.size} bytes,"
+                    f"companion: {target}: {shown(path, 300)} holds {attrs.size} bytes,"
                     f" more than a manifest ({MANIFEST_LIMIT})"
                 )
             async with sftp.open(path, "rb") as fh:
                 data: bytes = await fh.read(MANIFEST_LIMIT + 1)
     except asyncssh.SFTPNoSuchFile:
         raise CompanionManifestError(
-            f"companion: {target}: its build reported success but left no {shown(path)}"
+            f"companion: {target}: its build reported success but left no {shown(path, 300)}"
         ) from None
     except (asyncssh.Error, OSError) as exc:
         raise CompanionManifestError(
-            f"companion: {target}: cannot read {shown(path)} back: {exc}"
+            f"companion: {target}: cannot read {shown(path, 300)} back: {exc}"
         ) from exc
     if len(data) > MANIFEST_LIMIT:
         raise CompanionManifestError(
-            f"companion: {target}: {shown(path)} is larger than a manifest ({MANIFEST_LIMIT})"
+            f"companion: {target}: {shown(path, 300)} is larger than a manifest ({MANIFEST_LIMIT})"
         )
     return data
 

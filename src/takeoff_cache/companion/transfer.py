@@ -20,6 +20,7 @@ from pathlib import Path
 
 import asyncssh
 
+from takeoff_cache.companion.answers import last_json_line, neutralize, shown
 from takeoff_cache.companion.inputs import Upload
 from takeoff_cache.companion.ssh import Connection
 from takeoff_cache.core.fsutil import sha256_file
@@ -108,15 +109,18 @@ def _prefix_sha256(path: Path, size: int) -> str:
 
 
 async def _python(conn: Connection, python: str, script: str, args: object) -> dict[str, object]:
-    command = f"{shlex.quote(python)} - {shlex.quote(json.dumps(args))}"
+    # The install's interpreter where the host has it; a container's is not on the host,
+    # whose own python3 serves (the helpers need its standard library only).
+    quoted = shlex.quote(python)
+    command = (
+        f'p={quoted}; [ -x "$p" ] || p=$(command -v python3) || exit 127; '
+        f'exec "$p" - {shlex.quote(json.dumps(args))}'
+    )
     result = await conn.run(command, input=script)
-    lines = result.stdout.strip().splitlines()
-    try:
-        doc = json.loads(lines[-1]) if result.exit_status == 0 and lines else None
-    except json.JSONDecodeError:
-        doc = None
-    if not isinstance(doc, dict):
-        last = (result.stderr.strip().splitlines() or lines or ["no output"])[-1]
+    doc, why = last_json_line(result.stdout) if result.exit_status == 0 else (None, "")
+    if doc is None:
+        lines = (result.stderr[-4096:] or result.stdout[-4096:]).strip().splitlines()
+        last = neutralize(lines[-1])[:300] if lines else why or "no output"
         raise RemoteOutputError(
             f"companion: {conn.target}: transfer helper failed (exit {result.exit_status}): {last}"
         )
@@ -154,7 +158,9 @@ async def send_files(
                 skipped += size
                 files_skipped += 1
                 continue
-            offset = int(there.get("part_size", 0))
+            offset = there.get("part_size", 0)
+            if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+                offset = 0  # a malformed answer: send the whole file
             if offset > size or (
                 offset and there.get("part_sha256") != _prefix_sha256(path, offset)
             ):
@@ -169,7 +175,7 @@ async def send_files(
         bad = done.get("bad")
         if bad:
             raise TransferError(
-                f"companion: {conn.target}: {bad} arrived with another SHA-256; send again"
+                f"companion: {conn.target}: {shown(bad)} arrived with another SHA-256; send again"
             )
     return TransferReport(
         sent, skipped, resumed, files_sent, files_skipped, round(time.perf_counter() - started, 3)
