@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -27,7 +28,8 @@ from takeoff_cache.localize.locate import (
 )
 from takeoff_cache.localize.selftest import QueryOutcome, View, calibrate, draw_views, render_view
 from takeoff_cache.tiles.corpus import open_corpus
-from takeoff_cache.trust.keys import load_trust_store
+from takeoff_cache.trust.keys import load_signer, load_trust_store
+from takeoff_cache.trust.manifest import sign_manifest
 from tests.support.caches import build_demo_cache
 from tests.support.cli import run_cli
 
@@ -151,9 +153,14 @@ def test_confident_answers_on_views_of_the_cache_are_right(built: Path, tmp_path
 
 
 def test_a_cache_built_without_a_self_test_says_it_is_not_calibrated(
-    demo_source: Path, tmp_path: Path
+    built: Path, tmp_path: Path
 ) -> None:
-    root = build_demo_cache(demo_source, tmp_path / "untested", "--self-test", "0")
+    root = Path(shutil.copytree(built, tmp_path / "untested"))
+    manifest = root / "cache" / "Manifest.json"
+    signed = json.loads(manifest.read_text())["signed"]
+    del signed["self_test"]  # as a build under --self-test 0 signs it
+    signed["version"] += 1
+    manifest.write_bytes(sign_manifest(signed, load_signer(root / "operator.key")))
     views = write_views(root / "corpus.mbtiles", "untested", 2, tmp_path / "views")
     for loc in answers(root, [path for path, _ in views]):
         assert loc.confidence is None and loc.to_json()["confidence"] is None

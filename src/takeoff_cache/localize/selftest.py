@@ -23,7 +23,10 @@ its embedding from the descriptor store instead of being rendered again.
 
 A query is a hit at rank r when the r-th tile returned is the view's tile or
 one of its 8 neighbours at the same zoom. The position error is the distance
-from the view's true centre to the score-weighted estimate.
+from the view's true centre to the score-weighted estimate. Along a route the
+figures are also given per stretch, with the weakest (:func:`route_figures`).
+The answers calibrate the rule ``locate`` says how sure it is with
+(:func:`calibrate`), which the manifest signs beside the figures.
 """
 
 from __future__ import annotations
