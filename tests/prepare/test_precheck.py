@@ -160,6 +160,17 @@ def test_a_rerun_with_nothing_to_do_is_answered_before_prefect_starts(
     assert report["build"]["outcome"] == "idempotent_no_op"
     assert report["verify"]["ok"] is True
     assert report["download"]["fetched"] == 0
+    assert report["ready"]["ok"] is True
+
+    # Stricter thresholds judge the same cache again, as the flow judges a no-op:
+    # not ready is exit 12, and the cache in force stays as it is.
+    stricter = run_prepare(
+        demo, request, "--plan", str(PLAN), "--tiles-url", server.template, "--min-recall", "1"
+    )
+    assert stricter.returncode == 12, stricter.stderr
+    assert "loaded: -" in stricter.stderr
+    assert "takeoff-cache: not ready: localization: route Recall@1" in stricter.stderr
+    assert (demo.cache / "Manifest.json").read_bytes() == manifest
 
 
 @pytest.mark.usefixtures("prefect_harness")

@@ -119,8 +119,10 @@ class Precheck:
     # The report a no-op run ends with; None when there is work to do (or no tiles:
     # the flow reports that, as a failed run).
     noop_report: BuildReport | None
-    # The manifest in force, when one verifies with a trusted key.
+    # The manifest in force, when one verifies with a trusted key, and the tiles
+    # the request selects: what a no-op's readiness is judged on again.
     previous: Manifest | None = None
+    selection: TileSelection | None = None
 
 
 @contextmanager
@@ -152,4 +154,4 @@ def prechecked(raw: dict[str, Any], options: BuildOptions) -> Iterator[Precheck]
                 elapsed_s=round(time.perf_counter() - started, 4),
                 phases=phases,
             )
-        yield Precheck(front.validated, front.lock, report, front.previous)
+        yield Precheck(front.validated, front.lock, report, front.previous, front.selection)

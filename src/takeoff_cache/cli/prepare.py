@@ -121,7 +121,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if error is not None:
         raise error  # one line, and its code
     if not args.json:
-        print(report.text())
+        # The flight, area and corpus lines went out as soon as they were known.
+        shown = _head(report) if report.flight is not None else []
+        print("\n".join(line for line in report.text().splitlines() if line not in shown))
     if report.outcome == "failure":  # the build's own verdict, told in its report
         if report.exit_code == EXIT_NOT_READY and not_ready(report.ready):
             return EXIT_NOT_READY
@@ -137,6 +139,7 @@ def _prepare(
     from takeoff_cache.cli.args import options_from as _options
     from takeoff_cache.cli.args import request_doc as _request_doc
     from takeoff_cache.prepare import job as p
+    from takeoff_cache.prepare.precheck import precheck
 
     if args.area is not None:
         raise InvalidRequestError("area: prepare computes the area from the flight; drop --area")
@@ -160,21 +163,40 @@ def _prepare(
     if args.work_pool:
         _check_work_pool()
         params["work_pool"] = args.work_pool
-    # Resolved here, before any lock or write: a bad plan leaves no trace.
     job_args: dict[str, Any] = {name: params.get(name) for name in p.JOB_PARAMETERS}
-    job = p.plan_job(**{**job_args, "work_dir": args.work_dir})
+    job_args["work_dir"] = args.work_dir
+    builds_here = companion is None and not args.work_pool
+    if not args.dry_run:
+        # Every mistake at once, before the first request and before Prefect; nothing
+        # is written (the work folder, if it exists already, lends its checked backbones).
+        fields = {name: params[name] for name in FIELDS if name in params}
+        work = Path(args.work_dir).expanduser() if args.work_dir else None
+        precheck(
+            fields,
+            job_args,
+            builds_here=builds_here,
+            backend=args.backend or "auto",
+            work_dir=work if work is not None and work.is_dir() else None,
+        )
+    # Resolved here, before any lock or write: a bad plan leaves no trace.
+    job = p.plan_job(**job_args)
     report.resolved(job)
+    if not args.json:
+        print("\n".join(_head(report)), flush=True)
     report.phase = "download"
     if args.dry_run:
         report.download = p.dry_run(job.corpus, job.mission, job.options)
         report.outcome = "dry_run"
         return report, None
-    if job.source is not None:
-        p.check_job_size(job.corpus, job.mission, job.options)
+    to_fetch = p.check_job_size(job.corpus, job.mission, job.options) if job.source else 0
     report.phase = "lock"
     args.work_dir = str(job.work)
     options = _options(args)
     params.update(flight=job.flight_json(), corpus=str(job.corpus))
+    if builds_here and to_fetch == 0:
+        done = _answered_here(job, params, options, report)
+        if done is not None:
+            return done, None
     # Taken here by a run that downloads, so a second one writing this corpus is
     # refused before Prefect starts; handed to the flow, whose lock phase adopts it.
     # A run that only reads the corpus takes none.
@@ -183,9 +205,68 @@ def _prepare(
         from takeoff_cache_prefect.run import run_prepare
 
         with ProgressBar() as bar:
-            return run_prepare(
-                params, options, args.verbose, progress=bar, lines=_show, held=held
-            )
+            return run_prepare(params, options, args.verbose, progress=bar, lines=_show, held=held)
+
+
+def _answered_here(
+    job: Any, params: dict[str, Any], options: Any, report: PrepareReport
+) -> PrepareReport | None:
+    """A re-run with nothing to fetch and nothing to build, answered without Prefect.
+
+    As ``build`` answers its no-op: the front runs here (validate, lock, select,
+    identity, and the no-op check, which checks the cache as ``verify`` does), and
+    the cache's readiness is judged again on this run's thresholds, as the flow
+    judges a no-op. None when there is work, or a configured Prefect API that
+    should record the run.
+    """
+    from takeoff_cache.build.front import prechecked
+    from takeoff_cache.build.options import OPTION_FIELDS, build_options, for_prepare
+    from takeoff_cache.build.readiness import judge
+    from takeoff_cache.build.request import FIELDS
+    from takeoff_cache.errors import NotReadyError
+    from takeoff_cache.prepare import job as p
+    from takeoff_cache_prefect.tempapi import api_configured
+
+    if api_configured():
+        return None
+    gated = build_options(**for_prepare({f.name: getattr(options, f.name) for f in OPTION_FIELDS}))
+    fields = {name: params[name] for name in FIELDS if name in params}
+    raw = p.build_raw(fields, job.flight, job.mission, job.corpus)
+    with p.corpus_lock(job) as held, prechecked(raw, gated) as pre:
+        if pre.noop_report is None or pre.previous is None or pre.selection is None:
+            return None
+        report.phase = "build"
+        report.lock = str(held[0].path) if held else None
+        report.download = p.fetch_tiles(job.corpus, job.mission, job.source, job.options)
+        area_file = p.write_area(job.work, job.flight, job.mission)
+        report.area = {**job.mission.to_json(), "path": str(area_file)}
+        tiles = [(t.z, t.x, t.y) for t in pre.selection.tiles]
+        report.ready = judge(
+            pre.validated.request, tiles, gated, pre.previous.signed.get("self_test")
+        )
+        report.build = {**pre.noop_report.to_json(), "ready": report.ready}
+        if not report.ready["ok"]:
+            # As the flow ends a gated no-op that is not ready: a failed build.
+            error = NotReadyError(list(report.ready.get("reasons", [])))
+            report.build.update(outcome="failure", failure_reason=str(error))
+            report.fail(error.exit_code, str(error))
+            return report
+        report.verify = {
+            "ok": True,
+            "version": pre.previous.version,
+            "build_identity": pre.previous.build_identity,
+            "artifacts": len(pre.previous.artifacts),
+        }
+        report.finish(pre.noop_report.outcome)
+        return report
+
+
+def _head(report: PrepareReport) -> list[str]:
+    """The report's flight, area and corpus lines: what resolving the flight told."""
+    from takeoff_cache.prepare.report import PrepareReport
+
+    resolved = PrepareReport(flight=report.flight, area=report.area, corpus=report.corpus)
+    return resolved.text().splitlines()
 
 
 def _show(line: str) -> None:
