@@ -116,7 +116,7 @@ def _literal_joins(tree: ast.Module) -> Iterator[tuple[int, str, str]]:
 def test_the_work_folder_layout_is_only_in_core_workdir() -> None:
     owner = "src/takeoff_cache/core/workdir.py"
     layout = _work_folder_names()
-    assert {"tiles", "locks", "areas", "engines", "indexes"} <= layout
+    assert {"tiles", "areas", "engines", "indexes"} <= layout
     found = []
     for path, tree in _modules():
         if path == owner:
