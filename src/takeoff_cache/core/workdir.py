@@ -57,6 +57,16 @@ def indexes_dir(work: Path) -> Path:
     return work / "indexes"
 
 
+def features_store_path(work: Path) -> Path:
+    """The feature store: per-tile local features, shared like the descriptor store."""
+    return work / "features.sqlite"
+
+
+def features_dir(work: Path) -> Path:
+    """The features files written for caches (one per extractor and selection)."""
+    return work / "features"
+
+
 def selections_dir(work: Path) -> Path:
     """Remembered tile selections (tiles/selection.py)."""
     return work / "selections"
