@@ -22,6 +22,7 @@ from takeoff_cache.errors import (
 from takeoff_cache.prepare import area as area_module
 from takeoff_cache.prepare.area import FAR_M, MAX_DISTANCE_M, check_tile_budget, flight_area
 from takeoff_cache.prepare.flight import Circle, Corridor, Flight
+from takeoff_cache.prepare.report import PrepareReport
 from takeoff_cache.prepare.sources import parse_flight
 from takeoff_cache.tiles.area import Area, count_area_tiles, tiles_for_area
 from takeoff_cache.tiles.mbtiles import MBTilesWriter
@@ -138,3 +139,11 @@ def test_what_the_exact_count_allows_is_never_refused(
     with sqlite3.connect(corpus) as db:
         assert db.execute("SELECT count(*) FROM tiles").fetchone() == (1,)
     check_tile_budget(area, (16,), exact - 1, corpus)
+
+
+def test_the_prepare_report_prints_each_far_element_as_a_warning_line() -> None:
+    area = flight_area(plan_with_rally((-34.0, 151.0)), 500.0)
+    mission = {"km2": area.km2, "tiles": 1, "tiles_per_zoom": {"17": 1}, "warnings": area.warnings}
+    report = PrepareReport(flight={"source": "plan"}, area=mission, corpus="c.mbtiles")
+    (line,) = [line for line in report.text().splitlines() if line.startswith("warning:")]
+    assert "at -34.00000,151.00000 is" in line and "from the rest of the flight" in line

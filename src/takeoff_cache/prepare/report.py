@@ -74,6 +74,7 @@ class PrepareReport:
                 f"flight:   {self.subject()}",
                 f"area:     {area['km2']:.2f} km², {area['tiles']} tiles"
                 f" ({per_zoom(area['tiles_per_zoom'])})",
+                *(f"warning:  {w}" for w in area.get("warnings", [])),
                 f"corpus:   {self.corpus}",
             ]
             if download.get("dry_run"):
