@@ -103,7 +103,7 @@ def build_cache(
             )
         report.self_test, report.coverage_map = tested.summary, tested.coverage_map
         with run.phase("readiness"):
-            report.ready = t.readiness(validated, selection, options, tested.summary)
+            report.ready = t.readiness(validated, selection, options, tested.summary, tested)
         if options.gated and not report.ready["ok"]:
             # Before anything is signed: the previous cache stays in force (exit 12).
             return run.end(failure_reason=t.not_ready_reason(report.ready))

@@ -23,7 +23,7 @@ from takeoff_cache import __version__
 from takeoff_cache.build import commit, coverage, front, noop
 from takeoff_cache.build.lock import ExclusiveLock
 from takeoff_cache.build.options import BuildOptions
-from takeoff_cache.build.readiness import judge
+from takeoff_cache.build.readiness import Thresholds, covered_by, headline, verdict
 from takeoff_cache.build.report import BuildReport
 from takeoff_cache.build.validate import ValidatedRequest
 from takeoff_cache.tiles import corpus
@@ -126,11 +126,53 @@ def readiness(
     selection: corpus.TileSelection,
     options: BuildOptions,
     self_test: dict[str, Any] | None,
+    tested: SelfTested | None = None,
 ) -> dict[str, Any]:
     """The readiness verdict (SPEC §11): the selection's coverage of the area and the
-    route, and the self-test's figures, judged on the options' thresholds."""
+    route, and the self-test's figures, judged on the options' thresholds. With the
+    self-test's map (``tested``), the map is drawn again with the flight on it."""
+    req = validated.request
     tiles = [(t.z, t.x, t.y) for t in selection.tiles]
-    return judge(validated.request, tiles, options, self_test)
+    covered = covered_by(req, tiles)
+    thresholds = Thresholds(options.min_coverage, options.min_recall, options.allow_gaps)
+    ready = verdict(covered, self_test, thresholds, gated=options.gated)
+    if tested is not None and tested.coverage_map and tested.signed and req.route is not None:
+        _flight_map(validated, tiles, covered, tested, ready)
+    return ready
+
+
+def _flight_map(
+    validated: ValidatedRequest,
+    tiles: list[tuple[int, int, int]],
+    covered: coverage.TileCoverage,
+    tested: SelfTested,
+    ready: dict[str, Any],
+) -> None:
+    """The self-test's map with the flight drawn on it: route, waypoints, takeoff,
+    holes under the route, the weakest stretch (SPEC §11)."""
+    from takeoff_cache.localize.coverage_map import short_path, write_coverage_map
+    from takeoff_cache.localize.selftest import queries_from_signed
+
+    req = validated.request
+    signed, route_cov = tested.signed or {}, covered.route
+    weakest = ((tested.summary or {}).get("route") or {}).get("weakest")
+    weak = [(weakest["from_km"], weakest["to_km"])] if isinstance(weakest, dict) else []
+    loc = ready.get("localization") or {}
+    where = "along the route" if loc.get("source") == "route" else "over the area"
+    figures = f"; Recall@1 {float(loc['recall_at_1'] or 0):.2f} {where}" if loc else ""
+    write_coverage_map(
+        Path(str(tested.coverage_map)),
+        bbox=req.bbox.as_tuple(),
+        tiles=tiles,
+        missing=[t for z in covered.per_zoom for t in z.holes],
+        area=req.area,
+        queries=queries_from_signed(signed.get("queries")),
+        title=f"takeoff cache at {short_path(req.cache_root)}",
+        subtitle=headline(ready) + figures,
+        route=req.route,
+        route_holes=[h.tile for h in route_cov.holes] if route_cov is not None else [],
+        weak=weak,
+    )
 
 
 def not_ready_reason(ready: dict[str, Any]) -> str:

@@ -147,3 +147,60 @@ def test_missing_tiles_are_those_the_bbox_needs_and_the_corpus_lacks() -> None:
     assert len(needed) == len(set(needed)) > 0
     assert missing_tiles(bbox, [16], needed) == []
     assert missing_tiles(bbox, [16], needed[1:]) == needed[:1]
+
+
+def test_the_flight_is_drawn_over_many_misses_with_its_holes_and_weak_stretch(
+    tmp_path: Path,
+) -> None:
+    """Route, waypoints, takeoff, a hole under the route in its own colour and the weak
+    stretch stay visible under 300 misses (southern and western hemisphere)."""
+    from takeoff_cache.core.tilemath import lonlat_to_fractional_tile
+    from takeoff_cache.localize.coverage_map import (
+        ROUTE_COLOUR,
+        ROUTE_HOLE_COLOUR,
+        WEAK_COLOUR,
+        coverage_map_png,
+    )
+    from takeoff_cache.localize.selftest import QueryOutcome
+    from takeoff_cache.tiles.route import Route
+
+    bbox = (-34.62, -58.42, -34.59, -58.37)
+    route = Route(((-34.615, -58.415, 0.0), (-34.605, -58.395, 120.0), (-34.595, -58.375, 120.0)))
+    tiles = [(16, x, y) for x in range(22130, 22141) for y in range(39559, 39567)]
+    fx, fy = lonlat_to_fractional_tile(-34.605, -58.395, 16)
+    hole = (16, int(fx), int(fy))
+    rng = np.random.default_rng(3)
+    misses = [
+        QueryOutcome(
+            hole,
+            None,
+            (float(rng.uniform(-34.62, -34.59)), float(rng.uniform(-58.42, -58.37))),
+            (float(rng.uniform(-34.62, -34.59)), float(rng.uniform(-58.42, -58.37))),
+            1500.0,
+            hole,
+            0.0,
+            1.0,
+        )
+        for _ in range(300)
+    ]
+    png = coverage_map_png(
+        bbox=bbox,
+        tiles=[t for t in tiles if t != hole],
+        queries=misses,
+        route=route,
+        route_holes=[hole],
+        weak=[(2.5, 3.5)],
+    )
+    path = tmp_path / "flight.png"
+    path.write_bytes(png)
+    seen = colours_in(path)
+    for colour in (ROUTE_COLOUR, WEAK_COLOUR, MISS_COLOUR):
+        assert colour in seen, colour
+    # The hole is drawn in its own colour (blended over the map), not the corpus's grey.
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    magenta = (
+        (abs(pixels[..., 0] - ROUTE_HOLE_COLOUR[0]) < 40)
+        & (pixels[..., 1] < 120)
+        & (abs(pixels[..., 2] - ROUTE_HOLE_COLOUR[2]) < 60)
+    )
+    assert magenta.sum() > 200

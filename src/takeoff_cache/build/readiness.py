@@ -161,15 +161,23 @@ def judge(
 ) -> dict[str, Any]:
     """The verdict on a build of ``request`` whose selection holds ``present``, with the
     self-test's summary (or the signed figures of the cache a no-op keeps)."""
-    covered = tile_coverage(
+    return verdict(
+        covered_by(request, present),
+        self_test,
+        Thresholds(options.min_coverage, options.min_recall, options.allow_gaps),
+        gated=options.gated,
+    )
+
+
+def covered_by(request: BuildRequest, present: Iterable[TileKey]) -> TileCoverage:
+    """The request's tile coverage (area and route) by the tiles ``present``."""
+    return tile_coverage(
         request.bbox.as_tuple(),
         request.zoom_levels,
         present,
         area=request.area,
         route=request.route,
     )
-    thresholds = Thresholds(options.min_coverage, options.min_recall, options.allow_gaps)
-    return verdict(covered, self_test, thresholds, gated=options.gated)
 
 
 def headline(ready: Mapping[str, Any]) -> str:

@@ -1,10 +1,16 @@
-"""The coverage map: a PNG of the area, its tiles and the self-test's hits and misses.
+"""The coverage map: a PNG of the area, its tiles, the flight and the self-test.
 
 Drawn in Web Mercator (the tiles' own projection, so tiles are squares and
 north is up) with Pillow alone: the selected tiles per zoom level, tiles the
 area needs that the corpus lacks, the area's outline (bbox or GeoJSON
 polygon), each self-test view as a hit (green dot) or a miss (red cross, with
 a line to where it was placed), a legend, a scale bar and a north arrow.
+
+With a route, the flight is drawn over the rest: the path, its waypoints and
+takeoff, the tiles missing under it in a colour of their own (magenta: a hole
+there blinds the drone), and its weak stretches (the self-test's weakest, in
+orange). The views are then drawn small and translucent beneath the route, so
+a map of many misses still shows where the drone flies.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from takeoff_cache.core.fsutil import atomic_write_bytes
 from takeoff_cache.core.tilemath import lonlat_to_fractional_tile, tile_range
 from takeoff_cache.errors import InvalidRequestError
 from takeoff_cache.localize.selftest import QueryOutcome
+from takeoff_cache.tiles.route import Route
 
 TileKey = tuple[int, int, int]
 Ring = list[tuple[float, float]]  # (lat, lon) points
@@ -31,6 +38,9 @@ MISSING_COLOUR = (90, 90, 90)
 HIT_COLOUR = (0, 150, 60)
 MISS_COLOUR = (213, 40, 40)
 AREA_COLOUR = (20, 20, 20)
+ROUTE_COLOUR = (25, 25, 112)
+ROUTE_HOLE_COLOUR = (220, 0, 140)
+WEAK_COLOUR = (240, 120, 0)
 _MAP_PX = 900
 _PANEL_PX = 320
 _TITLE_PX = 56
@@ -174,20 +184,73 @@ def _draw_missing(draw: ImageDraw.ImageDraw, frame: _Frame, missing: Sequence[Ti
 
 
 def _draw_queries(
-    draw: ImageDraw.ImageDraw, frame: _Frame, queries: Sequence[QueryOutcome]
+    draw: ImageDraw.ImageDraw, frame: _Frame, queries: Sequence[QueryOutcome], small: bool = False
 ) -> None:
+    """Hits and misses; ``small``: under a route, small and translucent, so that many
+    misses (each with its line to where it was placed) do not hide the flight."""
+    r, cross, alpha = (2.5, 3.0, 150) if small else (4.0, 5.0, 255)
     for q in queries:
         tx, ty = frame.xy(*q.true)
         ex, ey = frame.xy(*q.estimate)
         if q.hit:
-            draw.ellipse((tx - 4, ty - 4, tx + 4, ty + 4), fill=HIT_COLOUR, outline=(255, 255, 255))
+            outline = None if small else (255, 255, 255)
+            draw.ellipse(
+                (tx - r, ty - r, tx + r, ty + r), fill=(*HIT_COLOUR, alpha), outline=outline
+            )
             continue
-        draw.line((tx, ty, ex, ey), fill=(*MISS_COLOUR, 110), width=1)
-        draw.ellipse((ex - 2, ey - 2, ex + 2, ey + 2), fill=(*MISS_COLOUR, 150))
+        draw.line((tx, ty, ex, ey), fill=(*MISS_COLOUR, 60 if small else 110), width=1)
+        draw.ellipse((ex - 2, ey - 2, ex + 2, ey + 2), fill=(*MISS_COLOUR, alpha // 2 + 20))
         for sx, sy in ((1, 1), (1, -1)):
             draw.line(
-                (tx - 5 * sx, ty - 5 * sy, tx + 5 * sx, ty + 5 * sy), fill=MISS_COLOUR, width=3
+                (tx - cross * sx, ty - cross * sy, tx + cross * sx, ty + cross * sy),
+                fill=(*MISS_COLOUR, alpha),
+                width=2 if small else 3,
             )
+
+
+def _draw_route_holes(draw: ImageDraw.ImageDraw, frame: _Frame, holes: Sequence[TileKey]) -> None:
+    for z, x, y in holes:
+        x0, y0 = frame.tile_xy(x, y, z)
+        x1, y1 = frame.tile_xy(x + 1, y + 1, z)
+        draw.rectangle(
+            (x0, y0, x1, y1),
+            fill=(*ROUTE_HOLE_COLOUR, 150),
+            outline=(*ROUTE_HOLE_COLOUR, 255),
+            width=3,
+        )
+
+
+def _stretch(route: Route, from_km: float, to_km: float) -> list[tuple[float, float]]:
+    """The route's positions from ``from_km`` to ``to_km``, every 10 m or so."""
+    spacing = max(10.0, route.length_km * 1000.0 / 2000.0)
+    return [(p.lat, p.lon) for p in route.sample(spacing) if from_km <= p.km <= to_km]
+
+
+def _draw_route(
+    draw: ImageDraw.ImageDraw,
+    frame: _Frame,
+    route: Route,
+    weak: Sequence[tuple[float, float]],
+) -> None:
+    """The path (white-edged, so it reads over any tile), its weak stretches, its
+    waypoints, and takeoff as a square."""
+    line = [frame.xy(p[0], p[1]) for p in route.points]
+    if len(line) > 1:
+        draw.line(line, fill=(255, 255, 255, 255), width=7, joint="curve")
+        draw.line(line, fill=(*ROUTE_COLOUR, 255), width=3, joint="curve")
+    for from_km, to_km in weak:
+        part = [frame.xy(*p) for p in _stretch(route, from_km, to_km)]
+        if len(part) > 1:
+            draw.line(part, fill=(*WEAK_COLOUR, 235), width=7, joint="curve")
+    for x, y in line[1:]:
+        draw.ellipse(
+            (x - 4, y - 4, x + 4, y + 4), fill=(255, 255, 255), outline=ROUTE_COLOUR, width=2
+        )
+    hx, hy = line[0]
+    draw.rectangle(
+        (hx - 7, hy - 7, hx + 7, hy + 7), fill=ROUTE_COLOUR, outline=(255, 255, 255), width=2
+    )
+    draw.text((hx + 10, hy - 8), "takeoff", fill=ROUTE_COLOUR, font=_font(15))
 
 
 def _draw_north(draw: ImageDraw.ImageDraw, x: float, y: float) -> None:
@@ -216,6 +279,9 @@ def _draw_legend(
     missing: int,
     queries: Sequence[QueryOutcome],
     outline: str,
+    route: Route | None = None,
+    route_holes: int = 0,
+    weak: int = 0,
 ) -> None:
     font, head = _font(17), _font(19)
     draw.text((x, y), "Legend", fill=(20, 20, 20), font=head)
@@ -231,6 +297,30 @@ def _draw_legend(
     draw.line((x, y + 8, x + 22, y + 8), fill=AREA_COLOUR, width=3)
     draw.text((x + 32, y), outline, fill=(20, 20, 20), font=font)
     y += 40
+    if route is not None:
+        draw.text((x, y), f"Flight: {route.length_km:.1f} km", fill=(20, 20, 20), font=head)
+        y += 32
+        draw.line((x, y + 8, x + 22, y + 8), fill=ROUTE_COLOUR, width=3)
+        draw.text((x + 32, y), "route and waypoints", fill=(20, 20, 20), font=font)
+        y += 28
+        draw.rectangle((x + 4, y + 1, x + 18, y + 15), fill=ROUTE_COLOUR)
+        draw.text((x + 32, y), "takeoff", fill=(20, 20, 20), font=font)
+        y += 28
+        draw.rectangle(
+            (x, y, x + 22, y + 16),
+            fill=(*ROUTE_HOLE_COLOUR, 150),
+            outline=ROUTE_HOLE_COLOUR,
+            width=2,
+        )
+        draw.text(
+            (x + 32, y), f"missing under the route: {route_holes}", fill=(20, 20, 20), font=font
+        )
+        y += 28
+        if weak:
+            draw.line((x, y + 8, x + 22, y + 8), fill=WEAK_COLOUR, width=7)
+            draw.text((x + 32, y), "weakest stretch (self-test)", fill=(20, 20, 20), font=font)
+            y += 28
+        y += 12
     if not queries:
         return
     hits = sum(q.hit for q in queries)
@@ -256,12 +346,19 @@ def coverage_map_png(
     queries: Sequence[QueryOutcome] = (),
     title: str = "takeoff cache coverage",
     subtitle: str = "",
+    route: Route | None = None,
+    route_holes: Sequence[TileKey] = (),
+    weak: Sequence[tuple[float, float]] = (),
 ) -> bytes:
-    """The coverage map as PNG bytes (``bbox``: lat_min, lon_min, lat_max, lon_max)."""
+    """The coverage map as PNG bytes (``bbox``: lat_min, lon_min, lat_max, lon_max).
+
+    ``route``: the flight, drawn over the rest; ``route_holes``: tiles missing under
+    it; ``weak``: stretches of it, ``(from_km, to_km)``, that localized poorly."""
     rings = area_rings(area) if area is not None else []
-    all_tiles = [*tiles, *missing]
+    all_tiles = [*tiles, *missing, *route_holes]
     z_ref = max((t[0] for t in all_tiles), default=16)
-    frame = _Frame(_bounds(bbox, rings, queries), z_ref)
+    flown = [(p[0], p[1]) for p in route.points] if route is not None else []
+    frame = _Frame(_bounds(bbox, [*rings, flown], queries), z_ref)
     layer = Image.new("RGBA", (frame.width, frame.height), (246, 246, 242, 255))
     overlay = Image.new("RGBA", layer.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(overlay)
@@ -275,11 +372,15 @@ def coverage_map_png(
         x0, y0 = frame.xy(lat_max, lon_min)
         x1, y1 = frame.xy(lat_min, lon_max)
         draw.rectangle((x0, y0, x1, y1), outline=AREA_COLOUR, width=3)
-    _draw_queries(draw, frame, queries)
+    _draw_route_holes(draw, frame, route_holes)
+    _draw_queries(draw, frame, queries, small=route is not None)
+    if route is not None:
+        _draw_route(draw, frame, route, weak)
     layer = Image.alpha_composite(layer, overlay)
 
     width = frame.width + _PANEL_PX
-    height = max(frame.height, 420) + _TITLE_PX + _FOOT_PX
+    # Room for the legend, which lists the flight too when there is one.
+    height = max(frame.height, 420 if route is None else 580) + _TITLE_PX + _FOOT_PX
     canvas = Image.new("RGBA", (width, height), (255, 255, 255, 255))
     canvas.paste(layer, (0, _TITLE_PX))
     draw = ImageDraw.Draw(canvas)
@@ -290,7 +391,17 @@ def coverage_map_png(
     counts = {z: sum(1 for t in tiles if t[0] == z) for z in zooms}
     outline = "area (polygon)" if rings else "area (bbox)"
     _draw_legend(
-        draw, frame.width + _PAD, _TITLE_PX + 70, zooms, counts, len(missing), queries, outline
+        draw,
+        frame.width + _PAD,
+        _TITLE_PX + 70,
+        zooms,
+        counts,
+        len(missing),
+        queries,
+        outline,
+        route,
+        len(route_holes),
+        len(weak),
     )
     _draw_north(draw, frame.width + _PANEL_PX - 50, _TITLE_PX + 8)
     _draw_scale(draw, frame, _PAD, _TITLE_PX + frame.height + 18)
