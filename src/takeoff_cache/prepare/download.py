@@ -565,7 +565,7 @@ class _Run:
             reason = f"redirected to another origin ({exc}); the key is not sent there"
             return _Outcome(job, "failed", reason=self._redact(reason), cause="redirect")
         except httpx.TooManyRedirects:
-            why = "it redirects in a loop"
+            why = "redirects in a loop"
             self._trip(job.host, "too many redirects", why, cause="redirect")
             return _Outcome(job, "cancelled")
         except httpx.TimeoutException:
@@ -590,13 +590,13 @@ class _Run:
         cause = "5xx" if status >= 500 else str(status)
         if status in (401, 403):
             self._note_failed(job)
-            self._trip(job.host, problem, f"it refuses the request with {problem}", cause=cause)
+            self._trip(job.host, problem, "refuses the requests", cause=cause)
             return _Outcome(job, "cancelled")
         if status == 429 or status >= 500:
             wait = retry_after_s(response.headers.get("retry-after"))
             if wait is not None:
                 if wait > self.options.max_wait_s:
-                    why = f"it asks to wait {wait:.0f} s"
+                    why = f"asks to wait {wait:.0f} s"
                     self._trip(job.host, problem, why, cause="wait")
                     return _Outcome(job, "cancelled")
                 with host.lock:
@@ -676,7 +676,8 @@ class _Run:
             host.last_status = problem
             tripped = host.failures >= self.options.breaker_failures
         if tripped:
-            self._trip(host_name, problem, f"{host.failures} failed attempts in a row", cause)
+            why = f"keeps failing ({host.failures} failed attempts in a row)"
+            self._trip(host_name, problem, why, cause)
 
     def _trip(self, host_name: str, status: str, why: str, cause: str) -> None:
         with self._trip_lock:
@@ -684,8 +685,8 @@ class _Run:
                 example = f", e.g. {self.first_failed}" if cause.isdigit() else ""
                 self.tripped = HostFailingError(
                     self._redact(
-                        f"download: tile server {host_name} keeps failing ({why};"
-                        f" last: {status}{example}); stopped: {advice(cause, self.source)}."
+                        f"download: tile server {host_name} {why} (last: {status}{example});"
+                        f" stopped: {advice(cause, self.source)}."
                         " Tiles stored so far are kept"
                     ),
                     host=host_name,
