@@ -45,6 +45,46 @@ def make_onnx(
     return path
 
 
+def make_local_features_onnx(
+    path: Path,
+    *,
+    input_name: str = "image",
+    outputs: tuple[str, ...] = ("keypoints", "scores", "descriptors"),
+    keypoint_width: int = 2,
+) -> Path:
+    """image (N,3,32,32) -> one keypoint per image: keypoints (N,1,w), scores (N,1) and
+    descriptors (N,1,3), under the names ``outputs`` (in that order)."""
+    kp_name, score_name, desc_name = outputs
+    const = numpy_helper.from_array
+    nodes = [
+        helper.make_node("GlobalAveragePool", [input_name], ["pooled"]),
+        helper.make_node("Reshape", ["pooled", "shape"], [desc_name]),
+        helper.make_node("ReduceMean", ["pooled"], ["mean"], axes=[1, 2, 3], keepdims=0),
+        helper.make_node("Unsqueeze", ["mean", "one"], [score_name]),
+        helper.make_node("Slice", [desc_name, "zero", "width", "two"], [kp_name]),
+    ]
+    inits = [
+        const(np.array([0, 1, 3], np.int64), "shape"),
+        const(np.array([1], np.int64), "one"),
+        const(np.array([0], np.int64), "zero"),
+        const(np.array([keypoint_width], np.int64), "width"),
+        const(np.array([2], np.int64), "two"),
+    ]
+    outs = [
+        helper.make_tensor_value_info(kp_name, TensorProto.FLOAT, ["N", 1, keypoint_width]),
+        helper.make_tensor_value_info(score_name, TensorProto.FLOAT, ["N", 1]),
+        helper.make_tensor_value_info(desc_name, TensorProto.FLOAT, ["N", 1, 3]),
+    ]
+    inp = helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["N", 3, 32, 32])
+    graph = helper.make_graph(nodes, "tiny_features", [inp], outs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
 def entry(
     name: str = "vpr",
     role: str = "place_recognition",
@@ -73,7 +113,7 @@ def write_file(tmp_path: Path, *entries: str) -> Path:
 @pytest.fixture
 def models(tmp_path: Path) -> Path:
     make_onnx(tmp_path / "models" / "vpr.onnx")
-    make_onnx(tmp_path / "models" / "feat.onnx", input_name="x", output_name="features")
+    make_local_features_onnx(tmp_path / "models" / "feat.onnx", input_name="x")
     return tmp_path
 
 
@@ -104,6 +144,25 @@ def test_valid_file_loads_with_the_model_sha256(models: Path) -> None:
     assert vpr.output == "descriptor"
     assert backbones[1].output is None
     assert vpr.identity()["onnx_sha256"] == expected
+
+
+@pytest.mark.parametrize(
+    ("outputs", "width", "fragments"),
+    [
+        (("keypoints", "scores", "features"), 2, ["no output 'descriptors'", "(N, K, D)"]),
+        (("points", "scores", "descriptors"), 2, ["no output 'keypoints'"]),
+        (("keypoints", "scores", "descriptors"), 3, ["'keypoints' has shape", "(N, K, 2)"]),
+    ],
+)
+def test_a_local_features_network_with_the_wrong_outputs_is_refused(
+    tmp_path: Path, outputs: tuple[str, ...], width: int, fragments: list[str]
+) -> None:
+    make_onnx(tmp_path / "models" / "vpr.onnx")
+    make_local_features_onnx(tmp_path / "models" / "kp.onnx", outputs=outputs, keypoint_width=width)
+    path = write_file(
+        tmp_path, entry(), entry("kp", "local_features", "models/kp.onnx", output=None)
+    )
+    refused(path, "backbone 'kp'.onnx", *fragments)
 
 
 def test_onnx_paths_are_relative_to_the_backbones_file(

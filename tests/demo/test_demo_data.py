@@ -15,7 +15,13 @@ from PIL import Image
 from takeoff_cache import demo
 from takeoff_cache.core.tilemath import tile_range, tms_row
 from takeoff_cache.demo import make_demo_data, synthetic
-from takeoff_cache.demo.models import VPR_DIM, build_keypoints_model, build_vpr_model
+from takeoff_cache.demo.models import (
+    KEYPOINTS,
+    KEYPOINTS_SIZE,
+    VPR_DIM,
+    build_keypoints_model,
+    build_vpr_model,
+)
 from takeoff_cache.demo.synthetic import (
     CorpusLayout,
     encode_jpeg,
@@ -276,19 +282,41 @@ def test_vpr_descriptor_ignores_the_heading(corpus: CorpusLayout, vpr: Path) -> 
     assert float((nearest == np.arange(len(rows))).mean()) >= 0.9
 
 
-def test_keypoints_model_runs(tmp_path: Path) -> None:
+def test_keypoints_model_gives_the_local_features_contract(tmp_path: Path) -> None:
     path = tmp_path / "keypoints.onnx"
-    build_keypoints_model(path, SIZE)
+    build_keypoints_model(path, KEYPOINTS_SIZE)
     session = _session(path)
-    assert [o.name for o in session.get_outputs()] == ["scores", "features"]
+    assert [o.name for o in session.get_outputs()] == ["keypoints", "scores", "descriptors"]
+    tiles = [render_tile(16, 39144 + i, 22653, seed=0) for i in range(2)]
     batch = np.stack(
-        [_decode(encode_jpeg(render_tile(16, 39144 + i, 22653, seed=0))) for i in range(2)]
+        [((t.astype(np.float32) / 255.0 - MEAN) / STD).transpose(2, 0, 1) for t in tiles]
     )
-    scores, features = session.run(None, {"image": batch})
-    assert scores.shape == (2, 1, SIZE // 4, SIZE // 4)
-    assert features.shape == (2, 16, SIZE // 4, SIZE // 4)
-    assert np.isfinite(scores).all() and np.isfinite(features).all()
-    assert scores.max() > 0  # real imagery has corners
+    keypoints, scores, descriptors = session.run(None, {"image": batch})
+    assert keypoints.shape == (2, KEYPOINTS, 2) and scores.shape == (2, KEYPOINTS)
+    assert descriptors.shape[:2] == (2, KEYPOINTS)
+    assert np.isfinite(descriptors).all()
+    assert (keypoints >= 0).all() and (keypoints < KEYPOINTS_SIZE).all()
+    assert (scores[:, :-1] >= scores[:, 1:]).all() and scores[:, 0].min() > 0  # corners, best first
+    assert np.allclose(np.linalg.norm(descriptors, axis=2), 1.0, atol=1e-3)
+
+
+def test_keypoint_descriptors_ignore_a_quarter_turn(tmp_path: Path) -> None:
+    path = tmp_path / "keypoints.onnx"
+    build_keypoints_model(path, KEYPOINTS_SIZE)
+    session = _session(path)
+    tile = render_tile(16, 39144, 22653, seed=0)
+    pixels = np.stack([tile, np.ascontiguousarray(np.rot90(tile))])
+    batch = np.ascontiguousarray(((pixels / 255.0 - MEAN) / STD).transpose(0, 3, 1, 2), np.float32)
+    keypoints, _, descriptors = session.run(None, {"image": batch})
+    # rot90 (counter-clockwise) takes pixel (x, y) to (y, size - 1 - x).
+    turned = np.c_[keypoints[0][:, 1], KEYPOINTS_SIZE - 1 - keypoints[0][:, 0]]
+    index = {tuple(p): i for i, p in enumerate(keypoints[1].astype(int).tolist())}
+    pairs = [
+        (i, index[tuple(p)]) for i, p in enumerate(turned.astype(int).tolist()) if tuple(p) in index
+    ]
+    assert len(pairs) > KEYPOINTS // 2  # the same corners are found turned
+    same = [float(descriptors[0][i] @ descriptors[1][j]) for i, j in pairs]
+    assert np.median(same) > 0.98
 
 
 # --------------------------------------------------------------------------- the folder

@@ -24,7 +24,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("takeoff_cache.core",),
     ("takeoff_cache.trust", "takeoff_cache.tiles", "takeoff_cache.backbones"),
     ("takeoff_cache.engines",),
-    ("takeoff_cache.descriptors",),
+    ("takeoff_cache.descriptors", "takeoff_cache.features"),
     ("takeoff_cache.localize",),
     ("takeoff_cache.build",),
     ("takeoff_cache.companion",),

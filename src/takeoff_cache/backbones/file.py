@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 
 ROLES = ("place_recognition", "local_features", "matcher", "other")
 PLACE_RECOGNITION = "place_recognition"
+LOCAL_FEATURES = "local_features"
+# A local_features network's outputs (docs/backbones.md): name, rank, and the size
+# of its last axis where fixed (None: any).
+LOCAL_FEATURE_OUTPUTS = (("keypoints", 3, 2), ("scores", 2, None), ("descriptors", 3, None))
 _NAME = re.compile(r"[a-z0-9_-]+")
 # The keys each table may hold: anything else is a typo that would be silently ignored.
 _FILE_KEYS = frozenset({"backbone"})
@@ -36,7 +40,7 @@ _ENTRY_KEYS = frozenset({"name", "role", "onnx", "input", "output"})
 _INPUT_KEYS = frozenset({"name", "size", "channels", "mean", "std"})
 # Raised when the graph check learns something new, so that checks remembered
 # from before are made again.
-_CHECKS_VERSION = 2
+_CHECKS_VERSION = 3
 
 
 def _refuse_unknown(where: str, table: dict[str, Any], known: frozenset[str]) -> None:
@@ -146,6 +150,27 @@ def _check_graph(
         odims = _dims(outputs[output])
         if len(odims) != 2 or (isinstance(odims[1], int) and odims[1] < 1):
             raise BackboneError(f"{where}.output: {output!r} has shape {odims}, expected (N, D)")
+    if role == LOCAL_FEATURES:
+        _check_local_features(where, graph)
+
+
+def _check_local_features(where: str, graph: onnx.GraphProto) -> None:
+    """A local_features graph has outputs keypoints (N, K, 2), scores (N, K) and
+    descriptors (N, K, D), K and D fixed or not."""
+    outputs = {o.name: o for o in graph.output}
+    for name, rank, last in LOCAL_FEATURE_OUTPUTS:
+        if name not in outputs:
+            raise BackboneError(
+                f"{where}.onnx: a local_features network must have outputs keypoints"
+                f" (N, K, 2), scores (N, K) and descriptors (N, K, D); it has no output"
+                f" {name!r} (it has {sorted(outputs)})"
+            )
+        dims = _dims(outputs[name])
+        if len(dims) != rank or (
+            last is not None and isinstance(dims[-1], int) and dims[-1] != last
+        ):
+            want = {"keypoints": "(N, K, 2)", "scores": "(N, K)", "descriptors": "(N, K, D)"}[name]
+            raise BackboneError(f"{where}.onnx: output {name!r} has shape {dims}, expected {want}")
 
 
 def _check_key(sha256: str, spec: InputSpec, role: str, output: str | None) -> str:

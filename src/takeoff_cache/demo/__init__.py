@@ -20,7 +20,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from takeoff_cache.core.fsutil import atomic_write_bytes, sha256_file
-from takeoff_cache.demo.models import build_keypoints_model, build_vpr_model
+from takeoff_cache.demo.models import KEYPOINTS_SIZE, build_keypoints_model, build_vpr_model
 from takeoff_cache.demo.synthetic import write_corpus
 from takeoff_cache.errors import InvalidRequestError
 from takeoff_cache.trust.keys import write_keypair
@@ -68,7 +68,7 @@ output = "descriptor"
 name = "keypoints"
 role = "local_features"
 onnx = "models/keypoints.onnx"
-input = {{ name = "image", size = {VPR_SIZE}, channels = 3, mean = {_MEAN}, std = {_STD} }}
+input = {{ name = "image", size = {KEYPOINTS_SIZE}, channels = 3, mean = {_MEAN}, std = {_STD} }}
 """
 
 
@@ -247,7 +247,7 @@ def make_demo_data(
     layout = write_corpus(writing("corpus.mbtiles"), n_tiles=tiles, seed=seed)
     written("corpus.mbtiles")
     build_vpr_model(writing("models/vpr.onnx"), VPR_SIZE)
-    build_keypoints_model(writing("models/keypoints.onnx"), VPR_SIZE)
+    build_keypoints_model(writing("models/keypoints.onnx"), KEYPOINTS_SIZE)
     written("models/vpr.onnx", "models/keypoints.onnx")
     atomic_write_bytes(writing("backbones.toml"), _backbones_toml().encode())
     written("backbones.toml")

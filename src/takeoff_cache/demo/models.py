@@ -67,8 +67,15 @@ _LOG_EPS = 1e-3
 _STD_EPS = 1e-3
 _NORM_EPS = 1e-12
 
-KEYPOINT_STRIDE = 4
-KEYPOINT_CHANNELS = 16
+# Local features: the K strongest Harris corners of a tile at its full size, each
+# described by rings about it (see build_keypoints_model).
+KEYPOINTS_SIZE = 256
+KEYPOINTS = 256
+KEYPOINT_RINGS = (2.0, 4.0, 6.5, 9.5, 13.0, 17.0)
+KEYPOINT_ANGLES = 16
+KEYPOINT_HARMONICS = 5
+_KEYPOINT_MARGIN = 4
+_DC_WEIGHT = 2.0
 _HARRIS_K = 0.04
 
 F32 = NDArray[np.float32]
@@ -351,81 +358,163 @@ def build_vpr_model(path: Path, size: int = 128) -> None:
     )
 
 
-def build_keypoints_model(path: Path, size: int = 128) -> None:
-    """Write the local-feature backbone: ``image`` -> ``scores`` (N,1,size/4,size/4) and
-    ``features`` (N,16,size/4,size/4).
+def _polar_offsets(radii: tuple[float, ...], angles: int) -> tuple[F32, F32]:
+    """``(R, A)`` x and y offsets in pixels: ``angles`` points on each ring of ``radii``."""
+    theta = 2.0 * np.pi * np.arange(angles) / angles
+    r = np.asarray(radii, dtype=np.float64)[:, None]
+    return (r * np.cos(theta)).astype(np.float32), (r * np.sin(theta)).astype(np.float32)
 
-    ``scores`` is the Harris corner response (k = 0.04, on luma gradients in
-    units of [0, 1] luma per pixel, so values are small: 1e-5 to 1e-3 at
-    corners of the demo imagery) max-pooled over 4x4 cells;
-    ``features`` is a SIFT-like histogram of rectified gradients in 8
-    directions at 2 scales per cell, L2-normalised over channels.
+
+def _angular_dft(angles: int, harmonics: int) -> tuple[F32, F32]:
+    """``(A, M)`` cosine and sine matrices: harmonics 0..M-1 of a ring of ``angles`` samples."""
+    theta = 2.0 * np.pi * np.arange(angles)[:, None] * np.arange(harmonics)[None, :] / angles
+    return (np.cos(theta) / angles).astype(np.float32), (np.sin(theta) / angles).astype(np.float32)
+
+
+def _opponent_conv() -> tuple[F32, F32]:
+    """1x1 conv from a normalised RGB image to luma and two opponent colours in [0, 1] units."""
+    rows = np.array([_LUMA, (0.5, -0.5, 0.0), (0.25, 0.25, -0.5)], dtype=np.float64)
+    w = rows * np.asarray(STD)[None, :]
+    b = rows @ np.asarray(MEAN)
+    return w[:, :, None, None].astype(np.float32), b.astype(np.float32)
+
+
+def build_keypoints_model(path: Path, size: int = KEYPOINTS_SIZE) -> None:
+    """Write the local-feature backbone: ``image`` -> ``keypoints`` (N, K, 2), ``scores``
+    (N, K) and ``descriptors`` (N, K, D), K = :data:`KEYPOINTS` (the contract of
+    docs/backbones.md).
+
+    Keypoints are the K strongest local maxima (5x5) of the Harris response
+    (k = 0.04, on luma gradients at sigma 1.5), in pixels of the input, x then y,
+    the centre of the top-left pixel at (0, 0); ``scores`` is their response.
+    Descriptors do not change when the view turns: the blurred luma and two
+    opponent colours are sampled on :data:`KEYPOINT_RINGS` rings of
+    :data:`KEYPOINT_ANGLES` points about each keypoint, and each ring is
+    summarised by what a turn leaves alone: its mean (less the patch mean) and
+    the magnitudes of its angular harmonics 1..M-1, then the whole is made unit
+    length (a change of contrast scales every term alike).
     """
-    if size < 2 * KEYPOINT_STRIDE or size % KEYPOINT_STRIDE:
-        raise ValueError(f"size must be a multiple of {KEYPOINT_STRIDE} (>= 8), got {size}")
+    if size < 32:
+        raise ValueError(f"size must be >= 32, got {size}")
     g = _Graph()
-    luma_w, luma_b = _luma_conv()
-    luma = g.conv("image", "luma", luma_w, luma_b)
+    opp_w, opp_b = _opponent_conv()
+    opponent = g.conv("image", "opponent", opp_w, opp_b)
+    zero = g.const("ch0", np.array([0], np.int64))
+    one = g.const("ch1", np.array([1], np.int64))
+    axis1 = g.const("axis1", np.array([1], np.int64))
+    luma = g.op("Slice", [opponent, zero, one, axis1])
 
     sobel_x = np.array([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]], dtype=np.float32) / 8.0
-    sobel = np.stack([sobel_x, sobel_x.T])[:, None]
-    grad = g.conv(luma, "sobel", sobel)
-    gx = g.op(
-        "Slice",
-        [
-            grad,
-            g.const("ch0", np.array([0], np.int64)),
-            g.const("ch1", np.array([1], np.int64)),
-            g.const("axis1", np.array([1], np.int64)),
-        ],
-    )
-    gy = g.op("Slice", [grad, "ch1", g.const("ch2", np.array([2], np.int64)), "axis1"])
+    grad = g.conv(luma, "sobel", np.stack([sobel_x, sobel_x.T])[:, None])
+    gx = g.op("Slice", [grad, zero, one, axis1])
+    gy = g.op("Slice", [grad, one, g.const("ch2", np.array([2], np.int64)), axis1])
     products = g.op(
         "Concat", [g.op("Mul", [gx, gx]), g.op("Mul", [gy, gy]), g.op("Mul", [gx, gy])], axis=1
     )
     window = np.repeat(_gaussian(1.5)[None, None], 3, axis=0)
     tensor = g.conv(products, "window", window, group=3)
-    sxx = g.op("Slice", [tensor, "ch0", "ch1", "axis1"])
-    syy = g.op("Slice", [tensor, "ch1", "ch2", "axis1"])
-    sxy = g.op("Slice", [tensor, "ch2", g.const("ch3", np.array([3], np.int64)), "axis1"])
+    sxx = g.op("Slice", [tensor, zero, one, axis1])
+    syy = g.op("Slice", [tensor, one, "ch2", axis1])
+    sxy = g.op("Slice", [tensor, "ch2", g.const("ch3", np.array([3], np.int64)), axis1])
     det = g.op("Sub", [g.op("Mul", [sxx, syy]), g.op("Mul", [sxy, sxy])])
     trace = g.op("Add", [sxx, syy])
     k = g.const("harris_k", np.array(_HARRIS_K, dtype=np.float32))
     harris = g.op("Sub", [det, g.op("Mul", [k, g.op("Mul", [trace, trace])])])
-    g.op(
-        "MaxPool",
-        [harris],
-        "scores",
-        kernel_shape=[KEYPOINT_STRIDE] * 2,
-        strides=[KEYPOINT_STRIDE] * 2,
-    )
+    # Local maxima only, away from the border where the window runs off the image.
+    peak = g.op("MaxPool", [harris], kernel_shape=[5, 5], strides=[1, 1], pads=[2, 2, 2, 2])
+    is_peak = g.op("Cast", [g.op("Equal", [harris, peak])], to=TensorProto.FLOAT)
+    border = np.zeros((1, 1, size, size), dtype=np.float32)
+    m = _KEYPOINT_MARGIN
+    border[..., m : size - m, m : size - m] = 1.0
+    response = g.op("Mul", [g.op("Mul", [harris, is_peak]), g.const("border", border)])
+    flat = g.op("Reshape", [response, g.const("flat_shape", np.array([0, -1], np.int64))])
+    # TopK's second output, the flat index of each keypoint, gives its x and y.
+    g.op("TopK", [flat, g.const("k", np.array([KEYPOINTS], np.int64))], "scores", axis=1)
+    index = "topk_index"
+    g.nodes[-1].output.append(index)
+    width = g.const("width", np.array(size, np.int64))
+    xs = g.op("Cast", [g.op("Mod", [index, width])], to=TensorProto.FLOAT)
+    ys = g.op("Cast", [g.op("Div", [index, width])], to=TensorProto.FLOAT)
+    last = g.const("last_axis", np.array([2], np.int64))
+    pair = [g.op("Unsqueeze", [xs, last]), g.op("Unsqueeze", [ys, last])]
+    g.op("Concat", pair, "keypoints", axis=2)
 
-    # Rectified oriented derivatives: ReLU keeps one sign, and the 8 directions
-    # cover 360 degrees, so each channel is one bin of a gradient histogram.
-    bins = KEYPOINT_CHANNELS // 2
-    fine = g.op("Relu", [g.conv(luma, "deriv_fine", _oriented_derivatives(bins, 1.0), stride=2)])
-    coarse_in = g.avg_pool(luma, 2)
-    coarse = g.op("Relu", [g.conv(coarse_in, "deriv_coarse", _oriented_derivatives(bins, 1.0))])
-    hist = g.avg_pool(g.op("Concat", [fine, coarse], axis=1), KEYPOINT_STRIDE // 2)
+    # Polar samples of the blurred image about each keypoint: GridSample's grid is in
+    # [-1, 1] (align_corners=0: pixel i's centre at (2i + 1) / size - 1).
+    blurred = g.conv(opponent, "blur", np.repeat(_gaussian(1.0)[None, None], 3, axis=0), group=3)
+    off_x, off_y = _polar_offsets(KEYPOINT_RINGS, KEYPOINT_ANGLES)
+    rings, angles = off_x.shape
+    k4 = g.const("k4", np.array([3], np.int64))
+    scale = g.const("to_grid", np.array(2.0 / size, np.float32))
+    shift = g.const("grid_shift", np.array(1.0 / size - 1.0, np.float32))
+
+    def grid_axis(coord: str, offsets: F32, name: str) -> str:
+        ring = g.const(name, offsets.reshape(1, 1, -1))
+        pts = g.op("Add", [g.op("Unsqueeze", [coord, last]), ring])
+        return g.op("Add", [g.op("Mul", [pts, scale]), shift])  # (N, K, R * A)
+
+    gxs, gys = grid_axis(xs, off_x, "ring_x"), grid_axis(ys, off_y, "ring_y")
+    grid = g.op("Concat", [g.op("Unsqueeze", [gxs, k4]), g.op("Unsqueeze", [gys, k4])], axis=3)
+    grid = g.op(
+        "Reshape",
+        [grid, g.const("grid_shape", np.array([0, KEYPOINTS * rings, angles, 2], np.int64))],
+    )
+    samples = g.op(
+        "GridSample", [blurred, grid], mode="bilinear", padding_mode="border", align_corners=0
+    )  # (N, 3, K * R, A)
+    samples = g.op(
+        "Reshape",
+        [samples, g.const("ring_shape", np.array([0, 3, KEYPOINTS, rings, angles], np.int64))],
+    )
+    cos_m, sin_m = _angular_dft(angles, KEYPOINT_HARMONICS)
+    re = g.op("MatMul", [samples, g.const("dft_cos", cos_m)])  # (N, 3, K, R, M)
+    im = g.op("MatMul", [samples, g.const("dft_sin", sin_m)])
+    power = g.op("Add", [g.op("Mul", [re, re]), g.op("Mul", [im, im])])
+    eps = g.const("mag_eps", np.array(1e-8, np.float32))
+    ac = g.op(
+        "Sqrt",
+        [
+            g.op(
+                "Add",
+                [
+                    g.op(
+                        "Slice",
+                        [
+                            power,
+                            one,
+                            g.const("m_end", np.array([KEYPOINT_HARMONICS], np.int64)),
+                            g.const("axis4", np.array([4], np.int64)),
+                        ],
+                    ),
+                    eps,
+                ],
+            )
+        ],
+    )
+    mean = g.op("Slice", [re, zero, one, "axis4"])  # (N, 3, K, R, 1): ring means
+    centred = g.op("Sub", [mean, g.op("ReduceMean", [mean], axes=[3], keepdims=1)])
+    dc_weight = g.const("dc_weight", np.array(_DC_WEIGHT, np.float32))
+    parts = g.op("Concat", [g.op("Mul", [centred, dc_weight]), ac], axis=4)
+    desc = g.op("Transpose", [parts], perm=[0, 2, 1, 3, 4])  # (N, K, 3, R, M)
+    desc = g.op("Reshape", [desc, g.const("desc_shape", np.array([0, KEYPOINTS, -1], np.int64))])
     norm = g.op(
         "Sqrt",
         [
             g.op(
                 "Add",
                 [
-                    g.op("ReduceSumSquare", [hist], axes=[1], keepdims=1),
-                    g.const("feat_eps", np.array(1e-6, np.float32)),
+                    g.op("ReduceSumSquare", [desc], axes=[2], keepdims=1),
+                    g.const("desc_eps", np.array(1e-12, np.float32)),
                 ],
             )
         ],
     )
-    g.op("Div", [hist, norm], "features")
-    cells = size // KEYPOINT_STRIDE
+    g.op("Div", [desc, norm], "descriptors")
+    dim = 3 * rings * KEYPOINT_HARMONICS
     outputs = [
-        helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 1, cells, cells]),
-        helper.make_tensor_value_info(
-            "features", TensorProto.FLOAT, ["N", KEYPOINT_CHANNELS, cells, cells]
-        ),
+        helper.make_tensor_value_info("keypoints", TensorProto.FLOAT, ["N", KEYPOINTS, 2]),
+        helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", KEYPOINTS]),
+        helper.make_tensor_value_info("descriptors", TensorProto.FLOAT, ["N", KEYPOINTS, dim]),
     ]
     _save(
         path,
@@ -433,7 +522,7 @@ def build_keypoints_model(path: Path, size: int = 128) -> None:
         "takeoff_cache_demo_keypoints",
         size,
         outputs,
-        "Demo local features: Harris scores and rectified-gradient histograms per 4x4 cell.",
+        "Demo local features: Harris corners with ring descriptors that ignore the heading.",
     )
 
 

@@ -1,0 +1,196 @@
+"""A registered fix: where on the ground a view's centre is, in metres, not tiles.
+
+For each retrieved tile (a candidate) the view's local features are matched
+against the features of the candidate and its 8 neighbours at the same zoom
+(a view straddles tile borders), all placed in the candidate's own tile
+coordinates: mutual nearest neighbours of the unit descriptors whose distance
+is below :data:`RATIO` times the second nearest's (Lowe's ratio test). A
+homography from the view to the ground is solved on those matches by RANSAC
+(OpenCV's MAGSAC++, :data:`RANSAC_PX` in pixels of a 256-pixel tile), the
+candidates are re-ranked by their inlier count, and the best, if it has
+:data:`MIN_INLIERS` inliers or more and a plausible homography, is the fix:
+the view's centre mapped through it to Web Mercator tile coordinates and
+latitude/longitude.
+
+**heading_deg**: the direction the view's top edge faces, clockwise from
+north, through the same homography.
+
+**sigma_m**, the 1-sigma horizontal error: the inliers' reprojection residuals
+``r_i`` (ground units) give the per-axis noise of one match,
+``s^2 = sum(r_i^2) / (2n - 8)`` (2n coordinates, 8 parameters); a point
+estimated from n matches spread about their centroid ``m`` has per-axis
+variance ``s^2 (1/n + |c - m|^2 / sum |p_i - m|^2)`` at ``c`` (the
+least-squares fit's leverage), and the horizontal error is the square root of
+twice that (two axes), in metres of ground at the fix's latitude and zoom.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from takeoff_cache.core.tilemath import fractional_tile_to_latlon
+from takeoff_cache.features.artifact import FeatureSet
+from takeoff_cache.features.extract import Features
+
+TileKey = tuple[int, int, int]
+
+RATIO = 0.95
+MIN_INLIERS = 15
+# Ground units per tile for the homography: pixels of a 256-pixel tile, whatever
+# size features were read at (keypoints are fractions of their image).
+UNIT = 256.0
+RANSAC_PX = 4.0
+# A view seen at 0.2x to 5x the tiles' scale; a homography outside is a bad fit.
+SCALE_RANGE = (0.2, 5.0)
+EARTH_CIRCUMFERENCE_M = 40075016.686
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A view registered on the ground: its centre, heading, how sure, against what."""
+
+    lat: float
+    lon: float
+    sigma_m: float
+    heading_deg: float
+    inliers: int
+    tile: TileKey  # the tile under the view's centre
+    candidate: TileKey  # the retrieved tile whose neighbourhood it registered on
+    rank: int  # that tile's rank in the retrieval, 1-based
+
+    @property
+    def zxy(self) -> str:
+        return f"{self.tile[0]}/{self.tile[1]}/{self.tile[2]}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "lat": round(self.lat, 7),
+            "lon": round(self.lon, 7),
+            "sigma_m": round(self.sigma_m, 2),
+            "heading_deg": round(self.heading_deg, 1),
+            "inliers": self.inliers,
+            "tile": self.zxy,
+        }
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One candidate's fit: its inliers (0 when none) and the fix it gives."""
+
+    candidate: TileKey
+    rank: int
+    inliers: int
+    fix: Registration | None
+
+
+def neighbourhood(features: FeatureSet, tile: TileKey) -> tuple[np.ndarray, np.ndarray] | None:
+    """Keypoints of ``tile`` and its 8 neighbours in ``tile``'s coordinates (fractions of
+    it, so a neighbour's lie in [-1, 2]) and their unit descriptors; None if none."""
+    z, x, y = tile
+    points, units = [], []
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            found = features.of((z, x + dx, y + dy))
+            if found is None:
+                continue
+            points.append(found.keypoints + np.array([dx, dy], dtype=np.float32))
+            units.append(found.unit())
+    if not points:
+        return None
+    return np.concatenate(points), np.concatenate(units)
+
+
+def mutual_matches(query: np.ndarray, database: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs (query, database) that are each other's nearest neighbours and pass
+    the ratio test (:data:`RATIO`); unit descriptors in."""
+    if len(query) == 0 or len(database) < 2:
+        empty = np.zeros(0, dtype=np.intp)
+        return empty, empty
+    sim = query @ database.T
+    two = np.argpartition(-sim, 1, axis=1)[:, :2]
+    rows = np.arange(len(query))
+    s0, s1 = sim[rows, two[:, 0]], sim[rows, two[:, 1]]
+    best = np.where(s0 >= s1, two[:, 0], two[:, 1])
+    first, second = np.maximum(s0, s1), np.minimum(s0, s1)
+    # Unit vectors: distance^2 = 2 - 2 cos.
+    d1 = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * first))
+    d2 = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * second))
+    back = np.argmax(sim, axis=0)
+    keep = (d1 < RATIO * d2) & (back[best] == rows)
+    return rows[keep], best[keep]
+
+
+def _apply(h: np.ndarray, points: np.ndarray) -> np.ndarray:
+    p = np.c_[points, np.ones(len(points))] @ h.T
+    out: np.ndarray = p[:, :2] / p[:, 2:3]
+    return out
+
+
+def _fit(
+    view: Features, tile: TileKey, rank: int, ground: tuple[np.ndarray, np.ndarray]
+) -> Attempt:
+    import cv2
+
+    points, units = ground
+    qi, ci = mutual_matches(view.unit(), units)
+    if len(qi) < MIN_INLIERS:
+        return Attempt(tile, rank, 0, None)
+    src = (view.keypoints[qi] * UNIT).astype(np.float64)
+    dst = (points[ci] * UNIT).astype(np.float64)
+    h, mask = cv2.findHomography(
+        src, dst, cv2.USAC_MAGSAC, RANSAC_PX, maxIters=2000, confidence=0.999
+    )
+    if h is None or mask is None or not np.all(np.isfinite(h)):
+        return Attempt(tile, rank, 0, None)
+    inl = mask.ravel().astype(bool)
+    n = int(inl.sum())
+    det = float(np.linalg.det(h[:2, :2]) / (h[2, 2] ** 2 if h[2, 2] else 1.0))
+    scale = math.sqrt(abs(det))
+    lo, hi = SCALE_RANGE
+    if n < MIN_INLIERS or det <= 0 or not lo <= 1.0 / max(scale, 1e-9) <= hi:
+        return Attempt(tile, rank, n if det > 0 else 0, None)
+    return Attempt(tile, rank, n, _fix(h, src[inl], dst[inl], tile, rank))
+
+
+def _fix(h: np.ndarray, src: np.ndarray, dst: np.ndarray, tile: TileKey, rank: int) -> Registration:
+    z, x, y = tile
+    centre, up = _apply(h, np.array([[UNIT / 2, UNIT / 2], [UNIT / 2, UNIT / 2 - UNIT / 10]]))
+    fx, fy = x + centre[0] / UNIT, y + centre[1] / UNIT
+    lat, lon = fractional_tile_to_latlon(fx, fy, z)
+    dx, dy = up - centre
+    heading = math.degrees(math.atan2(dx, -dy)) % 360.0
+    n = len(src)
+    residuals = np.sum((_apply(h, src) - dst) ** 2)
+    s2 = float(residuals) / max(1, 2 * n - 8)
+    mean = dst.mean(axis=0)
+    spread = float(np.sum((dst - mean) ** 2))
+    leverage = 1.0 / n + float(np.sum((centre - mean) ** 2)) / max(spread, 1e-9)
+    metres_per_unit = EARTH_CIRCUMFERENCE_M * math.cos(math.radians(lat)) / (2**z * UNIT)
+    sigma_m = math.sqrt(2.0 * s2 * leverage) * metres_per_unit
+    under = (z, math.floor(fx), math.floor(fy))
+    return Registration(lat, lon, sigma_m, heading, n, under, tile, rank)
+
+
+def register(
+    view: Features, candidates: Sequence[TileKey], features: FeatureSet
+) -> tuple[Registration | None, list[Attempt]]:
+    """Register ``view`` on the neighbourhoods of the retrieved ``candidates`` (best first).
+
+    Returns the fix (None when no candidate registers) and every attempt, ranked
+    by inliers, most first (ties keep the retrieval's order): the re-ranking.
+    """
+    attempts = []
+    for rank, tile in enumerate(candidates, 1):
+        ground = neighbourhood(features, tile)
+        if ground is None or len(view) < MIN_INLIERS:
+            attempts.append(Attempt(tile, rank, 0, None))
+            continue
+        attempts.append(_fit(view, tile, rank, ground))
+    attempts.sort(key=lambda a: (-(a.inliers if a.fix else 0), a.rank))
+    best = attempts[0] if attempts else None
+    return (best.fix if best is not None else None), attempts
