@@ -34,6 +34,7 @@ from shapely.geometry.base import BaseGeometry
 
 from takeoff_cache.core.tilemath import haversine_m, tile_range, tms_row
 from takeoff_cache.errors import (
+    AntimeridianError,
     CorpusError,
     InvalidRequestError,
     MalformedFlightError,
@@ -84,7 +85,7 @@ def flight_area(flight: Flight, buffer_m: float = DEFAULT_BUFFER_M) -> Area:
         )
     elements = list(_elements(flight, buffer_m))
     try:
-        pieces = [p for e in elements for p in _buffered(e, flight.source)]
+        pieces = list(_buffered(elements, flight.source))
         merged = shapely.union_all([p for p in pieces if not p.is_empty])
     except GEOSException as exc:  # the limits above keep GEOS in range; this is the backstop
         raise MalformedFlightError(
@@ -166,32 +167,62 @@ def _radius(flight: Flight, name: str, own_m: float, buffer_m: float) -> float:
     return own_m + buffer_m
 
 
-def _buffered(element: _Element, source: str) -> Iterator[BaseGeometry]:
-    """The element's buffer in WGS84, in pieces, each drawn in its own projection."""
-    if element.kind == "line":
-        chunks: Iterable[tuple[LatLon, ...]] = _pieces(element.coords)
-    else:
-        chunks = (element.coords,)
-    for chunk in chunks:
-        forward, back = _projection(*_middle(chunk))
-        xs, ys = forward.transform([p[1] for p in chunk], [p[0] for p in chunk])
-        xy = list(zip(np.atleast_1d(xs).tolist(), np.atleast_1d(ys).tolist(), strict=True))
-        local: BaseGeometry
-        if element.kind == "line":
-            local = LineString(xy)
-        elif element.kind == "polygon":
-            local = shapely.make_valid(Polygon(xy))  # a hand-drawn ring may cross itself
-        else:
-            local = Point(xy[0])
-        dense = shapely.segmentize(local.buffer(element.radius_m, quad_segs=_QUAD_SEGS), _DENSIFY_M)
-
-        def to_lonlat(coords: NDArray[np.float64], back: Transformer = back) -> NDArray[np.float64]:
-            lons, lats = back.transform(coords[:, 0], coords[:, 1])
-            return np.column_stack([lons, lats])
-
-        piece = shapely.transform(dense, to_lonlat)
-        check_antimeridian(piece, f"the area of {element.name} of {source}")
+def _buffered(elements: list[_Element], source: str) -> Iterator[BaseGeometry]:
+    """The elements' buffers in WGS84: each drawn in a projection centred near it, those
+    sharing a projection joined there and brought back together."""
+    groups: dict[tuple[float, float], list[tuple[_Element, tuple[LatLon, ...]]]] = {}
+    for element in elements:
+        chunks = _pieces(element.coords) if element.kind == "line" else (element.coords,)
+        for chunk in chunks:
+            groups.setdefault(_middle(chunk), []).append((element, chunk))
+    for centre, members in groups.items():
+        piece = _drawn(centre, members)
+        if _crosses_antimeridian(piece):
+            for element, chunk in members:  # name the element that does
+                check_antimeridian(
+                    _drawn(centre, [(element, chunk)]), f"the area of {element.name} of {source}"
+                )
+            check_antimeridian(piece, f"the area of {source}")
         yield piece
+
+
+def _drawn(
+    centre: tuple[float, float], members: list[tuple[_Element, tuple[LatLon, ...]]]
+) -> BaseGeometry:
+    """``members`` buffered in the projection about ``centre``, joined, back in WGS84."""
+    forward, back = _projection(*centre)
+    lats = [p[0] for _, chunk in members for p in chunk]
+    lons = [p[1] for _, chunk in members for p in chunk]
+    xs, ys = forward.transform(lons, lats)
+    xy = np.column_stack([np.atleast_1d(xs), np.atleast_1d(ys)])
+    local: list[BaseGeometry] = []
+    at = 0
+    for element, chunk in members:
+        coords = xy[at : at + len(chunk)]
+        at += len(chunk)
+        shape: BaseGeometry
+        if element.kind == "line":
+            shape = LineString(coords)
+        elif element.kind == "polygon":
+            shape = shapely.make_valid(Polygon(coords))  # a hand-drawn ring may cross itself
+        else:
+            shape = Point(coords[0])
+        local.append(shape.buffer(element.radius_m, quad_segs=_QUAD_SEGS))
+    dense = shapely.segmentize(shapely.union_all(local), _DENSIFY_M)
+
+    def to_lonlat(coords: NDArray[np.float64]) -> NDArray[np.float64]:
+        lons, lats = back.transform(coords[:, 0], coords[:, 1])
+        return np.column_stack([lons, lats])
+
+    return shapely.transform(dense, to_lonlat)
+
+
+def _crosses_antimeridian(geometry: BaseGeometry) -> bool:
+    try:
+        check_antimeridian(geometry, "")
+    except AntimeridianError:
+        return True
+    return False
 
 
 def _pieces(line: tuple[LatLon, ...]) -> Iterator[tuple[LatLon, ...]]:
@@ -231,52 +262,81 @@ def _projection(lat0: float, lon0: float) -> tuple[Transformer, Transformer]:
 
 
 def _far_elements(elements: list[_Element]) -> Iterator[str]:
-    """A warning for each element not within :data:`FAR_M` of the largest group of them."""
+    """A warning for each element not within :data:`FAR_M` of the largest group of them.
+
+    Each element is a disc (its extent's middle; the distance to its farthest vertex
+    plus its buffer). Discs whose middles share a cell of :data:`_CELL_DEG` are near
+    each other by construction, so each cell becomes one disc holding them, and the
+    groups are found among cells: a plan of thousands of points costs what its
+    handful of cells do. Gaps between discs understate the real gaps.
+    """
     if len(elements) < 2:
         return
-    # Each element as a disc: its extent's middle, the distance to its farthest
-    # vertex plus its buffer. Gaps between discs understate the real gaps.
-    centres, radii = [], []
-    for e in elements:
+    centres = np.empty((len(elements), 2))
+    reach = np.empty(len(elements))
+    for i, e in enumerate(elements):
         lats = [p[0] for p in e.coords]
         lons = [p[1] for p in e.coords]
         lat0, lon0 = (min(lats) + max(lats)) / 2, (min(lons) + max(lons)) / 2
-        centres.append((lat0, lon0))
-        reach = max(haversine_m(lat0, lon0, p[0], p[1]) for p in e.coords)
-        radii.append(reach + e.radius_m)
-    lat = np.radians([c[0] for c in centres])
-    lon = np.radians([c[1] for c in centres])
-    h = (
-        np.sin((lat[:, None] - lat[None, :]) / 2) ** 2
-        + np.cos(lat[:, None])
-        * np.cos(lat[None, :])
-        * np.sin((lon[:, None] - lon[None, :]) / 2) ** 2
-    )
-    distance = 2 * 6_371_008.8 * np.arcsin(np.sqrt(np.clip(h, 0.0, 1.0)))
-    r = np.asarray(radii)
-    gap = distance - r[:, None] - r[None, :]
-    near = gap <= FAR_M
-    # Groups of elements linked by near pairs; the largest is the mission.
-    group = list(range(len(elements)))
-
-    def root(i: int) -> int:
-        while group[i] != i:
-            group[i] = group[group[i]]
-            i = group[i]
-        return i
-
-    for i, j in zip(*np.nonzero(np.triu(near, 1)), strict=True):
-        group[root(int(i))] = root(int(j))
-    roots = [root(i) for i in range(len(elements))]
-    main = max(set(roots), key=lambda g: (sum(r == g for r in roots), -roots.index(g)))
-    members = [i for i, g in enumerate(roots) if g == main]
+        centres[i] = lat0, lon0
+        reach[i] = max(haversine_m(lat0, lon0, p[0], p[1]) for p in e.coords) + e.radius_m
+    keys = np.floor(centres / _CELL_DEG).astype(np.int64)
+    cells, cell_of = np.unique(keys, axis=0, return_inverse=True)
+    cell_of = cell_of.reshape(-1)
+    if len(cells) > _MAX_CELLS:
+        return  # scattered beyond reason: the tile budget speaks for it
+    middle = (cells + 0.5) * _CELL_DEG
+    cell_reach = np.zeros(len(cells))
+    np.maximum.at(cell_reach, cell_of, _metres(centres, middle[cell_of]) + reach)
+    gap = _pairwise_metres(middle) - cell_reach[:, None] - cell_reach[None, :]
+    group = _components(gap <= FAR_M)
+    sizes = np.bincount(group[cell_of])
+    main = int(np.argmax(sizes))  # the group of most elements; ties: the first seen
+    main_cells = np.flatnonzero(group == main)
     for i, e in enumerate(elements):
-        if roots[i] != main:
-            km = max(0.0, float(min(gap[i, j] for j in members))) / 1000
+        if group[cell_of[i]] != main:
+            gaps = _metres(centres[i][None, :], middle[main_cells]) - reach[i]
+            km = max(0.0, float(np.min(gaps - cell_reach[main_cells]))) / 1000
             yield (
                 f"area: {e.name} is {km:,.0f} km from the rest of the flight (more than"
                 f" {FAR_M / 1000:.0f} km); its tiles are included, check the plan"
             )
+
+
+_CELL_DEG = 0.1  # at most 16 km across: well within FAR_M
+_MAX_CELLS = 4000
+_EARTH_M = 6_371_008.8
+
+
+def _metres(a: NDArray[np.float64], b: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Great-circle metres between rows of ``[lat, lon]`` degrees (broadcast)."""
+    lat1, lon1 = np.radians(a[..., 0]), np.radians(a[..., 1])
+    lat2, lon2 = np.radians(b[..., 0]), np.radians(b[..., 1])
+    h = (
+        np.sin((lat2 - lat1) / 2) ** 2
+        + np.cos(lat1) * np.cos(lat2) * np.sin((lon2 - lon1) / 2) ** 2
+    )
+    return np.asarray(2 * _EARTH_M * np.arcsin(np.sqrt(np.clip(h, 0.0, 1.0))))
+
+
+def _pairwise_metres(points: NDArray[np.float64]) -> NDArray[np.float64]:
+    return _metres(points[:, None, :], points[None, :, :])
+
+
+def _components(near: NDArray[np.bool_]) -> NDArray[np.int64]:
+    """Each node's group in the graph ``near`` (symmetric), by breadth-first sweeps."""
+    group = np.full(len(near), -1, dtype=np.int64)
+    for start in range(len(near)):
+        if group[start] >= 0:
+            continue
+        members = np.zeros(len(near), dtype=bool)
+        frontier = members.copy()
+        frontier[start] = members[start] = True
+        while frontier.any():
+            frontier = near[frontier].any(axis=0) & ~members
+            members |= frontier
+        group[members] = start
+    return group
 
 
 # --------------------------------------------------------------------------- corpus
