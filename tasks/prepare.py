@@ -114,6 +114,8 @@ def companion_build(
             passphrase=os.environ.get(COMPANION_KEY_PASSPHRASE),
             # The workstation's own trust store: the companion's manifest must verify with it.
             trust=fields.get("trust"),
+            # The coverage map and the whole report come back to the workstation.
+            work_dir=job.work,
         )
     )
     return report.to_json()

@@ -78,14 +78,14 @@ def test_a_flight_is_built_and_verified_on_the_companion(
 ) -> None:
     for name, value in SECRETS.items():
         monkeypatch.setenv(name, value)
-    # The build options go with the build: the self-test is skipped there too.
+    # The build options go with the build: its manifest expires there too.
     # The demo corpus covers part of the corridor: its gaps are accepted knowingly.
     first = prepare(
-        capsys, demo, request_file(demo), *companion_flags(rig), "--self-test", "0",
+        capsys, demo, request_file(demo), *companion_flags(rig), "--expires-in", "36h",
         "--allow-gaps",
     )  # fmt: skip
     assert first.code == 0, first.err
-    assert any(" build " in c and "--self-test 0" in c for c in rig.companion.commands)
+    assert any(" build " in c and "--expires-in" in c for c in rig.companion.commands)
     report = first.json()
     assert report["outcome"] == "success" and report["verify"]["ok"] is True
     up, sent = report["companion"]["bring_up"], report["companion"]["transfer"]
@@ -94,6 +94,13 @@ def test_a_flight_is_built_and_verified_on_the_companion(
     assert report["build"]["tiles"] == report["area"]["tiles"] - report["download"]["missing"]
     assert (rig.companion.cache / "Manifest.json").is_file()
     assert not (demo.cache / "Manifest.json").exists()  # nothing built on the workstation
+    # Its manifest was checked here, and its map and report came back here.
+    assert report["verify"]["workstation"]["build_identity"] == report["build"]["build_identity"]
+    local_map = Path(report["build"]["coverage_map"])
+    assert local_map.is_file() and local_map.is_relative_to(demo.work)
+    assert report["build"]["coverage_map_there"].startswith(str(rig.companion.root))
+    assert json.loads(Path(report["build"]["report_path"]).read_text())["tiles"] > 0
+    assert str(local_map) in first.err or str(local_map) in first.out
     assert any(line.startswith("companion: ") for line in first.err_lines), first.err
 
     # The same from the request file's [companion] table: nothing to send, nothing to build.
@@ -105,7 +112,7 @@ def test_a_flight_is_built_and_verified_on_the_companion(
     )
     second = prepare(
         capsys, demo, request_file(demo, table), "--trust", str(rig.workstation_trust),
-        "--self-test", "0", "--allow-gaps", *ssh_flags(rig),
+        "--expires-in", "36h", "--allow-gaps", *ssh_flags(rig),
     )  # fmt: skip
     assert second.code == 0, second.err
     again = second.json()

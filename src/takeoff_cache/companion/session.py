@@ -8,7 +8,9 @@ computed here for what was sent (the companion's host identity from bring-up).
 
 from __future__ import annotations
 
+import json
 import posixpath
+import re
 import stat
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -27,8 +29,9 @@ from takeoff_cache.companion.bringup import BringUp, CompanionPaths, bring_up
 from takeoff_cache.companion.remote import remote_build, remote_verify
 from takeoff_cache.companion.ssh import Connection, SSHSettings, connect
 from takeoff_cache.companion.transfer import TransferReport, send_files
-from takeoff_cache.core.fsutil import sha256_file
+from takeoff_cache.core.fsutil import atomic_output, sha256_file
 from takeoff_cache.core.layout import MANIFEST_NAME
+from takeoff_cache.core.workdir import maps_dir
 from takeoff_cache.errors import CompanionManifestError, InvalidRequestError, VerificationError
 from takeoff_cache.tiles.corpus import Tile, fingerprint
 from takeoff_cache.trust.keys import TrustedKey, load_trust_store
@@ -36,6 +39,8 @@ from takeoff_cache.trust.manifest import Manifest, verify_manifest_bytes
 
 # A manifest lists a cache's files; one past this size is not read back.
 MANIFEST_LIMIT = 16 * 2**20
+# The build's coverage map, fetched back (an image of the area: a few MB at most).
+MAP_LIMIT = 32 * 2**20
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,60 @@ async def read_remote_manifest(conn: Connection, cache_root: str) -> bytes:
     return data
 
 
+async def fetch_file(conn: Connection, path: str, local: Path, limit: int) -> None:
+    """Copy the regular file ``path`` there to ``local`` here, at most ``limit`` bytes,
+    written whole or not at all."""
+    target = conn.target
+    try:
+        async with await conn.conn.start_sftp_client() as sftp:
+            attrs = await sftp.lstat(path)
+            if attrs.permissions is None or not stat.S_ISREG(attrs.permissions):
+                raise CompanionManifestError(
+                    f"companion: {target}: {shown(path, 300)} is not a regular file"
+                )
+            async with sftp.open(path, "rb") as fh:
+                data: bytes = await fh.read(limit + 1)
+    except asyncssh.SFTPNoSuchFile:
+        raise CompanionManifestError(
+            f"companion: {target}: {shown(path, 300)} is not there"
+        ) from None
+    except (asyncssh.Error, OSError) as exc:
+        raise CompanionManifestError(
+            f"companion: {target}: cannot read {shown(path, 300)} back: {exc}"
+        ) from exc
+    if len(data) > limit:
+        raise CompanionManifestError(
+            f"companion: {target}: {shown(path, 300)} is larger than {limit} bytes"
+        )
+    local.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(local) as tmp:
+        tmp.write_bytes(data)
+
+
+async def fetch_back(conn: Connection, report: dict[str, Any], here: Path) -> dict[str, Any]:
+    """The build's coverage map and its whole report, copied into ``here`` (the
+    workstation's maps folder); the report returned names the copies, and keeps the
+    companion's map path as ``coverage_map_there``."""
+    there = report.get("coverage_map")
+    name = f"companion-{conn.target.host}-{conn.target.port}"
+    out = dict(report)
+    if isinstance(there, str) and there:
+        local = here / f"{name}-{_safe(posixpath.basename(there))}"
+        await fetch_file(conn, there, local, MAP_LIMIT)
+        out.update(coverage_map=str(local), coverage_map_there=there)
+    report_path = here / f"{name}-{_safe(str(report.get('build_identity') or 'build'))}.json"
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    out["report_path"] = str(report_path)
+    with atomic_output(report_path) as tmp:
+        tmp.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def _safe(name: str) -> str:
+    """A file name from the companion, made a plain one here."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".")[:120] or "file"
+
+
 def check_manifest(
     data: bytes, trusted: list[TrustedKey], identity: str, target: str, trust: Path | str
 ) -> Manifest:
@@ -192,11 +251,14 @@ async def build_on_companion(
     passphrase: str | None = None,
     redact: Redactor | None = None,
     trust: Path | str | None = None,
+    work_dir: Path | None = None,
 ) -> CompanionReport:
     """Check the companion, send it the selected tiles and the models, build and verify there,
     then check the manifest it signed against ``trust``, the workstation's trust store.
 
-    ``options``: the build options (:func:`takeoff_cache.companion.remote.option_args`).
+    ``options``: the build options (:func:`takeoff_cache.companion.remote.option_args`);
+    ``work_dir``: the workstation's work folder, where the build's coverage map and
+    report are copied (:func:`fetch_back`).
     """
     redact = redact or Redactor.from_env()
     trust_path, trusted = workstation_trust(trust)
@@ -217,16 +279,19 @@ async def build_on_companion(
         )
         verified = await remote_verify(conn, sent.bring_up.paths, tool=tool, redact=redact)
         data = await read_remote_manifest(conn, sent.bring_up.paths.cache_root)
-    manifest = check_manifest(data, trusted, sent.identity, str(conn.target), trust_path)
-    reported = built.report.get("build_identity")
-    if reported is not None and reported != manifest.build_identity:
-        raise CompanionManifestError(
-            f"companion: {conn.target}: its build reported identity {shown(reported, 16)}...,"
-            f" its manifest {manifest.build_identity[:12]}..."
-        )
+        manifest = check_manifest(data, trusted, sent.identity, str(conn.target), trust_path)
+        reported = built.report.get("build_identity")
+        if reported is not None and reported != manifest.build_identity:
+            raise CompanionManifestError(
+                f"companion: {conn.target}: its build reported identity"
+                f" {shown(reported, 16)}..., its manifest {manifest.build_identity[:12]}..."
+            )
+        build = built.report
+        if work_dir is not None:
+            build = await fetch_back(conn, build, maps_dir(work_dir))
     checked = {"ok": True, "keyid": manifest.keyid, "build_identity": manifest.build_identity}
     verify = {**verified.report, "workstation": checked}
-    return CompanionReport(sent.bring_up, sent.transfer, built.report, verify)
+    return CompanionReport(sent.bring_up, sent.transfer, build, verify)
 
 
 async def verify_on_companion(
