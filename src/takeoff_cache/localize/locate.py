@@ -97,11 +97,11 @@ def distance_ratio(matches: Sequence[Match], without: TileKey | None = None) -> 
     neighbourhood (1.0 where there is none). ``without``: leave out the matches near
     that tile first, as if the index did not hold the place (the self-test's stand-in
     for a view from outside the cache)."""
-    kept = [m for m in matches if without is None or not near(without, (m.z, m.x, m.y))]
-    if not kept:
+    kept = (m for m in matches if without is None or not near(without, (m.z, m.x, m.y)))
+    best = next(kept, None)
+    if best is None:
         return 1.0
-    best = kept[0]
-    other = next((m for m in kept[1:] if not near((best.z, best.x, best.y), (m.z, m.x, m.y))), None)
+    other = next((m for m in kept if not near((best.z, best.x, best.y), (m.z, m.x, m.y))), None)
     if other is None:
         return 1.0
     d_best = np.sqrt(max(0.0, 2.0 - 2.0 * best.score))  # unit vectors: |a - b|^2 = 2 - 2 a.b
