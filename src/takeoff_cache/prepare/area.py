@@ -285,7 +285,7 @@ def _far_elements(elements: list[_Element]) -> Iterator[str]:
     cell_of = cell_of.reshape(-1)
     if len(cells) > _MAX_CELLS:
         return  # scattered beyond reason: the tile budget speaks for it
-    middle = (cells + 0.5) * _CELL_DEG
+    middle: NDArray[np.float64] = ((cells + 0.5) * _CELL_DEG).astype(np.float64)
     cell_reach = np.zeros(len(cells))
     np.maximum.at(cell_reach, cell_of, _metres(centres, middle[cell_of]) + reach)
     gap = _pairwise_metres(middle) - cell_reach[:, None] - cell_reach[None, :]
