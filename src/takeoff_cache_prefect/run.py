@@ -95,11 +95,23 @@ def quiet_expected_errors() -> None:
 @contextlib.contextmanager
 def _session(server: Any, verbose: bool) -> Iterator[None]:
     """Around a flow run from the command line: quiet expected errors, heartbeats
-    only when asked (toward a temporary API they reach no one), the API served."""
+    only when asked (toward a temporary API they reach no one), the API served
+    and watched."""
     from takeoff_cache_prefect.tempapi import serving
 
     quiet_expected_errors()
-    with heartbeats_only_when_asked(), serving(server, verbose):
+    with heartbeats_only_when_asked(), serving(server, verbose), _watched():
+        yield
+
+
+@contextlib.contextmanager
+def _watched() -> Iterator[None]:
+    """An API that goes away mid-run ends it within seconds (``tempapi.ApiGone``)."""
+    from prefect.settings import get_current_settings
+
+    from takeoff_cache_prefect.tempapi import api_watched
+
+    with api_watched(get_current_settings().api.url):
         yield
 
 

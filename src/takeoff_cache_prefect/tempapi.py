@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import fcntl
 import importlib.metadata
 import importlib.util
@@ -35,8 +36,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import tomllib
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -407,6 +410,71 @@ def watch():
 threading.Thread(target=watch, daemon=True).start()
 server.run()
 """
+
+
+class ApiGone(KeyboardInterrupt):
+    """Raised in the main thread when the run's Prefect API stopped answering: the
+    run unwinds as on a stop (staging settled, lock released), rather than wait on
+    Prefect's client retrying each of its calls."""
+
+    exit_status = 1
+    reason = "the Prefect API stopped answering"
+
+
+# How long the API may go without answering before the run gives up on it, and
+# how often it is asked: a server restarting is back well within this.
+API_GONE_S = 10.0
+_API_POLL_S = 1.0
+
+
+def _answers(url: str) -> bool:
+    """Whether anything answers HTTP at ``url`` (an error status counts: a server
+    that answers is there); False on a refused, reset or timed-out connection."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"{url}/health", timeout=2):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def api_watched(url: str | None, gone_after_s: float = API_GONE_S) -> Iterator[None]:
+    """Within: if the API at ``url`` stops answering for ``gone_after_s``,
+    :class:`ApiGone` is raised in the main thread. Only on the main thread; a
+    Prefect Cloud URL is left to Prefect's own retries."""
+    if (
+        not url
+        or threading.current_thread() is not threading.main_thread()
+        or "api.prefect.cloud" in url
+    ):
+        yield
+        return
+    done = threading.Event()
+    main_id = threading.main_thread().ident
+
+    def watch() -> None:
+        failing_since: float | None = None
+        while not done.wait(_API_POLL_S):
+            if _answers(url):
+                failing_since = None
+                continue
+            now = time.monotonic()
+            failing_since = failing_since if failing_since is not None else now
+            if now - failing_since >= gone_after_s and not done.is_set() and main_id:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                    ctypes.c_ulong(main_id), ctypes.py_object(ApiGone)
+                )
+                return
+
+    thread = threading.Thread(target=watch, name="api-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
 
 
 def _prefect_home() -> Path:

@@ -35,7 +35,18 @@ class Stopped(KeyboardInterrupt):
 
 
 def line(exc: KeyboardInterrupt) -> int:
-    """Say the one line for a stop (unless said already); return the exit status."""
+    """Say the one line for a stop (unless said already); return the exit status.
+
+    A stop that is not a signal (the Prefect API went away) names its ``reason``
+    and ``exit_status``."""
+    reason = getattr(exc, "reason", None)
+    if isinstance(reason, str) and not _said.is_set():
+        _said.set()
+        print(
+            f"takeoff-cache: error: {reason}; the cache holds its last complete build",
+            file=sys.stderr,
+        )
+        return int(getattr(exc, "exit_status", 1))
     signum = signal.SIGTERM if isinstance(exc, Stopped) else signal.SIGINT
     _say(signum)
     return 128 + signum
