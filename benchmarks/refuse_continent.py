@@ -4,9 +4,10 @@
         [--src PATH] [--limit-s 120] [--limit-gb 8]
 
 Writes a QGroundControl plan whose survey polygon spans about 2,000 by 2,200 km
-(southern Europe), then runs ``takeoff-cache prepare --plan ... --dry-run
---max-tiles N --json`` in a fresh process and prints its exit code, its wall time
-and its peak RSS (``os.wait4``'s ``ru_maxrss``). ``--src`` runs another checkout's
+(southern Europe), and a 1 km one for the start-up's share, then runs
+``takeoff-cache prepare --plan ... --dry-run --max-tiles N --json`` on each in a
+fresh process and prints its exit code, wall and CPU time and peak RSS (the
+children's ``getrusage``). ``--src`` runs another checkout's
 ``src`` folder (an older commit exported with ``git archive``) for a before/after
 figure; ``--limit-s`` and ``--limit-gb`` (an address-space limit) stop a run that
 would list every tile. Ends with one JSON line.
@@ -27,8 +28,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def continent_plan(path: Path) -> None:
-    ring = [[36.0, -9.0], [36.0, 16.0], [54.0, 16.0], [54.0, -9.0]]
+CONTINENT = [[36.0, -9.0], [36.0, 16.0], [54.0, 16.0], [54.0, -9.0]]
+SMALL = [[45.0, 3.0], [45.0, 3.01], [45.01, 3.01], [45.01, 3.0]]  # 1 km: the start-up's cost
+
+
+def continent_plan(path: Path, ring: list[list[float]] = CONTINENT) -> None:
     survey = {
         "type": "ComplexItem",
         "complexItemType": "survey",
@@ -55,6 +59,7 @@ def run(src: Path, plan: Path, work: Path, args: argparse.Namespace) -> dict[str
         "--zoom", str(args.zoom), "--max-tiles", str(args.max_tiles), "--dry-run",
         "--work-dir", str(work), "--json",
     ]  # fmt: skip
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     proc = subprocess.Popen(
         argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=limits
@@ -67,13 +72,18 @@ def run(src: Path, plan: Path, work: Path, args: argparse.Namespace) -> dict[str
         out, err = proc.communicate()
         stopped = True
     seconds = time.perf_counter() - started
-    # communicate() reaped it; the children's usage holds its peak RSS (KiB on Linux).
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    # communicate() reaped it: the children's usage now holds its CPU time and its
+    # peak RSS (KiB on Linux; the largest of this script's children, run one by one
+    # from the smallest plan up).
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    peak_kib = after.ru_maxrss
     lines = err.decode(errors="replace").strip().splitlines()
     return {
         "exit": proc.returncode,
         "stopped_at_limit": stopped,
         "seconds": round(seconds, 3),
+        "cpu_seconds": round(cpu, 3),
         "peak_rss_mb": round(peak_kib / 1024, 1),
         "stderr_last": lines[-1][:200] if lines else "",
         "stdout_bytes": len(out),
@@ -88,18 +98,23 @@ def main() -> None:
     parser.add_argument("--limit-s", type=float, default=120.0)
     parser.add_argument("--limit-gb", type=float, default=8.0)
     args = parser.parse_args()
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        plan = Path(tmp) / "continent.plan"
-        continent_plan(plan)
-        result = run(args.src.resolve(), plan, Path(tmp) / "work", args)
+        for name, ring in (("small", SMALL), ("continent", CONTINENT)):
+            plan = Path(tmp) / f"{name}.plan"
+            continent_plan(plan, ring)
+            results[name] = run(args.src.resolve(), plan, Path(tmp) / name, args)
     print(f"source:      {args.src}")
-    print(f"plan:        36..54 N, 9 W..16 E; z{args.zoom}, --max-tiles {args.max_tiles}")
-    stopped = " (stopped at the limit)" if result["stopped_at_limit"] else ""
-    print(f"exit:        {result['exit']}{stopped}")
-    print(f"wall time:   {result['seconds']} s")
-    print(f"peak RSS:    {result['peak_rss_mb']} MB")
-    print(f"last line:   {result['stderr_last']}")
-    print(json.dumps({"benchmark": "refuse_continent", "zoom": args.zoom, **result}))
+    print(f"plans:       small 1 km; continent 36..54 N, 9 W..16 E; z{args.zoom},"
+          f" --max-tiles {args.max_tiles}")  # fmt: skip
+    for name, result in results.items():
+        stopped = " (stopped at the limit)" if result["stopped_at_limit"] else ""
+        print(f"{name}:")
+        print(f"  exit:      {result['exit']}{stopped}")
+        print(f"  wall time: {result['seconds']} s, CPU {result['cpu_seconds']} s")
+        print(f"  peak RSS:  {result['peak_rss_mb']} MB")
+        print(f"  last line: {result['stderr_last']}")
+    print(json.dumps({"benchmark": "refuse_continent", "zoom": args.zoom, **results}))
 
 
 if __name__ == "__main__":
