@@ -15,7 +15,7 @@ import pytest
 
 from takeoff_cache.companion.remote import remote_build
 from takeoff_cache.companion.ssh import LINE_LIMIT, STDERR_LIMIT, STDOUT_LIMIT, connect
-from takeoff_cache.errors import RemoteOutputError
+from takeoff_cache.errors import CompanionTimeoutError, RemoteOutputError
 from tests.companion.test_companion import Rig
 from tests.support.companion import console_script
 
@@ -79,3 +79,17 @@ def test_endless_stdout_keeps_its_tail_and_says_why_no_report(rig: Rig) -> None:
     assert "nested" in message or "characters" in message
     assert "MiB of output" in message
     assert STDOUT_LIMIT < 10 * MB and STDERR_LIMIT < MB
+
+
+def test_a_command_past_its_timeout_is_stopped_and_named(rig: Rig) -> None:
+    console_script(rig.tool_bin, "stuck", "import time\ntime.sleep(60)\n")
+
+    async def run() -> Any:
+        async with connect(rig.settings()) as conn:
+            return await remote_build(
+                conn, rig.companion.paths, "r.toml", tool="stuck", timeout_s=1.0
+            )
+
+    with pytest.raises(CompanionTimeoutError) as caught:
+        asyncio.run(run())
+    assert str(caught.value).endswith("stuck build still running after 1 s; stopped")

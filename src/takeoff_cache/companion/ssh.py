@@ -21,6 +21,7 @@ from pathlib import Path
 
 import asyncssh
 
+from takeoff_cache.companion.answers import neutralize
 from takeoff_cache.errors import (
     CompanionAuthError,
     CompanionError,
@@ -167,6 +168,16 @@ class _Lines:
         self.parts, self.size, self.cut = [], 0, 0
 
 
+def _label(command: str) -> str:
+    """A remote command as a message names it: its program, past ``exec`` and the
+    shell's set-up (a passphrase read, variables), its controls made visible."""
+    words = command.replace("&&", " ").replace(";", " ").split()
+    for i, word in enumerate(words):
+        if word == "exec" and i + 1 < len(words):
+            return neutralize(" ".join(words[i + 1 : i + 3]))[:120]
+    return neutralize(" ".join(words[:2]))[:120]
+
+
 class _HostKeyCheck(asyncssh.SSHClient):
     """Sees the key the server offers when known_hosts does not list it."""
 
@@ -243,7 +254,7 @@ class Connection:
             with suppress(asyncssh.Error, OSError):
                 process.send_signal("TERM")
             raise CompanionTimeoutError(
-                f"companion: {self.target}: {command.split()[0]} still running after"
+                f"companion: {self.target}: {_label(command)} still running after"
                 f" {timeout:.0f} s; stopped"
             ) from None
         except (asyncssh.Error, OSError) as exc:
