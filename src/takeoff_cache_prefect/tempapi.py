@@ -45,7 +45,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from takeoff_cache.core.env import PREFECT_IDLE_MIN
+from takeoff_cache.core.env import PREFECT_IDLE_MIN, SECRETS
 from takeoff_cache.errors import InvalidRequestError
 
 # uvicorn's exit status when its port was taken meanwhile (Prefect retries on it too).
@@ -206,7 +206,10 @@ class WarmServer:
             **{f"PREFECT_SERVER_SERVICES_{name}_ENABLED": "false" for name in _UNUSED_SERVICES},
             **os.environ,
         }
+        # It outlives this command: none of this command's secrets go with it.
         for name in ("PREFECT__SERVER_EPHEMERAL", "PREFECT__SERVER_FINAL", "PREFECT_API_URL"):
+            env.pop(name, None)
+        for name in SECRETS:
             env.pop(name, None)
         args = [sys.executable, "-c", _WARM_LAUNCH, str(self.dir), str(self.idle_s)]
         args += [str(self._app_dir), str(self.port)]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from takeoff_cache.core.env import PREFECT_IDLE_MIN
+from takeoff_cache.core.env import PREFECT_IDLE_MIN, SECRETS, TILES_API_KEY
 from takeoff_cache.errors import InvalidRequestError
 from takeoff_cache_prefect.tempapi import (
     DEFAULT_IDLE_MIN,
@@ -72,7 +72,9 @@ def home(tmp_path: Path) -> Iterator[Path]:
 
 def _env(home: Path, idle_min: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    return {**env, "PREFECT_HOME": str(home), "DO_NOT_TRACK": "1", PREFECT_IDLE_MIN: idle_min}
+    env.update({"PREFECT_HOME": str(home), "DO_NOT_TRACK": "1", PREFECT_IDLE_MIN: idle_min})
+    env[TILES_API_KEY] = "tk-a-secret-the-server-must-not-keep"
+    return env
 
 
 def _state(home: Path) -> dict[str, object]:
@@ -119,6 +121,9 @@ def test_two_commands_starting_at_once_share_one_that_stops_once_idle(home: Path
     assert all(a[2] == "True" for a in answers)
     pid = int(str(_state(home)["pid"]))
     assert os.getsid(pid) == pid  # detached: no signal to a command's group reaches it
+    # It outlives the command that started it: none of that command's secrets do.
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    assert not [v for v in environ if v.split(b"=")[0].decode() in SECRETS]
     # Both starters have ended: unused, it stops itself after idle_s and says so.
     assert not _wait_none(home, 60)
     assert not (home / STATE_DIR / STATE_FILE).exists()
