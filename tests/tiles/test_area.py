@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -18,6 +19,7 @@ from takeoff_cache.prepare.area import flight_area
 from takeoff_cache.prepare.flight import Circle, Corridor, Flight
 from takeoff_cache.prepare.sources import load_flight
 from takeoff_cache.tiles.area import (
+    area_spans,
     count_area_tiles,
     load_area,
     parse_area,
@@ -289,3 +291,15 @@ def test_tile_count_bounds_of_a_continent_are_close_and_cheap() -> None:
     box_tiles = (x1 - x0 + 1) * (y1 - y0 + 1)
     assert lower <= box_tiles <= upper
     assert upper - lower < box_tiles / 1000
+
+
+@pytest.mark.parametrize(("lat", "lon"), PLACES)
+def test_area_spans_are_the_listed_tiles_row_by_row(lat: float, lon: float) -> None:
+    # A ring with a hole: some rows hold two runs.
+    disc = shapely.Point(lon, lat).buffer(0.02).difference(shapely.Point(lon, lat).buffer(0.008))
+    area = parse_area(shapely.geometry.mapping(disc), "t").geojson
+    spans = list(area_spans(area, (15, 16)))
+    assert len(spans) < len(tiles_for_area(area, (15, 16)))
+    listed = sorted((z, x, y) for z, y, first, last in spans for x in range(first, last + 1))
+    assert listed == tiles_for_area(area, (15, 16))
+    assert any(b[:2] == a[:2] for a, b in itertools.pairwise(spans))  # a row of two runs

@@ -124,6 +124,18 @@ def tiles_for_area(
     return out
 
 
+def area_spans(
+    area_geojson: dict[str, Any], zoom_levels: Iterable[int]
+) -> Iterator[tuple[int, int, int, int]]:
+    """``(z, y, x_first, x_last)``: the runs of adjacent tiles :func:`tiles_for_area`
+    lists, zoom by zoom and row by row, made as they are read (one row in memory)."""
+    geometry = shape(area_geojson)
+    for z in sorted(set(zoom_levels)):
+        for y, spans in _rows(geometry, z):
+            for first, last in spans:
+                yield z, y, first, last
+
+
 def count_area_tiles(area_geojson: dict[str, Any], zoom_levels: Iterable[int]) -> int:
     """``len(tiles_for_area(...))``, counted row by row: memory stays that of one row."""
     geometry = shape(area_geojson)

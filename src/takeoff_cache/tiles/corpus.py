@@ -297,17 +297,8 @@ def _ranges(
         for z in zoom_levels:
             yield (z, *tile_range(bbox, z))
         return
-    from takeoff_cache.tiles.area import (
-        tiles_for_area,  # shapely loads only for requests with an area
-    )
+    from takeoff_cache.tiles.area import area_spans  # shapely: only requests with an area
 
-    run: list[int] | None = None  # [z, x0, x1, y]
-    for z, x, y in tiles_for_area(area, zoom_levels):
-        if run is not None and run[0] == z and run[3] == y and run[2] == x - 1:
-            run[2] = x
-            continue
-        if run is not None:
-            yield run[0], run[1], run[2], run[3], run[3]
-        run = [z, x, x, y]
-    if run is not None:
-        yield run[0], run[1], run[2], run[3], run[3]
+    # Row by row as the area is cut: a continent's tiles are never all listed.
+    for z, y, first, last in area_spans(area, zoom_levels):
+        yield z, first, last, y, y
