@@ -123,7 +123,7 @@ def test_what_the_exact_count_allows_is_never_refused(
     # A corridor over a continent: its bbox holds millions of tiles, its area few.
     # Counted as an area too large to list would be (the bound is left to decide).
     monkeypatch.setattr(area_module, "LISTABLE_TILES", 0)
-    lon2, lat2, _ = GEOD.fwd(-70.0, -40.0, 10.0, 1_200_000.0)
+    lon2, lat2, _ = GEOD.fwd(-70.0, -40.0, 10.0, 400_000.0)
     corridor = Corridor(((-40.0, -70.0), (lat2, lon2)), 0.0)
     area = flight_area(Flight(None, "t", corridors=(corridor,)), 100.0)
     exact = count_area_tiles(area.geojson, (16,))
