@@ -21,7 +21,7 @@ from takeoff_cache.errors import (
 )
 from takeoff_cache.prepare import area as area_module
 from takeoff_cache.prepare.area import FAR_M, MAX_DISTANCE_M, check_tile_budget, flight_area
-from takeoff_cache.prepare.flight import Circle, Corridor, Flight
+from takeoff_cache.prepare.flight import Circle, Corridor, Flight, parse_flight_json
 from takeoff_cache.prepare.report import PrepareReport
 from takeoff_cache.prepare.sources import parse_flight
 from takeoff_cache.tiles.area import Area, count_area_tiles, tiles_for_area
@@ -147,3 +147,13 @@ def test_the_prepare_report_prints_each_far_element_as_a_warning_line() -> None:
     report = PrepareReport(flight={"source": "plan"}, area=mission, corpus="c.mbtiles")
     (line,) = [line for line in report.text().splitlines() if line.startswith("warning:")]
     assert "at -34.00000,151.00000 is" in line and "from the rest of the flight" in line
+
+
+def test_a_deeply_nested_flight_handed_over_as_a_value_is_malformed() -> None:
+    value: list[object] = []
+    deep = value
+    for _ in range(100_000):
+        deep.append([])
+        deep = deep[0]  # type: ignore[assignment]
+    with pytest.raises(MalformedFlightError, match="deeper than 64 levels"):
+        parse_flight_json({"path": value}, "a flow parameter")

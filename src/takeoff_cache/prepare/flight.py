@@ -35,6 +35,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from takeoff_cache.core.documents import check_depth
 from takeoff_cache.errors import (
     AntimeridianError,
     MalformedFlightError,
@@ -105,7 +106,10 @@ def parse_flight_json(obj: dict[str, Any], source: str, default_id: str | None =
     """A flight from the JSON flight shape; anything off is :class:`MalformedFlightError`.
 
     Machines write this shape, so unlike a hand-edited plan nothing is skipped.
+    ``obj`` may come from a flow's parameters rather than a parsed file, so its
+    nesting is checked here too.
     """
+    check_depth(obj, source, MalformedFlightError, "flight")
     fid = obj.get("id", default_id)
     if fid is not None and not isinstance(fid, str):
         raise MalformedFlightError(f"flight: {source}: 'id' must be a string")
