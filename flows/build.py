@@ -79,6 +79,7 @@ def build_cache(
         preload(validated.backend.runtime, "faiss")
         from takeoff_cache_prefect.tasks import descriptors as td
         from takeoff_cache_prefect.tasks import engines as te
+        from takeoff_cache_prefect.tasks import features as tf
         from takeoff_cache_prefect.tasks import selftest as ts
 
         run.callback(td.settle_progress)  # after the lock is released
@@ -97,6 +98,11 @@ def build_cache(
         report.descriptors_reused = len(selection.tiles) - generated
         described += index_described
         staged += index_staged
+        with run.phase("features"):
+            built = tf.features(validated, untracked(selection), records, options.work_dir)
+        report.local_features = tf.report_figures(built)
+        described.append(built.artifact)
+        staged.append(built.staged)
         with run.phase("self_test"):
             tested = ts.self_test(
                 validated, selection, records, index_described, options, report.build_identity

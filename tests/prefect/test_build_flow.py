@@ -33,6 +33,7 @@ PHASES = {
     "staging",
     "engines",
     "descriptors",
+    "features",
     "self_test",
     "readiness",
     "manifest",
@@ -63,7 +64,9 @@ def test_first_build_succeeds_and_verifies(capsys: pytest.CaptureFixture[str], d
     manifest = verify_cache(demo.cache, load_trust_store(demo.trust))
     assert manifest.build_identity == report["build_identity"] == report["manifest_hash"]
     kinds = sorted(a.kind for a in manifest.artifacts)
-    assert kinds == ["engine", "engine", "faiss_index", "tile_map"]
+    assert kinds == ["engine", "engine", "faiss_index", "local_features", "tile_map"]
+    assert report["local_features"]["generated"] == 80
+    assert 0 < report["local_features"]["bytes_per_tile"] <= 256 * 100
     assert not (demo.cache / ".staging").exists()
 
 

@@ -59,7 +59,7 @@ def test_a_real_build_manifest_validates(
 ) -> None:
     assert errors(validator, built_manifest) == []
     kinds = sorted(a["kind"] for a in built_manifest["signed"]["artifacts"])
-    assert kinds == ["engine", "engine", "faiss_index", "tile_map"]
+    assert kinds == ["engine", "engine", "faiss_index", "local_features", "tile_map"]
     assert built_manifest["signed"]["expires_at"] is not None
     assert built_manifest["signed"]["request"]["flight_id"] == FLIGHT
     assert re.fullmatch(r"[0-9a-f-]{36}", built_manifest["signed"]["lineage"])

@@ -8,13 +8,17 @@ input always yields a new name.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from takeoff_cache.descriptors.index import METRIC, IndexFiles
 from takeoff_cache.engines.store import EngineRecord
+from takeoff_cache.features.artifact import FeaturesFile
+from takeoff_cache.features.extract import MAX_KEYPOINTS
 from takeoff_cache.trust.manifest import Artifact
 
 ENGINES_DIR = "engines"
 INDEX_DIR = "index"
+FEATURES_DIR = "features"
 
 
 def engine_artifact(record: EngineRecord) -> Artifact:
@@ -72,4 +76,23 @@ def index_artifacts(
 def calibration_artifact(path: Path, sha256: str) -> Artifact:
     return Artifact(
         f"calibration/{sha256[:12]}.{path.name}", "calibration", path.stat().st_size, sha256, {}
+    )
+
+
+def features_artifact(files: FeaturesFile, extractor: dict[str, Any], key: str) -> Artifact:
+    """The cache's features file: every selected tile's local features (features/)."""
+    path = Path(files.path)
+    return Artifact(
+        f"{FEATURES_DIR}/{path.name}",
+        "local_features",
+        files.size,
+        files.sha256,
+        {
+            "extractor": extractor,
+            "features_key": key,
+            "count": files.tiles,
+            "keypoints": files.keypoints,
+            "max_keypoints": MAX_KEYPOINTS,
+            "descriptor_bytes": files.dimension,
+        },
     )

@@ -28,6 +28,8 @@ class BuildReport:
     # None when it did not run. The coverage map it drew, in the work folder.
     self_test: dict[str, Any] | None = None
     coverage_map: str | None = None
+    # The features phase: extractor, tiles extracted and reused, the file's bytes per tile.
+    local_features: dict[str, Any] | None = None
     # The readiness verdict (build/readiness.py): coverage of the area and the route,
     # the self-test judged; None when the build stopped before it.
     ready: dict[str, Any] | None = None
@@ -48,7 +50,7 @@ class BuildReport:
         lines = ["# takeoff-cache build report", ""]
         if self.ready:
             lines += ["```", *readiness_lines(self.ready), "```", ""]
-        shown = ("phases", "self_test", "ready", "warnings", "precision_drift")
+        shown = ("phases", "self_test", "ready", "warnings", "precision_drift", "local_features")
         rows = [
             f"| {k} | {_plain(v)} |"
             for k, v in asdict(self).items()
@@ -56,6 +58,8 @@ class BuildReport:
         ]
         phases = " · ".join(f"{k} {v:.2f}s" for k, v in self.phases.items())
         lines += ["| field | value |", "|---|---|", *rows, "", f"**phases:** {phases}", ""]
+        if self.local_features:
+            lines += [f"**local features:** {self.local_features_line()}", ""]
         if self.self_test:
             lines += [f"**self-test:** {self.self_test_line()}", ""]
         lines += [f"**int8 drift:** {line}" for line in self._drift_lines()]
@@ -68,6 +72,14 @@ class BuildReport:
             f"Recall@1 {st.get('recall_at_1', 0):.3f}, Recall@5 {st.get('recall_at_5', 0):.3f},"
             f" median error {st.get('median_error_m', 0):.0f} m"
             f" ({st.get('k', 0)} views, {st.get('seconds', 0):.2f}s)"
+        )
+
+    def local_features_line(self) -> str:
+        lf = self.local_features or {}
+        return (
+            f"{lf.get('extractor')}: {lf.get('generated', 0)} tiles extracted,"
+            f" {lf.get('reused', 0)} reused; {lf.get('bytes_per_tile', 0)} bytes a tile"
+            f" (at most {lf.get('max_keypoints', 0)} keypoints)"
         )
 
     def _drift_lines(self) -> list[str]:
@@ -100,6 +112,8 @@ class BuildReport:
             "phases:                " + ", ".join(f"{k} {v:.2f}s" for k, v in self.phases.items()),
         ]
         lines += [f"int8 drift:            {line}" for line in self._drift_lines()]
+        if self.local_features:
+            lines.append(f"local_features:        {self.local_features_line()}")
         if self.self_test:
             lines.append(f"self_test:             {self.self_test_line()}")
         if self.coverage_map:

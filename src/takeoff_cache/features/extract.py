@@ -21,6 +21,7 @@ the scale itself.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,16 +132,19 @@ class Extractor(ABC):
 
 
 class NetworkExtractor(Extractor):
-    """A ``local_features`` engine: one runner per output (the engines run one each)."""
+    """A ``local_features`` engine, one runner per output (an engine runs one output),
+    loaded by ``load(output)`` when first needed: a rebuild that finds every tile's
+    features stored never loads it."""
 
-    def __init__(self, runners: dict[str, Runner], spec: InputSpec, engine_key: str) -> None:
-        missing = [name for name in OUTPUTS if name not in runners]
-        if missing:
-            raise DescriptorError(f"local features: no runner for output {missing[0]!r}")
-        self._runners = runners
+    def __init__(
+        self, load: Callable[[str], Runner], spec: InputSpec, engine_key: str, backbone: str
+    ) -> None:
+        self._load = load
+        self._runners: dict[str, Runner] = {}
         self.spec = spec
         self.size = spec.size
         self.engine_key = engine_key
+        self.backbone = backbone
         self._normalize = Normalizer.for_spec(spec)
 
     @property
@@ -156,9 +160,16 @@ class NetworkExtractor(Extractor):
         )
 
     def identity(self) -> dict[str, Any]:
-        return {"extractor": "network", "engine_key": self.engine_key, "size": self.size}
+        return {
+            "extractor": "network",
+            "backbone": self.backbone,
+            "engine_key": self.engine_key,
+            "size": self.size,
+        }
 
     def _run(self, pixels: np.ndarray) -> list[np.ndarray]:
+        if not self._runners:
+            self._runners = {name: self._load(name) for name in OUTPUTS}
         batch = self._normalize(pixels)
         return [self._runners[name].run(batch) for name in OUTPUTS]
 

@@ -1,0 +1,103 @@
+"""The features phase: every selected tile's local features, into the cache as one file.
+
+Runs after the descriptors phase. The extractor is the ``local_features``
+backbone's engine (compiled by the engines phase) when the backbones file has
+one, else OpenCV's SIFT. Tiles whose features the work folder's feature store
+already holds for that extractor are not read at all; the features file is
+written from the store into the work folder and copied into the cache by the
+commit, like the index. Imported by the flow only when a build has work to do.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from takeoff_cache.backbones.file import LOCAL_FEATURES
+from takeoff_cache.build import artifacts
+from takeoff_cache.build.validate import ValidatedRequest
+from takeoff_cache.core.workdir import features_dir, features_store_path
+from takeoff_cache.engines.base import Runner
+from takeoff_cache.engines.store import EngineRecord
+from takeoff_cache.errors import BadTilesError, DescriptorError
+from takeoff_cache.features.extract import Extractor, NetworkExtractor, SiftExtractor
+from takeoff_cache.features.pipeline import extract_and_write, features_key
+from takeoff_cache.features.store import FeatureStore
+from takeoff_cache.tiles import corpus
+from takeoff_cache.trust.manifest import Artifact
+
+
+@dataclass(frozen=True)
+class FeaturesBuilt:
+    """What the phase hands on: counts for the report, the artifact, the file to stage."""
+
+    generated: int
+    reused: int
+    artifact: Artifact
+    staged: tuple[str, str]  # (cache path, work-folder file)
+    work_file: str
+
+    @property
+    def bytes_per_tile(self) -> int:
+        count = int(self.artifact.fields["count"])
+        return round(self.artifact.size / count) if count else 0
+
+
+def extractor_for(validated: ValidatedRequest, records: list[EngineRecord]) -> Extractor:
+    """The request's ``local_features`` backbone as an extractor, else SIFT."""
+    found = [b for b in validated.backbones if b.role == LOCAL_FEATURES]
+    if not found:
+        return SiftExtractor()
+    backbone = found[0]
+    record = next(r for r in records if r.backbone == backbone.name)
+
+    def load(output: str) -> Runner:
+        return validated.backend.load(Path(record.store_path), backbone, output)
+
+    return NetworkExtractor(load, backbone.input, record.key, backbone.name)
+
+
+@task(name="features", task_run_name="features", cache_policy=NO_CACHE, persist_result=False)
+def features(
+    validated: ValidatedRequest,
+    selection: corpus.TileSelection,
+    records: list[EngineRecord],
+    work_dir: Path,
+) -> FeaturesBuilt:
+    extractor = extractor_for(validated, records)
+    store = FeatureStore(features_store_path(work_dir))
+    try:
+        name = getattr(extractor, "backbone", "sift")
+        files, result = extract_and_write(
+            selection, validated.request.corpus, extractor, store, features_dir(work_dir), name
+        )
+    except sqlite3.Error as exc:
+        raise DescriptorError(f"feature store: {exc}") from exc
+    finally:
+        store.close()
+    if files is None:
+        raise BadTilesError(list(result.bad_tiles), result.generated, result.reused)
+    key = features_key(extractor.space, selection.fingerprint)
+    artifact = artifacts.features_artifact(files, extractor.identity(), key)
+    return FeaturesBuilt(
+        result.generated, result.reused, artifact, (artifact.path, files.path), files.path
+    )
+
+
+def report_figures(built: FeaturesBuilt) -> dict[str, Any]:
+    """The build report's ``local_features``: what was extracted, reused, and its size."""
+    fields = built.artifact.fields
+    return {
+        "extractor": fields["extractor"]["extractor"],
+        "generated": built.generated,
+        "reused": built.reused,
+        "keypoints": fields["keypoints"],
+        "max_keypoints": fields["max_keypoints"],
+        "bytes": built.artifact.size,
+        "bytes_per_tile": built.bytes_per_tile,
+    }
