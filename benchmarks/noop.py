@@ -2,6 +2,7 @@
 
     python benchmarks/noop.py [--tiles 10000] [--data DIR] [--repeat 5]
     python benchmarks/noop.py --shell-only --tiles 320 --area [--tool PATH --data DIR]
+    python benchmarks/noop.py --prepare [--tool PATH --data DIR]
 
 Builds the demo cache (320 tiles) and one of ``--tiles`` tiles once (reused
 when already built). First, for both, the whole wall time of a fresh
@@ -34,6 +35,14 @@ configured API, in a fresh PREFECT_HOME: first with a temporary API per command
 API), then with the warm local API (docs/operations.md), whose first command
 starts it and whose later ones reuse it (target: 2 s or less). The warm API is
 stopped at the end.
+
+With ``--prepare``, the whole wall time of ``takeoff-cache prepare`` processes
+as an operator runs them before each flight, without a configured Prefect API,
+against a tile server on 127.0.0.1 and the sample corridor plan: a request with
+three mistakes (answered before the first request), and a re-run with nothing
+to fetch or build (answered before Prefect starts), beside ``build``'s no-op of
+the same cache. ``--tool`` times another checkout's ``takeoff-cache`` the same way
+(give it its own ``--data``); its first prepare starts Prefect either way.
 
 Cold runs alternate empty, no-op, empty, no-op...; the difference is the
 median of the paired differences (minima beside it: noise only adds), in
@@ -297,6 +306,63 @@ def rebuild(request: Path, work: Path, repeat: int, warm_api: bool) -> dict[str,
     }
 
 
+PLAN = ROOT / "tests" / "data" / "flights" / "survey_corridor.plan"
+
+
+def prepare_walls(data: Path, repeat: int, tool: Path | None = None) -> dict[str, Any]:
+    """Wall seconds of prepare's bad-input answer, its no-op, and build's no-op."""
+    from tests.support.tileserver import tile_server
+
+    demo = make_demo_data(data / "prepare", tiles=320)
+    keep = ("sector_class", "backbones", "precision", "cache_root", "key", "trust")
+    lines = [ln for ln in demo.request.read_text().splitlines() if ln.startswith(keep)]
+    request = demo.root / "prepare.toml"
+    request.write_text("\n".join(lines) + "\n")
+    bad = demo.root / "prepare-bad.toml"
+    bad.write_text(
+        "\n".join(ln for ln in lines if not ln.startswith(("sector_class", "key"))) + "\n"
+    )
+    work = data / "prepare-work"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(data / "prepare-prefect-home")
+    common = ["--work-dir", str(work), "--zoom", "16", "--buffer-m", "100", "--plan", str(PLAN)]
+    common += ["--min-recall", "0", "--allow-gaps"]
+    with tile_server() as server:
+        tiles = ["--tiles-url", server.template]
+        run = [*_cli(tool), "prepare", "--request", str(request), *common, *tiles]
+        first = subprocess.run(run, cwd=ROOT, env=env, capture_output=True, text=True)
+        if first.returncode != 0:
+            raise SystemExit(f"the first prepare failed: {first.stderr.strip()[-500:]}")
+        fetched = len(server.tile_requests())
+        wrong = [*_cli(tool), "prepare", "--request", str(bad), *common, *tiles]
+        wrong += ["--tiles-key-header", "X-Api-Key", "--backbones", str(data / "missing.toml")]
+        bad_s, noop_s = [], []
+        for _ in range(repeat):
+            started = time.perf_counter()
+            answer = subprocess.run(wrong, cwd=ROOT, env=env, capture_output=True, text=True)
+            bad_s.append(time.perf_counter() - started)
+            noop_s.append(_wall(run, env))
+        again = subprocess.run(run, cwd=ROOT, env=env, capture_output=True, text=True)
+        requests_after_first = len(server.tile_requests()) - fetched
+    cache = Path(read_request_file(request)["cache_root"])
+    build = [*_cli(tool), "build", "--request", str(demo.request), "--work-dir", str(work)]
+    build += ["--cache-root", str(cache), "--json"]
+    build_s = [_wall(build, env) for _ in range(repeat)]
+    outcome = next(
+        (ln.split()[-1] for ln in again.stdout.splitlines() if ln.startswith("outcome:")), None
+    )
+    return {
+        "bad_input_exit": answer.returncode,
+        "bad_input_lines": [ln for ln in answer.stderr.splitlines() if "error:" in ln],
+        "bad_input_wall_s": round(statistics.median(bad_s), 3),
+        "noop_outcome": outcome,
+        "noop_wall_s": round(statistics.median(noop_s), 3),
+        "noop_wall_min_s": round(min(noop_s), 3),
+        "build_noop_wall_s": round(statistics.median(build_s), 3),
+        "tile_requests_after_first": requests_after_first,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiles", type=int, default=10000)
@@ -314,7 +380,23 @@ def main() -> None:
         action="store_true",
         help="only Prefect's cost of a rebuild: temporary API per command, then the warm one",
     )
+    p.add_argument(
+        "--prepare",
+        action="store_true",
+        help="only prepare's answers: bad input and a no-op, beside build's no-op",
+    )
     args = p.parse_args()
+    if args.prepare:
+        log("prepare: bad input and a no-op re-run, fresh processes, no Prefect API ...")
+        figures = {"benchmark": "noop-prepare", "load_before": os.getloadavg()[0]}
+        figures["tool"] = str(args.tool) if args.tool else "this checkout"
+        figures["prepare"] = prepare_walls(args.data, args.repeat, args.tool)
+        figures["load_after"] = os.getloadavg()[0]
+        figures["target_s"] = 1.0
+        figures["within_target"] = figures["prepare"]["noop_wall_s"] <= 1.0
+        log(f"    {figures['prepare']}")
+        print(json.dumps(figures, sort_keys=True))
+        return
     if args.rebuild:
         work = args.work or args.data / f"work-{args.tiles}"
         _, request = built(args.data, args.tiles, work, args.area)

@@ -10,13 +10,13 @@ from __future__ import annotations
 import io
 import warnings
 
-import simplejpeg
-
 
 def header_size(data: bytes) -> tuple[int, int] | None:
     """``(width, height)`` from the header of a JPEG, PNG or WebP image; None when no
     header can be read (not an image, or one Pillow itself refuses as a bomb)."""
     if data[:3] == b"\xff\xd8\xff":
+        import simplejpeg  # and numpy: loaded by the first image, not by importing this
+
         try:
             height, width, _, _ = simplejpeg.decode_jpeg_header(data)
         except ValueError:

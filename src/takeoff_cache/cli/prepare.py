@@ -138,7 +138,6 @@ def _prepare(
     from takeoff_cache.build.request import FIELDS
     from takeoff_cache.cli.args import options_from as _options
     from takeoff_cache.cli.args import request_doc as _request_doc
-    from takeoff_cache.prepare import job as p
     from takeoff_cache.prepare.precheck import precheck
 
     if args.area is not None:
@@ -163,21 +162,24 @@ def _prepare(
     if args.work_pool:
         _check_work_pool()
         params["work_pool"] = args.work_pool
-    job_args: dict[str, Any] = {name: params.get(name) for name in p.JOB_PARAMETERS}
-    job_args["work_dir"] = args.work_dir
     builds_here = companion is None and not args.work_pool
     if not args.dry_run:
-        # Every mistake at once, before the first request and before Prefect; nothing
-        # is written (the work folder, if it exists already, lends its checked backbones).
+        # Every mistake at once, before the first request, before Prefect and before
+        # the area's code loads; nothing is written (the work folder, if it exists
+        # already, lends its checked backbones).
         fields = {name: params[name] for name in FIELDS if name in params}
         work = Path(args.work_dir).expanduser() if args.work_dir else None
         precheck(
             fields,
-            job_args,
+            params,
             builds_here=builds_here,
             backend=args.backend or "auto",
             work_dir=work if work is not None and work.is_dir() else None,
         )
+    from takeoff_cache.prepare import job as p
+
+    job_args: dict[str, Any] = {name: params.get(name) for name in p.JOB_PARAMETERS}
+    job_args["work_dir"] = args.work_dir
     # Resolved here, before any lock or write: a bad plan leaves no trace.
     job = p.plan_job(**job_args)
     report.resolved(job)

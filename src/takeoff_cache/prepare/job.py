@@ -31,6 +31,7 @@ from takeoff_cache.core.workdir import (
     tiles_dir,
 )
 from takeoff_cache.errors import CacheIOError, CorpusError, InvalidRequestError, TooManyTilesError
+from takeoff_cache.prepare import DEFAULT_ZOOMS
 from takeoff_cache.prepare.area import check_tile_budget, flight_area
 from takeoff_cache.prepare.download import (
     DownloadOptions,
@@ -53,7 +54,6 @@ from takeoff_cache.trust.verify import verify_cache
 if TYPE_CHECKING:
     from takeoff_cache.companion.options import CompanionOptions
 
-DEFAULT_ZOOMS = (16, 17)
 _SHOWN_MISSING = 20
 
 

@@ -21,7 +21,8 @@ from urllib.parse import urlsplit
 from takeoff_cache.build.request import parse_fields
 from takeoff_cache.build.validate import check_inputs
 from takeoff_cache.errors import InvalidRequestError, Problems
-from takeoff_cache.prepare.job import DEFAULT_ZOOMS, tile_source
+from takeoff_cache.prepare import DEFAULT_ZOOMS
+from takeoff_cache.prepare.tileserver import TileSource
 
 # Decided by the flight (area, bbox, takeoff origin) or filled by the download (corpus).
 PENDING = ("area", "bbox", "takeoff_origin", "corpus")
@@ -38,8 +39,8 @@ def precheck(
     """Raise one error naming every problem found; return when there is none.
 
     ``raw``: the build request's fields; ``job``: the resolve phase's parameters
-    (``JOB_PARAMETERS``); ``builds_here``: whether the build runs on this machine,
-    so that the files the request names are this machine's to check.
+    (``JOB_PARAMETERS``, or any mapping holding them); ``builds_here``: whether the
+    build runs on this machine, so that the files the request names are its to check.
     """
     problems = Problems()
     fields = parse_fields({"zoom_levels": list(DEFAULT_ZOOMS), **raw}, problems, pending=PENDING)
@@ -47,8 +48,10 @@ def precheck(
         check_inputs(fields, problems, backend, work_dir)
     if job.get("tiles_url"):
         with problems.check():
-            tile_source(
-                job["tiles_url"], job.get("tiles_key_header"), job.get("tiles_key_param")
+            TileSource(
+                job["tiles_url"],
+                key_header=job.get("tiles_key_header") or None,
+                key_param=job.get("tiles_key_param") or None,
             ).api_key()
     if job.get("plan") is None and job.get("flight") is None:
         with problems.check():

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 from takeoff_cache.build.readiness import readiness_lines
 from takeoff_cache.build.report import BuildReport
 from takeoff_cache.errors import EXIT_NOT_READY
-from takeoff_cache.prepare.job import flight_summary
 
 if TYPE_CHECKING:
     from takeoff_cache.prepare.job import Job
@@ -36,6 +35,8 @@ class PrepareReport:
 
     def resolved(self, job: Job) -> None:
         """The resolve phase's part: the flight, its area and the corpus."""
+        from takeoff_cache.prepare.job import flight_summary  # the area's code: once resolved
+
         self.flight = flight_summary(job.flight)
         self.area = job.mission.to_json()
         self.corpus = str(job.corpus)

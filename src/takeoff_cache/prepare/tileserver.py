@@ -20,8 +20,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import parse_qs, quote, quote_plus, urlsplit
 
-import simplejpeg
-
 from takeoff_cache.backbones.imagesize import header_size
 from takeoff_cache.core.env import TILES_API_KEY
 from takeoff_cache.errors import InvalidRequestError
@@ -177,6 +175,8 @@ def image_format(data: bytes) -> str | None:
     if size is None or not tile_sized(*size):
         return None
     if data[:3] == b"\xff\xd8\xff":
+        import simplejpeg  # numpy with it: a command that only checks a template never loads it
+
         try:
             simplejpeg.decode_jpeg(data, colorspace="GRAY", min_height=1, min_width=1, strict=True)
         except ValueError:
