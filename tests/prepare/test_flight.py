@@ -304,6 +304,10 @@ def test_the_flights_api_answers_a_flight_with_the_bearer_token(
     assert flight.source == f"{url}/flights/{FLIGHT_ID}"
     assert state.seen[0]["Authorization"] == f"Bearer {TOKEN}"
     assert state.seen[0]["User-Agent"].startswith("takeoff-cache/")
+    # The operator's contact goes to the flights API too, as to tile servers.
+    monkeypatch.setenv("TAKEOFF_CACHE_CONTACT", "ops@example.org")
+    fetch_flight(url, FLIGHT_ID)
+    assert state.seen[-1]["User-Agent"].endswith("(+ops@example.org)")
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,6 @@ from urllib.parse import quote
 
 import httpx
 
-from takeoff_cache import USER_AGENT
 from takeoff_cache.core.documents import MAX_FLIGHT_BYTES, load_json, read_document
 from takeoff_cache.core.env import FLIGHTS_TOKEN
 from takeoff_cache.errors import (
@@ -29,7 +28,7 @@ from takeoff_cache.errors import (
 )
 from takeoff_cache.prepare import qgc
 from takeoff_cache.prepare.flight import FLIGHT_KEYS, Flight, parse_flight_json
-from takeoff_cache.prepare.httpbody import ACCEPT_ENCODING, read_body
+from takeoff_cache.prepare.httpbody import ACCEPT_ENCODING, read_body, user_agent
 
 __all__ = ["MAX_FLIGHT_BYTES", "fetch_flight", "load_flight", "parse_flight"]
 
@@ -94,7 +93,7 @@ def fetch_flight(
     headers = {
         "Accept": "application/json",
         "Accept-Encoding": ACCEPT_ENCODING,
-        "User-Agent": USER_AGENT,
+        "User-Agent": user_agent(),
     }
     if token:
         headers["Authorization"] = f"Bearer {token}"
