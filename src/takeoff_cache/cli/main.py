@@ -10,12 +10,23 @@ from __future__ import annotations
 import argparse
 import sys
 
-from takeoff_cache.cli import build, demo, engines, inspect, keys, locate, prepare, stops, verify
+from takeoff_cache.cli import (
+    build,
+    companion_probe,
+    demo,
+    engines,
+    inspect,
+    keys,
+    locate,
+    prepare,
+    stops,
+    verify,
+)
 from takeoff_cache.cli.args import Parser
 from takeoff_cache.errors import TakeoffCacheError, VerificationError
 
 # In the order --help lists them.
-COMMANDS = (build, prepare, verify, engines, keys, inspect, locate, demo)
+COMMANDS = (build, prepare, verify, engines, keys, inspect, locate, demo, companion_probe)
 
 
 def build_parser() -> argparse.ArgumentParser:
