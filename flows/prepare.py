@@ -129,7 +129,8 @@ def _prepare(
         precheck(
             {name: params[name] for name in FIELDS if name in params},
             job_args,
-            builds_here=companion is None and not pool,
+            companion=companion is not None,
+            pool=bool(pool),
             backend=params["backend"],
             work_dir=_existing(params["work_dir"]),
         )

@@ -17,7 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from takeoff_cache.build.request import read_request_file
 from takeoff_cache.core.env import TILES_API_KEY
+from takeoff_cache.errors import InvalidRequestError
+from takeoff_cache.prepare.precheck import precheck
 from tests.conftest import Demo
 from tests.support.cli import run_cli
 from tests.support.tileserver import TileServer, tile_server
@@ -109,26 +112,25 @@ def test_where_the_flight_comes_from_is_checked_with_the_rest(demo: Demo) -> Non
     assert "give --plan FILE, or --flight-id UUID and --flights-api URL" in errors
 
 
-def test_a_companion_build_leaves_the_companion_paths_to_the_companion(
-    demo: Demo, server: TileServer
-) -> None:
-    # The key and trust store named are the companion's: nothing here checks them,
-    # so the run gets past the precheck and stops where the companion is unreachable.
-    request = prepare_toml(demo, drop=("key", "trust", "cache_root", "backbones"))
-    result = run_prepare(
-        demo,
-        request,
-        "--plan", str(PLAN),
-        "--tiles-url", server.template,
-        "--backbones", str(demo.root / "backbones.toml"),
-        "--companion", "nobody@127.0.0.1:1",
-        "--companion-key", "/on/the/companion/key.pem",
-        "--companion-trust", "/on/the/companion/trust",
-        "--companion-cache-root", "/on/the/companion/cache",
-        "--dry-run",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert error_lines(result.stderr) == []
+def test_a_companion_build_leaves_the_companion_paths_to_the_companion(demo: Demo) -> None:
+    # Its cache root and key are the companion's (--companion-*): nothing here checks
+    # them. What is sent (the backbones) and the workstation's trust store, which the
+    # companion's manifest is checked with, are this machine's.
+    raw = read_request_file(prepare_toml(demo, drop=("key", "cache_root")))
+    plan = {"plan": str(PLAN)}
+    precheck(raw, plan, companion=True, pool=False, backend="auto", work_dir=None)
+    missing = {**raw, "backbones": str(demo.root / "gone.toml"), "trust": None}
+    with pytest.raises(InvalidRequestError) as caught:
+        precheck(missing, plan, companion=True, pool=False, backend="auto", work_dir=None)
+    trust, backbones = str(caught.value).splitlines()
+    assert trust == "trust: missing (give --trust)"
+    assert backbones.startswith("backbones: ") and backbones.endswith("gone.toml does not exist")
+    # Built here, the same request misses its own key and cache root.
+    with pytest.raises(InvalidRequestError, match="key: missing"):
+        precheck(raw, plan, companion=False, pool=False, backend="auto", work_dir=None)
+    # Through a work pool the paths are the worker's: only the fields are checked.
+    elsewhere = {**raw, "key": "/on/the/worker/key.pem", "cache_root": "/on/the/worker"}
+    precheck(elsewhere, plan, companion=False, pool=True, backend="auto", work_dir=None)
 
 
 @pytest.mark.usefixtures("prefect_harness")

@@ -172,7 +172,8 @@ def _prepare(
         precheck(
             fields,
             params,
-            builds_here=builds_here,
+            companion=companion is not None,
+            pool=bool(args.work_pool),
             backend=args.backend or "auto",
             work_dir=work if work is not None and work.is_dir() else None,
         )

@@ -20,32 +20,50 @@ from urllib.parse import urlsplit
 
 from takeoff_cache.build.request import parse_fields
 from takeoff_cache.build.validate import check_inputs
+from takeoff_cache.core.fsutil import kind_problem
 from takeoff_cache.errors import InvalidRequestError, Problems
 from takeoff_cache.prepare import DEFAULT_ZOOMS
 from takeoff_cache.prepare.tileserver import TileSource
 
 # Decided by the flight (area, bbox, takeoff origin) or filled by the download (corpus).
 PENDING = ("area", "bbox", "takeoff_origin", "corpus")
+# A build on a companion uses the companion's cache root and key (--companion-*).
+COMPANION_DECIDES = ("cache_root", "key")
 
 
 def precheck(
     raw: dict[str, Any],
     job: dict[str, Any],
     *,
-    builds_here: bool,
+    companion: bool,
+    pool: bool,
     backend: str,
     work_dir: Path | None,
 ) -> None:
     """Raise one error naming every problem found; return when there is none.
 
     ``raw``: the build request's fields; ``job``: the resolve phase's parameters
-    (``JOB_PARAMETERS``, or any mapping holding them); ``builds_here``: whether the
-    build runs on this machine, so that the files the request names are its to check.
+    (``JOB_PARAMETERS``, or any mapping holding them). Where the build runs decides
+    what is this machine's to check: everything, when it runs here; on a companion
+    over SSH, the backbones sent there and the workstation's trust store (the
+    companion's manifest is checked with it), its cache root and key being the
+    companion's; through a work pool, the fields only (paths are the worker's).
     """
     problems = Problems()
-    fields = parse_fields({"zoom_levels": list(DEFAULT_ZOOMS), **raw}, problems, pending=PENDING)
-    if builds_here:
+    pending = PENDING + (COMPANION_DECIDES if companion else ())
+    raw = {"zoom_levels": list(DEFAULT_ZOOMS), **raw}
+    fields = parse_fields(raw, problems, pending=pending)
+    if not companion and not pool:
         check_inputs(fields, problems, backend, work_dir)
+    elif companion and "backbones" in fields:
+        with problems.check():
+            if problem := kind_problem(fields["backbones"], "file"):
+                raise InvalidRequestError(f"backbones: {fields['backbones']} {problem}")
+        if not pool and "trust" in fields:
+            from takeoff_cache.companion.session import workstation_trust  # SSH's code
+
+            with problems.check():
+                workstation_trust(fields["trust"])
     if job.get("tiles_url"):
         with problems.check():
             TileSource(
