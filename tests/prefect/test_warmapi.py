@@ -183,8 +183,10 @@ def test_a_second_build_reuses_the_warm_api_whose_ui_shows_both_runs(
     # Its "View at" link is to this server's UI, which answers.
     links = [line.split("View at ")[1] for line in second.stderr.splitlines() if "View at" in line]
     assert links and all(link.startswith(url.removesuffix("/api")) for link in links)
-    with urllib.request.urlopen(links[0], timeout=10) as page:
-        assert page.status == 200
+    # As a browser asks for it (the UI answers page loads, not other requests, there).
+    page_request = urllib.request.Request(links[0], headers={"Accept": "text/html"})
+    with urllib.request.urlopen(page_request, timeout=10) as page:
+        assert page.status == 200 and b"<html" in page.read().lower()
     assert sum(run["state_type"] == "COMPLETED" for run in _flow_runs(url)) >= 2
     assert stop_warm(home)
     assert not _wait_none(home)
