@@ -86,7 +86,7 @@ def test_a_wrapper_that_activates_an_environment_is_asked_itself(rig: Rig, tmp_p
 def test_a_command_with_arguments_is_asked_itself(rig: Rig, tmp_path: Path) -> None:
     rig.companion.bin = tmp_path / "empty-bin"
     rig.companion.bin.mkdir()
-    tool = f"env TAKEOFF_CACHE_PROBE_VIA=env {sys.executable} -m takeoff_cache.cli.main"
+    tool = f"env TAKEOFF_CACHE_PROBE_VIA=env {sys.executable} -m takeoff_cache"
     up = asyncio.run(_bring_up(rig, tool))
     assert up.version == __version__
     assert up.python == sys.executable

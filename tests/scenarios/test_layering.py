@@ -34,6 +34,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("takeoff_cache_prefect.flows",),
     ("takeoff_cache_prefect.run",),
     ("takeoff_cache.cli",),
+    ("takeoff_cache.__main__",),
 )
 FLOOR = {package: n for n, floor in enumerate(FLOORS) for package in floor}
 
