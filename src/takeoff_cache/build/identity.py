@@ -50,4 +50,7 @@ def identity_of(
     # keep their identity; its geometry counts, never the file it was read from.
     if req.area is not None:
         inputs["area"] = req.area
+    # Likewise the route: a build without one keeps the identity it had before routes.
+    if req.route is not None:
+        inputs["route"] = req.route.to_geojson()
     return content_key(inputs)
