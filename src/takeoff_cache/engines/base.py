@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,11 @@ class Runner(ABC):
 
     @abstractmethod
     def run(self, batch: np.ndarray) -> np.ndarray: ...
+
+    def run_outputs(self, batch: np.ndarray, names: Sequence[str]) -> list[np.ndarray] | None:
+        """Several outputs of one run, where the engine can give them (else None: the
+        caller loads one runner per output)."""
+        return None
 
 
 class Backend(ABC):

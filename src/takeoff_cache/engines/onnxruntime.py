@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -86,6 +87,12 @@ class OnnxRuntimeRunner(Runner):
 
         result = self._session.run([self._output], {self._input: batch})[0]
         return np.asarray(result, dtype=np.float32)
+
+    def run_outputs(self, batch: np.ndarray, names: Sequence[str]) -> list[np.ndarray]:
+        import numpy as np
+
+        results = self._session.run(list(names), {self._input: batch})
+        return [np.asarray(r, dtype=np.float32) for r in results]
 
 
 class OnnxRuntimeBackend(Backend):

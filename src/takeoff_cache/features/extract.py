@@ -132,9 +132,10 @@ class Extractor(ABC):
 
 
 class NetworkExtractor(Extractor):
-    """A ``local_features`` engine, one runner per output (an engine runs one output),
-    loaded by ``load(output)`` when first needed: a rebuild that finds every tile's
-    features stored never loads it."""
+    """A ``local_features`` engine, loaded by ``load(output)`` when first needed (a
+    rebuild that finds every tile's features stored never loads it): one run for the
+    three outputs where the engine gives several (ONNX Runtime), else one runner per
+    output."""
 
     def __init__(
         self, load: Callable[[str], Runner], spec: InputSpec, engine_key: str, backbone: str
@@ -168,9 +169,16 @@ class NetworkExtractor(Extractor):
         }
 
     def _run(self, pixels: np.ndarray) -> list[np.ndarray]:
-        if not self._runners:
-            self._runners = {name: self._load(name) for name in OUTPUTS}
         batch = self._normalize(pixels)
+        if not self._runners:
+            self._runners[OUTPUTS[0]] = self._load(OUTPUTS[0])
+        first = self._runners[OUTPUTS[0]]
+        together = first.run_outputs(batch, OUTPUTS)
+        if together is not None:
+            return together
+        for name in OUTPUTS[1:]:
+            if name not in self._runners:
+                self._runners[name] = self._load(name)
         return [self._runners[name].run(batch) for name in OUTPUTS]
 
     def _check(self, outputs: list[np.ndarray], n: int) -> None:

@@ -21,7 +21,10 @@ north, through the same homography.
 estimated from n matches spread about their centroid ``m`` has per-axis
 variance ``s^2 (1/n + |c - m|^2 / sum |p_i - m|^2)`` at ``c`` (the
 least-squares fit's leverage), and the horizontal error is the square root of
-twice that (two axes), in metres of ground at the fix's latitude and zoom.
+twice that (two axes), in metres of ground at the fix's latitude and zoom, with
+a floor of :data:`SIGMA_FLOOR` ground units per axis added in quadrature
+(``sigma = sqrt(2 (s^2 leverage + floor^2))``): the fit's residuals cannot show
+an offset that every match shares.
 """
 
 from __future__ import annotations
@@ -29,13 +32,20 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from takeoff_cache.backbones.file import LOCAL_FEATURES, Backbone, load_backbones
 from takeoff_cache.core.tilemath import fractional_tile_to_latlon
+from takeoff_cache.engines import get_backend
+from takeoff_cache.engines.base import Runner
+from takeoff_cache.errors import BackboneError, DescriptorError
 from takeoff_cache.features.artifact import FeatureSet
-from takeoff_cache.features.extract import Features
+from takeoff_cache.features.extract import Extractor, Features, NetworkExtractor, SiftExtractor
+from takeoff_cache.features.pipeline import features_key
+from takeoff_cache.trust.manifest import Artifact, Manifest
 
 TileKey = tuple[int, int, int]
 
@@ -48,6 +58,12 @@ RANSAC_PX = 4.0
 # A view seen at 0.2x to 5x the tiles' scale; a homography outside is a bad fit.
 SCALE_RANGE = (0.2, 5.0)
 EARTH_CIRCUMFERENCE_M = 40075016.686
+# Distinct places registered per view (:func:`distinct_places`).
+PLACES = 5
+# Per-axis error no fit gets below, in ground units (pixels of a 256-pixel tile):
+# keypoints lie on whole pixels of the image they were found in, and the
+# residuals of one fit do not show an offset every match shares.
+SIGMA_FLOOR = 0.25
 
 
 @dataclass(frozen=True)
@@ -171,21 +187,37 @@ def _fix(h: np.ndarray, src: np.ndarray, dst: np.ndarray, tile: TileKey, rank: i
     spread = float(np.sum((dst - mean) ** 2))
     leverage = 1.0 / n + float(np.sum((centre - mean) ** 2)) / max(spread, 1e-9)
     metres_per_unit = EARTH_CIRCUMFERENCE_M * math.cos(math.radians(lat)) / (2**z * UNIT)
-    sigma_m = math.sqrt(2.0 * s2 * leverage) * metres_per_unit
+    sigma_m = math.sqrt(2.0 * (s2 * leverage + SIGMA_FLOOR**2)) * metres_per_unit
     under = (z, math.floor(fx), math.floor(fy))
     return Registration(lat, lon, sigma_m, heading, n, under, tile, rank)
 
 
+def distinct_places(ranked: Sequence[TileKey], places: int) -> list[tuple[int, TileKey]]:
+    """Up to ``places`` of the ``ranked`` tiles (with their 1-based ranks), skipping a
+    tile next to one already taken at its zoom: its neighbourhood is mostly the same
+    ground, and a deeper candidate is worth more than a second look at one place."""
+    taken: list[tuple[int, TileKey]] = []
+    for rank, tile in enumerate(ranked, 1):
+        z, x, y = tile
+        if any(t[0] == z and abs(t[1] - x) <= 1 and abs(t[2] - y) <= 1 for _, t in taken):
+            continue
+        taken.append((rank, tile))
+        if len(taken) == places:
+            break
+    return taken
+
+
 def register(
-    view: Features, candidates: Sequence[TileKey], features: FeatureSet
+    view: Features, ranked: Sequence[TileKey], features: FeatureSet, *, places: int = PLACES
 ) -> tuple[Registration | None, list[Attempt]]:
-    """Register ``view`` on the neighbourhoods of the retrieved ``candidates`` (best first).
+    """Register ``view`` on the neighbourhoods of the retrieved tiles ``ranked`` (best
+    first), at most ``places`` distinct places (:func:`distinct_places`).
 
     Returns the fix (None when no candidate registers) and every attempt, ranked
     by inliers, most first (ties keep the retrieval's order): the re-ranking.
     """
     attempts = []
-    for rank, tile in enumerate(candidates, 1):
+    for rank, tile in distinct_places(ranked, places):
         ground = neighbourhood(features, tile)
         if ground is None or len(view) < MIN_INLIERS:
             attempts.append(Attempt(tile, rank, 0, None))
@@ -194,3 +226,66 @@ def register(
     attempts.sort(key=lambda a: (-(a.inliers if a.fix else 0), a.rank))
     best = attempts[0] if attempts else None
     return (best.fix if best is not None else None), attempts
+
+
+def _network(
+    cache_root: Path, manifest: Manifest, art: Artifact, backbones: Path | None
+) -> NetworkExtractor:
+    """The local_features engine the features were extracted with, from the cache."""
+    ident = art.fields.get("extractor") or {}
+    key, name = ident.get("engine_key"), ident.get("backbone")
+    engines = [
+        a for a in manifest.artifacts if a.kind == "engine" and a.fields.get("engine_key") == key
+    ]
+    if len(engines) != 1:
+        raise DescriptorError("cache: no engine artifact matches the local features' engine key")
+    engine = engines[0]
+    path = backbones
+    if path is None:
+        named = manifest.signed.get("request", {}).get("backbones")
+        if not isinstance(named, str):
+            raise DescriptorError("cache: the manifest names no backbones file; pass one")
+        path = Path(named)
+    try:
+        found = [b for b in load_backbones(path) if b.name == name and b.role == LOCAL_FEATURES]
+    except BackboneError as exc:
+        raise DescriptorError(f"cache: the input spec of {name!r} is unknown: {exc}") from exc
+    if not found:
+        raise DescriptorError(f"cache: {path} has no local_features backbone {name!r}")
+    spec = found[0].input
+    backbone = Backbone(
+        str(name), LOCAL_FEATURES, cache_root / engine.path, engine.sha256, spec, None
+    )
+    backend = get_backend(str(engine.fields.get("backend")))
+
+    def load(output: str) -> Runner:
+        return backend.load(cache_root / engine.path, backbone, output)
+
+    return NetworkExtractor(load, spec, str(key), str(name))
+
+
+def open_features(
+    cache_root: Path, manifest: Manifest, *, backbones: Path | None = None
+) -> tuple[Extractor, FeatureSet] | None:
+    """The extractor and features file that ``manifest`` (already verified) lists; None
+    for a cache built without local features.
+
+    The extractor must reproduce the file's signed features key, so a view is never
+    read with another extractor (another engine, input spec or OpenCV) than the tiles.
+    """
+    found = [a for a in manifest.artifacts if a.kind == "local_features"]
+    if not found:
+        return None
+    art = found[0]
+    ident = art.fields.get("extractor") or {}
+    if ident.get("extractor") == "opencv-sift":
+        extractor: Extractor = SiftExtractor()
+    else:
+        extractor = _network(cache_root, manifest, art, backbones)
+    fingerprint = str(manifest.signed.get("corpus", {}).get("fingerprint"))
+    if features_key(extractor.space, fingerprint) != art.fields.get("features_key"):
+        raise DescriptorError(
+            f"cache: {art.path} was extracted by {ident}, which this host cannot reproduce"
+            " (another OpenCV, engine or input spec)"
+        )
+    return extractor, FeatureSet(cache_root / art.path)
