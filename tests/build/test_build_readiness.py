@@ -1,0 +1,60 @@
+"""`build`'s readiness verdict: reported always, judged into exit 12 only when asked.
+
+A real build of the demo with a route that runs on past the corpus's tiles:
+without a gate it succeeds and signs its not-ready verdict; with
+``--require-ready`` the same request (a no-op now) exits 12 naming the holes.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+
+import pytest
+
+from tests.conftest import Demo
+from tests.support.cli import run_cli
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def test_build_reports_always_and_gates_only_when_asked(
+    capsys: pytest.CaptureFixture[str], demo: Demo
+) -> None:
+    lat0, lon0, lat1, lon1 = tomllib.loads(demo.request.read_text())["bbox"]
+    # The bbox grows north by half its height, where the corpus has no tiles; the
+    # route runs from the middle of the corpus into that strip.
+    north = lat1 + (lat1 - lat0) / 2
+    route = demo.root / "route.geojson"
+    mid_lon = (lon0 + lon1) / 2
+    route.write_text(
+        json.dumps(
+            {
+                "type": "LineString",
+                "coordinates": [[mid_lon, (lat0 + lat1) / 2], [mid_lon, (lat1 + north) / 2]],
+            }
+        )
+    )
+    bbox = f"{lat0},{lon0},{north},{lon1}"
+    args = demo.build_args("--bbox", bbox, "--route", str(route), "--self-test", "40", "--json")
+    first = run_cli(capsys, *args)
+    assert first.code == 0, first.err
+    ready = first.json()["ready"]
+    assert not ready["ok"] and ready["gated"] is False
+    assert ready["route"]["holes_count"] > 0
+    assert any(r.startswith("route: ") for r in ready["reasons"])
+    signed = json.loads((demo.cache / "Manifest.json").read_text())["signed"]
+    assert signed["ready"] == ready
+    before = (demo.cache / "Manifest.json").read_bytes()
+
+    gated = run_cli(capsys, *args, "--require-ready")
+    assert gated.code == 12, gated.err
+    lines = [line for line in gated.err_lines if line.startswith("takeoff-cache: not ready: ")]
+    assert [line.removeprefix("takeoff-cache: not ready: ") for line in lines] == ready["reasons"]
+    assert gated.json()["ready"]["gated"] is True
+    assert (demo.cache / "Manifest.json").read_bytes() == before
+
+    # --allow-gaps accepts the holes knowingly.
+    accepted = run_cli(capsys, *args, "--require-ready", "--allow-gaps")
+    assert accepted.code == 0, accepted.err
+    assert accepted.json()["ready"]["verdict"] == "ready with gaps"
