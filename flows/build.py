@@ -105,7 +105,13 @@ def build_cache(
         staged.append(built.staged)
         with run.phase("self_test"):
             tested = ts.self_test(
-                validated, selection, records, index_described, options, report.build_identity
+                validated,
+                selection,
+                records,
+                index_described,
+                options,
+                report.build_identity,
+                built.work_file,
             )
         report.self_test, report.coverage_map = tested.summary, tested.coverage_map
         with run.phase("readiness"):

@@ -17,6 +17,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from takeoff_cache_prefect.tasks.engines import place_recognition_engine
+from takeoff_cache_prefect.tasks.features import extractor_for
 
 from takeoff_cache.build.options import BuildOptions
 from takeoff_cache.build.validate import ValidatedRequest
@@ -26,8 +27,10 @@ from takeoff_cache.descriptors.index import read_index
 from takeoff_cache.descriptors.store import DescriptorStore, descriptor_space
 from takeoff_cache.engines.store import EngineRecord
 from takeoff_cache.errors import DescriptorError
+from takeoff_cache.features.artifact import FeatureSet
 from takeoff_cache.localize.coverage_map import missing_tiles, short_path, write_coverage_map
 from takeoff_cache.localize.locate import Localizer, read_tile_map
+from takeoff_cache.localize.registered import evaluate_registered, self_test_views
 from takeoff_cache.localize.selftest import (
     SelfTestResult,
     ViewReuse,
@@ -113,12 +116,14 @@ def self_test(
     index_described: list[Artifact],
     options: BuildOptions,
     build_id: str,
+    features_file: str | None = None,
 ) -> SelfTested:
-    """The phase: skipped, with no task run, under ``--self-test 0``."""
+    """The phase: skipped, with no task run, under ``--self-test 0``. ``features_file``:
+    the features phase's file in the work folder, on which the views are registered."""
     if not options.self_test:
         return SKIPPED
     return self_test_task(
-        validated, untracked(selection), records, index_described, options, build_id
+        validated, untracked(selection), records, index_described, options, build_id, features_file
     )
 
 
@@ -130,6 +135,7 @@ def self_test_task(
     index_described: list[Artifact],
     options: BuildOptions,
     build_id: str,
+    features_file: str | None = None,
 ) -> SelfTested:
     """Query ``options.self_test`` views of the new index, along the request's route when
     it has one, seeded by the index's tiles and the route (so one build identity draws
@@ -154,4 +160,29 @@ def self_test_task(
         validated, selection, result, map_path(options.work_dir, validated.request.cache_root)
     )
     reason = min_recall(result, options.min_recall) if options.min_recall is not None else None
-    return SelfTested(result.summary(), result.signed(), str(drawn), reason)
+    summary, signed = result.summary(), result.signed()
+    if features_file is not None:
+        registered = _registered(validated, records, localizer, options, features_file)
+        summary["registered"] = registered
+        signed["registered"] = {k: v for k, v in registered.items() if k != "seconds"}
+    return SelfTested(summary, signed, str(drawn), reason)
+
+
+def _registered(
+    validated: ValidatedRequest,
+    records: list[EngineRecord],
+    localizer: Localizer,
+    options: BuildOptions,
+    features_file: str,
+) -> dict[str, Any]:
+    """The self-test's views registered on the new features file (localize/registered.py)."""
+    views = self_test_views(localizer, options.self_test, validated.request.route)
+    result = evaluate_registered(
+        localizer,
+        validated.request.corpus,
+        views,
+        extractor_for(validated, records),
+        FeatureSet(Path(features_file)),
+        workers=decode_workers(localizer.runner.on_accelerator),
+    )
+    return result.summary()

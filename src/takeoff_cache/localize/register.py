@@ -127,16 +127,18 @@ def mutual_matches(query: np.ndarray, database: np.ndarray) -> tuple[np.ndarray,
     if len(query) == 0 or len(database) < 2:
         empty = np.zeros(0, dtype=np.intp)
         return empty, empty
+    # Row-wise passes only: numpy's reductions along a row are several times faster
+    # than argpartition or a reduction down the columns of the same matrix.
     sim = query @ database.T
-    two = np.argpartition(-sim, 1, axis=1)[:, :2]
     rows = np.arange(len(query))
-    s0, s1 = sim[rows, two[:, 0]], sim[rows, two[:, 1]]
-    best = np.where(s0 >= s1, two[:, 0], two[:, 1])
-    first, second = np.maximum(s0, s1), np.minimum(s0, s1)
+    back = np.ascontiguousarray(sim.T).argmax(axis=1)
+    best = sim.argmax(axis=1)
+    first = sim[rows, best]
+    sim[rows, best] = -np.inf
+    second = sim.max(axis=1)
     # Unit vectors: distance^2 = 2 - 2 cos.
     d1 = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * first))
     d2 = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * second))
-    back = np.argmax(sim, axis=0)
     keep = (d1 < RATIO * d2) & (back[best] == rows)
     return rows[keep], best[keep]
 

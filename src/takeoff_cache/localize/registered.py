@@ -1,7 +1,8 @@
 """The self-test's registered figures: do its views register, and how close is the fix?
 
-The views are the tile-level self-test's own (the same seed draws the same
-geometry and photometry, :func:`selftest.view_seed`), rendered at the tiles'
+The views are the tile-level self-test's own, the first
+:data:`REGISTERED_VIEWS` of them (the same seed draws the same geometry and
+photometry, :func:`selftest.view_seed`), rendered at the tiles'
 full resolution as a camera delivers a photo, not at the place-recognition
 engine's smaller input. Each is retrieved (top :data:`DEPTH`), registered
 on up to :data:`.register.PLACES` distinct places among them
@@ -25,6 +26,7 @@ import math
 import statistics
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,7 @@ from takeoff_cache.backbones.spec import InputSpec
 from takeoff_cache.core.tilemath import haversine_m, lonlat_to_fractional_tile
 from takeoff_cache.features.artifact import FeatureSet
 from takeoff_cache.features.extract import Extractor
-from takeoff_cache.localize.locate import Localizer, estimate_position
+from takeoff_cache.localize.locate import Localizer, Match, estimate_position
 from takeoff_cache.localize.register import register
 from takeoff_cache.localize.selftest import (
     TOP,
@@ -54,6 +56,10 @@ from takeoff_cache.tiles.route import Route
 _ROUND = 32
 # Tiles retrieved per view, from which register() takes its distinct places.
 DEPTH = 4 * TOP
+# Views registered at most: a view costs about 0.1 CPU-s to register (its features
+# at three scales, five places matched), ten times its retrieval, so a build's
+# self-test registers the first 100 of its views.
+REGISTERED_VIEWS = 100
 
 
 @dataclass(frozen=True)
@@ -98,11 +104,14 @@ class RegisteredResult:
 def self_test_views(
     localizer: Localizer, k: int, route: Route | None = None, seed: str | None = None
 ) -> list[View]:
-    """The views :func:`selftest.run_self_test` draws for the same arguments."""
+    """The first :data:`REGISTERED_VIEWS` of the views :func:`selftest.run_self_test`
+    draws for the same arguments."""
     seed = view_seed(localizer.tiles, route) if seed is None else seed
     if route is None:
-        return draw_views(localizer.tiles, k, seed, ViewJitter())
-    return draw_route_views(localizer.tiles, route, k, seed, ViewJitter())
+        views = draw_views(localizer.tiles, k, seed, ViewJitter())
+    else:
+        views = draw_route_views(localizer.tiles, route, k, seed, ViewJitter())
+    return views[:REGISTERED_VIEWS]
 
 
 def evaluate_registered(
@@ -129,21 +138,31 @@ def evaluate_registered(
         for i, p in enumerate(pixels):
             small[i] = cv2.resize(p, (size, size), interpolation=cv2.INTER_AREA)
         answers = localizer.query(small, DEPTH)
-        for view, p, matches in zip(batch, pixels, answers, strict=True):
-            fix, _ = register(extractor.view(p), [(m.z, m.x, m.y) for m in matches], features)
-            if fix is not None:
-                error = haversine_m(*view.center, fix.lat, fix.lon)
-                z = view.tile[0]
-                fx, fy = lonlat_to_fractional_tile(fix.lat, fix.lon, z)
-                hit = _same_place(view.tile, (z, math.floor(fx), math.floor(fy)))
-                outcomes.append(
-                    RegisteredOutcome(view.tile, True, hit, error, fix.sigma_m, fix.inliers)
-                )
-            else:
+
+        def one(
+            i: int,
+            batch: Sequence[View] = batch,
+            pixels: np.ndarray = pixels,
+            answers: list[tuple[Match, ...]] = answers,
+        ) -> RegisteredOutcome:
+            view, matches = batch[i], answers[i]
+            fix, _ = register(
+                extractor.view(pixels[i]), [(m.z, m.x, m.y) for m in matches], features
+            )
+            if fix is None:
                 estimate = estimate_position(matches[:TOP])
                 error = haversine_m(*view.center, *estimate)
                 hit = hit_rank(view.tile, matches[:1]) == 1
-                outcomes.append(RegisteredOutcome(view.tile, False, hit, error, None, 0))
+                return RegisteredOutcome(view.tile, False, hit, error, None, 0)
+            z = view.tile[0]
+            fx, fy = lonlat_to_fractional_tile(fix.lat, fix.lon, z)
+            hit = _same_place(view.tile, (z, math.floor(fx), math.floor(fy)))
+            error = haversine_m(*view.center, fix.lat, fix.lon)
+            return RegisteredOutcome(view.tile, True, hit, error, fix.sigma_m, fix.inliers)
+
+        # The engine, OpenCV and numpy's products release the GIL: views in parallel.
+        with ThreadPoolExecutor(max(1, workers), thread_name_prefix="register") as pool:
+            outcomes += pool.map(one, range(len(batch)))
     return RegisteredResult(tuple(outcomes), time.perf_counter() - started)
 
 
