@@ -56,6 +56,15 @@ def _locate(args: argparse.Namespace) -> int:
         print(printable(loc.image))
         for rank, match in enumerate(loc.matches, 1):
             print(f"  {rank:>2}  {match.zxy:<20} score {match.score:.4f}")
+        if loc.position is not None:
+            fix = loc.position
+            print(
+                f"  registered fix:     {fix.lat:.7f}, {fix.lon:.7f} ± {fix.sigma_m:.1f} m"
+                f" (1 sigma), heading {fix.heading_deg:.0f} deg, {fix.inliers} inliers"
+                f" on {fix.zxy}"
+            )
+        else:
+            print("  registered fix:     none (the answer is the retrieval's, below)")
         print(f"  best tile centre:   {loc.best[0]:.6f}, {loc.best[1]:.6f}")
         print(f"  weighted estimate:  {loc.weighted[0]:.6f}, {loc.weighted[1]:.6f}")
         said = loc.confidence or "not calibrated (the cache was built without a self-test)"

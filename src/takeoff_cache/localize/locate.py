@@ -46,6 +46,7 @@ from takeoff_cache.descriptors.pipeline import BATCH_SIZE, check_vectors
 from takeoff_cache.descriptors.store import descriptor_space, l2_normalize
 from takeoff_cache.engines import Runner, get_backend
 from takeoff_cache.errors import BackboneError, DescriptorError, ImageError
+from takeoff_cache.localize.register import Registration, open_features, register
 from takeoff_cache.trust.keys import TrustedKey
 from takeoff_cache.trust.manifest import Artifact, Manifest
 from takeoff_cache.trust.verify import verify_cache
@@ -154,11 +155,16 @@ class Location:
     seconds: float
     ratio: float = 1.0  # see distance_ratio
     confidence: str | None = None
+    # The registered fix (register.py); None where the view did not register, or the
+    # cache has no local features: the answer is then the retrieval's, best and weighted.
+    position: Registration | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "image": self.image,
             "matches": [{"tile": m.zxy, "score": round(m.score, 6)} for m in self.matches],
+            "position": self.position.to_json() if self.position is not None else None,
+            "registered": self.position is not None,
             "best": {"lat": round(self.best[0], 7), "lon": round(self.best[1], 7)},
             "weighted": {"lat": round(self.weighted[0], 7), "lon": round(self.weighted[1], 7)},
             "confidence": self.confidence,
@@ -434,6 +440,8 @@ def locate(
     manifest = verify_cache(cache_root, trusted)
     localizer = open_localizer(cache_root.resolve(), manifest, backbones=backbones)
     pixels = localizer.empty_pixels(1)
+    # A cache with local features registers each image on its top k places (register.py).
+    opened = open_features(cache_root.resolve(), manifest, backbones=backbones)
     test = manifest.signed.get("self_test")
     rule = Confidence.from_signed(test.get("confidence") if isinstance(test, dict) else None)
     out = []
@@ -446,5 +454,13 @@ def locate(
         ratio = distance_ratio(deep)
         seconds = time.perf_counter() - t0
         confidence = rule.of(ratio) if rule is not None else None
-        out.append(Location(str(path), matches, best, weighted, seconds, ratio, confidence))
+        fix = None
+        if opened is not None:
+            extractor, features = opened
+            view = np.empty((extractor.size, extractor.size, 3), dtype=np.uint8)
+            read_image(path, InputSpec("view", extractor.size, 3, (0.0,) * 3, (1.0,) * 3), view)
+            ranked = [(m.z, m.x, m.y) for m in deep]
+            fix, _ = register(extractor.view(view), ranked, features, places=k)
+            seconds = time.perf_counter() - t0
+        out.append(Location(str(path), matches, best, weighted, seconds, ratio, confidence, fix))
     return out
