@@ -446,8 +446,9 @@ def _answers(url: str) -> bool:
 @contextlib.contextmanager
 def api_watched(url: str | None, gone_after_s: float = API_GONE_S) -> Iterator[None]:
     """Within: if the API at ``url`` stops answering for ``gone_after_s``,
-    :class:`ApiGone` is raised in the main thread. Only on the main thread; a
-    Prefect Cloud URL is left to Prefect's own retries."""
+    :class:`ApiGone` is raised in the main thread, and a connection error of
+    Prefect's client that ends the run while the API does not answer becomes one.
+    Only on the main thread; a Prefect Cloud URL is left to Prefect's own retries."""
     if (
         not url
         or threading.current_thread() is not threading.main_thread()
@@ -476,8 +477,21 @@ def api_watched(url: str | None, gone_after_s: float = API_GONE_S) -> Iterator[N
     thread.start()
     try:
         yield
+    except Exception as exc:
+        # Prefect's own call gave up first: the same stop, if the API is indeed gone.
+        if _from_http_client(exc) and not _answers(url):
+            raise ApiGone from exc
+        raise
     finally:
         done.set()
+
+
+def _from_http_client(exc: BaseException) -> bool:
+    """Whether ``exc`` is a connection failure of Prefect's HTTP client (httpx)."""
+    return any(
+        cls.__module__.split(".")[0] in ("httpx", "httpcore") and "Error" in cls.__name__
+        for cls in type(exc).__mro__
+    )
 
 
 def _prefect_home() -> Path:
