@@ -43,7 +43,8 @@ OUTPUTS = ("keypoints", "scores", "descriptors")
 VIEW_SCALES = (0.75, 1.0, 4.0 / 3.0)
 # SIFT without a network: what it is asked for, part of the features' key.
 SIFT_SIZE = 256
-SIFT_OPTIONS = {"nfeatures": MAX_KEYPOINTS, "contrastThreshold": 0.02}
+SIFT_CONTRAST = 0.02
+SIFT_OPTIONS = {"nfeatures": MAX_KEYPOINTS, "contrastThreshold": SIFT_CONTRAST}
 FEATURES_RECIPE = "takeoff-cache local features 1"
 
 
@@ -272,7 +273,7 @@ class SiftExtractor(Extractor):
         import cv2
 
         # A detector per call: OpenCV's are not documented as safe to share between threads.
-        sift = cv2.SIFT_create(**SIFT_OPTIONS)
+        sift = cv2.SIFT.create(nfeatures=MAX_KEYPOINTS, contrastThreshold=SIFT_CONTRAST)
         gray = cv2.cvtColor(np.ascontiguousarray(pixels), cv2.COLOR_RGB2GRAY)
         found, descriptors = sift.detectAndCompute(gray, None)
         h, w = gray.shape
