@@ -83,7 +83,7 @@ def test_mostly_404_after_some_tiles_is_still_a_template_problem(tmp_path: Path)
     for x, y in [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)]:
         del faults[f"16/{39_000 + x}/{22_000 + y}"]
     message, _ = failing(tmp_path, faults)
-    assert "27 of 36 tiles failed" in message and "HTTP 404: 27" in message
+    assert "27 of the area's 36 tiles failed" in message and "HTTP 404: 27" in message
     assert "URL template probably does not match the server" in message
 
 
@@ -93,6 +93,21 @@ def test_a_few_404s_are_holes_in_the_coverage_not_a_failed_job(tmp_path: Path) -
         result = download_tiles(tmp_path / "c.mbtiles", block(6), TileSource(server.template), FAST)
     assert (result.fetched, result.failed_count) == (34, 2)
     assert {f.reason for f in result.failed} == {"HTTP 404"}
+
+
+def test_a_rerun_whose_remaining_holes_404_again_is_a_corpus_with_holes(tmp_path: Path) -> None:
+    # The first run got all but 16 tiles; the re-run asks only for those, and each
+    # 404s again: holes in the server's coverage (the readiness verdict names them),
+    # not a template that does not match the server, however many there are.
+    holes = [(16, 39_000 + x, 22_000 + y) for x in range(4) for y in range(4)]
+    faults = {f"{z}/{x}/{y}": ["404"] * 4 for z, x, y in holes}
+    corpus = tmp_path / "c.mbtiles"
+    with tile_server(faults=faults) as server:
+        first = download_tiles(corpus, block(10), TileSource(server.template), FAST)
+        again = download_tiles(corpus, block(10), TileSource(server.template), FAST)
+    assert (first.fetched, first.failed_count) == (84, 16)
+    assert (again.fetched, again.kept, again.failed_count) == (0, 84, 16)
+    assert {f.reason for f in again.failed} == {"HTTP 404"}
 
 
 def test_a_redirect_loop_stops_the_download_in_one_line(tmp_path: Path) -> None:
