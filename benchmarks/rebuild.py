@@ -14,24 +14,27 @@ self-test's views the rebuilds re-embedded.
 Ends with one JSON line holding every figure. Run it on an older checkout
 (its ``src``, ``tasks`` and ``flows`` on ``sys.path`` first) to compare.
 
-Measured on a 2-core host shared with other work (load average 16-22; 5,120
-tiles, 3 rounds of 51 tiles changed, medians), before and after views reused
-their embeddings:
+Measured on a 2-core host shared with other work (5,120 tiles, 3 rounds of 51
+tiles changed, medians), before and after views reused their embeddings, in
+three pairs run back to back (the host's load average in brackets):
 
-- before: the rebuild took 11.33 s of a 64.63 s cold build (17.5%): its
-  self_test 5.57 s (49%, every one of 200 views rendered and embedded again),
-  readiness 2.22 s, descriptors 0.98 s, select 0.92 s;
-- after: 11.60 s of 85.49 s (13.6%): self_test 3.99 s (34%; 172-185 views of
-  200 reused, the rest over a changed tile), readiness 2.45 s, descriptors
-  2.22 s, select 1.28 s. What the self_test phase still spends is mostly
-  fixed: loading the engine (about 0.9 s under this load), drawing the
-  coverage map (0.8 s for 5,120 tiles), and reading the reused embeddings
-  and querying all 200 views 64 deep for the confidence rule (0.7 s),
-  beside the ~20 views it renders.
+| pair | before: rebuild / cold | self_test | after: rebuild / cold | self_test |
+|---|---|---|---|---|
+| 1 (16-22) | 11.33 / 64.63 s = 17.5% | 5.57 s | 11.60 / 85.49 s = 13.6% | 3.99 s |
+| 2 (5-16) | 4.67 / 22.85 s = 20.4% | 2.47 s | 5.50 / 37.17 s = 14.8% | 1.71 s |
+| 3 (3-5) | 5.58 / 20.55 s = 27.2% | 2.63 s | 3.34 / 20.73 s = 16.1% | 1.04 s |
 
-The 10% target is not met on this host under this load: the rebuild's fixed
-costs (front, engines, readiness, map) stay while the cold build's grow only
-with the tiles.
+Before, the self_test phase was about half of a rebuild (every one of 200
+views rendered and embedded again); after, 172-185 views of 200 are reused
+(the rest lie over a changed tile) and it is about a third: in pair 3, 1.04 s
+of 3.34 s, then readiness 0.62 s, descriptors 0.35 s. What the phase still
+spends is mostly fixed: loading the engine, drawing the coverage map for
+5,120 tiles, and reading the reused embeddings and querying 200 views 64
+deep for the confidence rule (0.4 s with ~20 views rendered, under load).
+
+The 10% target is not met on this host: the rebuild's fixed costs (the
+front, the engine load, readiness, the map, the commit) stay while the cold
+build's grow with the tiles.
 """
 
 from __future__ import annotations
