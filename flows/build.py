@@ -139,6 +139,7 @@ def build_cache(
             t.commit_cache(validated, manifest, staged, previous, new_paths)
         with run.phase("prune"):
             td.prune_work_folder(options.work_dir)
+            tf.prune_features_folder(options.work_dir)
         return run.end("success", manifest_path=str(root / MANIFEST_NAME))
     # Reached only when bad tiles ended the descriptors phase: a soft failure.
     return run.end("failure")

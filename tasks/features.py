@@ -10,6 +10,7 @@ commit, like the index. Imported by the flow only when a build has work to do.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from takeoff_cache.backbones.file import LOCAL_FEATURES
 from takeoff_cache.build import artifacts
 from takeoff_cache.build.validate import ValidatedRequest
-from takeoff_cache.core.workdir import features_dir, features_store_path
+from takeoff_cache.core.workdir import features_dir, features_store_path, prune_features
 from takeoff_cache.engines.base import Runner
 from takeoff_cache.engines.store import EngineRecord
 from takeoff_cache.errors import BadTilesError, DescriptorError
@@ -87,6 +88,13 @@ def features(
     return FeaturesBuilt(
         result.generated, result.reused, artifact, (artifact.path, files.path), files.path
     )
+
+
+def prune_features_folder(work_dir: Path) -> None:
+    """After a successful build: old features files go (only accelerators; a disk
+    that refuses is no reason to fail a build that has committed)."""
+    with contextlib.suppress(OSError):
+        prune_features(work_dir)
 
 
 def report_figures(built: FeaturesBuilt) -> dict[str, Any]:

@@ -106,3 +106,26 @@ def test_sift_reads_a_tile_and_a_turned_copy_alike() -> None:
     assert 50 < len(upright) <= MAX_KEYPOINTS and len(turned) > 50
     sim = turned.unit() @ upright.unit().T
     assert float(np.median(sim.max(axis=1))) > 0.9
+
+
+def test_old_features_files_are_pruned_beyond_the_most_recent(tmp_path: Path) -> None:
+    import os
+
+    from takeoff_cache.core.workdir import features_dir, prune_features
+
+    folder = features_dir(tmp_path)
+    folder.mkdir()
+    now = 100_000.0
+    # Oldest first; the last two were written less than an hour ago.
+    ages = [9000.0, 8000.0, 7000.0, 6000.0, 600.0, 60.0]
+    for i, age in enumerate(ages):
+        path = folder / f"keypoints.{i:012d}.features"
+        path.write_bytes(b"x")
+        os.utime(path, (now - age, now - age))
+    removed = prune_features(tmp_path, keep=1, now=now)
+    # Beyond the most recent one, all but the one younger than an hour go.
+    assert sorted(p.name for p in removed) == [f"keypoints.{i:012d}.features" for i in range(4)]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "keypoints.000000000004.features",
+        "keypoints.000000000005.features",
+    ]

@@ -165,6 +165,33 @@ def prune_indexes(
     return removed
 
 
+def prune_features(
+    work: Path,
+    *,
+    keep: int = KEEP_INDEXES,
+    older_than_s: float = PRUNE_AFTER_S,
+    now: float | None = None,
+) -> list[Path]:
+    """Delete features files of ``work``/features beyond the ``keep`` most recently
+    written, and temporary files killed builds left; return what went. Like an index,
+    a features file is only an accelerator here: the cache holds its own copy."""
+    folder = features_dir(work)
+    now = time.time() if now is None else now
+    try:
+        entries = [(e, e.stat(follow_symlinks=False).st_mtime) for e in os.scandir(folder)]
+    except FileNotFoundError:
+        return []
+    removed: list[Path] = []
+    kept = sorted(
+        ((e, m) for e, m in entries if not is_temp_name(e.name)), key=lambda em: em[1], reverse=True
+    )
+    old = [(e, m) for e, m in entries if is_temp_name(e.name)] + kept[keep:]
+    for entry, mtime in old:
+        if now - mtime > older_than_s:
+            removed += _unlink(Path(entry.path))
+    return removed
+
+
 def _unlink(path: Path) -> list[Path]:
     try:
         path.unlink()
