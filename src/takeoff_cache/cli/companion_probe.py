@@ -25,7 +25,12 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--backend", default="auto", help="the backend to describe (default: auto)")
     for name in PROBE_PATHS:
-        p.add_argument(f"--{name.replace('_', '-')}", metavar="PATH")
+        what = name.replace("_", " ")
+        p.add_argument(
+            f"--{name.replace('_', '-')}",
+            metavar="PATH",
+            help=f"the {what} to describe: where it is here, whether it exists, free disk",
+        )
     p.set_defaults(func=cmd_companion_probe)
 
 
