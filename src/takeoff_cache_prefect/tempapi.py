@@ -356,7 +356,8 @@ def stop_warm(home: Path | None = None, timeout_s: float = 30.0) -> bool:
 # that stops it once idle. argv: its folder, the idle seconds, the folder holding
 # the prefect package, the port. Idle means: no command holds ``use.lock``, none is
 # starting it (``start.lock``), and no request came for the idle time. Unused, it
-# also stops at once when ``server.json`` no longer names it (removed by hand).
+# also stops at once when ``server.json`` no longer names it (removed by hand), and
+# whenever its folder is gone (PREFECT_HOME removed, as a test's temporary one).
 _WARM_LAUNCH = """
 import fcntl, json, os, sys, threading, time
 folder, idle_s, app_dir, port = sys.argv[1], float(sys.argv[2]), sys.argv[3], int(sys.argv[4])
@@ -379,7 +380,7 @@ def free(name):
     with open(os.path.join(folder, name), "ab") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             return False
         return True
 
@@ -394,21 +395,29 @@ def watch():
     step = max(0.5, min(5.0, idle_s / 4))
     while not server.should_exit:
         time.sleep(step)
-        with open(os.path.join(folder, "start.lock"), "ab") as starting:
-            try:
-                fcntl.flock(starting, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                continue  # a command is starting or finding it
-            if not free("use.lock"):
-                last[0] = time.monotonic()
+        try:
+            if not idle():
                 continue
-            if not named():
-                break
-            if time.monotonic() - last[0] < idle_s:
-                continue
-            os.unlink(os.path.join(folder, "server.json"))
-            break
+        except OSError:
+            pass  # its folder is gone (PREFECT_HOME removed): nothing can find it
+        break
     server.should_exit = True
+
+def idle():
+    with open(os.path.join(folder, "start.lock"), "ab") as starting:
+        try:
+            fcntl.flock(starting, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # a command is starting or finding it
+        if not free("use.lock"):
+            last[0] = time.monotonic()
+            return False
+        if not named():
+            return True
+        if time.monotonic() - last[0] < idle_s:
+            return False
+        os.unlink(os.path.join(folder, "server.json"))
+        return True
 
 threading.Thread(target=watch, daemon=True).start()
 server.run()

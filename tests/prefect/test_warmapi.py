@@ -204,3 +204,16 @@ def test_a_temporary_api_prints_no_link_to_itself(demo: Demo, home: Path) -> Non
     assert "temporary Prefect API on" in proc.stderr
     assert "View at" not in proc.stderr
     assert not (home / STATE_DIR).exists() and not _servers_of(home)
+
+
+def test_a_server_whose_folder_is_removed_stops(home: Path) -> None:
+    import shutil
+
+    server = WarmServer(home, 600.0)  # far from idle
+    try:
+        assert server.wait_healthy(STARTUP_S)
+    finally:
+        server.stop()
+    assert _servers_of(home) == [server.pid]
+    shutil.rmtree(home / STATE_DIR)  # as a test's temporary PREFECT_HOME goes
+    assert not _wait_none(home, 60)
