@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from takeoff_cache.core.env import TILES_API_KEY
+from takeoff_cache.core.env import PREFECT_IDLE_MIN, TILES_API_KEY
 from tests.conftest import Demo
 from tests.support.cli import CliResult, run_cli
 from tests.support.tileserver import tile_server
@@ -97,6 +97,7 @@ def test_sigterm_ends_a_prepare_whose_tile_server_drips_its_headers(
 ) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "TAKEOFF_"))}
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), DO_NOT_TRACK="1")
+    env[PREFECT_IDLE_MIN] = "0"  # a temporary API per command: nothing outlives the test
     (tmp_path / "prefect-home").mkdir()
     argv = ["prepare", "--request", str(request_file(demo)), "--work-dir", str(tmp_path / "w")]
     with tile_server(faults={"*": ["headerdrip"]}, drip_s=0.5) as server:

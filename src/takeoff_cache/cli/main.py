@@ -57,7 +57,8 @@ def _run(argv: list[str] | None) -> int:
             print(f"takeoff-cache: verify: {problem}", file=sys.stderr)
         return exc.exit_code
     except TakeoffCacheError as exc:
-        print(f"takeoff-cache: error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines() or [""]:  # several problems: a line each
+            print(f"takeoff-cache: error: {line}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:
         return stops.line(exc)
