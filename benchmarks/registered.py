@@ -1,7 +1,7 @@
 """A fix in metres: the self-test's registered figures, locate's time per query with
 registration, and what local features cost the cache per tile.
 
-    python benchmarks/registered.py [--tiles 320] [--views 40] [--k 5] [--data DIR]
+    python benchmarks/registered.py [--tiles 320] [--views 100] [--k 5] [--data DIR]
 
 Builds the demo cache (seed 0, default self-test: it registers its first 100
 views and signs ``self_test.registered``), prints its tile-level and
@@ -115,7 +115,7 @@ def retrieval_ms(cache: Path, images: list[Path], trust: Path, k: int) -> list[f
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiles", type=int, default=320)
-    p.add_argument("--views", type=int, default=40)
+    p.add_argument("--views", type=int, default=100)
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "takeoff-bench")
     args = p.parse_args()

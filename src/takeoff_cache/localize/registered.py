@@ -56,10 +56,10 @@ from takeoff_cache.tiles.route import Route
 _ROUND = 32
 # Tiles retrieved per view, from which register() takes its distinct places.
 DEPTH = 4 * TOP
-# Views registered at most: a view costs about 0.1 CPU-s to register (its features
-# at three scales, five places matched), ten times its retrieval, so a build's
-# self-test registers the first 100 of its views.
-REGISTERED_VIEWS = 100
+# Views registered at most: a view costs about 0.1-0.2 CPU-s to register (its
+# features at three scales, five places matched), a hundred times its retrieval,
+# so a build's self-test registers the first 50 of its views (about 5 CPU-s).
+REGISTERED_VIEWS = 50
 
 
 @dataclass(frozen=True)
