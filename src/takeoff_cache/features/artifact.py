@@ -11,8 +11,9 @@ signed in the manifest like any artifact, so ``verify`` refuses it changed.
 from __future__ import annotations
 
 import json
+import mmap
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,25 +57,22 @@ def write_features(
     Every tile's features must be stored (a tile the build found bad is refused
     before this); the file is written beside ``path`` and renamed over it.
     """
-    blobs: list[bytes] = []
-    keypoints, dimension = 0, 0
-    for start in range(0, len(tiles), _CHUNK):
-        chunk = tiles[start : start + _CHUNK]
-        stored = store.get(space, [sha for _, sha in chunk])
+    # Two passes over the store, a chunk at a time: the sizes first (the header, which
+    # comes first, holds every span), then the bytes; never the whole file in memory.
+    spans, at, keypoints, dimension = [], 0, 0, 0
+    for chunk, stored in _chunks(tiles, store, space):
         for key, sha in chunk:
             features = stored.get(sha)
             if features is None:
                 raise DescriptorError(
                     f"features: tile {key[0]}/{key[1]}/{key[2]} has no stored features"
                 )
+            size = len(pack(features))
+            spans.append([at, size])
+            at += size
             keypoints += len(features)
             if len(features):
                 dimension = features.descriptors.shape[1]
-            blobs.append(pack(features))
-    spans, at = [], 0
-    for blob in blobs:
-        spans.append([at, len(blob)])
-        at += len(blob)
     header = json.dumps(
         {
             "format": FORMAT,
@@ -89,20 +87,39 @@ def write_features(
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path, point="features.file", read_only=True) as tmp, tmp.open("wb") as fh:
         fh.write(MAGIC + _LENGTH.pack(len(header)) + header)
-        for blob in blobs:
-            fh.write(blob)
+        for (chunk, stored), start in zip(
+            _chunks(tiles, store, space), range(0, len(tiles), _CHUNK), strict=True
+        ):
+            for i, (_, sha) in enumerate(chunk):
+                blob = pack(stored[sha])
+                if len(blob) != spans[start + i][1]:
+                    raise DescriptorError("features: the feature store changed while written")
+                fh.write(blob)
     return FeaturesFile(
         str(path), sha256_file(path), path.stat().st_size, len(tiles), keypoints, dimension
     )
+
+
+def _chunks(
+    tiles: Sequence[tuple[TileKey, str]], store: FeatureStore, space: str
+) -> Iterator[tuple[Sequence[tuple[TileKey, str]], dict[str, Features]]]:
+    for start in range(0, len(tiles), _CHUNK):
+        chunk = tiles[start : start + _CHUNK]
+        yield chunk, store.get(space, [sha for _, sha in chunk])
 
 
 class FeatureSet:
     """A features file, read once: each tile's features by (z, x, y)."""
 
     def __init__(self, path: Path) -> None:
+        # Mapped, not read: a corpus's features are far more than one view needs.
         try:
-            data = path.read_bytes()
-            if not data.startswith(MAGIC):
+            with path.open("rb") as fh:
+                data = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as exc:
+            raise DescriptorError(f"cache: features file {path} cannot be read: {exc}") from exc
+        try:
+            if data[: len(MAGIC)] != MAGIC:
                 raise ValueError("not a features file")
             (length,) = _LENGTH.unpack_from(data, len(MAGIC))
             body = len(MAGIC) + _LENGTH.size + length
@@ -114,7 +131,8 @@ class FeatureSet:
                 (int(z), int(x), int(y)): (body + int(at), int(n))
                 for z, x, y, at, n in header["tiles"]
             }
-        except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+        except (ValueError, KeyError, TypeError, struct.error) as exc:
+            data.close()
             raise DescriptorError(f"cache: features file {path} cannot be read: {exc}") from exc
         self._data = data
         self._cache: dict[TileKey, Features | None] = {}
