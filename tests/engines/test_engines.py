@@ -12,6 +12,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from takeoff_cache.backbones.file import load_backbones
+from takeoff_cache.demo.models import KEYPOINTS_SIZE
 from takeoff_cache.engines import get_backend
 from takeoff_cache.engines.onnxruntime import OnnxRuntimeBackend
 from takeoff_cache.engines.store import ensure_engine, lookup_engine
@@ -135,6 +136,27 @@ def broken_model(path: Path) -> None:
     onnx.save(model, str(path))
 
 
+def broken_local_features_model(path: Path, size: int) -> None:
+    """A local_features graph with the contract's outputs, but an operator no runtime has."""
+    node = helper.make_node(
+        "NoSuchOperator", ["image"], ["keypoints", "scores", "descriptors"], domain="ai.example"
+    )
+    graph = helper.make_graph(
+        [node],
+        "broken",
+        [helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, ["N", 3, size, size])],
+        [
+            helper.make_tensor_value_info("keypoints", onnx.TensorProto.FLOAT, ["N", 8, 2]),
+            helper.make_tensor_value_info("scores", onnx.TensorProto.FLOAT, ["N", 8]),
+            helper.make_tensor_value_info("descriptors", onnx.TensorProto.FLOAT, ["N", 8, 4]),
+        ],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.example", 1)]
+    )
+    onnx.save(model, str(path))
+
+
 def test_failed_compile_leaves_no_partial_engine(demo: Demo) -> None:
     broken_model(demo.root / "models" / "vpr.onnx")
     with pytest.raises(EngineError, match="'vpr'"):
@@ -184,7 +206,7 @@ class TestThroughTheBuild:
     ) -> None:
         assert run_cli(capsys, *demo.build_args()).code == 0
         before = (demo.cache / "Manifest.json").read_bytes()
-        broken_model(demo.root / "models" / "keypoints.onnx")
+        broken_local_features_model(demo.root / "models" / "keypoints.onnx", KEYPOINTS_SIZE)
         result = run_cli(capsys, *demo.build_args())
         assert result.code == 8, result.err
         assert len(result.err_lines) == 1 and "'keypoints'" in result.err
