@@ -193,7 +193,7 @@ def _prepare(
     with _phase(report, "verify"):
         manifest = Path(str(build["manifest_path"]))
         if companion is not None and sent is not None:
-            report.verify = t.companion_verify(companion, sent)
+            report.verify = t.companion_verify(companion, sent, fields.get("trust"))
         elif pool and not manifest.is_file():
             # The worker's paths are its own: the cache is there, not here.
             report.verify = {

@@ -210,9 +210,19 @@ def companion_send(
     name="companion-verify", task_run_name="companion-verify", cache_policy=NO_CACHE,
     persist_result=False,
 )  # fmt: skip
-def companion_verify(companion: CompanionOptions, sent: Sent) -> dict[str, Any]:
+def companion_verify(
+    companion: CompanionOptions, sent: Sent, trust: str | None = None
+) -> dict[str, Any]:
+    """``verify --host-check`` there, and with ``trust`` (the workstation's trust store)
+    the companion's manifest checked here: trusted, and of the build that was sent."""
     from takeoff_cache.companion.session import verify_on_companion
 
     return asyncio.run(
-        verify_on_companion(companion.ssh_settings(), sent.bring_up.paths, tool=companion.tool)
+        verify_on_companion(
+            companion.ssh_settings(),
+            sent.bring_up.paths,
+            tool=companion.tool,
+            trust=trust,
+            identity=sent.identity or None,
+        )
     )

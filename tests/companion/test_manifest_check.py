@@ -106,3 +106,30 @@ def test_no_workstation_trust_store_is_refused_before_connecting(rig: Rig, demo:
     with pytest.raises(InvalidRequestError, match="trust"):
         _build(rig, demo, trust=None)
     assert rig.companion.commands == []
+
+
+def test_a_work_pools_build_on_the_companion_is_checked_the_same_way(rig: Rig, demo: Demo) -> None:
+    """``prepare --companion --work-pool``: the pool's worker built there; the verify
+    phase reads the manifest back over SSH and checks it as after an SSH build."""
+    from takeoff_cache.companion.session import verify_on_companion
+
+    first = _build(rig, demo)
+    identity = first.verify["workstation"]["build_identity"]
+    paths = first.bring_up.paths  # as bring-up found them there (~ expanded)
+
+    def verify(**extra: Any) -> dict[str, Any]:
+        call = verify_on_companion(rig.settings(), paths, **extra)
+        result: dict[str, Any] = asyncio.run(call)
+        return result
+
+    checked = verify(trust=rig.workstation_trust, identity=identity)
+    assert checked["ok"] and checked["workstation"]["build_identity"] == identity
+    message = _caught(lambda: verify(trust=rig.workstation_trust, identity="f" * 64))
+    assert "not of the build sent" in message
+    stranger = rig.client_dir / "stranger-trust"
+    stranger.mkdir()
+    generate_keypair(rig.client_dir / "stranger.key")
+    (stranger / "stranger.pub").write_bytes((rig.client_dir / "stranger.key.pub").read_bytes())
+    message = _caught(lambda: verify(trust=stranger, identity=identity))
+    assert "does not verify with the workstation's trust store" in message
+    assert "workstation" not in verify()  # without a trust store: the companion's word only

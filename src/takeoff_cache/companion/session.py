@@ -178,9 +178,10 @@ def _safe(name: str) -> str:
 
 
 def check_manifest(
-    data: bytes, trusted: list[TrustedKey], identity: str, target: str, trust: Path | str
+    data: bytes, trusted: list[TrustedKey], identity: str | None, target: str, trust: Path | str
 ) -> Manifest:
-    """The companion's manifest, verified with the workstation's keys and of ``identity``."""
+    """The companion's manifest, verified with the workstation's keys and of ``identity``
+    (when one is given)."""
     try:
         manifest = verify_manifest_bytes(data, trusted)
     except VerificationError as exc:
@@ -188,7 +189,7 @@ def check_manifest(
             f"companion: {target}: its {MANIFEST_NAME} does not verify with the"
             f" workstation's trust store {trust}: {exc}"
         ) from None
-    if manifest.build_identity != identity:
+    if identity is not None and manifest.build_identity != identity:
         raise CompanionManifestError(
             f"companion: {target}: its {MANIFEST_NAME} is of build"
             f" {shown(manifest.build_identity, 16)}..., not of the build sent"
@@ -300,8 +301,20 @@ async def verify_on_companion(
     *,
     tool: str = "takeoff-cache",
     redact: Redactor | None = None,
+    trust: Path | str | None = None,
+    identity: str | None = None,
 ) -> dict[str, Any]:
-    """``verify --host-check`` of the companion's cache, there."""
+    """``verify --host-check`` of the companion's cache, there; with ``trust`` (the
+    workstation's trust store) its manifest is also read back and checked here, as
+    after a build over SSH: signed by a trusted key, and of ``identity`` when given
+    (a build run by a work pool's worker on the companion, of what was sent)."""
+    trusted = workstation_trust(trust) if trust is not None else None
     async with connect(settings) as conn:
         verified = await remote_verify(conn, paths, tool=tool, redact=redact)
-    return verified.report
+        if trusted is None:
+            return verified.report
+        data = await read_remote_manifest(conn, paths.cache_root)
+    trust_path, keys = trusted
+    manifest = check_manifest(data, keys, identity, str(conn.target), trust_path)
+    checked = {"ok": True, "keyid": manifest.keyid, "build_identity": manifest.build_identity}
+    return {**verified.report, "workstation": checked}

@@ -45,9 +45,10 @@ def precheck(
     ``raw``: the build request's fields; ``job``: the resolve phase's parameters
     (``JOB_PARAMETERS``, or any mapping holding them). Where the build runs decides
     what is this machine's to check: everything, when it runs here; on a companion
-    over SSH, the backbones sent there and the workstation's trust store (the
-    companion's manifest is checked with it), its cache root and key being the
-    companion's; through a work pool, the fields only (paths are the worker's).
+    over SSH (built there by SSH or by a work pool's worker), the backbones sent
+    there and the workstation's trust store (the companion's manifest is checked
+    with it), its cache root and key being the companion's; through a work pool
+    alone, the fields only (paths are the worker's).
     """
     problems = Problems()
     pending = PENDING + (COMPANION_DECIDES if companion else ())
@@ -59,7 +60,7 @@ def precheck(
         with problems.check():
             if problem := kind_problem(fields["backbones"], "file"):
                 raise InvalidRequestError(f"backbones: {fields['backbones']} {problem}")
-        if not pool and "trust" in fields:
+        if "trust" in fields:
             from takeoff_cache.companion.session import workstation_trust  # SSH's code
 
             with problems.check():
