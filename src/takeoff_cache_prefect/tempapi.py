@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from takeoff_cache.core.env import PREFECT_IDLE_MIN, SECRETS
+from takeoff_cache.core.fsutil import atomic_write_bytes
 from takeoff_cache.errors import InvalidRequestError
 
 # uvicorn's exit status when its port was taken meanwhile (Prefect retries on it too).
@@ -229,9 +230,7 @@ class WarmServer:
         state = {"url": self.url, "port": self.port, "pid": self.pid}
         state["fingerprint"] = _fingerprint()
         state["idle_s"] = self.idle_s
-        tmp = self.dir / f".{STATE_FILE}.{os.getpid()}"
-        tmp.write_text(json.dumps(state), encoding="utf-8")
-        tmp.replace(self.dir / STATE_FILE)
+        atomic_write_bytes(self.dir / STATE_FILE, json.dumps(state).encode(), point="warmapi")
 
     def wait_healthy(self, timeout_s: float) -> bool:
         """Wait until it answers; then the next command may look for it."""

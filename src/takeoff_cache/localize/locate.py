@@ -425,8 +425,12 @@ def locate(
     *,
     k: int = DEFAULT_K,
     backbones: Path | None = None,
+    register_views: bool = True,
 ) -> list[Location]:
     """Verify the cache, then locate each image in it (one query per image, timed).
+
+    ``register_views``: register each image on its top places' local features (a fix
+    in metres) where the cache has them; False answers from retrieval alone.
 
     Every image is checked to be a regular file before any work (a FIFO or a
     device is refused, :class:`ImageError`, without being opened), then each is
@@ -441,7 +445,11 @@ def locate(
     localizer = open_localizer(cache_root.resolve(), manifest, backbones=backbones)
     pixels = localizer.empty_pixels(1)
     # A cache with local features registers each image on its top k places (register.py).
-    opened = open_features(cache_root.resolve(), manifest, backbones=backbones)
+    opened = (
+        open_features(cache_root.resolve(), manifest, backbones=backbones)
+        if register_views
+        else None
+    )
     test = manifest.signed.get("self_test")
     rule = Confidence.from_signed(test.get("confidence") if isinstance(test, dict) else None)
     out = []
