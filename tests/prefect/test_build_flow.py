@@ -15,6 +15,7 @@ import pytest
 from prefect.artifacts import Artifact
 
 from takeoff_cache.demo.synthetic import replace_tile_bytes
+from takeoff_cache.localize.selftest import view_space
 from takeoff_cache.trust.keys import load_trust_store
 from takeoff_cache.trust.verify import verify_cache
 from takeoff_cache_prefect.artifacts import artifact_key
@@ -124,6 +125,14 @@ def test_deleted_artifact_is_rebuilt_not_served_from_prefect_cache(
     verify_cache(demo.cache, load_trust_store(demo.trust))
 
 
+def tile_space(store: Any) -> str:
+    """The store's space of tile descriptors: the one whose views' space it also holds
+    (the self-test keeps its views' embeddings beside the tiles')."""
+    keys = {key for (key,) in store._db.execute("SELECT key FROM spaces")}
+    (space,) = (key for key in keys if view_space(key) in keys)
+    return space
+
+
 def test_an_index_taken_from_prefects_cache_dates_its_descriptor_space(
     capsys: pytest.CaptureFixture[str], demo: Demo
 ) -> None:
@@ -141,7 +150,7 @@ def test_an_index_taken_from_prefects_cache_dates_its_descriptor_space(
     assert report["outcome"] == "success" and report["descriptors_reused"] == 80
     assert indexed.stat().st_ino == inode
     store = DescriptorStore(store_path(demo.work))
-    (space,) = (key for (key,) in store._db.execute("SELECT key FROM spaces"))
+    space = tile_space(store)
     store.mark_used(space, 1.0)  # as if last used long ago
     store.close()
     (demo.cache / index["path"]).unlink()
@@ -360,7 +369,7 @@ def test_a_changed_corpus_build_prunes_the_work_folder_and_a_pruned_index_is_reb
     os.utime(killed, (hours_ago, hours_ago))
     # Descriptor spaces of engines no longer used, the newest unused for over the idle time.
     store = DescriptorStore(store_path(demo.work))
-    (space,) = (key for (key,) in store._db.execute("SELECT key FROM spaces"))
+    space = tile_space(store)
     stale = [f"retired-engine-{i}" for i in range(KEEP_SPACES)]
     for i, key in enumerate(stale):
         store.put(key, ["ab" * 32], np.eye(8, dtype=np.float32)[:1])
@@ -387,8 +396,11 @@ def test_a_changed_corpus_build_prunes_the_work_folder_and_a_pruned_index_is_reb
         )
     }
     store.close()
-    # This build's space and the three most recently used others stay; the oldest goes.
-    assert spaces == {space: 81, **{key: 1 for key in stale[:-1]}}
+    # This build's spaces (its tiles', and its self-test views') and the two most
+    # recently used others stay; the older ones go.
+    views = view_space(space)
+    assert spaces.pop(views) > 0
+    assert spaces == {space: 81, **{key: 1 for key in stale[: KEEP_SPACES - 2]}}
     verify_cache(demo.cache, load_trust_store(demo.trust))
 
     # The corpus as it was: its index is gone from the work folder, so it is

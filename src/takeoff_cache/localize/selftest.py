@@ -650,7 +650,12 @@ class ViewReuse:
     @property
     def view_space(self) -> str:
         """The store's space for view embeddings of this engine (never a tile's)."""
-        return content_key({"descriptor_space": self.space, "render": RENDER_ID})
+        return view_space(self.space)
+
+
+def view_space(space: str) -> str:
+    """The store's space for the self-test's view embeddings beside tile space ``space``."""
+    return content_key({"descriptor_space": space, "render": RENDER_ID})
 
 
 def view_key(view: View, tile_sha256: Mapping[TileKey, str], noise_seed: int) -> str:
