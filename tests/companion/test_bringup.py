@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +24,6 @@ from takeoff_cache.errors import (
 )
 from tests.companion.test_companion import Rig
 from tests.support.companion import console_script
-
-
-@pytest.fixture
-def rig(tmp_path: Path, prefect_server: Any) -> Iterator[Rig]:
-    rig = Rig(tmp_path, prefect_server.env())
-    try:
-        yield rig
-    finally:
-        rig.close()
 
 
 async def _bring_up(rig: Rig, tool: str, paths: CompanionPaths | None = None) -> BringUp:

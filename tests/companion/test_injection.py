@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -25,15 +22,6 @@ ATTACKS = [
     f"takeoff-cache && touch {MARK}",
     f"takeoff-cache\ntouch {MARK}",
 ]
-
-
-@pytest.fixture
-def rig(tmp_path: Path, prefect_server: Any) -> Iterator[Rig]:
-    rig = Rig(tmp_path, prefect_server.env())
-    try:
-        yield rig
-    finally:
-        rig.close()
 
 
 async def _bring_up_and_build(rig: Rig, paths: CompanionPaths, tool: str) -> None:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,15 +16,6 @@ from takeoff_cache.errors import EXIT_COMPANION, CompanionManifestError, Invalid
 from takeoff_cache.trust.keys import generate_keypair
 from tests.companion.test_companion import Rig, demo_request
 from tests.conftest import Demo
-
-
-@pytest.fixture
-def rig(tmp_path: Path, prefect_server: Any) -> Iterator[Rig]:
-    rig = Rig(tmp_path, prefect_server.env())
-    try:
-        yield rig
-    finally:
-        rig.close()
 
 
 def _forging(rig: Rig) -> str:

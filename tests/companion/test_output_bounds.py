@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import time
 import tracemalloc
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,15 +18,6 @@ from tests.companion.test_companion import Rig
 from tests.support.companion import console_script
 
 MB = 1 << 20
-
-
-@pytest.fixture
-def rig(tmp_path: Path, prefect_server: Any) -> Iterator[Rig]:
-    rig = Rig(tmp_path, prefect_server.env())
-    try:
-        yield rig
-    finally:
-        rig.close()
 
 
 def _run(rig: Rig, tool: str, lines: list[str]) -> Any:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +20,6 @@ from takeoff_cache.companion.ssh import connect
 from takeoff_cache.errors import EXIT_COMPANION, RemoteCommandError, RemoteOutputError
 from tests.companion.test_companion import Rig
 from tests.support.companion import console_script
-
-
-@pytest.fixture
-def rig(tmp_path: Path, prefect_server: Any) -> Iterator[Rig]:
-    rig = Rig(tmp_path, prefect_server.env())
-    try:
-        yield rig
-    finally:
-        rig.close()
 
 
 def test_report_types_are_checked_and_new_fields_tolerated() -> None:
