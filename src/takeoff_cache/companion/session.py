@@ -93,7 +93,18 @@ async def read_remote_manifest(conn: Connection, cache_root: str) -> bytes:
     """The bytes of ``cache_root/Manifest.json`` there, a regular file of at most
     :data:`MANIFEST_LIMIT` bytes."""
     path = posixpath.join(cache_root, MANIFEST_NAME)
+    missing = f"its build reported success but left no {shown(path, 300)}"
+    return await read_remote_file(conn, path, MANIFEST_LIMIT, "a manifest", missing)
+
+
+async def read_remote_file(
+    conn: Connection, path: str, limit: int, what: str | None = None, missing: str | None = None
+) -> bytes:
+    """The bytes of the regular file ``path`` there, at most ``limit`` of them (its size
+    is checked before it is read, and the read stops past it). ``what`` names such a
+    file in the size error, ``missing`` says what its absence means."""
     target = conn.target
+    too_big = f"larger than {what} ({limit})" if what else f"larger than {limit} bytes"
     try:
         async with await conn.conn.start_sftp_client() as sftp:
             attrs = await sftp.lstat(path)
@@ -101,53 +112,28 @@ async def read_remote_manifest(conn: Connection, cache_root: str) -> bytes:
                 raise CompanionManifestError(
                     f"companion: {target}: {shown(path, 300)} is not a regular file"
                 )
-            if attrs.size is not None and attrs.size > MANIFEST_LIMIT:
+            if attrs.size is not None and attrs.size > limit:
                 raise CompanionManifestError(
-                    f"companion: {target}: {shown(path, 300)} holds {attrs.size} bytes,"
-                    f" more than a manifest ({MANIFEST_LIMIT})"
+                    f"companion: {target}: {shown(path, 300)} holds {attrs.size} bytes, {too_big}"
                 )
             async with sftp.open(path, "rb") as fh:
-                data: bytes = await fh.read(MANIFEST_LIMIT + 1)
+                data: bytes = await fh.read(limit + 1)
     except asyncssh.SFTPNoSuchFile:
-        raise CompanionManifestError(
-            f"companion: {target}: its build reported success but left no {shown(path, 300)}"
-        ) from None
+        absent = missing or f"{shown(path, 300)} is not there"
+        raise CompanionManifestError(f"companion: {target}: {absent}") from None
     except (asyncssh.Error, OSError) as exc:
         raise CompanionManifestError(
             f"companion: {target}: cannot read {shown(path, 300)} back: {exc}"
         ) from exc
-    if len(data) > MANIFEST_LIMIT:
-        raise CompanionManifestError(
-            f"companion: {target}: {shown(path, 300)} is larger than a manifest ({MANIFEST_LIMIT})"
-        )
+    if len(data) > limit:
+        raise CompanionManifestError(f"companion: {target}: {shown(path, 300)} is {too_big}")
     return data
 
 
 async def fetch_file(conn: Connection, path: str, local: Path, limit: int) -> None:
     """Copy the regular file ``path`` there to ``local`` here, at most ``limit`` bytes,
     written whole or not at all."""
-    target = conn.target
-    try:
-        async with await conn.conn.start_sftp_client() as sftp:
-            attrs = await sftp.lstat(path)
-            if attrs.permissions is None or not stat.S_ISREG(attrs.permissions):
-                raise CompanionManifestError(
-                    f"companion: {target}: {shown(path, 300)} is not a regular file"
-                )
-            async with sftp.open(path, "rb") as fh:
-                data: bytes = await fh.read(limit + 1)
-    except asyncssh.SFTPNoSuchFile:
-        raise CompanionManifestError(
-            f"companion: {target}: {shown(path, 300)} is not there"
-        ) from None
-    except (asyncssh.Error, OSError) as exc:
-        raise CompanionManifestError(
-            f"companion: {target}: cannot read {shown(path, 300)} back: {exc}"
-        ) from exc
-    if len(data) > limit:
-        raise CompanionManifestError(
-            f"companion: {target}: {shown(path, 300)} is larger than {limit} bytes"
-        )
+    data = await read_remote_file(conn, path, limit)
     local.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(local) as tmp:
         tmp.write_bytes(data)
