@@ -27,11 +27,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import os
 import shutil
-import sqlite3
 import sys
 import tempfile
 from pathlib import Path
@@ -43,15 +41,12 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
 os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+from views import write_views  # noqa: E402  (benchmarks/views.py)
 
 from takeoff_cache.cli.main import main as cli  # noqa: E402
 from takeoff_cache.demo import make_demo_data  # noqa: E402
 from takeoff_cache.demo.synthetic import write_corpus  # noqa: E402
 from takeoff_cache.localize.locate import CONFIDENT, OUTSIDE, locate, near  # noqa: E402
-from takeoff_cache.localize.selftest import View, draw_views, render_view  # noqa: E402
-from takeoff_cache.tiles.corpus import open_corpus  # noqa: E402
 from takeoff_cache.trust.keys import load_trust_store  # noqa: E402
 
 TileKey = tuple[int, int, int]
@@ -59,44 +54,6 @@ TileKey = tuple[int, int, int]
 
 def log(*parts: object) -> None:
     print(*parts, file=sys.stderr, flush=True)
-
-
-def write_views(corpus: Path, seed: str, n: int, out: Path) -> list[tuple[Path, View]]:
-    """``n`` views of the corpus's tiles whose 8 neighbours it holds, as JPEG files."""
-    db = sqlite3.connect(corpus)
-    try:
-        rows = db.execute("SELECT zoom_level, tile_column, tile_row FROM tiles").fetchall()
-    finally:
-        db.close()
-    tiles = sorted((z, x, (1 << z) - 1 - r) for z, x, r in rows)
-    held = set(tiles)
-    inner = [
-        t
-        for t in tiles
-        if all((t[0], t[1] + dx, t[2] + dy) in held for dx in (-1, 0, 1) for dy in (-1, 0, 1))
-    ]
-    out.mkdir(parents=True)
-    written = []
-    with open_corpus(corpus) as source:
-        for i, view in enumerate(draw_views(inner, n, seed)):
-            z, x, y = view.tile
-            mosaic = np.concatenate(
-                [
-                    np.concatenate(
-                        [
-                            np.asarray(Image.open(io.BytesIO(source.read(z, x + dx, y + dy))))
-                            for dx in (-1, 0, 1)
-                        ],
-                        axis=1,
-                    )
-                    for dy in (-1, 0, 1)
-                ],
-                axis=0,
-            )
-            path = out / f"view{i:04d}.jpg"
-            path.write_bytes(render_view(np.ascontiguousarray(mosaic), view, mosaic.shape[0] // 3))
-            written.append((path, view))
-    return written
 
 
 def shares(said: list[str | None]) -> dict[str, float]:
