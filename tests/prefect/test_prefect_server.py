@@ -372,6 +372,8 @@ def test_the_prepare_flight_deployment_builds_a_flight_on_the_worker(stack: Stac
             **{k: raw[k] for k in ("sector_class", "backbones", "precision", "key", "trust")},
             "cache_root": str(cache),
             "work_dir": str(stack.root / "work"),
+            # The test tile server repeats six images: no backbone can localize there.
+            "min_recall": 0,
         }
         run_id = _run_deployment(stack, "prepare-flight/prepare-flight", params)
         run = _wait(stack, run_id)
@@ -399,6 +401,8 @@ def _prepare_corridor(raw: dict[str, Any]) -> list[str]:
         "prepare", "--plan", str(ROOT / "tests" / "data" / "flights" / "survey_corridor.plan"),
         "--corpus", raw["corpus"], "--zoom", "16", "--buffer-m", "100",
         "--sector", raw["sector_class"], "--backbones", raw["backbones"],
+        # The stack's corpus holds a few of the corridor's tiles: accepted knowingly.
+        "--allow-gaps",
     ]  # fmt: skip
 
 
@@ -449,6 +453,7 @@ def test_prepare_sends_over_ssh_then_builds_on_the_pool_worker(
             "--known-hosts", str(rig.client_dir / "known_hosts"),
             "--identity", str(rig.client_dir / "id_ed25519"), "--no-agent",
             "--work-pool", "takeoff-cache", "--work-dir", str(tmp_path / "workstation-work"),
+            "--trust", str(rig.workstation_trust),  # the companion's manifest is checked here
             "--json",
         ]  # fmt: skip
         done = subprocess.run(
@@ -460,6 +465,7 @@ def test_prepare_sends_over_ssh_then_builds_on_the_pool_worker(
     report = json.loads(done.stdout)
     assert report["companion"]["transfer"]["bytes_sent"] > 0
     assert report["build"]["outcome"] == "success" and report["verify"]["ok"] is True
+    assert report["verify"]["workstation"]["ok"] is True
     inputs = rig.companion.root / "inputs"
     (run,) = [
         r for r in _build_runs(stack) if r["parameters"]["corpus"] == f"{inputs}/tiles.mbtiles"
