@@ -313,5 +313,5 @@ def test_verify_json_summary_of_a_good_cache(
     result = verify(capsys, root, "--json")
     assert result.code == 0
     summary = result.json()
-    assert summary["ok"] is True and summary["version"] == 1 and summary["artifacts"] == 4
+    assert summary["ok"] is True and summary["version"] == 1 and summary["artifacts"] == 5
     assert summary["keyid"] == signed_of(root)["signatures"][0]["keyid"]
