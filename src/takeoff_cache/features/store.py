@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import sqlite3
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -88,33 +89,27 @@ class FeatureStore:
 
     def missing(self, space: str, shas: Sequence[str]) -> set[str]:
         """Which of ``shas`` have no row in ``space`` (rows are not read)."""
-        found: set[str] = set()
+        found = {tile.hex() for (tile,) in self._rows("tile", space, shas)}
+        return set(shas) - found
+
+    def _rows(self, columns: str, space: str, shas: Sequence[str]) -> Iterator[Any]:
+        """``columns`` of the rows of ``shas`` in ``space``, queried :data:`_CHUNK` at a time."""
         unique = sorted(set(shas))
         for start in range(0, len(unique), _CHUNK):
             chunk = unique[start : start + _CHUNK]
             marks = ",".join("?" * len(chunk))
-            rows = self._db.execute(
-                f"SELECT tile FROM features WHERE space = ? AND tile IN ({marks})",
+            yield from self._db.execute(
+                f"SELECT {columns} FROM features WHERE space = ? AND tile IN ({marks})",
                 (space, *(bytes.fromhex(s) for s in chunk)),
             )
-            found.update(tile.hex() for (tile,) in rows)
-        return set(unique) - found
 
     def get(self, space: str, shas: Sequence[str]) -> dict[str, Features]:
         """The stored features of ``shas`` that unpack; damaged rows are left out."""
         out: dict[str, Features] = {}
-        unique = sorted(set(shas))
-        for start in range(0, len(unique), _CHUNK):
-            chunk = unique[start : start + _CHUNK]
-            marks = ",".join("?" * len(chunk))
-            rows = self._db.execute(
-                f"SELECT tile, data FROM features WHERE space = ? AND tile IN ({marks})",
-                (space, *(bytes.fromhex(s) for s in chunk)),
-            )
-            for tile, data in rows:
-                features = unpack(data)
-                if features is not None:
-                    out[tile.hex()] = features
+        for tile, data in self._rows("tile, data", space, shas):
+            features = unpack(data)
+            if features is not None:
+                out[tile.hex()] = features
         return out
 
     def put(self, space: str, shas: Sequence[str], features: Sequence[Features]) -> None:
