@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from takeoff_cache.demo.synthetic import corridor_area
-from tests.support.procs import PrefectServer, copy_sandbox, run_build
+from tests.support.procs import PrefectServer, copy_sandbox, run_build, settle_corpus
 
 # What engines, decoding and the index need; a no-op needs none of them, and no
 # more what normalizes an area (shapely, pyproj) or plans a flight (prepare).
@@ -68,6 +68,7 @@ def built(
     root = copy_sandbox(demo_source, tmp_path_factory.mktemp("noop-cost") / request.param)
     if request.param == "area":
         with_area(root)
+    settle_corpus(root)
     first = run_build(root, prefect_server.env())
     assert first.returncode == 0, first.stderr
     assert first.report()["outcome"] == "success"

@@ -26,7 +26,6 @@ import pytest
 from takeoff_cache.cli.main import main
 from takeoff_cache.core.layout import MANIFEST_NAME
 from takeoff_cache.errors import VerificationError
-from takeoff_cache.tiles.selection import RACY_S, _last_change_ns, _signature
 from tests.support.cli import run_cli
 from tests.support.procs import (
     PrefectServer,
@@ -39,6 +38,7 @@ from tests.support.procs import (
     finish,
     lock_is_free,
     run_build,
+    settle_corpus,
     start_build,
     verified,
 )
@@ -131,10 +131,8 @@ def prepare(
 ) -> tuple[str, ...]:
     """Copy the scenario's starting point to ``dest``; return the build flags it needs.
 
-    ``settled``: wait until the corpus file has been unchanged for RACY_S, so that
-    the build remembers its selection (and passes the ``selection.entry`` points)
-    whatever its start-up time. Without it, whether it does depends on how soon
-    after the copy the select phase runs.
+    ``settled``: see :func:`settle_corpus` (the build then passes the
+    ``selection.entry`` points).
     """
     copy_sandbox(empty if scenario == "first" else base, dest)
     if scenario in ("update", "tile"):
@@ -142,9 +140,7 @@ def prepare(
     if scenario == "update":
         change_model(dest)
     if settled:
-        # The corpus's last change as the selection cache itself reads it.
-        changed_ns = _last_change_ns(_signature(dest / "corpus.mbtiles"))
-        time.sleep(max(0.0, changed_ns / 1e9 + RACY_S + 0.05 - time.time()))
+        settle_corpus(dest)
     return ("--zoom", "16") if scenario == "zoom" else ()
 
 

@@ -199,6 +199,16 @@ def copy_sandbox(source: Path, dest: Path) -> Path:
     return dest
 
 
+def settle_corpus(root: Path) -> None:
+    """Wait until the sandbox's corpus has been unchanged for RACY_S, as a corpus downloaded
+    before the build has: the build then remembers its selection whatever its start-up
+    time. Without it, whether it does depends on how soon after the copy it selects."""
+    from takeoff_cache.tiles.selection import RACY_S, _last_change_ns, _signature
+
+    changed_ns = _last_change_ns(_signature(root / "corpus.mbtiles"))
+    time.sleep(max(0.0, changed_ns / 1e9 + RACY_S + 0.05 - time.time()))
+
+
 def cache_of(root: Path) -> Path:
     return root / "cache"
 
