@@ -14,9 +14,10 @@ from takeoff_cache.build.options import OPTION_FIELDS, build_options
 from takeoff_cache.build.preload import preload
 from takeoff_cache.build.request import FIELDS
 from takeoff_cache.core.layout import MANIFEST_NAME
-from takeoff_cache_prefect.results import untracked
+from takeoff_cache_prefect.results import json_parameters, untracked
 
 
+@json_parameters
 @flow(name="build-cache", validate_parameters=False, persist_result=False, log_prints=False)
 def build_cache(
     corpus: str | None = None,

@@ -35,6 +35,7 @@ from takeoff_cache.prepare.precheck import precheck
 from takeoff_cache.prepare.report import PrepareReport
 from takeoff_cache.tiles.area import DEFAULT_BUFFER_M
 from takeoff_cache_prefect.artifacts import artifact_key
+from takeoff_cache_prefect.results import json_parameters
 
 # The build's own failure code ("failure" outcome); its typed errors keep theirs.
 EXIT_BUILD_FAILED = 3
@@ -55,6 +56,7 @@ def recorded_prepares() -> Iterator[list[tuple[PrepareReport, TakeoffCacheError 
         _prepared.reset(token)
 
 
+@json_parameters
 @flow(name="prepare-flight", validate_parameters=False, persist_result=False, log_prints=False)
 def prepare_flight(
     plan: str | None = None,

@@ -17,8 +17,10 @@ from prefect import flow, get_run_logger
 from takeoff_cache_prefect.tasks import watch as t
 
 from takeoff_cache.build.request import FIELDS, parse_request
+from takeoff_cache_prefect.results import json_parameters
 
 
+@json_parameters
 @flow(name="watch-corpus", validate_parameters=False, persist_result=False, log_prints=False)
 def watch_corpus(
     corpus: str | None = None,

@@ -37,7 +37,7 @@ import threading, time
 import prefect  # noqa: F401  (the bound is for processes that loaded Prefect)
 from takeoff_cache.cli import stops
 threading.Thread(target=time.sleep, args=(600,)).start()
-stops.bound_exit(3)
+stops.finish(3)
 """
 
 
@@ -105,3 +105,25 @@ def test_a_command_with_its_answer_exits_though_a_thread_holds_the_exit() -> Non
     )
     assert proc.returncode == 3, proc.stderr
     assert time.monotonic() - started < EXIT_DRAIN_S + 60  # imports included
+
+
+# Ends as the interpreter would: output flushed, other threads joined, exit handlers run.
+CLEAN_EXIT = """
+import atexit, sys, threading, time
+import prefect  # noqa: F401
+from takeoff_cache.cli import stops
+atexit.register(lambda: print("handler ran", file=sys.stderr))
+threading.Thread(target=lambda: (time.sleep(0.5), print("thread done"))).start()
+print("answer", end="")
+stops.finish(5)
+print("never")
+"""
+
+
+def test_a_command_that_ends_promptly_still_ends_as_the_interpreter_would() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", CLEAN_EXIT], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 5, proc.stderr
+    assert proc.stdout == "answerthread done\n"
+    assert proc.stderr == "handler ran\n"

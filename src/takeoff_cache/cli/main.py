@@ -39,10 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command in ``argv`` and return its exit status. None: this process's
-    own command line, and the process then ends within a bound (``stops``)."""
+    own command line, and the process then ends within a bound (``stops.finish``)."""
     code = _run(argv)
     if argv is None:
-        stops.bound_exit(code)
+        stops.finish(code)
     return code
 
 
