@@ -21,7 +21,7 @@ from takeoff_cache_prefect.tasks.features import extractor_for
 
 from takeoff_cache.build.options import BuildOptions
 from takeoff_cache.build.validate import ValidatedRequest
-from takeoff_cache.core.workdir import indexes_dir, maps_dir, store_path
+from takeoff_cache.core.workdir import indexes_dir, maps_dir, registered_views_dir, store_path
 from takeoff_cache.descriptors.decode import decode_workers
 from takeoff_cache.descriptors.index import read_index
 from takeoff_cache.descriptors.store import DescriptorStore, descriptor_space
@@ -146,14 +146,18 @@ def self_test_task(
     store = DescriptorStore(store_path(options.work_dir))
     try:
         shas = {(t.z, t.x, t.y): t.sha256 for t in selection.tiles}
+        reuse = ViewReuse(store, space, shas)
         result = run_self_test(
             localizer,
             validated.request.corpus,
             k=options.self_test,
             route=validated.request.route,
             workers=decode_workers(localizer.runner.on_accelerator),
-            reuse=ViewReuse(store, space, shas),
+            reuse=reuse,
         )
+        registered = None
+        if features_file is not None:
+            registered = _registered(validated, records, localizer, options, features_file, reuse)
     finally:
         store.close()
     drawn = _draw(
@@ -161,10 +165,11 @@ def self_test_task(
     )
     reason = min_recall(result, options.min_recall) if options.min_recall is not None else None
     summary, signed = result.summary(), result.signed()
-    if features_file is not None:
-        registered = _registered(validated, records, localizer, options, features_file)
+    if registered is not None:
         summary["registered"] = registered
-        signed["registered"] = {k: v for k, v in registered.items() if k != "seconds"}
+        signed["registered"] = {
+            k: v for k, v in registered.items() if k not in ("seconds", "views_reused")
+        }
     return SelfTested(summary, signed, str(drawn), reason)
 
 
@@ -174,8 +179,10 @@ def _registered(
     localizer: Localizer,
     options: BuildOptions,
     features_file: str,
+    reuse: ViewReuse,
 ) -> dict[str, Any]:
-    """The self-test's views registered on the new features file (localize/registered.py)."""
+    """The self-test's views registered on the new features file (localize/registered.py),
+    those whose outcome cannot have changed taken from the work folder."""
     views = self_test_views(localizer, options.self_test, validated.request.route)
     result = evaluate_registered(
         localizer,
@@ -184,5 +191,7 @@ def _registered(
         extractor_for(validated, records),
         FeatureSet(Path(features_file)),
         workers=decode_workers(localizer.runner.on_accelerator),
+        reuse=reuse,
+        remembered=registered_views_dir(options.work_dir),
     )
     return result.summary()

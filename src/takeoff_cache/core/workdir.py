@@ -82,6 +82,11 @@ def checked_backbones_dir(work: Path) -> Path:
     return work / "checked-backbones"
 
 
+def registered_views_dir(work: Path) -> Path:
+    """The self-test's registered views, by what decides them (localize/registered.py)."""
+    return work / "registered-views"
+
+
 def normalized_areas_dir(work: Path) -> Path:
     """Mission areas normalized once, by the GeoJSON they came from (tiles/geojson.py)."""
     return work / "normalized-areas"

@@ -2,13 +2,19 @@
 
 The views are the tile-level self-test's own, the first
 :data:`REGISTERED_VIEWS` of them (the same seed draws the same geometry and
-photometry, :func:`selftest.view_seed`), rendered at the tiles'
-full resolution as a camera delivers a photo, not at the place-recognition
-engine's smaller input. Each is retrieved (top :data:`DEPTH`), registered
-on up to :data:`.register.PLACES` distinct places among them
+photometry, :func:`selftest.view_seed`). Each is retrieved (top :data:`DEPTH`)
+with the embedding the tile-level self-test gave it, then rendered at the
+tiles' full resolution as a camera delivers a photo, not at the
+place-recognition engine's smaller input, registered on up to
+:data:`.register.PLACES` distinct places among the tiles retrieved
 (:func:`.register.register`) and re-ranked by inliers; a view that does not
 register keeps the retrieval's answer and its score-weighted estimate, as
 ``locate`` answers it.
+
+A rebuild registers again only the views whose outcome may have changed: an
+outcome is kept in the work folder under a key of everything that decides it
+(:func:`_outcome_keys`), so a 1% tile change registers the few views over or
+retrieving a changed tile.
 
 Figures: the share of views registered; Recall@1 after re-ranking (the tile
 under the fix at the view's zoom, or the retrieval's top tile where there is no
@@ -22,6 +28,8 @@ within two sigma.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import statistics
 import time
@@ -31,24 +39,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
+from takeoff_cache import __version__
 from takeoff_cache.backbones.spec import InputSpec
+from takeoff_cache.core.canonical import content_key
+from takeoff_cache.core.fsutil import atomic_write_bytes
 from takeoff_cache.core.tilemath import haversine_m, lonlat_to_fractional_tile
 from takeoff_cache.features.artifact import FeatureSet
-from takeoff_cache.features.extract import Extractor
+from takeoff_cache.features.extract import Extractor, Features
 from takeoff_cache.localize.locate import Localizer, Match, estimate_position
 from takeoff_cache.localize.register import register
 from takeoff_cache.localize.selftest import (
     TOP,
     View,
     ViewJitter,
+    ViewReuse,
     draw_route_views,
     draw_views,
     hit_rank,
     render_and_decode,
+    view_keys,
     view_seed,
+    view_vectors,
 )
 from takeoff_cache.tiles.route import Route
 
@@ -78,6 +91,7 @@ class RegisteredOutcome:
 class RegisteredResult:
     outcomes: tuple[RegisteredOutcome, ...]
     seconds: float
+    reused: int = 0  # views whose outcome was kept from an earlier build
 
     def summary(self) -> dict[str, Any]:
         n = len(self.outcomes)
@@ -98,6 +112,7 @@ class RegisteredResult:
             if fixed
             else None,
             "seconds": round(self.seconds, 3),
+            "views_reused": self.reused,
         }
 
 
@@ -123,47 +138,129 @@ def evaluate_registered(
     *,
     tile_px: int = 256,
     workers: int = 2,
+    reuse: ViewReuse | None = None,
+    remembered: Path | None = None,
 ) -> RegisteredResult:
-    """Render, retrieve and register ``views`` (see the module's docstring)."""
+    """Retrieve, render and register ``views`` (see the module's docstring).
+
+    ``reuse``: where the self-test keeps its views' embeddings (the same views: their
+    retrieval is the tile-level self-test's). ``remembered``: a folder of outcomes kept
+    by what decides them (:func:`outcome_key`); a view whose pixels, retrieved tiles and
+    their bytes, engines and extractor are all as before is not registered again.
+    """
     started = time.perf_counter()
+    vectors, _ = view_vectors(localizer, corpus_path, views, workers, reuse)
+    answers = localizer.search(vectors, DEPTH)
+    outcomes: list[RegisteredOutcome | None] = [None] * len(views)
+    keys: list[str] = []
+    if reuse is not None and remembered is not None:
+        keys = _outcome_keys(views, answers, reuse, extractor, tile_px)
+        outcomes = [_recall(remembered, key) for key in keys]
+    todo = [i for i, o in enumerate(outcomes) if o is None]
     held = frozenset(localizer.tiles)
     spec = InputSpec("view", tile_px, 3, (0.0,) * 3, (1.0,) * 3)
-    size = localizer.spec.size
-    outcomes: list[RegisteredOutcome] = []
-    for start in range(0, len(views), _ROUND):
-        batch = views[start : start + _ROUND]
+    for start in range(0, len(todo), _ROUND):
+        batch = todo[start : start + _ROUND]
         pixels = np.empty((len(batch), tile_px, tile_px, 3), dtype=np.uint8)
-        render_and_decode(batch, corpus_path, spec, pixels, workers, held, batch[0].noise_seed)
-        small = localizer.empty_pixels(len(batch))
-        for i, p in enumerate(pixels):
-            small[i] = cv2.resize(p, (size, size), interpolation=cv2.INTER_AREA)
-        answers = localizer.query(small, DEPTH)
+        render_and_decode(
+            [views[i] for i in batch], corpus_path, spec, pixels, workers, held, views[0].noise_seed
+        )
 
-        def one(
-            i: int,
-            batch: Sequence[View] = batch,
-            pixels: np.ndarray = pixels,
-            answers: list[tuple[Match, ...]] = answers,
-        ) -> RegisteredOutcome:
-            view, matches = batch[i], answers[i]
-            fix, _ = register(
-                extractor.view(pixels[i]), [(m.z, m.x, m.y) for m in matches], features
-            )
-            if fix is None:
-                estimate = estimate_position(matches[:TOP])
-                error = haversine_m(*view.center, *estimate)
-                hit = hit_rank(view.tile, matches[:1]) == 1
-                return RegisteredOutcome(view.tile, False, hit, error, None, 0)
-            z = view.tile[0]
-            fx, fy = lonlat_to_fractional_tile(fix.lat, fix.lon, z)
-            hit = _same_place(view.tile, (z, math.floor(fx), math.floor(fy)))
-            error = haversine_m(*view.center, fix.lat, fix.lon)
-            return RegisteredOutcome(view.tile, True, hit, error, fix.sigma_m, fix.inliers)
+        def one(j: int, batch: list[int] = batch, pixels: np.ndarray = pixels) -> None:
+            i = batch[j]
+            outcomes[i] = _register_view(views[i], answers[i], extractor.view(pixels[j]), features)
+            if keys and remembered is not None:
+                _remember(remembered, keys[i], outcomes[i])
 
         # The engine, OpenCV and numpy's products release the GIL: views in parallel.
         with ThreadPoolExecutor(max(1, workers), thread_name_prefix="register") as pool:
-            outcomes += pool.map(one, range(len(batch)))
-    return RegisteredResult(tuple(outcomes), time.perf_counter() - started)
+            list(pool.map(one, range(len(batch))))
+    done = tuple(o for o in outcomes if o is not None)
+    return RegisteredResult(done, time.perf_counter() - started, len(views) - len(todo))
+
+
+def _register_view(
+    view: View, matches: tuple[Match, ...], seen: Features, features: FeatureSet
+) -> RegisteredOutcome:
+    fix, _ = register(seen, [(m.z, m.x, m.y) for m in matches], features)
+    if fix is None:
+        estimate = estimate_position(matches[:TOP])
+        error = haversine_m(*view.center, *estimate)
+        hit = hit_rank(view.tile, matches[:1]) == 1
+        return RegisteredOutcome(view.tile, False, hit, error, None, 0)
+    z = view.tile[0]
+    fx, fy = lonlat_to_fractional_tile(fix.lat, fix.lon, z)
+    hit = _same_place(view.tile, (z, math.floor(fx), math.floor(fy)))
+    error = haversine_m(*view.center, fix.lat, fix.lon)
+    return RegisteredOutcome(view.tile, True, hit, error, fix.sigma_m, fix.inliers)
+
+
+# What decides an outcome beside its inputs' bytes: the rendering and registration
+# code. A release may change either, so it is part of every outcome's key.
+OUTCOME_FORMAT = f"takeoff-cache registered view 1 ({__version__})"
+
+
+def _outcome_keys(
+    views: Sequence[View],
+    answers: Sequence[tuple[Match, ...]],
+    reuse: ViewReuse,
+    extractor: Extractor,
+    tile_px: int,
+) -> list[str]:
+    """Each view's outcome key: its pixels (:func:`selftest.view_key`: geometry,
+    photometry, the bytes of the tiles under it), the tiles retrieved for it with their
+    bytes, the place-recognition engine (whose scores the fallback estimate weighs), the
+    extractor, the size it is rendered at and :data:`OUTCOME_FORMAT`."""
+    shas = reuse.tile_sha256
+    space = {
+        "format": OUTCOME_FORMAT,
+        "views": reuse.view_space,
+        "features": extractor.space,
+        "tile_px": tile_px,
+        "depth": DEPTH,
+    }
+    pixels = view_keys(views, shas, frozenset(shas))
+    return [
+        content_key(
+            {
+                "space": space,
+                "view": key,
+                "retrieved": [[m.z, m.x, m.y, shas.get((m.z, m.x, m.y))] for m in matches],
+            }
+        )
+        for key, matches in zip(pixels, answers, strict=True)
+    ]
+
+
+def _recall(folder: Path, key: str) -> RegisteredOutcome | None:
+    try:
+        doc = json.loads((folder / f"{key[:40]}.json").read_bytes())
+        if doc.pop("key") != key:
+            return None
+        outcome = RegisteredOutcome(
+            tile=(int(doc["tile"][0]), int(doc["tile"][1]), int(doc["tile"][2])),
+            registered=bool(doc["registered"]),
+            hit=bool(doc["hit"]),
+            error_m=float(doc["error_m"]),
+            sigma_m=None if doc["sigma_m"] is None else float(doc["sigma_m"]),
+            inliers=int(doc["inliers"]),
+        )
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None  # none kept, or unreadable: registered again
+    return outcome
+
+
+def _remember(folder: Path, key: str, outcome: RegisteredOutcome | None) -> None:
+    if outcome is None:
+        return
+    doc = {"key": key, **dataclasses.asdict(outcome)}
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(
+            folder / f"{key[:40]}.json", json.dumps(doc).encode(), point="registered.entry"
+        )
+    except OSError:
+        pass  # a work folder we cannot write to only costs the next build its speed
 
 
 def _same_place(tile: tuple[int, int, int], found: tuple[int, int, int]) -> bool:

@@ -729,32 +729,7 @@ def evaluate_views(
     if not views:
         raise InvalidRequestError("self-test: no views to evaluate")
     started = time.perf_counter() if started is None else started
-    noise_seed = views[0].noise_seed
-    held = frozenset(localizer.tiles)
-    if reuse is None:
-        vectors = _embed_views(localizer, corpus_path, views, workers, held, noise_seed)
-        reused = 0
-    else:
-        held = held & frozenset(reuse.tile_sha256)
-        shas = {t: reuse.tile_sha256[t] for t in held}
-        keys = [view_key(v, shas, noise_seed) for v in views]
-        space = reuse.view_space
-        vectors, ok = reuse.store.vectors(space, keys, None)
-        todo = np.flatnonzero(~ok).tolist()
-        if todo:
-            fresh = _embed_views(
-                localizer, corpus_path, [views[i] for i in todo], workers, held, noise_seed
-            )
-            if vectors.shape[1] != fresh.shape[1]:  # nothing stored yet, or of another size
-                vectors = np.zeros((len(views), fresh.shape[1]), dtype=np.float32)
-                if len(todo) < len(views):
-                    todo = list(range(len(views)))
-                    fresh = _embed_views(localizer, corpus_path, views, workers, held, noise_seed)
-            vectors[todo] = fresh
-            reuse.store.put(space, [keys[i] for i in todo], fresh)
-        else:
-            reuse.store.mark_used(space)
-        reused = len(views) - len(todo)
+    vectors, reused = view_vectors(localizer, corpus_path, views, workers, reuse)
     answers = localizer.search(vectors, max(TOP, CONFIDENCE_DEPTH))
     queries = []
     for view, deep in zip(views, answers, strict=True):
@@ -811,6 +786,48 @@ def calibrate(queries: Sequence[QueryOutcome]) -> Confidence:
     ok = np.flatnonzero((precision >= CONFIDENT_PRECISION) & (ratios[order] < outside_above))
     confident_below = math.floor(float(ratios[order][ok[-1]]) * 1e4) / 1e4 if ok.size else 0.0
     return Confidence(confident_below, outside_above)
+
+
+def view_vectors(
+    localizer: Localizer,
+    corpus_path: Path,
+    views: Sequence[View],
+    workers: int,
+    reuse: ViewReuse | None,
+) -> tuple[np.ndarray, int]:
+    """The embeddings of ``views`` rendered from the localizer's tiles, those ``reuse``
+    holds taken from it and the rest embedded (and kept there); and how many were reused."""
+    noise_seed = views[0].noise_seed
+    held = frozenset(localizer.tiles)
+    if reuse is None:
+        return _embed_views(localizer, corpus_path, views, workers, held, noise_seed), 0
+    held = held & frozenset(reuse.tile_sha256)
+    keys = view_keys(views, reuse.tile_sha256, held)
+    space = reuse.view_space
+    vectors, ok = reuse.store.vectors(space, keys, None)
+    todo = np.flatnonzero(~ok).tolist()
+    if not todo:
+        reuse.store.mark_used(space)
+        return vectors, len(views)
+    fresh = _embed_views(
+        localizer, corpus_path, [views[i] for i in todo], workers, held, noise_seed
+    )
+    if vectors.shape[1] != fresh.shape[1]:  # nothing stored yet, or of another size
+        vectors = np.zeros((len(views), fresh.shape[1]), dtype=np.float32)
+        if len(todo) < len(views):
+            todo = list(range(len(views)))
+            fresh = _embed_views(localizer, corpus_path, views, workers, held, noise_seed)
+    vectors[todo] = fresh
+    reuse.store.put(space, [keys[i] for i in todo], fresh)
+    return vectors, len(views) - len(todo)
+
+
+def view_keys(
+    views: Sequence[View], tile_sha256: Mapping[TileKey, str], held: frozenset[TileKey]
+) -> list[str]:
+    """Each view's :func:`view_key`, its mosaic made of the tiles of ``held``."""
+    shas = {t: tile_sha256[t] for t in held if t in tile_sha256}
+    return [view_key(v, shas, views[0].noise_seed) for v in views]
 
 
 def _embed_views(
