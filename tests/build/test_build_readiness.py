@@ -10,8 +10,11 @@ from __future__ import annotations
 import json
 import tomllib
 
+import numpy as np
 import pytest
+from PIL import Image
 
+from takeoff_cache.localize.coverage_map import ROUTE_COLOUR, ROUTE_HOLE_COLOUR
 from tests.conftest import Demo
 from tests.support.cli import run_cli
 
@@ -58,3 +61,16 @@ def test_build_reports_always_and_gates_only_when_asked(
     accepted = run_cli(capsys, *args, "--require-ready", "--allow-gaps")
     assert accepted.code == 0, accepted.err
     assert accepted.json()["ready"]["verdict"] == "ready with gaps"
+
+    # `inspect --png` draws the signed flight: its route and the holes under it.
+    png = demo.root / "inspected.png"
+    shown = run_cli(capsys, "inspect", str(demo.cache), "--png", str(png))
+    assert shown.code == 0, shown.err
+    pixels = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    assert (pixels == ROUTE_COLOUR).all(axis=-1).sum() > 50
+    holes = (
+        (abs(pixels[..., 0] - ROUTE_HOLE_COLOUR[0]) < 40)
+        & (pixels[..., 1] < 120)
+        & (abs(pixels[..., 2] - ROUTE_HOLE_COLOUR[2]) < 60)
+    )
+    assert holes.sum() > 200

@@ -83,6 +83,7 @@ def _inspect(cache_root: Path, png: Path | None = None) -> list[str]:
 def _inspect_png(cache_root: Path, manifest: Any, png: Path) -> None:
     """The coverage map of a cache: its area, the tiles of its tile map, the tiles the
     area needs that the corpus lacked, and each signed self-test query as a hit or miss."""
+    from takeoff_cache.build.request import parse_route_field
     from takeoff_cache.localize.coverage_map import missing_tiles, short_path, write_coverage_map
     from takeoff_cache.localize.locate import read_tile_map
     from takeoff_cache.localize.selftest import queries_from_signed
@@ -104,6 +105,15 @@ def _inspect_png(cache_root: Path, manifest: Any, png: Path) -> None:
     area = request.get("area") if isinstance(request.get("area"), dict) else None
     test = _object(signed.get("self_test"))
     subtitle = f"signed self-test: {_self_test_text(test)}" if test else "no self-test recorded"
+    ready = _object(signed.get("ready"))
+    weakest = _object(_object(ready.get("localization")).get("weakest"))
+    try:
+        route = parse_route_field(request.get("route") or None)
+        weak = [(float(weakest["from_km"]), float(weakest["to_km"]))] if weakest else []
+    except (InvalidRequestError, KeyError, TypeError, ValueError) as exc:
+        raise VerificationError(
+            f"request: unreadable route or its weakest stretch ({exc})"
+        ) from None
     write_coverage_map(
         png,
         bbox=bbox,
@@ -113,7 +123,20 @@ def _inspect_png(cache_root: Path, manifest: Any, png: Path) -> None:
         queries=queries_from_signed(test.get("queries")),
         title=f"takeoff cache at {short_path(cache_root.resolve())}, version {signed['version']}",
         subtitle=printable(subtitle),
+        route=route,
+        route_holes=_route_holes(_object(ready.get("route")).get("holes")),
+        weak=weak,
     )
+
+
+def _route_holes(listed: Any) -> list[tuple[int, int, int]]:
+    """The route's holes the signed verdict names (``{"tile": "z/x/y", "km": ...}``)."""
+    out = []
+    for hole in listed if isinstance(listed, list) else []:
+        parts = str(_object(hole).get("tile", "")).split("/")
+        if len(parts) == 3 and all(p.isdigit() for p in parts):
+            out.append((int(parts[0]), int(parts[1]), int(parts[2])))
+    return out
 
 
 def _self_test_text(test: dict[str, Any]) -> str:
