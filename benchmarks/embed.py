@@ -1,6 +1,7 @@
 """Descriptor phase benchmark: throughput, incremental rebuilds, peak memory, index recall.
 
     python benchmarks/embed.py [--tiles 5000] [--data DIR] [--only pipeline,incremental,...]
+        [--backbones FILE]
 
 Sections (all by default):
 
@@ -21,6 +22,11 @@ Sections (all by default):
 
 Demo corpora are generated once into ``--data`` and reused. Ends with one
 JSON line holding every figure.
+
+``--backbones FILE`` measures FILE's place-recognition network in place of the
+demo's analytic one in the pipeline and index sections (the builds of the
+incremental and memory sections keep the demo's), e.g. the EfficientNet-Lite0
+that ``scripts/export_efficientnet.py`` writes.
 
 On an NVIDIA host without TensorRT, ``--ort-cuda 2`` runs the pipeline section
 with the engine on ONNX Runtime's CUDA provider (install ``onnxruntime-gpu`` in
@@ -96,6 +102,7 @@ class Setup:
         work: Path,
         backend: str = "auto",
         cuda_streams: int = 0,
+        backbones: Path | None = None,
     ) -> None:
         started = time.perf_counter()
         self.demo: DemoInputs = make_demo_data(data, tiles=tiles)
@@ -106,7 +113,9 @@ class Setup:
         self.selection = corpus_mod.select_tiles(
             self.request.corpus, self.request.bbox.as_tuple(), self.request.zoom_levels
         )
-        self.backbone: Backbone = place_recognition(load_backbones(self.request.backbones))
+        self.backbone: Backbone = place_recognition(
+            load_backbones(backbones or self.request.backbones)
+        )
         # auto: TensorRT on an NVIDIA host (the engine on the GPU, decoding on the
         # cores), ONNX Runtime elsewhere; the figures name the one measured.
         self.backend = get_backend(backend)
@@ -647,6 +656,13 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=pipeline.BATCH_SIZE)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--backend", default="auto", help="auto | onnxruntime | tensorrt")
+    p.add_argument(
+        "--backbones",
+        type=Path,
+        default=None,
+        help="pipeline, index: the place-recognition network of this backbones file"
+        " in place of the demo's",
+    )
     p.add_argument("--naive-tiles", type=int, default=1000)
     p.add_argument(
         "--ort-cuda",
@@ -674,7 +690,9 @@ def main() -> None:
                 Path(engine_work),
                 args.backend,
                 args.ort_cuda,
+                args.backbones,
             )
+            figures["backbone"] = setup.backbone.name
             figures["backend"] = "onnxruntime-cuda" if args.ort_cuda else setup.backend.name
             figures["pipeline"] = section_pipeline(setup, args)
         if "incremental" in only:
@@ -683,7 +701,11 @@ def main() -> None:
             figures["memory"] = section_memory(args)
         if "index" in only:
             big = Setup(
-                args.data / f"{args.big_tiles}", args.big_tiles, Path(engine_work), args.backend
+                args.data / f"{args.big_tiles}",
+                args.big_tiles,
+                Path(engine_work),
+                args.backend,
+                backbones=args.backbones,
             )
             figures["index"] = section_index(big, args)
     if "pipeline" in figures:

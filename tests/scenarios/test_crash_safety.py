@@ -68,6 +68,8 @@ DEFAULT_POINTS = (
     "descriptors.batch_stored",
     "descriptors.index_write",
     "descriptors.map_write",  # new index renamed into the work folder, its tile map not yet
+    "features.batch_stored",  # the changed tile's local features in the feature store
+    "features.file.rename",  # the features file written to its temp file, not yet renamed
     "commit.pending.write",  # manifest signed and coverage checked, nothing committed
     "commit.pending.rename",  # pending manifest written to its temp file, not yet renamed
     "fsutil.copy:2",  # pending manifest in staging, one artifact copied in beside it
