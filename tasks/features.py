@@ -22,13 +22,19 @@ from prefect.cache_policies import NO_CACHE
 from takeoff_cache.backbones.file import LOCAL_FEATURES
 from takeoff_cache.build import artifacts
 from takeoff_cache.build.validate import ValidatedRequest
-from takeoff_cache.core.workdir import features_dir, features_store_path, prune_features
+from takeoff_cache.core.workdir import (
+    features_dir,
+    features_store_path,
+    prune_features,
+    registered_views_dir,
+)
 from takeoff_cache.engines.base import Runner
 from takeoff_cache.engines.store import EngineRecord
 from takeoff_cache.errors import BadTilesError, DescriptorError
 from takeoff_cache.features.extract import Extractor, NetworkExtractor, SiftExtractor
 from takeoff_cache.features.pipeline import extract_and_write, features_key
-from takeoff_cache.features.store import FeatureStore
+from takeoff_cache.features.store import FeatureStore, prune_feature_store
+from takeoff_cache.localize.registered import prune_registered
 from takeoff_cache.tiles import corpus
 from takeoff_cache.trust.manifest import Artifact
 
@@ -77,6 +83,7 @@ def features(
         files, result = extract_and_write(
             selection, validated.request.corpus, extractor, store, features_dir(work_dir), name
         )
+        store.mark_used(extractor.space)  # so that pruning keeps it (prune_features_folder)
     except sqlite3.Error as exc:
         raise DescriptorError(f"feature store: {exc}") from exc
     finally:
@@ -91,10 +98,15 @@ def features(
 
 
 def prune_features_folder(work_dir: Path) -> None:
-    """After a successful build: old features files go (only accelerators; a disk
-    that refuses is no reason to fail a build that has committed)."""
+    """After a successful build: old features files, the features of extractors no
+    build uses any more and old registered views go (only accelerators; a disk or
+    store that refuses is no reason to fail a build that has committed)."""
     with contextlib.suppress(OSError):
         prune_features(work_dir)
+    with contextlib.suppress(DescriptorError, OSError):
+        prune_feature_store(features_store_path(work_dir))
+    with contextlib.suppress(OSError):
+        prune_registered(registered_views_dir(work_dir))
 
 
 def report_figures(built: FeaturesBuilt) -> dict[str, Any]:

@@ -22,13 +22,9 @@ from takeoff_cache.backbones.preprocess import PREPROCESS_ID
 from takeoff_cache.backbones.spec import InputSpec
 from takeoff_cache.core.canonical import content_key
 from takeoff_cache.core.faults import checkpoint
+from takeoff_cache.core.spaces import KEEP_SPACES, SPACE_IDLE_S, stale_spaces
 from takeoff_cache.errors import DescriptorError
 
-# Descriptor spaces the store keeps however long unused (most recently used
-# first); beyond them, a space goes once unused for a week. A pruned space is
-# only work to redo: its tiles are embedded again by the next build that needs it.
-KEEP_SPACES = 4
-SPACE_IDLE_S = 7 * 24 * 3600.0
 # Rows per store lookup and per index chunk: bounds memory, amortizes queries.
 CHUNK_ROWS = 4096
 _NORM_TOLERANCE = 1e-3
@@ -323,13 +319,10 @@ class DescriptorStore:
         meanwhile either keeps it or finds it gone and starts it afresh. The file
         does not shrink: SQLite reuses the freed pages for new vectors.
         """
-        now = time.time() if now is None else now
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
-            rows = self._db.execute(
-                "SELECT id, key, used FROM spaces ORDER BY used DESC NULLS LAST"
-            ).fetchall()
-            gone = [(i, key) for i, key, used in rows[keep:] if now - (used or 0.0) > idle_s]
+            rows = self._db.execute("SELECT id, key, used FROM spaces").fetchall()
+            gone = stale_spaces(rows, keep=keep, idle_s=idle_s, now=now)
             for space_id, _ in gone:
                 self._db.execute("DELETE FROM vectors WHERE space = ?", (space_id,))
                 self._db.execute("DELETE FROM spaces WHERE id = ?", (space_id,))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sqlite3
 import struct
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from takeoff_cache.core.faults import checkpoint
+from takeoff_cache.core.spaces import KEEP_SPACES, SPACE_IDLE_S, stale_spaces
 from takeoff_cache.errors import DescriptorError
 from takeoff_cache.features.extract import Features
 
@@ -82,6 +84,7 @@ class FeatureStore:
                 "CREATE TABLE IF NOT EXISTS features (space TEXT NOT NULL, tile BLOB NOT NULL,"
                 " data BLOB NOT NULL, PRIMARY KEY (space, tile)) WITHOUT ROWID"
             )
+            self._db.execute("CREATE TABLE IF NOT EXISTS spaces (key TEXT PRIMARY KEY, used REAL)")
             self._db.commit()
         except sqlite3.Error as exc:
             self._db.close()
@@ -123,6 +126,36 @@ class FeatureStore:
             )
         checkpoint("features.batch_stored")
 
+    def mark_used(self, space: str, now: float | None = None) -> None:
+        """Date ``space`` as used now (a build read or wrote its features)."""
+        with self._db:
+            self._db.execute(
+                "INSERT INTO spaces (key, used) VALUES (?1, ?2)"
+                " ON CONFLICT (key) DO UPDATE SET used = ?2",
+                (space, time.time() if now is None else now),
+            )
+
+    def prune_spaces(
+        self, *, keep: int = KEEP_SPACES, idle_s: float = SPACE_IDLE_S, now: float | None = None
+    ) -> list[str]:
+        """Delete the features of every space :func:`stale_spaces` names; return their
+        keys. A space with rows that was never dated (a store older than the dating)
+        counts as used now."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                "INSERT OR IGNORE INTO spaces (key, used) SELECT DISTINCT space, ? FROM features",
+                (time.time() if now is None else now,),
+            )
+            rows = [
+                (key, key, used) for key, used in self._db.execute("SELECT key, used FROM spaces")
+            ]
+            gone = [key for key, _ in stale_spaces(rows, keep=keep, idle_s=idle_s, now=now)]
+            for key in gone:
+                self._db.execute("DELETE FROM features WHERE space = ?", (key,))
+                self._db.execute("DELETE FROM spaces WHERE key = ?", (key,))
+        return gone
+
     def forget(self, space: str, shas: Sequence[str]) -> None:
         with self._db:
             self._db.executemany(
@@ -132,3 +165,16 @@ class FeatureStore:
 
     def close(self) -> None:
         self._db.close()
+
+
+def prune_feature_store(path: Path) -> list[str]:
+    """Prune the feature store at ``path`` (see :meth:`FeatureStore.prune_spaces`)."""
+    if not path.is_file():
+        return []
+    store = FeatureStore(path)
+    try:
+        return store.prune_spaces()
+    except sqlite3.Error as exc:
+        raise DescriptorError(f"feature store {path}: {exc}") from exc
+    finally:
+        store.close()

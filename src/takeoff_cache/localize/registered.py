@@ -28,9 +28,11 @@ within two sigma.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -45,6 +47,7 @@ from takeoff_cache import __version__
 from takeoff_cache.backbones.spec import InputSpec
 from takeoff_cache.core.canonical import content_key
 from takeoff_cache.core.fsutil import atomic_write_bytes
+from takeoff_cache.core.spaces import SPACE_IDLE_S
 from takeoff_cache.core.tilemath import haversine_m, lonlat_to_fractional_tile
 from takeoff_cache.features.artifact import FeatureSet
 from takeoff_cache.features.extract import Extractor, Features
@@ -233,8 +236,9 @@ def _outcome_keys(
 
 
 def _recall(folder: Path, key: str) -> RegisteredOutcome | None:
+    entry = folder / f"{key[:40]}.json"
     try:
-        doc = json.loads((folder / f"{key[:40]}.json").read_bytes())
+        doc = json.loads(entry.read_bytes())
         if doc.pop("key") != key:
             return None
         outcome = RegisteredOutcome(
@@ -247,7 +251,22 @@ def _recall(folder: Path, key: str) -> RegisteredOutcome | None:
         )
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None  # none kept, or unreadable: registered again
+    with contextlib.suppress(OSError):
+        os.utime(entry)  # used: kept by prune_registered
     return outcome
+
+
+def prune_registered(folder: Path, idle_s: float = SPACE_IDLE_S, now: float | None = None) -> int:
+    """Delete the kept outcomes no build has used for ``idle_s`` seconds (a week, as the
+    stores' spaces); return how many went."""
+    now = time.time() if now is None else now
+    gone = 0
+    for entry in folder.glob("*.json") if folder.is_dir() else ():
+        with contextlib.suppress(FileNotFoundError):
+            if now - entry.stat().st_mtime > idle_s:
+                entry.unlink()
+                gone += 1
+    return gone
 
 
 def _remember(folder: Path, key: str, outcome: RegisteredOutcome | None) -> None:
