@@ -190,3 +190,30 @@ def test_the_verdict_comes_first_and_a_not_ready_stop_points_at_it() -> None:
     assert sum(line.startswith("ready:") for line in lines) == 1
     assert list(report.to_json())[:2] == ["outcome", "ready"]
     assert "NOT READY" in report.markdown()
+
+
+def test_the_registered_figures_have_their_own_line_beside_the_self_tests() -> None:
+    registered = {
+        "k": 50,
+        "registered_share": 0.98,
+        "recall_at_1": 0.98,
+        "median_error_m": 0.19,
+        "p90_error_m": 0.58,
+        "median_sigma_m": 0.4,
+        "within_2_sigma": 0.9,
+        "seconds": 0.21,
+        "views_reused": 47,
+    }
+    self_test = {"recall_at_1": 0.75, "recall_at_5": 0.93, "median_error_m": 53.0, "k": 200}
+    report = BuildReport(outcome="success", self_test={**self_test, "registered": registered})
+    line = next(x for x in report.text().splitlines() if x.startswith("registered:"))
+    assert line.split(None, 1)[1] == (
+        "Recall@1 0.980 after re-ranking, median error 0.2 m, p90 0.6 m,"
+        " 98% of 50 views registered, median 1-sigma 0.4 m (47 kept, 0.21s)"
+    )
+    assert "**registered:** Recall@1 0.980" in report.markdown()
+    # Without local features there is no such line; with none registered, no sigma.
+    assert "registered:" not in BuildReport(outcome="success", self_test=self_test).text()
+    none = {**registered, "registered_share": 0.0, "median_sigma_m": None}
+    text = BuildReport(outcome="success", self_test={**self_test, "registered": none}).text()
+    assert "0% of 50 views registered (47 kept" in text

@@ -62,6 +62,8 @@ class BuildReport:
             lines += [f"**local features:** {self.local_features_line()}", ""]
         if self.self_test:
             lines += [f"**self-test:** {self.self_test_line()}", ""]
+        if registered := self.registered_line():
+            lines += [f"**registered:** {registered}", ""]
         lines += [f"**int8 drift:** {line}" for line in self._drift_lines()]
         lines += [f"**warning:** {w}" for w in self.warnings]
         return "\n".join(lines) + ("\n" if self.warnings or self.precision_drift else "")
@@ -72,6 +74,22 @@ class BuildReport:
             f"Recall@1 {st.get('recall_at_1', 0):.3f}, Recall@5 {st.get('recall_at_5', 0):.3f},"
             f" median error {st.get('median_error_m', 0):.0f} m"
             f" ({st.get('k', 0)} views, {st.get('seconds', 0):.2f}s)"
+        )
+
+    def registered_line(self) -> str | None:
+        """The self-test's registered figures (localize/registered.py), if it has them."""
+        reg = (self.self_test or {}).get("registered")
+        if not isinstance(reg, dict):
+            return None
+        sigma = reg.get("median_sigma_m")
+        return (
+            f"Recall@1 {reg.get('recall_at_1') or 0:.3f} after re-ranking,"
+            f" median error {reg.get('median_error_m') or 0:.1f} m,"
+            f" p90 {reg.get('p90_error_m') or 0:.1f} m,"
+            f" {100 * (reg.get('registered_share') or 0):.0f}% of {reg.get('k', 0)} views"
+            f" registered"
+            + (f", median 1-sigma {sigma:.1f} m" if isinstance(sigma, int | float) else "")
+            + f" ({reg.get('views_reused', 0)} kept, {reg.get('seconds') or 0:.2f}s)"
         )
 
     def local_features_line(self) -> str:
@@ -116,6 +134,8 @@ class BuildReport:
             lines.append(f"local_features:        {self.local_features_line()}")
         if self.self_test:
             lines.append(f"self_test:             {self.self_test_line()}")
+        if registered := self.registered_line():
+            lines.append(f"registered:            {registered}")
         if self.coverage_map:
             lines.append(f"coverage_map:          {self.coverage_map}")
         lines += [f"warning:               {w}" for w in self.warnings]
