@@ -4,6 +4,7 @@ the rest are taken from the work folder, with the same figures."""
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -107,3 +108,31 @@ def test_an_unreadable_kept_outcome_is_registered_again(built: Path, tmp_path: P
         store.close()
     assert again.reused == VIEWS - 2
     assert again.outcomes == first.outcomes
+
+
+def test_new_bytes_under_a_place_a_view_tried_register_it_again(
+    built: Path, tmp_path: Path
+) -> None:
+    corpus = Path(shutil.copy(built / "corpus.mbtiles", tmp_path / "corpus.mbtiles"))
+    store = DescriptorStore(tmp_path / "store.sqlite")
+    kept = tmp_path / "kept"
+    try:
+        registering = Registering(built, corpus, store, kept)
+        registering.run()
+        # A tile some view's registration read, under no view's own pixels: only the
+        # views that read it can change with it.
+        under_views = {
+            (z, x + dx, y + dy)
+            for z, x, y in (v.tile for v in registering.views)
+            for dx in (-1, 0, 1)
+            for dy in (-1, 0, 1)
+        }
+        reads = [{tuple(t[:3]) for t in json.loads(e.read_text())["read"]} for e in kept.iterdir()]
+        held = set(registering.localizer.tiles)
+        tile = next(t for r in reads for t in sorted(r) if t not in under_views and t in held)
+        z, x, y = tile
+        replace_tile_bytes(corpus, z, x, y, encode_jpeg(render_tile(z, x, y, 99)))
+        again = registering.run()
+    finally:
+        store.close()
+    assert VIEWS - again.reused == sum(tile in r for r in reads) >= 1

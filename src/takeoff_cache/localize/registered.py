@@ -35,7 +35,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +51,7 @@ from takeoff_cache.core.spaces import SPACE_IDLE_S
 from takeoff_cache.core.tilemath import haversine_m, lonlat_to_fractional_tile
 from takeoff_cache.features.artifact import FeatureSet
 from takeoff_cache.features.extract import Extractor, Features
-from takeoff_cache.localize.locate import Localizer, Match, estimate_position
+from takeoff_cache.localize.locate import Localizer, Match, TileKey, estimate_position
 from takeoff_cache.localize.register import register
 from takeoff_cache.localize.selftest import (
     TOP,
@@ -158,7 +158,7 @@ def evaluate_registered(
     keys: list[str] = []
     if reuse is not None and remembered is not None:
         keys = _outcome_keys(views, answers, reuse, extractor, tile_px)
-        outcomes = [_recall(remembered, key) for key in keys]
+        outcomes = [_recall(remembered, key, reuse.tile_sha256) for key in keys]
     todo = [i for i, o in enumerate(outcomes) if o is None]
     held = frozenset(localizer.tiles)
     spec = InputSpec("view", tile_px, 3, (0.0,) * 3, (1.0,) * 3)
@@ -171,9 +171,12 @@ def evaluate_registered(
 
         def one(j: int, batch: list[int] = batch, pixels: np.ndarray = pixels) -> None:
             i = batch[j]
-            outcomes[i] = _register_view(views[i], answers[i], extractor.view(pixels[j]), features)
-            if keys and remembered is not None:
-                _remember(remembered, keys[i], outcomes[i])
+            outcome, read = _register_view(
+                views[i], answers[i], extractor.view(pixels[j]), features
+            )
+            outcomes[i] = outcome
+            if keys and remembered is not None and reuse is not None:
+                _remember(remembered, keys[i], outcome, read, reuse.tile_sha256)
 
         # The engine, OpenCV and numpy's products release the GIL: views in parallel.
         with ThreadPoolExecutor(max(1, workers), thread_name_prefix="register") as pool:
@@ -184,18 +187,26 @@ def evaluate_registered(
 
 def _register_view(
     view: View, matches: tuple[Match, ...], seen: Features, features: FeatureSet
-) -> RegisteredOutcome:
-    fix, _ = register(seen, [(m.z, m.x, m.y) for m in matches], features)
+) -> tuple[RegisteredOutcome, set[TileKey]]:
+    """The view's outcome, and the tiles whose features decided it: the 3x3
+    neighbourhood of every place the registration tried."""
+    fix, attempts = register(seen, [(m.z, m.x, m.y) for m in matches], features)
+    read = {
+        (z, x + dx, y + dy) for z, x, y in (a.candidate for a in attempts) for dx, dy in _AROUND
+    }
     if fix is None:
         estimate = estimate_position(matches[:TOP])
         error = haversine_m(*view.center, *estimate)
         hit = hit_rank(view.tile, matches[:1]) == 1
-        return RegisteredOutcome(view.tile, False, hit, error, None, 0)
+        return RegisteredOutcome(view.tile, False, hit, error, None, 0), read
     z = view.tile[0]
     fx, fy = lonlat_to_fractional_tile(fix.lat, fix.lon, z)
     hit = _same_place(view.tile, (z, math.floor(fx), math.floor(fy)))
     error = haversine_m(*view.center, fix.lat, fix.lon)
-    return RegisteredOutcome(view.tile, True, hit, error, fix.sigma_m, fix.inliers)
+    return RegisteredOutcome(view.tile, True, hit, error, fix.sigma_m, fix.inliers), read
+
+
+_AROUND = tuple((dx, dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1))
 
 
 # What decides an outcome beside its inputs' bytes: the rendering and registration
@@ -211,9 +222,12 @@ def _outcome_keys(
     tile_px: int,
 ) -> list[str]:
     """Each view's outcome key: its pixels (:func:`selftest.view_key`: geometry,
-    photometry, the bytes of the tiles under it), the tiles retrieved for it with their
-    bytes, the place-recognition engine (whose scores the fallback estimate weighs), the
-    extractor, the size it is rendered at and :data:`OUTCOME_FORMAT`."""
+    photometry, the bytes of the tiles under it), the tiles retrieved for it in their
+    order with their scores (a retrieved tile's new bytes change its score; the
+    fallback estimate weighs them), the place-recognition engine, the extractor, the
+    size it is rendered at and :data:`OUTCOME_FORMAT`. The bytes of the tiles whose
+    features registration read are checked when the outcome is recalled
+    (:func:`_recall`): most views read a few, and only a change to those counts."""
     shas = reuse.tile_sha256
     space = {
         "format": OUTCOME_FORMAT,
@@ -228,19 +242,24 @@ def _outcome_keys(
             {
                 "space": space,
                 "view": key,
-                "retrieved": [[m.z, m.x, m.y, shas.get((m.z, m.x, m.y))] for m in matches],
+                "retrieved": [[m.z, m.x, m.y, f"{m.score:.5f}"] for m in matches],
             }
         )
         for key, matches in zip(pixels, answers, strict=True)
     ]
 
 
-def _recall(folder: Path, key: str) -> RegisteredOutcome | None:
+def _recall(folder: Path, key: str, tile_sha256: Mapping[TileKey, str]) -> RegisteredOutcome | None:
+    """The outcome kept under ``key``, if the tiles its registration read still have
+    the bytes they had (a tile not in the selection reads as None, as it was kept)."""
     entry = folder / f"{key[:40]}.json"
     try:
         doc = json.loads(entry.read_bytes())
-        if doc.pop("key") != key:
+        if doc["key"] != key:
             return None
+        for z, x, y, sha in doc["read"]:
+            if tile_sha256.get((int(z), int(x), int(y))) != sha:
+                return None
         outcome = RegisteredOutcome(
             tile=(int(doc["tile"][0]), int(doc["tile"][1]), int(doc["tile"][2])),
             registered=bool(doc["registered"]),
@@ -269,10 +288,18 @@ def prune_registered(folder: Path, idle_s: float = SPACE_IDLE_S, now: float | No
     return gone
 
 
-def _remember(folder: Path, key: str, outcome: RegisteredOutcome | None) -> None:
-    if outcome is None:
-        return
-    doc = {"key": key, **dataclasses.asdict(outcome)}
+def _remember(
+    folder: Path,
+    key: str,
+    outcome: RegisteredOutcome,
+    read: set[TileKey],
+    tile_sha256: Mapping[TileKey, str],
+) -> None:
+    doc = {
+        "key": key,
+        **dataclasses.asdict(outcome),
+        "read": [[*tile, tile_sha256.get(tile)] for tile in sorted(read)],
+    }
     try:
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(
