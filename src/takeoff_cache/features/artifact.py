@@ -10,6 +10,7 @@ signed in the manifest like any artifact, so ``verify`` refuses it changed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import struct
@@ -18,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from takeoff_cache.core.fsutil import atomic_output, sha256_file
+from takeoff_cache.core.fsutil import atomic_output
 from takeoff_cache.errors import DescriptorError
 from takeoff_cache.features.extract import MAX_KEYPOINTS, Features
-from takeoff_cache.features.store import FeatureStore, pack, unpack
+from takeoff_cache.features.store import FeatureStore, unpack
 
 MAGIC = b"TCFEATS1\n"
 FORMAT = "takeoff-cache-features"
@@ -58,21 +59,22 @@ def write_features(
     before this); the file is written beside ``path`` and renamed over it.
     """
     # Two passes over the store, a chunk at a time: the sizes first (the header, which
-    # comes first, holds every span), then the bytes; never the whole file in memory.
+    # comes first, holds every span), then the rows as stored (what pack() writes),
+    # hashed as they are written; never the whole file in memory.
     spans, at, keypoints, dimension = [], 0, 0, 0
     for chunk, stored in _chunks(tiles, store, space):
         for key, sha in chunk:
-            features = stored.get(sha)
-            if features is None:
+            row = stored.get(sha)
+            if row is None:
                 raise DescriptorError(
                     f"features: tile {key[0]}/{key[1]}/{key[2]} has no stored features"
                 )
-            size = len(pack(features))
-            spans.append([at, size])
-            at += size
-            keypoints += len(features)
-            if len(features):
-                dimension = features.descriptors.shape[1]
+            blob, count, width = row
+            spans.append([at, len(blob)])
+            at += len(blob)
+            keypoints += count
+            if count:
+                dimension = width
     header = json.dumps(
         {
             "format": FORMAT,
@@ -85,27 +87,31 @@ def write_features(
         sort_keys=True,
     ).encode()
     path.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
     with atomic_output(path, point="features.file", read_only=True) as tmp, tmp.open("wb") as fh:
-        fh.write(MAGIC + _LENGTH.pack(len(header)) + header)
+        head = MAGIC + _LENGTH.pack(len(header)) + header
+        fh.write(head)
+        digest.update(head)
+        size = len(head)
         for (chunk, stored), start in zip(
             _chunks(tiles, store, space), range(0, len(tiles), _CHUNK), strict=True
         ):
             for i, (_, sha) in enumerate(chunk):
-                blob = pack(stored[sha])
-                if len(blob) != spans[start + i][1]:
+                row = stored.get(sha)
+                if row is None or len(row[0]) != spans[start + i][1]:
                     raise DescriptorError("features: the feature store changed while written")
-                fh.write(blob)
-    return FeaturesFile(
-        str(path), sha256_file(path), path.stat().st_size, len(tiles), keypoints, dimension
-    )
+                fh.write(row[0])
+                digest.update(row[0])
+                size += len(row[0])
+    return FeaturesFile(str(path), digest.hexdigest(), size, len(tiles), keypoints, dimension)
 
 
 def _chunks(
     tiles: Sequence[tuple[TileKey, str]], store: FeatureStore, space: str
-) -> Iterator[tuple[Sequence[tuple[TileKey, str]], dict[str, Features]]]:
+) -> Iterator[tuple[Sequence[tuple[TileKey, str]], dict[str, tuple[bytes, int, int]]]]:
     for start in range(0, len(tiles), _CHUNK):
         chunk = tiles[start : start + _CHUNK]
-        yield chunk, store.get(space, [sha for _, sha in chunk])
+        yield chunk, store.packed(space, [sha for _, sha in chunk])
 
 
 class FeatureSet:

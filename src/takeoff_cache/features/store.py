@@ -115,6 +115,16 @@ class FeatureStore:
                 out[tile.hex()] = features
         return out
 
+    def packed(self, space: str, shas: Sequence[str]) -> dict[str, tuple[bytes, int, int]]:
+        """The stored rows of ``shas`` that unpack, as they are stored (:func:`pack`), with
+        their keypoints and descriptor bytes; damaged rows are left out."""
+        out: dict[str, tuple[bytes, int, int]] = {}
+        for tile, data in self._rows("tile, data", space, shas):
+            features = unpack(data)
+            if features is not None:
+                out[tile.hex()] = (bytes(data), len(features), features.descriptors.shape[1])
+        return out
+
     def put(self, space: str, shas: Sequence[str], features: Sequence[Features]) -> None:
         """Store ``features[i]`` as the features of ``shas[i]``, in one transaction."""
         if len(shas) != len(features):
