@@ -55,7 +55,7 @@ def _place_recognition(
 ) -> tuple[Backbone, EngineRecord, str]:
     """The backbone whose descriptors are indexed, its engine, and their descriptor space."""
     backbone, record = place_recognition_engine(validated, records)
-    return backbone, record, descriptor_space(record.key, backbone.input)
+    return backbone, record, descriptor_space(record.key, backbone.image)
 
 
 def _index_stem(backbone: str, desc_key: str) -> str:
@@ -182,14 +182,14 @@ def build_index(
     req = validated.request
     store = DescriptorStore(store_path(Path(work_dir)))
     progress = _Progress(artifact_key("descriptors", req.cache_root))
-    space = descriptor_space(record.key, backbone.input)
+    space = descriptor_space(record.key, backbone.image)
     try:
         runner = validated.backend.load(Path(record.store_path), backbone, backbone.output or "")
         files, result = pipeline.embed_and_index(
             selection,
             req.corpus,
             runner.run,
-            backbone.input,
+            backbone.image,
             space,
             store,
             indexes_dir(Path(work_dir)),

@@ -23,6 +23,7 @@ from takeoff_cache.build.validate import ValidatedRequest
 from takeoff_cache.core import workdir
 from takeoff_cache.core.canonical import content_key
 from takeoff_cache.engines import calibration, get_backend
+from takeoff_cache.engines.base import built_as
 from takeoff_cache.engines.store import (
     EngineRecord,
     engine_file_name,
@@ -37,15 +38,12 @@ from takeoff_cache_prefect.results import file_for_the_next_build
 def _engine_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
     backbone: Backbone = parameters["backbone"]
     backend = get_backend(parameters["backend_name"])
-    key = engine_key(
-        backbone,
-        backend,
-        backend.host_identity(),
-        parameters["precision"],
-        parameters["calibration_sha256"],
+    precision, calibration_sha256 = built_as(
+        backbone, parameters["precision"], parameters["calibration_sha256"]
     )
+    key = engine_key(backbone, backend, backend.host_identity(), precision, calibration_sha256)
     path = workdir.engines_dir(Path(parameters["work_dir"])) / engine_file_name(
-        backbone, backend, parameters["precision"], key
+        backbone, backend, precision, key
     )
     found = lookup_engine(path, key)
     if found is None:
@@ -150,6 +148,6 @@ def int8_drift(
     samples = calibration.load_samples(req.calibration)
     return {
         backbone.name: round(
-            calibration.mean_cosine(quantized.run, original.run, samples, backbone.input), 6
+            calibration.mean_cosine(quantized.run, original.run, samples, backbone.image), 6
         )
     }

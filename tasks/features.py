@@ -2,7 +2,9 @@
 
 Runs after the descriptors phase. The extractor is the ``local_features``
 backbone's engine (compiled by the engines phase) when the backbones file has
-one, else OpenCV's SIFT. Tiles whose features the work folder's feature store
+one, else OpenCV's SIFT; the ``matcher`` backbone, where there is one, is
+recorded beside them (the features artifact's ``matcher``), so that ``locate``
+and the self-test match views with it. Tiles whose features the work folder's feature store
 already holds for that extractor are not read at all; the features file is
 written from the store into the work folder and copied into the cache by the
 commit, like the index. Imported by the flow only when a build has work to do.
@@ -19,7 +21,8 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from takeoff_cache.backbones.file import LOCAL_FEATURES
+from takeoff_cache.backbones.file import LOCAL_FEATURES, matcher
+from takeoff_cache.backbones.spec import MatcherInput
 from takeoff_cache.build import artifacts
 from takeoff_cache.build.validate import ValidatedRequest
 from takeoff_cache.core.workdir import (
@@ -32,6 +35,7 @@ from takeoff_cache.engines.base import Runner
 from takeoff_cache.engines.store import EngineRecord
 from takeoff_cache.errors import BadTilesError, DescriptorError
 from takeoff_cache.features.extract import Extractor, NetworkExtractor, SiftExtractor
+from takeoff_cache.features.match import Matcher
 from takeoff_cache.features.pipeline import extract_and_write, features_key
 from takeoff_cache.features.store import FeatureStore, prune_feature_store
 from takeoff_cache.localize.registered import prune_registered
@@ -66,7 +70,24 @@ def extractor_for(validated: ValidatedRequest, records: list[EngineRecord]) -> E
     def load(output: str) -> Runner:
         return validated.backend.load(Path(record.store_path), backbone, output)
 
-    return NetworkExtractor(load, backbone.input, record.key, backbone.name)
+    return NetworkExtractor(load, backbone.image, record.key, backbone.name)
+
+
+def matcher_for(validated: ValidatedRequest, records: list[EngineRecord]) -> Matcher | None:
+    """The request's ``matcher`` backbone, on its engine; None without one."""
+    backbone = matcher(validated.backbones)
+    if backbone is None:
+        return None
+    spec, output = backbone.input, backbone.output or ""
+    if not isinstance(spec, MatcherInput):
+        raise DescriptorError(f"backbone {backbone.name!r}: a matcher without a matcher's inputs")
+    found = backbone
+    record = next(r for r in records if r.backbone == found.name)
+
+    def load() -> Runner:
+        return validated.backend.load(Path(record.store_path), found, output)
+
+    return Matcher(load, spec, output, record.key, found.name)
 
 
 @task(name="features", task_run_name="features", cache_policy=NO_CACHE, persist_result=False)
@@ -91,7 +112,10 @@ def features(
     if files is None:
         raise BadTilesError(list(result.bad_tiles), result.generated, result.reused)
     key = features_key(extractor.space, selection.fingerprint)
-    artifact = artifacts.features_artifact(files, extractor.identity(), key)
+    paired = matcher_for(validated, records)
+    artifact = artifacts.features_artifact(
+        files, extractor.identity(), key, paired.identity() if paired is not None else None
+    )
     return FeaturesBuilt(
         result.generated, result.reused, artifact, (artifact.path, files.path), files.path
     )
@@ -110,10 +134,12 @@ def prune_features_folder(work_dir: Path) -> None:
 
 
 def report_figures(built: FeaturesBuilt) -> dict[str, Any]:
-    """The build report's ``local_features``: what was extracted, reused, and its size."""
+    """The build report's ``local_features``: what was extracted, reused, and its size,
+    and the matcher (its backbone's name; None: mutual nearest neighbours)."""
     fields = built.artifact.fields
     return {
         "extractor": fields["extractor"]["extractor"],
+        "matcher": (fields.get("matcher") or {}).get("backbone"),
         "generated": built.generated,
         "reused": built.reused,
         "keypoints": fields["keypoints"],

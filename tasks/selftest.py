@@ -17,7 +17,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from takeoff_cache_prefect.tasks.engines import place_recognition_engine
-from takeoff_cache_prefect.tasks.features import extractor_for
+from takeoff_cache_prefect.tasks.features import extractor_for, matcher_for
 
 from takeoff_cache.build.options import BuildOptions
 from takeoff_cache.build.validate import ValidatedRequest
@@ -77,8 +77,8 @@ def _localizer(
     except RuntimeError as exc:  # faiss reports unreadable files as RuntimeError
         raise DescriptorError(f"self-test: index {index.path} cannot be read: {exc}") from exc
     tiles = read_tile_map(folder / PurePosixPath(str(index.fields["tile_map"])).name)
-    space = descriptor_space(record.key, backbone.input)
-    return Localizer(runner, backbone.input, faiss_index, tiles), space
+    space = descriptor_space(record.key, backbone.image)
+    return Localizer(runner, backbone.image, faiss_index, tiles), space
 
 
 def _draw(
@@ -193,5 +193,6 @@ def _registered(
         workers=decode_workers(localizer.runner.on_accelerator),
         reuse=reuse,
         remembered=registered_views_dir(options.work_dir),
+        matcher=matcher_for(validated, records),
     )
     return result.summary()

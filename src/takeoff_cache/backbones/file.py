@@ -5,23 +5,30 @@ typo in a tensor name fails at validate, not an hour into a build.
 
 A check that passed is remembered in the work folder under a key of the
 model's SHA-256, the entry's input and output fields and this tool's
-version; the next build with the same model and entry skips parsing the
-graph (and importing onnx and numpy, most of what validating a no-op costs).
+version, with what it read of the graph (the width of its descriptors); the
+next build with the same model and entry skips parsing the graph (and
+importing onnx and numpy, most of what validating a no-op costs).
+
+A ``matcher`` takes no image: its ``input`` table names its two descriptor
+tensors and, where it takes them, their keypoints, and its descriptors must be
+as wide as its extractor's (the ``local_features`` backbone's, else SIFT's 128).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from takeoff_cache import __version__
-from takeoff_cache.backbones.spec import InputSpec
+from takeoff_cache.backbones.spec import InputSpec, MatcherInput
 from takeoff_cache.core.canonical import content_key
 from takeoff_cache.core.documents import MAX_BACKBONES_BYTES, load_toml, read_document
-from takeoff_cache.core.fsutil import kind_problem
+from takeoff_cache.core.fsutil import atomic_write_bytes, kind_problem
 from takeoff_cache.errors import BackboneError
 
 if TYPE_CHECKING:
@@ -30,6 +37,7 @@ if TYPE_CHECKING:
 ROLES = ("place_recognition", "local_features", "matcher", "other")
 PLACE_RECOGNITION = "place_recognition"
 LOCAL_FEATURES = "local_features"
+MATCHER = "matcher"
 # A local_features network's outputs (docs/backbones.md): name, rank, and the size
 # of its last axis where fixed (None: any).
 LOCAL_FEATURE_OUTPUTS = (("keypoints", 3, 2), ("scores", 2, None), ("descriptors", 3, None))
@@ -38,9 +46,13 @@ _NAME = re.compile(r"[a-z0-9_-]+")
 _FILE_KEYS = frozenset({"backbone"})
 _ENTRY_KEYS = frozenset({"name", "role", "onnx", "input", "output"})
 _INPUT_KEYS = frozenset({"name", "size", "channels", "mean", "std"})
+_MATCHER_INPUT_KEYS = frozenset({"descriptors", "keypoints"})
+# OpenCV's SIFT, the extractor where no local_features backbone is named, describes
+# a keypoint with 128 values: a matcher without a local_features backbone takes those.
+SIFT_DESCRIPTOR_WIDTH = 128
 # Raised when the graph check learns something new, so that checks remembered
 # from before are made again.
-_CHECKS_VERSION = 3
+_CHECKS_VERSION = 4
 
 
 def _refuse_unknown(where: str, table: dict[str, Any], known: frozenset[str]) -> None:
@@ -57,8 +69,20 @@ class Backbone:
     role: str
     onnx: Path
     onnx_sha256: str
-    input: InputSpec
+    input: InputSpec | MatcherInput  # a matcher's is MatcherInput, every other role's an image
     output: str | None
+    # Values a keypoint's descriptor has, for local_features and matcher backbones (None
+    # where the graph leaves it open): read from the graph, so outside identity().
+    descriptor_width: int | None = None
+
+    @property
+    def image(self) -> InputSpec:
+        """The image input of a backbone that takes images (every role but matcher)."""
+        if not isinstance(self.input, InputSpec):
+            raise BackboneError(
+                f"backbone {self.name!r}: a matcher takes local features, not images"
+            )
+        return self.input
 
     def identity(self) -> dict[str, Any]:
         """What of this backbone determines a build's result (paths do not)."""
@@ -105,12 +129,56 @@ def _parse_input(where: str, raw: Any) -> InputSpec:
     return InputSpec(name, size, channels, mean, std)
 
 
-def _check_graph(
-    where: str, model: onnx.ModelProto, spec: InputSpec, role: str, output: str | None
-) -> None:
-    graph = model.graph
+def _name_pair(where: str, value: Any) -> tuple[str, str]:
+    if not (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(v, str) and v for v in value)
+        and value[0] != value[1]
+    ):
+        raise BackboneError(
+            f"{where}: must be two tensor names, the view's then the place's,"
+            f' e.g. ["descriptors0", "descriptors1"]; got {value!r}'
+        )
+    return value[0], value[1]
+
+
+def _parse_matcher_input(where: str, raw: Any) -> MatcherInput:
+    if not isinstance(raw, dict):
+        raise BackboneError(
+            f"{where}.input: a matcher's input must be a table {{descriptors, keypoints}}"
+        )
+    _refuse_unknown(f"{where}.input", raw, _MATCHER_INPUT_KEYS)
+    if "descriptors" not in raw:
+        raise BackboneError(f"{where}.input.descriptors: missing")
+    descriptors = _name_pair(f"{where}.input.descriptors", raw["descriptors"])
+    keypoints = None
+    if "keypoints" in raw:
+        keypoints = _name_pair(f"{where}.input.keypoints", raw["keypoints"])
+        if set(keypoints) & set(descriptors):
+            raise BackboneError(f"{where}.input.keypoints: names a descriptors tensor")
+    return MatcherInput(descriptors, keypoints)
+
+
+def _graph_inputs(graph: onnx.GraphProto) -> dict[str, onnx.ValueInfoProto]:
+    """The inputs a caller feeds: those no initializer gives a default."""
     initializers = {i.name for i in graph.initializer}
-    inputs = {i.name: i for i in graph.input if i.name not in initializers}
+    return {i.name: i for i in graph.input if i.name not in initializers}
+
+
+def _check_graph(
+    where: str,
+    model: onnx.ModelProto,
+    spec: InputSpec | MatcherInput,
+    role: str,
+    output: str | None,
+) -> int | None:
+    """Check ``model`` against its entry; return its descriptors' width where it has
+    fixed descriptors (local_features and matcher), else None."""
+    graph = model.graph
+    if isinstance(spec, MatcherInput):
+        return _check_matcher(where, graph, spec, output)
+    inputs = _graph_inputs(graph)
     if spec.name not in inputs:
         raise BackboneError(
             f"{where}.input.name: the ONNX graph has no input {spec.name!r}"
@@ -151,12 +219,13 @@ def _check_graph(
         if len(odims) != 2 or (isinstance(odims[1], int) and odims[1] < 1):
             raise BackboneError(f"{where}.output: {output!r} has shape {odims}, expected (N, D)")
     if role == LOCAL_FEATURES:
-        _check_local_features(where, graph)
+        return _check_local_features(where, graph)
+    return None
 
 
-def _check_local_features(where: str, graph: onnx.GraphProto) -> None:
+def _check_local_features(where: str, graph: onnx.GraphProto) -> int | None:
     """A local_features graph has outputs keypoints (N, K, 2), scores (N, K) and
-    descriptors (N, K, D), K and D fixed or not."""
+    descriptors (N, K, D), K and D fixed or not; return D where it is fixed."""
     outputs = {o.name: o for o in graph.output}
     for name, rank, last in LOCAL_FEATURE_OUTPUTS:
         if name not in outputs:
@@ -171,14 +240,91 @@ def _check_local_features(where: str, graph: onnx.GraphProto) -> None:
         ):
             want = {"keypoints": "(N, K, 2)", "scores": "(N, K)", "descriptors": "(N, K, D)"}[name]
             raise BackboneError(f"{where}.onnx: output {name!r} has shape {dims}, expected {want}")
+    width = _dims(outputs["descriptors"])[-1]
+    return width if isinstance(width, int) and width > 0 else None
 
 
-def _check_key(sha256: str, spec: InputSpec, role: str, output: str | None) -> str:
+def _check_matcher(
+    where: str, graph: onnx.GraphProto, spec: MatcherInput, output: str | None
+) -> int | None:
+    """A matcher graph takes exactly the tensors its entry names, float32: descriptors
+    (B, N, D) and (B, M, D), keypoints (B, N, 2) and (B, M, 2) where named, N and M
+    dynamic, and outputs scores (B, N, M); return D where it is fixed."""
+    from onnx import TensorProto
+
+    inputs = _graph_inputs(graph)
+    fields = (
+        ("descriptors", spec.descriptors, "(B, N, D)"),
+        ("keypoints", spec.keypoints, "(B, N, 2)"),
+    )
+    for field, names, want in fields:
+        for name in names or ():
+            if name not in inputs:
+                raise BackboneError(
+                    f"{where}.input.{field}: the ONNX graph has no input {name!r}"
+                    f" (it has {sorted(inputs)})"
+                )
+            elem_type = inputs[name].type.tensor_type.elem_type
+            if elem_type != TensorProto.FLOAT:
+                raise BackboneError(
+                    f"{where}.input.{field}: input {name!r} is"
+                    f" {TensorProto.DataType.Name(elem_type)}; the pipeline feeds float32 (FLOAT)"
+                )
+            dims = _dims(inputs[name])
+            if (
+                len(dims) != 3
+                or (isinstance(dims[0], int) and dims[0] != 1)  # fed one pair at a time
+                or (field == "keypoints" and isinstance(dims[2], int) and dims[2] != 2)
+            ):
+                raise BackboneError(
+                    f"{where}.input.{field}: input {name!r} has shape {dims}, expected {want}"
+                )
+            if isinstance(dims[1], int):
+                raise BackboneError(
+                    f"{where}.input.{field}: input {name!r} has shape {dims}: its keypoint"
+                    " axis must be dynamic (each view and place has its own count)"
+                )
+    unfed = sorted(set(inputs) - set(spec.names))
+    if unfed:
+        raise BackboneError(
+            f"{where}.input: the ONNX graph's input {unfed[0]!r} is not named in"
+            " input.descriptors or input.keypoints, and a matcher is fed only those"
+        )
+    widths = sorted({d for n in spec.descriptors if isinstance(d := _dims(inputs[n])[2], int)})
+    if len(widths) > 1:
+        raise BackboneError(
+            f"{where}.input.descriptors: {spec.descriptors[0]!r} and {spec.descriptors[1]!r}"
+            f" have different widths ({widths[0]} and {widths[1]})"
+        )
+    outputs = {o.name: o for o in graph.output}
+    if output is None:
+        raise BackboneError(
+            f"{where}.output: a matcher backbone must name its output, the scores (B, N, M)"
+        )
+    if output not in outputs:
+        raise BackboneError(
+            f"{where}.output: the ONNX graph has no output {output!r} (it has {sorted(outputs)})"
+        )
+    elem_type = outputs[output].type.tensor_type.elem_type
+    if elem_type != TensorProto.FLOAT:
+        raise BackboneError(
+            f"{where}.output: {output!r} is {TensorProto.DataType.Name(elem_type)};"
+            " the scores must be float32 (FLOAT)"
+        )
+    odims = _dims(outputs[output])
+    if len(odims) != 3:
+        raise BackboneError(f"{where}.output: {output!r} has shape {odims}, expected (B, N, M)")
+    return widths[0] if widths and widths[0] > 0 else None
+
+
+def _check_key(sha256: str, spec: InputSpec | MatcherInput, role: str, output: str | None) -> str:
     return content_key(
         {
             "onnx_sha256": sha256,
             # Only what the graph check reads: mean and std cannot change its verdict.
-            "input": [spec.name, spec.size, spec.channels],
+            "input": spec.identity()
+            if isinstance(spec, MatcherInput)
+            else [spec.name, spec.size, spec.channels],
             "role": role,
             "output": output,
             "tool_version": __version__,
@@ -245,22 +391,70 @@ def _parse_entry(i: int, raw: Any, base: Path, checked: Path | None) -> Backbone
     onnx_path = (base / onnx_field).resolve()
     if problem := kind_problem(onnx_path, "file"):
         raise BackboneError(f"{where}.onnx: {onnx_path} {problem}")
-    spec = _parse_input(where, raw.get("input"))
+    spec: InputSpec | MatcherInput = (
+        _parse_matcher_input(where, raw.get("input"))
+        if role == MATCHER
+        else _parse_input(where, raw.get("input"))
+    )
     output = raw.get("output")
     if output is not None and not isinstance(output, str):
         raise BackboneError(f"{where}.output: must be a tensor name")
     data = onnx_path.read_bytes()
     sha256 = hashlib.sha256(data).hexdigest()
     marker = checked / _check_key(sha256, spec, role, output) if checked else None
-    if marker is None or not marker.is_file():
-        _check_graph(where, _load_graph(where, onnx_path, data), spec, role, output)
+    remembered = _remembered(marker) if marker is not None else None
+    if remembered is None:
+        width = _check_graph(where, _load_graph(where, onnx_path, data), spec, role, output)
         if marker is not None:
             try:
                 marker.parent.mkdir(parents=True, exist_ok=True)
-                marker.touch()
+                atomic_write_bytes(marker, json.dumps({"descriptor_width": width}).encode())
             except OSError:
                 pass  # a read-only work folder only costs the next build the check
-    return Backbone(name, role, onnx_path, sha256, spec, output)
+    else:
+        (width,) = remembered
+    return Backbone(name, role, onnx_path, sha256, spec, output, width)
+
+
+def _remembered(marker: Path) -> tuple[int | None] | None:
+    """What a passed check recorded in ``marker`` (the descriptor width); None where
+    nothing readable is recorded: the graph is checked again."""
+    try:
+        width = json.loads(marker.read_bytes())["descriptor_width"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if width is not None and not (isinstance(width, int) and width > 0):
+        return None
+    return (width,)
+
+
+def _with_matcher_width(backbones: tuple[Backbone, ...]) -> tuple[Backbone, ...]:
+    """Check that the matcher (at most one) takes its extractor's descriptors, and give
+    it their width where its own graph leaves it open."""
+    matchers = [b for b in backbones if b.role == MATCHER]
+    if not matchers:
+        return backbones
+    if len(matchers) > 1:
+        raise BackboneError(
+            f"backbones: at most one matcher backbone is allowed,"
+            f" found {len(matchers)} ({', '.join(b.name for b in matchers)})"
+        )
+    found = matchers[0]
+    extractors = [b for b in backbones if b.role == LOCAL_FEATURES]
+    if extractors:
+        width, source = extractors[0].descriptor_width, f"its extractor {extractors[0].name!r}"
+    else:
+        width, source = SIFT_DESCRIPTOR_WIDTH, "its extractor, OpenCV's SIFT (no local_features)"
+    if found.descriptor_width is None:
+        return tuple(
+            dataclasses.replace(b, descriptor_width=width) if b is found else b for b in backbones
+        )
+    if width is not None and width != found.descriptor_width:
+        raise BackboneError(
+            f"backbone {found.name!r}.input.descriptors: the matcher takes descriptors of"
+            f" {found.descriptor_width} values, but {source} gives {width}"
+        )
+    return backbones
 
 
 def load_backbones(path: Path, checked: Path | None = None) -> tuple[Backbone, ...]:
@@ -295,6 +489,7 @@ def load_backbones(path: Path, checked: Path | None = None) -> tuple[Backbone, .
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise BackboneError(f"backbones: name {dup[0]!r} is used twice")
+    backbones = _with_matcher_width(backbones)
     vpr = [b.name for b in backbones if b.role == PLACE_RECOGNITION]
     if len(vpr) != 1:
         raise BackboneError(
@@ -306,3 +501,8 @@ def load_backbones(path: Path, checked: Path | None = None) -> tuple[Backbone, .
 
 def place_recognition(backbones: tuple[Backbone, ...]) -> Backbone:
     return next(b for b in backbones if b.role == PLACE_RECOGNITION)
+
+
+def matcher(backbones: tuple[Backbone, ...]) -> Backbone | None:
+    """The matcher backbone, where the file names one (at most one is allowed)."""
+    return next((b for b in backbones if b.role == MATCHER), None)

@@ -79,20 +79,22 @@ def calibration_artifact(path: Path, sha256: str) -> Artifact:
     )
 
 
-def features_artifact(files: FeaturesFile, extractor: dict[str, Any], key: str) -> Artifact:
-    """The cache's features file: every selected tile's local features (features/)."""
+def features_artifact(
+    files: FeaturesFile, extractor: dict[str, Any], key: str, matcher: dict[str, Any] | None = None
+) -> Artifact:
+    """The cache's features file: every selected tile's local features (features/), and
+    the ``matcher`` that pairs them with a view's, where the backbones name one."""
     path = Path(files.path)
+    fields: dict[str, Any] = {
+        "extractor": extractor,
+        "features_key": key,
+        "count": files.tiles,
+        "keypoints": files.keypoints,
+        "max_keypoints": MAX_KEYPOINTS,
+        "descriptor_bytes": files.dimension,
+    }
+    if matcher is not None:
+        fields["matcher"] = matcher
     return Artifact(
-        f"{FEATURES_DIR}/{path.name}",
-        "local_features",
-        files.size,
-        files.sha256,
-        {
-            "extractor": extractor,
-            "features_key": key,
-            "count": files.tiles,
-            "keypoints": files.keypoints,
-            "max_keypoints": MAX_KEYPOINTS,
-            "descriptor_bytes": files.dimension,
-        },
+        f"{FEATURES_DIR}/{path.name}", "local_features", files.size, files.sha256, fields
     )

@@ -94,10 +94,11 @@ class BuildReport:
 
     def local_features_line(self) -> str:
         lf = self.local_features or {}
+        matched = f"; matched by {lf['matcher']!r}" if lf.get("matcher") else ""
         return (
             f"{lf.get('extractor')}: {lf.get('generated', 0)} tiles extracted,"
             f" {lf.get('reused', 0)} reused; {lf.get('bytes_per_tile', 0)} bytes a tile"
-            f" (at most {lf.get('max_keypoints', 0)} keypoints)"
+            f" (at most {lf.get('max_keypoints', 0)} keypoints){matched}"
         )
 
     def _drift_lines(self) -> list[str]:

@@ -74,6 +74,8 @@ KEYPOINTS = 256
 KEYPOINT_RINGS = (2.0, 4.0, 6.5, 9.5, 13.0, 17.0)
 KEYPOINT_ANGLES = 16
 KEYPOINT_HARMONICS = 5
+# Values a keypoint's descriptor has: 3 channels, each ring's mean and 4 harmonics.
+KEYPOINT_DIM = 3 * len(KEYPOINT_RINGS) * KEYPOINT_HARMONICS
 _KEYPOINT_MARGIN = 4
 _DC_WEIGHT = 2.0
 _HARRIS_K = 0.04
@@ -230,10 +232,23 @@ def _image_input(size: int) -> onnx.ValueInfoProto:
 
 
 def _save(
-    path: Path, graph: _Graph, name: str, size: int, outputs: list[onnx.ValueInfoProto], doc: str
+    path: Path,
+    graph: _Graph,
+    name: str,
+    size: int,
+    outputs: list[onnx.ValueInfoProto],
+    doc: str,
+    inputs: list[onnx.ValueInfoProto] | None = None,
 ) -> None:
+    """``inputs``: the graph's, where they are not the ``size`` px image of every other
+    demo network (a matcher's)."""
     g = helper.make_graph(
-        graph.nodes, name, [_image_input(size)], outputs, graph.inits, doc_string=doc
+        graph.nodes,
+        name,
+        inputs if inputs is not None else [_image_input(size)],
+        outputs,
+        graph.inits,
+        doc_string=doc,
     )
     model = helper.make_model(
         g,
@@ -544,4 +559,49 @@ def build_weak_vpr_model(path: Path, size: int = 128) -> None:
         size,
         [out],
         "Weak demo descriptor: the mean colour of the image.",
+    )
+
+
+# A pair of the demo's unit descriptors at a cosine below this is no match: the
+# matcher contract's "score above 0" (docs/backbones.md) is the cosine above it.
+MATCHER_MIN_COSINE = 0.5
+
+
+def build_matcher_model(path: Path, dim: int = KEYPOINT_DIM, *, negate: bool = False) -> None:
+    """Write an analytic matcher (docs/backbones.md): ``descriptors0`` (1, N, dim) and
+    ``descriptors1`` (1, M, dim), with ``keypoints0`` (1, N, 2) and ``keypoints1``
+    (1, M, 2), -> ``scores`` (1, N, M), the cosine of each pair of unit descriptors
+    less :data:`MATCHER_MIN_COSINE`.
+
+    It takes the keypoints, as the contract allows, and leaves them alone: the
+    cosine alone decides. ``negate`` writes a deliberately wrong one (the negated
+    scores: each keypoint's best match is its least alike), so that a test can show
+    the matcher, not anything after it, deciding the matches. Not part of the demo's
+    backbones: tests write their own backbones file with it.
+    """
+    sign = -1.0 if negate else 1.0
+    g = _Graph()
+    cosine = g.op("MatMul", ["descriptors0", g.op("Transpose", ["descriptors1"], perm=[0, 2, 1])])
+    g.op(
+        "Add",
+        [
+            g.op("Mul", [cosine, g.const("sign", np.array(sign, np.float32))]),
+            g.const("offset", np.array(-sign * MATCHER_MIN_COSINE, np.float32)),
+        ],
+        "scores",
+    )
+    inputs = [
+        helper.make_tensor_value_info("descriptors0", TensorProto.FLOAT, [1, "N", dim]),
+        helper.make_tensor_value_info("descriptors1", TensorProto.FLOAT, [1, "M", dim]),
+        helper.make_tensor_value_info("keypoints0", TensorProto.FLOAT, [1, "N", 2]),
+        helper.make_tensor_value_info("keypoints1", TensorProto.FLOAT, [1, "M", 2]),
+    ]
+    _save(
+        path,
+        g,
+        "takeoff_cache_demo_negated_matcher" if negate else "takeoff_cache_demo_matcher",
+        0,
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, "N", "M"])],
+        "Demo matcher: the cosine of each pair of descriptors, less a margin.",
+        inputs,
     )

@@ -108,7 +108,7 @@ def _runner(engine: EngineRef) -> Runner:
 def embed_chunk(engine: EngineRef, chunk: Chunk) -> ChunkResult:
     """Decode and embed one chunk, batch by batch. Runs on a worker."""
     runner = _runner(engine)
-    spec = engine.backbone.input
+    spec = engine.backbone.image
     shas: list[str] = []
     parts: list[np.ndarray] = []
     bad: list[tuple[Tile, str]] = []

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from takeoff_cache.backbones.file import Backbone
+from takeoff_cache.backbones.file import MATCHER, Backbone
 
 if TYPE_CHECKING:
     import numpy as np
@@ -17,7 +17,8 @@ PRECISIONS = ("fp32", "fp16", "int8")
 
 
 class Runner(ABC):
-    """A loaded engine: normalized float32 NCHW batch in, first requested output out."""
+    """A loaded engine: normalized float32 NCHW batch in (or, for a matcher, its named
+    inputs), the requested output out."""
 
     # How many run() calls may usefully be in flight at once, from as many threads.
     streams: int = 1
@@ -26,6 +27,11 @@ class Runner(ABC):
 
     @abstractmethod
     def run(self, batch: np.ndarray) -> np.ndarray: ...
+
+    @abstractmethod
+    def run_feeds(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The output for float32 arrays fed by input name, of any shape the engine
+        takes (a matcher's descriptors and keypoints)."""
 
     def run_outputs(self, batch: np.ndarray, names: Sequence[str]) -> list[np.ndarray] | None:
         """Several outputs of one run, where the engine can give them (else None: the
@@ -52,7 +58,7 @@ class Backend(ABC):
         """A short readable host label for file names."""
 
     @abstractmethod
-    def build_options(self, precision: str) -> dict[str, Any]:
+    def build_options(self, precision: str, backbone: Backbone) -> dict[str, Any]:
         """Options that change the compiled engine; part of the engine key."""
 
     @abstractmethod
@@ -68,6 +74,20 @@ class Backend(ABC):
 
     @abstractmethod
     def load(self, engine_path: Path, backbone: Backbone, output: str) -> Runner: ...
+
+
+def built_as(
+    backbone: Backbone, precision: str, calibration_sha256: str | None
+) -> tuple[str, str | None]:
+    """The precision and calibration ``backbone``'s engine is built with, for a request
+    at ``precision`` with that calibration.
+
+    A matcher's inputs are descriptors: calibration samples are images and cannot
+    calibrate it, so an int8 request builds its matcher at fp32, uncalibrated.
+    """
+    if backbone.role == MATCHER and precision == "int8":
+        return "fp32", None
+    return precision, calibration_sha256
 
 
 def first_line(exc: BaseException) -> str:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from takeoff_cache.backbones.file import Backbone
+from takeoff_cache.backbones.spec import InputSpec
 from takeoff_cache.engines.base import Backend, Runner, first_line
 from takeoff_cache.engines.hostinfo import cpu_identity, isa_tag
 from takeoff_cache.errors import EngineError
@@ -74,24 +75,39 @@ def _threads() -> int:
 
 
 class OnnxRuntimeRunner(Runner):
+    """``input_name``: the image input that :meth:`run` feeds (None for a matcher, whose
+    inputs :meth:`run_feeds` names)."""
+
     def __init__(
-        self, session: ort.InferenceSession, input_name: str, output: str, streams: int = 1
+        self,
+        session: ort.InferenceSession,
+        input_name: str | None,
+        output: str,
+        streams: int = 1,
     ) -> None:
         self._session = session
         self._input = input_name
         self._output = output
         self.streams = streams  # InferenceSession.run is thread-safe
 
+    def _image(self) -> str:
+        if self._input is None:
+            raise EngineError("this engine takes named inputs (a matcher's), not images")
+        return self._input
+
     def run(self, batch: np.ndarray) -> np.ndarray:
+        return self.run_feeds({self._image(): batch})
+
+    def run_feeds(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         import numpy as np
 
-        result = self._session.run([self._output], {self._input: batch})[0]
+        result = self._session.run([self._output], dict(feeds))[0]
         return np.asarray(result, dtype=np.float32)
 
     def run_outputs(self, batch: np.ndarray, names: Sequence[str]) -> list[np.ndarray]:
         import numpy as np
 
-        results = self._session.run(list(names), {self._input: batch})
+        results = self._session.run(list(names), {self._image(): batch})
         return [np.asarray(r, dtype=np.float32) for r in results]
 
 
@@ -112,7 +128,8 @@ class OnnxRuntimeBackend(Backend):
         ident = self.host_identity()
         return f"{self.name}-{isa_tag(ident['cpu'])}"
 
-    def build_options(self, precision: str) -> dict[str, Any]:
+    def build_options(self, precision: str, backbone: Backbone) -> dict[str, Any]:
+        # The same for every backbone: ONNX Runtime keeps a graph's dynamic axes dynamic.
         options: dict[str, Any] = {
             "graph_optimization_level": "ORT_ENABLE_ALL",
             "providers": ["CPUExecutionProvider"],
@@ -179,4 +196,5 @@ class OnnxRuntimeBackend(Backend):
             raise EngineError(
                 f"backbone {backbone.name!r}: cannot load engine {engine_path}: {first_line(exc)}"
             ) from exc
-        return OnnxRuntimeRunner(session, backbone.input.name, output, streams=_threads())
+        image = backbone.input.name if isinstance(backbone.input, InputSpec) else None
+        return OnnxRuntimeRunner(session, image, output, streams=_threads())

@@ -48,7 +48,7 @@ def quantize(
     if calibration is None:
         raise EngineError(f"backbone {backbone.name!r}: int8 needs a calibration file")
     samples = load_samples(calibration)
-    reader = _Samples(backbone.input.name, calibration_batches(samples, backbone.input))
+    reader = _Samples(backbone.image.name, calibration_batches(samples, backbone.image))
     prepared = out_path.with_name(out_path.name + ".pre.onnx")
     try:
         # Shape inference and graph clean-up first, as ONNX Runtime's quantizer expects.

@@ -21,7 +21,7 @@ from takeoff_cache.core.canonical import content_key
 from takeoff_cache.core.faults import checkpoint
 from takeoff_cache.core.fsutil import atomic_output, atomic_write_bytes, sha256_file
 from takeoff_cache.core.workdir import engines_dir
-from takeoff_cache.engines.base import Backend
+from takeoff_cache.engines.base import Backend, built_as
 from takeoff_cache.errors import CacheIOError, EngineError
 
 
@@ -50,14 +50,14 @@ def engine_key(
         {
             "model_sha256": backbone.onnx_sha256,
             # int8 calibration preprocesses by the input spec, and TensorRT's
-            # optimization profile takes its shapes from it.
+            # optimization profile takes its shapes from it (a matcher's: its names).
             "input": backbone.input.identity(),
             "backend": backend.name,
             "backend_version": backend.version,
             "host": host,
             "precision": precision,
             "calibration_sha256": calibration_sha256,
-            "build_options": backend.build_options(precision),
+            "build_options": backend.build_options(precision, backbone),
         }
     )
 
@@ -98,7 +98,11 @@ def ensure_engine(
     calibration_sha256: str | None,
     work_dir: Path,
 ) -> EngineRecord:
-    """Return the stored engine for ``backbone``, compiling it first if needed."""
+    """Return the stored engine for ``backbone``, compiling it first if needed, at the
+    precision :func:`.base.built_as` gives (a matcher asked for int8 is built at fp32)."""
+    if built_as(backbone, precision, calibration_sha256) != (precision, calibration_sha256):
+        precision, calibration_sha256 = built_as(backbone, precision, calibration_sha256)
+        calibration = None
     store = engines_dir(work_dir)
     try:
         store.mkdir(parents=True, exist_ok=True)

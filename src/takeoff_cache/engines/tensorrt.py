@@ -5,15 +5,23 @@ CUDA runtime bindings of ``cuda-python``. Both are imported lazily: on hosts
 without them :meth:`TensorRTBackend.usable` is False and ``auto`` picks ONNX
 Runtime. The timing cache lives in the work folder so rebuilds for another
 precision or model reuse kernel measurements.
+
+A matcher's keypoint axes are dynamic: its optimization profile runs from one
+keypoint to the most a side is ever given (:data:`.spec.VIEW_KEYPOINTS` for the
+view, :data:`.spec.PLACE_KEYPOINTS` for a place's 3 x 3 tiles), at its
+descriptors' width, one pair at a time.
 """
 
 from __future__ import annotations
 
 import importlib
+import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from takeoff_cache.backbones.file import Backbone
+from takeoff_cache.backbones.spec import PLACE_KEYPOINTS, VIEW_KEYPOINTS, InputSpec, MatcherInput
 from takeoff_cache.core.fsutil import atomic_write_bytes, sha256_file
 from takeoff_cache.core.workdir import tensorrt_dir
 from takeoff_cache.engines.base import Backend, Runner
@@ -29,6 +37,31 @@ if TYPE_CHECKING:
 WORKSPACE_BYTES = 1 << 30
 MAX_BATCH = 64
 OPT_BATCH = 32
+
+Shape = tuple[int, ...]
+
+
+def matcher_profile(backbone: Backbone) -> dict[str, tuple[Shape, Shape, Shape]]:
+    """(min, opt, max) shape of each of a matcher's inputs: one pair at a time, one
+    keypoint at least, at most the view's or the place's keypoints, fixed width."""
+    spec = backbone.input
+    if not isinstance(spec, MatcherInput):
+        raise EngineError(f"backbone {backbone.name!r}: not a matcher")
+    width = backbone.descriptor_width
+    if width is None:
+        raise EngineError(
+            f"backbone {backbone.name!r}: TensorRT's optimization profile needs the"
+            " descriptors' width, which neither the matcher nor its extractor fixes:"
+            " export one of them with a fixed D"
+        )
+    profile: dict[str, tuple[Shape, Shape, Shape]] = {}
+    for side, most in enumerate((VIEW_KEYPOINTS, PLACE_KEYPOINTS)):
+        names = [(spec.descriptors[side], width)]
+        if spec.keypoints is not None:
+            names.append((spec.keypoints[side], 2))
+        for name, last in names:
+            profile[name] = ((1, 1, last), (1, most, last), (1, most, last))
+    return profile
 
 
 def _trt() -> Any:
@@ -71,7 +104,7 @@ def _int8_calibrator(backbone: Backbone, calibration: Path, cache_path: Path) ->
         samples, stored = None, calibration.read_bytes()
     batch_size = 8
     batches = (
-        iter(list(calibration_batches(samples, backbone.input, batch_size)))
+        iter(list(calibration_batches(samples, backbone.image, batch_size)))
         if samples is not None
         else iter(())
     )
@@ -115,20 +148,39 @@ def _int8_calibrator(backbone: Backbone, calibration: Path, cache_path: Path) ->
 
 
 class TensorRTRunner(Runner):
+    """One execution context: calls from several threads take turns (its buffers and
+    shapes are the context's). Every output of the engine is bound, the one asked for
+    is copied back. A fed input the engine lacks is one its graph never read (TensorRT
+    drops those, a matcher's unused keypoints say): it is not fed."""
+
     on_accelerator = True
 
     def __init__(self, engine_bytes: bytes, backbone: Backbone, output: str) -> None:
         trt = _trt()
+        self._trt = trt
         self._cudart = _cudart()
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._engine = trt.Runtime(self._logger).deserialize_cuda_engine(engine_bytes)
         if self._engine is None:
             raise EngineError(f"backbone {backbone.name!r}: TensorRT cannot load the engine")
         self._context = self._engine.create_execution_context()
-        self._input = backbone.input.name
+        self._input = backbone.input.name if isinstance(backbone.input, InputSpec) else None
         self._output = output
+        names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
+        self._outputs = [
+            n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT
+        ]
+        self._inputs = frozenset(
+            n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT
+        )
+        if output not in self._outputs:
+            raise EngineError(
+                f"backbone {backbone.name!r}: the engine has no output {output!r}"
+                f" (it has {self._outputs})"
+            )
         self._stream = _check(self._cudart.cudaStreamCreate())
         self._buffers: dict[str, tuple[int, int]] = {}
+        self._lock = threading.Lock()
 
     def _device(self, name: str, nbytes: int) -> int:
         ptr, size = self._buffers.get(name, (0, 0))
@@ -140,32 +192,63 @@ class TensorRTRunner(Runner):
         return ptr
 
     def run(self, batch: np.ndarray) -> np.ndarray:
+        if self._input is None:
+            raise EngineError("this engine takes named inputs (a matcher's), not images")
+        return self.run_feeds({self._input: batch})
+
+    def run_feeds(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         import numpy as np
 
-        cudart = self._cudart
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
-        self._context.set_input_shape(self._input, batch.shape)
-        out_shape = tuple(self._context.get_tensor_shape(self._output))
-        out = np.empty(out_shape, dtype=np.float32)
-        d_in = self._device(self._input, batch.nbytes)
-        d_out = self._device(self._output, out.nbytes)
+        fed = {
+            name: np.ascontiguousarray(a, dtype=np.float32)
+            for name, a in feeds.items()
+            if name in self._inputs
+        }
+        with self._lock:
+            return self._run_locked(fed)
+
+    def _run_locked(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        import numpy as np
+
+        cudart, trt, context = self._cudart, self._trt, self._context
         kind = cudart.cudaMemcpyKind
-        _check(
-            cudart.cudaMemcpyAsync(
-                d_in, batch.ctypes.data, batch.nbytes, kind.cudaMemcpyHostToDevice, self._stream
+        for name, array in feeds.items():
+            if not context.set_input_shape(name, array.shape):
+                raise EngineError(
+                    f"TensorRT: input {name!r} of shape {array.shape} is outside the"
+                    " engine's optimization profile"
+                )
+        for name, array in feeds.items():
+            device = self._device(name, array.nbytes)
+            _check(
+                cudart.cudaMemcpyAsync(
+                    device,
+                    array.ctypes.data,
+                    array.nbytes,
+                    kind.cudaMemcpyHostToDevice,
+                    self._stream,
+                )
             )
-        )
-        self._context.set_tensor_address(self._input, d_in)
-        self._context.set_tensor_address(self._output, d_out)
-        if not self._context.execute_async_v3(self._stream):
+            context.set_tensor_address(name, device)
+        out = np.empty(0, dtype=np.float32)
+        device_out = 0
+        for name in self._outputs:
+            shape = tuple(context.get_tensor_shape(name))
+            dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(name)))
+            nbytes = max(1, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
+            device = self._device(name, nbytes)
+            context.set_tensor_address(name, device)
+            if name == self._output:
+                out, device_out = np.empty(shape, dtype=dtype), device
+        if not context.execute_async_v3(self._stream):
             raise EngineError("TensorRT inference failed")
         _check(
             cudart.cudaMemcpyAsync(
-                out.ctypes.data, d_out, out.nbytes, kind.cudaMemcpyDeviceToHost, self._stream
+                out.ctypes.data, device_out, out.nbytes, kind.cudaMemcpyDeviceToHost, self._stream
             )
         )
         _check(cudart.cudaStreamSynchronize(self._stream))
-        return out
+        return out.astype(np.float32, copy=False)
 
     def __del__(self) -> None:
         for ptr, _ in getattr(self, "_buffers", {}).values():
@@ -218,7 +301,13 @@ class TensorRTBackend(Backend):
         gpu = "".join(c if c.isalnum() else "-" for c in ident["gpu"].lower()).strip("-")
         return f"tensorrt{self.version}-{gpu}-sm{ident['compute_capability'].replace('.', '')}"
 
-    def build_options(self, precision: str) -> dict[str, Any]:
+    def build_options(self, precision: str, backbone: Backbone) -> dict[str, Any]:
+        if isinstance(backbone.input, MatcherInput):
+            profile = matcher_profile(backbone)
+            return {
+                "workspace_bytes": WORKSPACE_BYTES,
+                "profile": {name: [list(s) for s in shapes] for name, shapes in profile.items()},
+            }
         return {
             "workspace_bytes": WORKSPACE_BYTES,
             "min_batch": 1,
@@ -267,14 +356,20 @@ class TensorRTBackend(Backend):
             )
             calib_cache.parent.mkdir(parents=True, exist_ok=True)
             config.int8_calibrator = _int8_calibrator(backbone, calibration, calib_cache)
-        size = backbone.input
         profile = builder.create_optimization_profile()
-        profile.set_shape(
-            size.name,
-            (1, size.channels, size.size, size.size),
-            (OPT_BATCH, size.channels, size.size, size.size),
-            (MAX_BATCH, size.channels, size.size, size.size),
-        )
+        if isinstance(backbone.input, MatcherInput):
+            inputs = {network.get_input(i).name for i in range(network.num_inputs)}
+            for name, (least, opt, most) in matcher_profile(backbone).items():
+                if name in inputs:
+                    profile.set_shape(name, least, opt, most)
+        else:
+            size = backbone.input
+            profile.set_shape(
+                size.name,
+                (1, size.channels, size.size, size.size),
+                (OPT_BATCH, size.channels, size.size, size.size),
+                (MAX_BATCH, size.channels, size.size, size.size),
+            )
         config.add_optimization_profile(profile)
         timing_path = tensorrt_dir(work_dir) / f"timing-{self.host_tag()}.cache"
         timing_path.parent.mkdir(parents=True, exist_ok=True)

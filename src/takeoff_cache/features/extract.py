@@ -28,14 +28,15 @@ from typing import Any
 import numpy as np
 
 from takeoff_cache.backbones.preprocess import PREPROCESS_ID, Normalizer
+from takeoff_cache.backbones.spec import MAX_KEYPOINTS as MAX_KEYPOINTS
 from takeoff_cache.backbones.spec import InputSpec
 from takeoff_cache.core.canonical import content_key
 from takeoff_cache.engines.base import Runner
 from takeoff_cache.errors import DescriptorError
 
-# The most keypoints kept of a tile (and of each scale of a view): bounds a tile's
-# features at MAX_KEYPOINTS * (D + 5) bytes (about 24 KB for the demo network's 90).
-MAX_KEYPOINTS = 256
+# MAX_KEYPOINTS (in backbones/spec.py, which derives a matcher's shapes from it): the
+# most keypoints kept of a tile (and of each scale of a view); bounds a tile's features
+# at MAX_KEYPOINTS * (D + 5) bytes (about 24 KB for the demo network's 90).
 # Outputs of a local_features network, in this order (docs/backbones.md).
 OUTPUTS = ("keypoints", "scores", "descriptors")
 # How a network extractor resizes a view: a view seen from higher up (its ground

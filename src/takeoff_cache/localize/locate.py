@@ -46,7 +46,7 @@ from takeoff_cache.descriptors.pipeline import BATCH_SIZE, check_vectors
 from takeoff_cache.descriptors.store import descriptor_space, l2_normalize
 from takeoff_cache.engines import Runner, get_backend
 from takeoff_cache.errors import BackboneError, DescriptorError, ImageError
-from takeoff_cache.localize.register import Registration, open_features, register
+from takeoff_cache.localize.register import Registration, open_features, open_matcher, register
 from takeoff_cache.trust.keys import TrustedKey
 from takeoff_cache.trust.manifest import Artifact, Manifest
 from takeoff_cache.trust.verify import verify_cache
@@ -335,7 +335,7 @@ def _spec_from_backbones(path: Path, name: str) -> tuple[InputSpec, str]:
     found = [b for b in backbones if b.name == name and b.role == PLACE_RECOGNITION]
     if not found or found[0].output is None:
         raise DescriptorError(f"cache: {path} has no place_recognition backbone {name!r}")
-    return found[0].input, found[0].output
+    return found[0].image, found[0].output
 
 
 def _engine_input(
@@ -450,6 +450,8 @@ def locate(
         if register_views
         else None
     )
+    # Its matcher, where it has one, pairs the view's features with a place's.
+    matcher = open_matcher(cache_root.resolve(), manifest) if opened is not None else None
     test = manifest.signed.get("self_test")
     rule = Confidence.from_signed(test.get("confidence") if isinstance(test, dict) else None)
     out = []
@@ -468,7 +470,7 @@ def locate(
             view = np.empty((extractor.size, extractor.size, 3), dtype=np.uint8)
             read_image(path, InputSpec("view", extractor.size, 3, (0.0,) * 3, (1.0,) * 3), view)
             ranked = [(m.z, m.x, m.y) for m in deep]
-            fix, _ = register(extractor.view(view), ranked, features, places=k)
+            fix, _ = register(extractor.view(view), ranked, features, places=k, matcher=matcher)
             seconds = time.perf_counter() - t0
         out.append(Location(str(path), matches, best, weighted, seconds, ratio, confidence, fix))
     return out

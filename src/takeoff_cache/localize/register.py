@@ -3,8 +3,11 @@
 For each retrieved tile (a candidate) the view's local features are matched
 against the features of the candidate and its 8 neighbours at the same zoom
 (a view straddles tile borders), all placed in the candidate's own tile
-coordinates: mutual nearest neighbours of the unit descriptors whose distance
-is below :data:`RATIO` times the second nearest's (Lowe's ratio test). A
+coordinates: by the ``matcher`` backbone's engine where the cache has one
+(:class:`.match.Matcher`, the view's keypoints and the neighbourhood's each as
+fractions of their image), else as mutual nearest neighbours of the unit
+descriptors whose distance is below :data:`RATIO` times the second nearest's
+(Lowe's ratio test). A
 homography from the view to the ground is solved on those matches by RANSAC
 (OpenCV's MAGSAC++, :data:`RANSAC_PX` in pixels of a 256-pixel tile), the
 candidates are re-ranked by their inlier count, and the best, if it has
@@ -37,13 +40,15 @@ from typing import Any
 
 import numpy as np
 
-from takeoff_cache.backbones.file import LOCAL_FEATURES, Backbone, load_backbones
+from takeoff_cache.backbones.file import LOCAL_FEATURES, MATCHER, Backbone, load_backbones
+from takeoff_cache.backbones.spec import MatcherInput
 from takeoff_cache.core.tilemath import fractional_tile_to_latlon
 from takeoff_cache.engines import get_backend
 from takeoff_cache.engines.base import Runner
 from takeoff_cache.errors import BackboneError, DescriptorError
 from takeoff_cache.features.artifact import FeatureSet
 from takeoff_cache.features.extract import Extractor, Features, NetworkExtractor, SiftExtractor
+from takeoff_cache.features.match import Matcher
 from takeoff_cache.features.pipeline import features_key
 from takeoff_cache.trust.manifest import Artifact, Manifest
 
@@ -174,12 +179,22 @@ def _apply(h: np.ndarray, points: np.ndarray) -> np.ndarray:
 
 
 def _fit(
-    view: Features, tile: TileKey, rank: int, ground: tuple[np.ndarray, np.ndarray]
+    view: Features,
+    units: np.ndarray,
+    tile: TileKey,
+    rank: int,
+    ground: tuple[np.ndarray, np.ndarray],
+    matcher: Matcher | None,
 ) -> Attempt:
+    """``units``: the view's unit descriptors."""
     import cv2
 
-    points, units = ground
-    qi, ci = mutual_matches(view.unit(), units)
+    points, ground_units = ground
+    if matcher is None:
+        qi, ci = mutual_matches(units, ground_units)
+    else:
+        # The neighbourhood spans [-1, 2] of the candidate: as fractions of itself.
+        qi, ci = matcher.match(view.keypoints, units, (points + 1.0) / 3.0, ground_units)
     if len(qi) < MIN_INLIERS:
         return Attempt(tile, rank, 0, None)
     src = (view.keypoints[qi] * UNIT).astype(np.float64)
@@ -234,22 +249,29 @@ def distinct_places(ranked: Sequence[TileKey], places: int) -> list[tuple[int, T
 
 
 def register(
-    view: Features, ranked: Sequence[TileKey], features: FeatureSet, *, places: int = PLACES
+    view: Features,
+    ranked: Sequence[TileKey],
+    features: FeatureSet,
+    *,
+    places: int = PLACES,
+    matcher: Matcher | None = None,
 ) -> tuple[Registration | None, list[Attempt]]:
     """Register ``view`` on the neighbourhoods of the retrieved tiles ``ranked`` (best
-    first), at most ``places`` distinct places (:func:`distinct_places`).
+    first), at most ``places`` distinct places (:func:`distinct_places`), its matches
+    from ``matcher`` where there is one, else :func:`mutual_matches`.
 
     Returns the fix (None when no candidate registers) and every attempt, ranked
     by inliers, most first (ties keep the retrieval's order): the re-ranking. A fit
     of :data:`SURE_INLIERS` or more ends the search.
     """
     attempts = []
+    units = view.unit()
     for rank, tile in distinct_places(ranked, places):
         ground = neighbourhood(features, tile)
         if ground is None or len(view) < MIN_INLIERS:
             attempts.append(Attempt(tile, rank, 0, None))
             continue
-        attempts.append(_fit(view, tile, rank, ground))
+        attempts.append(_fit(view, units, tile, rank, ground, matcher))
         if attempts[-1].fix is not None and attempts[-1].inliers >= SURE_INLIERS:
             break  # no other place would beat it: the places left are not tried
     attempts.sort(key=lambda a: (-(a.inliers if a.fix else 0), a.rank))
@@ -281,7 +303,7 @@ def _network(
         raise DescriptorError(f"cache: the input spec of {name!r} is unknown: {exc}") from exc
     if not found:
         raise DescriptorError(f"cache: {path} has no local_features backbone {name!r}")
-    spec = found[0].input
+    spec = found[0].image
     backbone = Backbone(
         str(name), LOCAL_FEATURES, cache_root / engine.path, engine.sha256, spec, None
     )
@@ -318,3 +340,45 @@ def open_features(
             " (another OpenCV, engine or input spec)"
         )
     return extractor, FeatureSet(cache_root / art.path)
+
+
+def _matcher_input(raw: Any) -> MatcherInput:
+    def pair(value: Any) -> tuple[str, str]:
+        if not (isinstance(value, list) and len(value) == 2):
+            raise DescriptorError(f"cache: the matcher's inputs cannot be read: {raw!r}")
+        return str(value[0]), str(value[1])
+
+    if not isinstance(raw, dict):
+        raise DescriptorError(f"cache: the matcher's inputs cannot be read: {raw!r}")
+    keypoints = raw.get("keypoints")
+    return MatcherInput(
+        pair(raw.get("descriptors")), None if keypoints is None else pair(keypoints)
+    )
+
+
+def open_matcher(cache_root: Path, manifest: Manifest) -> Matcher | None:
+    """The matcher that ``manifest`` (already verified) names beside its local features;
+    None for a cache built without one (its views are matched by :func:`mutual_matches`).
+
+    Everything needed is signed in the manifest: the features artifact's ``matcher``
+    (backbone, engine key, input names, output) and the engine artifact of that key.
+    """
+    found = [a for a in manifest.artifacts if a.kind == "local_features"]
+    ident = found[0].fields.get("matcher") if found else None
+    if not isinstance(ident, dict):
+        return None
+    key, name, output = ident.get("engine_key"), ident.get("backbone"), ident.get("output")
+    spec = _matcher_input(ident.get("input"))
+    engines = [
+        a for a in manifest.artifacts if a.kind == "engine" and a.fields.get("engine_key") == key
+    ]
+    if len(engines) != 1 or not isinstance(output, str):
+        raise DescriptorError("cache: no engine artifact matches the matcher's engine key")
+    engine = engines[0]
+    backbone = Backbone(str(name), MATCHER, cache_root / engine.path, engine.sha256, spec, output)
+    backend = get_backend(str(engine.fields.get("backend")))
+
+    def load() -> Runner:
+        return backend.load(cache_root / engine.path, backbone, output)
+
+    return Matcher(load, spec, output, str(key), str(name))

@@ -7,7 +7,8 @@ with the embedding the tile-level self-test gave it, then rendered at the
 tiles' full resolution as a camera delivers a photo, not at the
 place-recognition engine's smaller input, registered on up to
 :data:`.register.PLACES` distinct places among the tiles retrieved
-(:func:`.register.register`) and re-ranked by inliers; a view that does not
+(:func:`.register.register`, by the matcher where the cache has one) and
+re-ranked by inliers; a view that does not
 register keeps the retrieval's answer and its score-weighted estimate, as
 ``locate`` answers it.
 
@@ -51,6 +52,7 @@ from takeoff_cache.core.spaces import SPACE_IDLE_S
 from takeoff_cache.core.tilemath import haversine_m, lonlat_to_fractional_tile
 from takeoff_cache.features.artifact import FeatureSet
 from takeoff_cache.features.extract import Extractor, Features
+from takeoff_cache.features.match import Matcher
 from takeoff_cache.localize.locate import Localizer, Match, TileKey, estimate_position
 from takeoff_cache.localize.register import register
 from takeoff_cache.localize.selftest import (
@@ -143,13 +145,15 @@ def evaluate_registered(
     workers: int = 2,
     reuse: ViewReuse | None = None,
     remembered: Path | None = None,
+    matcher: Matcher | None = None,
 ) -> RegisteredResult:
     """Retrieve, render and register ``views`` (see the module's docstring).
 
     ``reuse``: where the self-test keeps its views' embeddings (the same views: their
     retrieval is the tile-level self-test's). ``remembered``: a folder of outcomes kept
-    by what decides them (:func:`outcome_key`); a view whose pixels, retrieved tiles and
-    their bytes, engines and extractor are all as before is not registered again.
+    by what decides them (:func:`_outcome_keys`); a view whose pixels, retrieved tiles and
+    their bytes, engines, extractor and matcher are all as before is not registered
+    again. ``matcher``: the cache's matcher; without one, mutual nearest neighbours match.
     """
     started = time.perf_counter()
     vectors, _ = view_vectors(localizer, corpus_path, views, workers, reuse)
@@ -157,7 +161,7 @@ def evaluate_registered(
     outcomes: list[RegisteredOutcome | None] = [None] * len(views)
     keys: list[str] = []
     if reuse is not None and remembered is not None:
-        keys = _outcome_keys(views, answers, reuse, extractor, tile_px)
+        keys = _outcome_keys(views, answers, reuse, extractor, tile_px, matcher)
         outcomes = [_recall(remembered, key, reuse.tile_sha256) for key in keys]
     todo = [i for i, o in enumerate(outcomes) if o is None]
     held = frozenset(localizer.tiles)
@@ -172,7 +176,7 @@ def evaluate_registered(
         def one(j: int, batch: list[int] = batch, pixels: np.ndarray = pixels) -> None:
             i = batch[j]
             outcome, read = _register_view(
-                views[i], answers[i], extractor.view(pixels[j]), features
+                views[i], answers[i], extractor.view(pixels[j]), features, matcher
             )
             outcomes[i] = outcome
             if keys and remembered is not None and reuse is not None:
@@ -186,11 +190,16 @@ def evaluate_registered(
 
 
 def _register_view(
-    view: View, matches: tuple[Match, ...], seen: Features, features: FeatureSet
+    view: View,
+    matches: tuple[Match, ...],
+    seen: Features,
+    features: FeatureSet,
+    matcher: Matcher | None = None,
 ) -> tuple[RegisteredOutcome, set[TileKey]]:
     """The view's outcome, and the tiles whose features decided it: the 3x3
     neighbourhood of every place the registration tried."""
-    fix, attempts = register(seen, [(m.z, m.x, m.y) for m in matches], features)
+    ranked = [(m.z, m.x, m.y) for m in matches]
+    fix, attempts = register(seen, ranked, features, matcher=matcher)
     read = {
         (z, x + dx, y + dy) for z, x, y in (a.candidate for a in attempts) for dx, dy in _AROUND
     }
@@ -220,22 +229,28 @@ def _outcome_keys(
     reuse: ViewReuse,
     extractor: Extractor,
     tile_px: int,
+    matcher: Matcher | None = None,
 ) -> list[str]:
     """Each view's outcome key: its pixels (:func:`selftest.view_key`: geometry,
     photometry, the bytes of the tiles under it), the tiles retrieved for it in their
     order with their scores (a retrieved tile's new bytes change its score; the
     fallback estimate weighs them), the place-recognition engine, the extractor, the
-    size it is rendered at and :data:`OUTCOME_FORMAT`. The bytes of the tiles whose
-    features registration read are checked when the outcome is recalled
-    (:func:`_recall`): most views read a few, and only a change to those counts."""
+    matcher where there is one (:attr:`.match.Matcher.space`: its engine key, inputs
+    and how matches are taken), the size it is rendered at and :data:`OUTCOME_FORMAT`.
+    The bytes of the tiles whose features registration read are checked when the
+    outcome is recalled (:func:`_recall`): most views read a few, and only a change to
+    those counts."""
     shas = reuse.tile_sha256
-    space = {
+    space: dict[str, Any] = {
         "format": OUTCOME_FORMAT,
         "views": reuse.view_space,
         "features": extractor.space,
         "tile_px": tile_px,
         "depth": DEPTH,
     }
+    if matcher is not None:
+        # Absent without one: the outcomes kept for a cache without a matcher stay valid.
+        space["matcher"] = matcher.space
     pixels = view_keys(views, shas, frozenset(shas))
     return [
         content_key(
