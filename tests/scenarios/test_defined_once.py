@@ -190,6 +190,7 @@ _OTHER_TABLES = frozenset(
         ("src/takeoff_cache/descriptors/store.py", "spaces"),
         ("src/takeoff_cache/descriptors/store.py", "vectors"),
         ("src/takeoff_cache/features/store.py", "features"),
+        ("src/takeoff_cache/features/store.py", "spaces"),
     }
 )
 
