@@ -7,6 +7,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -136,3 +137,22 @@ def test_new_bytes_under_a_place_a_view_tried_register_it_again(
     finally:
         store.close()
     assert VIEWS - again.reused == sum(tile in r for r in reads) >= 1
+
+
+def test_a_retrieval_that_ranks_the_places_otherwise_registers_again(
+    built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = DescriptorStore(tmp_path / "store.sqlite")
+    try:
+        registering = Registering(built, built / "corpus.mbtiles", store, tmp_path / "kept")
+        first = registering.run()
+        search = registering.localizer.search
+
+        def swapped(vectors: Any, k: int) -> list[tuple[Any, ...]]:
+            return [(m[1], m[0], *m[2:]) for m in search(vectors, k)]
+
+        monkeypatch.setattr(registering.localizer, "search", swapped)
+        again = registering.run()
+    finally:
+        store.close()
+    assert first.reused == 0 and again.reused == 0

@@ -54,7 +54,7 @@ from takeoff_cache.features.artifact import FeatureSet
 from takeoff_cache.features.extract import Extractor, Features
 from takeoff_cache.features.match import Matcher
 from takeoff_cache.localize.locate import Localizer, Match, TileKey, estimate_position
-from takeoff_cache.localize.register import register
+from takeoff_cache.localize.register import PLACES, SURE_INLIERS, register
 from takeoff_cache.localize.selftest import (
     TOP,
     View,
@@ -162,7 +162,10 @@ def evaluate_registered(
     keys: list[str] = []
     if reuse is not None and remembered is not None:
         keys = _outcome_keys(views, answers, reuse, extractor, tile_px, matcher)
-        outcomes = [_recall(remembered, key, reuse.tile_sha256) for key in keys]
+        outcomes = [
+            _recall(remembered, key, reuse.tile_sha256, matches)
+            for key, matches in zip(keys, answers, strict=True)
+        ]
     todo = [i for i, o in enumerate(outcomes) if o is None]
     held = frozenset(localizer.tiles)
     spec = InputSpec("view", tile_px, 3, (0.0,) * 3, (1.0,) * 3)
@@ -175,12 +178,13 @@ def evaluate_registered(
 
         def one(j: int, batch: list[int] = batch, pixels: np.ndarray = pixels) -> None:
             i = batch[j]
-            outcome, read = _register_view(
+            outcome, read, depth = _register_view(
                 views[i], answers[i], extractor.view(pixels[j]), features, matcher
             )
             outcomes[i] = outcome
             if keys and remembered is not None and reuse is not None:
-                _remember(remembered, keys[i], outcome, read, reuse.tile_sha256)
+                kept = Kept(outcome, read, answers[i][:depth], answers[i][:TOP])
+                _remember(remembered, keys[i], kept, reuse.tile_sha256)
 
         # The engine, OpenCV and numpy's products release the GIL: views in parallel.
         with ThreadPoolExecutor(max(1, workers), thread_name_prefix="register") as pool:
@@ -195,24 +199,42 @@ def _register_view(
     seen: Features,
     features: FeatureSet,
     matcher: Matcher | None = None,
-) -> tuple[RegisteredOutcome, set[TileKey]]:
-    """The view's outcome, and the tiles whose features decided it: the 3x3
-    neighbourhood of every place the registration tried."""
+) -> tuple[RegisteredOutcome, set[TileKey], int]:
+    """The view's outcome; the tiles whose features decided it (the 3x3 neighbourhood
+    of every place the registration tried); and how deep into the retrieval's ranking
+    it looked (the rank of the last place tried, or the whole ranking where it ran out
+    of places before :data:`.register.PLACES` without a sure fit: a new place further
+    down would have been tried)."""
     ranked = [(m.z, m.x, m.y) for m in matches]
     fix, attempts = register(seen, ranked, features, matcher=matcher)
     read = {
         (z, x + dx, y + dy) for z, x, y in (a.candidate for a in attempts) for dx, dy in _AROUND
     }
+    last = max(attempts, key=lambda a: a.rank, default=None)
+    sure = last is not None and last.fix is not None and last.inliers >= SURE_INLIERS
+    depth = last.rank if last is not None and (sure or len(attempts) >= PLACES) else len(ranked)
     if fix is None:
         estimate = estimate_position(matches[:TOP])
         error = haversine_m(*view.center, *estimate)
         hit = hit_rank(view.tile, matches[:1]) == 1
-        return RegisteredOutcome(view.tile, False, hit, error, None, 0), read
+        return RegisteredOutcome(view.tile, False, hit, error, None, 0), read, depth
     z = view.tile[0]
     fx, fy = lonlat_to_fractional_tile(fix.lat, fix.lon, z)
     hit = _same_place(view.tile, (z, math.floor(fx), math.floor(fy)))
     error = haversine_m(*view.center, fix.lat, fix.lon)
-    return RegisteredOutcome(view.tile, True, hit, error, fix.sigma_m, fix.inliers), read
+    return RegisteredOutcome(view.tile, True, hit, error, fix.sigma_m, fix.inliers), read, depth
+
+
+@dataclass(frozen=True)
+class Kept:
+    """What an outcome is kept with, to be checked before it is used again: the tiles
+    whose features it read, the ranking as deep as it looked, and the top places whose
+    positions and scores the fallback estimate weighs."""
+
+    outcome: RegisteredOutcome
+    read: set[TileKey]
+    ranked: tuple[Match, ...]
+    top: tuple[Match, ...]
 
 
 _AROUND = tuple((dx, dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1))
@@ -232,14 +254,13 @@ def _outcome_keys(
     matcher: Matcher | None = None,
 ) -> list[str]:
     """Each view's outcome key: its pixels (:func:`selftest.view_key`: geometry,
-    photometry, the bytes of the tiles under it), the tiles retrieved for it in their
-    order with their scores (a retrieved tile's new bytes change its score; the
-    fallback estimate weighs them), the place-recognition engine, the extractor, the
-    matcher where there is one (:attr:`.match.Matcher.space`: its engine key, inputs
-    and how matches are taken), the size it is rendered at and :data:`OUTCOME_FORMAT`.
-    The bytes of the tiles whose features registration read are checked when the
-    outcome is recalled (:func:`_recall`): most views read a few, and only a change to
-    those counts."""
+    photometry, the bytes of the tiles under it), the place-recognition engine, the
+    extractor, the matcher where there is one (:attr:`.match.Matcher.space`: its engine
+    key, inputs and how matches are taken), the size it is rendered at and
+    :data:`OUTCOME_FORMAT`. What else decided it is checked when it is recalled
+    (:class:`Kept`, :func:`_recall`): the retrieval as deep as registration looked, and
+    the bytes of the tiles whose features it read. A 1% change to the corpus reaches
+    few of those, where it reaches one of the 20 tiles retrieved for many views."""
     shas = reuse.tile_sha256
     space: dict[str, Any] = {
         "format": OUTCOME_FORMAT,
@@ -252,21 +273,17 @@ def _outcome_keys(
         # Absent without one: the outcomes kept for a cache without a matcher stay valid.
         space["matcher"] = matcher.space
     pixels = view_keys(views, shas, frozenset(shas))
-    return [
-        content_key(
-            {
-                "space": space,
-                "view": key,
-                "retrieved": [[m.z, m.x, m.y, f"{m.score:.5f}"] for m in matches],
-            }
-        )
-        for key, matches in zip(pixels, answers, strict=True)
-    ]
+    return [content_key({"space": space, "view": key}) for key in pixels]
 
 
-def _recall(folder: Path, key: str, tile_sha256: Mapping[TileKey, str]) -> RegisteredOutcome | None:
-    """The outcome kept under ``key``, if the tiles its registration read still have
-    the bytes they had (a tile not in the selection reads as None, as it was kept)."""
+def _recall(
+    folder: Path, key: str, tile_sha256: Mapping[TileKey, str], matches: Sequence[Match]
+) -> RegisteredOutcome | None:
+    """The outcome kept under ``key``, if what decided it is as it was (:class:`Kept`):
+    the tiles its registration read have the bytes they had (a tile not in the
+    selection reads as None, as it was kept), this retrieval ranks the places as it did
+    as deep as registration looked, and, for a view that did not register, the top
+    places and their scores are the same."""
     entry = folder / f"{key[:40]}.json"
     try:
         doc = json.loads(entry.read_bytes())
@@ -275,6 +292,10 @@ def _recall(folder: Path, key: str, tile_sha256: Mapping[TileKey, str]) -> Regis
         for z, x, y, sha in doc["read"]:
             if tile_sha256.get((int(z), int(x), int(y))) != sha:
                 return None
+        if doc["ranked"] != _places(matches[: len(doc["ranked"])]):
+            return None
+        if not doc["registered"] and doc["top"] != _places(matches[:TOP], scored=True):
+            return None
         outcome = RegisteredOutcome(
             tile=(int(doc["tile"][0]), int(doc["tile"][1]), int(doc["tile"][2])),
             registered=bool(doc["registered"]),
@@ -303,17 +324,18 @@ def prune_registered(folder: Path, idle_s: float = SPACE_IDLE_S, now: float | No
     return gone
 
 
-def _remember(
-    folder: Path,
-    key: str,
-    outcome: RegisteredOutcome,
-    read: set[TileKey],
-    tile_sha256: Mapping[TileKey, str],
-) -> None:
+def _places(matches: Sequence[Match], scored: bool = False) -> list[list[Any]]:
+    """Matches as kept: their tiles, with their scores (to 5 places) when ``scored``."""
+    return [[m.z, m.x, m.y, *([f"{m.score:.5f}"] if scored else [])] for m in matches]
+
+
+def _remember(folder: Path, key: str, kept: Kept, tile_sha256: Mapping[TileKey, str]) -> None:
     doc = {
         "key": key,
-        **dataclasses.asdict(outcome),
-        "read": [[*tile, tile_sha256.get(tile)] for tile in sorted(read)],
+        **dataclasses.asdict(kept.outcome),
+        "read": [[*tile, tile_sha256.get(tile)] for tile in sorted(kept.read)],
+        "ranked": _places(kept.ranked),
+        "top": _places(kept.top, scored=True),
     }
     try:
         folder.mkdir(parents=True, exist_ok=True)
