@@ -32,9 +32,28 @@ spends is mostly fixed: loading the engine, drawing the coverage map for
 5,120 tiles, and reading the reused embeddings and querying 200 views 64
 deep for the confidence rule (0.4 s with ~20 views rendered, under load).
 
-The 10% target is not met on this host: the rebuild's fixed costs (the
-front, the engine load, readiness, the map, the commit) stay while the cold
-build's grow with the tiles.
+The 10% target was not met then: the rebuild's fixed costs (the front, the
+engine load, readiness, the map, the commit) stay while the cold build's grow
+with the tiles.
+
+Then local features came (issue 33): every build extracts them and registers
+50 of the self-test's views. Their extraction made the cold build about four
+times as long (features 60-100 s of it), and the registered self-test, which
+registered all 50 views on every build, made the rebuild's self_test phase
+about 9 s. With the registered outcomes kept in the work folder, checked on
+recall against the tiles they read and the ranking they used
+(localize/registered.py), a rebuild registers 13-14 of them again. Same host,
+same command, load 2-5, medians of 3 rebuilds:
+
+| | rebuild / cold | self_test | registered kept | features |
+|---|---|---|---|---|
+| every view registered again | 12.7 / 122.5 s = 10.4% | 9.05 s | 0 of 50 | 2.50 s |
+| outcomes kept (key held every tile retrieved) | 8.3 / 79.8 s = 10.4% | 3.94 s | 27-31 | 2.33 s |
+| outcomes kept, ranking and tiles read checked | 7.9 / 83.8 s = 9.5% | 3.97 s | 36-37 | 2.34 s |
+
+What a rebuild now spends is the self-test's changed views (a quarter of a
+second each to register, under this load), writing the features file for
+every tile (143 MB) and extracting the changed tiles' features.
 """
 
 from __future__ import annotations
