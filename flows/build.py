@@ -12,6 +12,7 @@ from takeoff_cache_prefect.tasks import build as t
 from takeoff_cache.build import front
 from takeoff_cache.build.options import OPTION_FIELDS, build_options
 from takeoff_cache.build.preload import preload
+from takeoff_cache.build.readiness import not_ready_reason
 from takeoff_cache.build.request import FIELDS
 from takeoff_cache.core.layout import MANIFEST_NAME
 from takeoff_cache_prefect.results import json_parameters, untracked
@@ -68,7 +69,7 @@ def build_cache(
                 with run.phase("readiness"):
                     report.ready = t.readiness(validated, selection, options, tested_before)
                 if not report.ready["ok"]:
-                    return run.end(failure_reason=t.not_ready_reason(report.ready))
+                    return run.end(failure_reason=not_ready_reason(report.ready))
             return run.end(
                 "idempotent_no_op",
                 descriptors_reused=len(selection.tiles),
@@ -119,7 +120,7 @@ def build_cache(
             report.ready = t.readiness(validated, selection, options, tested.summary, tested)
         if options.gated and not report.ready["ok"]:
             # Before anything is signed: the previous cache stays in force (exit 12).
-            return run.end(failure_reason=t.not_ready_reason(report.ready))
+            return run.end(failure_reason=not_ready_reason(report.ready))
         if tested.failure_reason:
             return run.end(failure_reason=tested.failure_reason)
         with run.phase("manifest"):

@@ -175,12 +175,6 @@ def _flight_map(
     )
 
 
-def not_ready_reason(ready: dict[str, Any]) -> str:
-    """The build's failure reason for a not-ready verdict (the report's
-    ``ready.reasons`` keeps them one by one)."""
-    return "not ready: " + "; ".join(ready["reasons"])
-
-
 @task(name="coverage", task_run_name="coverage", cache_policy=NO_CACHE, persist_result=False)
 def coverage_check(
     validated: ValidatedRequest, new_paths: set[str], previous: Manifest | None, strict: bool

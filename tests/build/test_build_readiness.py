@@ -8,6 +8,9 @@ without a gate it succeeds and signs its not-ready verdict; with
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import tomllib
 
 import numpy as np
@@ -57,6 +60,19 @@ def test_build_reports_always_and_gates_only_when_asked(
     assert gated.json()["ready"]["gated"] is True
     assert (demo.cache / "Manifest.json").read_bytes() == before
 
+    # Without a configured Prefect API the no-op is answered before Prefect starts,
+    # with the same verdict: signed as it was, and judged again when it gates.
+    plain, gated_here = (
+        answered_without_prefect(args),
+        answered_without_prefect([*args, "--require-ready"]),
+    )
+    assert plain.returncode == 0, plain.stderr
+    assert json.loads(plain.stdout)["outcome"] == "idempotent_no_op"
+    assert json.loads(plain.stdout)["ready"] == ready
+    assert gated_here.returncode == 12, gated_here.stderr
+    assert json.loads(gated_here.stdout)["ready"]["reasons"] == ready["reasons"]
+    assert (demo.cache / "Manifest.json").read_bytes() == before
+
     # --allow-gaps accepts the holes knowingly.
     accepted = run_cli(capsys, *args, "--require-ready", "--allow-gaps")
     assert accepted.code == 0, accepted.err
@@ -74,3 +90,12 @@ def test_build_reports_always_and_gates_only_when_asked(
         & (abs(pixels[..., 2] - ROUTE_HOLE_COLOUR[2]) < 60)
     )
     assert holes.sum() > 200
+
+
+def answered_without_prefect(args: list[str]) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    program = "import sys; from takeoff_cache.cli.main import main; code = main(sys.argv[1:]);"
+    program += " assert 'prefect' not in sys.modules; sys.exit(code)"
+    return subprocess.run(
+        [sys.executable, "-c", program, *args], env=env, capture_output=True, text=True, timeout=120
+    )

@@ -151,7 +151,27 @@ def prechecked(raw: dict[str, Any], options: BuildOptions) -> Iterator[Precheck]
                 tiles=len(front.selection.tiles),
                 build_identity=front.build_id,
                 manifest_path=str(front.validated.request.cache_root / MANIFEST_NAME),
-                elapsed_s=round(time.perf_counter() - started, 4),
                 phases=phases,
+                ready=_noop_verdict(front, options),
             )
+            if report.ready is not None and not report.ready["ok"] and options.gated:
+                from takeoff_cache.build.readiness import not_ready_reason
+
+                # As the flow ends a gated no-op that is not ready: the cache stands.
+                report.outcome, report.failure_reason = "failure", not_ready_reason(report.ready)
+            report.elapsed_s = round(time.perf_counter() - started, 4)
         yield Precheck(front.validated, front.lock, report, front.previous, front.selection)
+
+
+def _noop_verdict(front: Front, options: BuildOptions) -> dict[str, Any] | None:
+    """A no-op's readiness verdict, as the flow gives it: the one the cache was signed
+    with, judged again on this run's thresholds only when they gate (a plain no-op
+    loads no area code)."""
+    previous = front.previous.signed if front.previous is not None else {}
+    if not options.gated:
+        ready = previous.get("ready")
+        return ready if isinstance(ready, dict) else None
+    from takeoff_cache.build.readiness import judge
+
+    tiles = [(t.z, t.x, t.y) for t in front.selection.tiles]
+    return judge(front.validated.request, tiles, options, previous.get("self_test"))

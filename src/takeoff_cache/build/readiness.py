@@ -169,6 +169,12 @@ def judge(
     )
 
 
+def not_ready_reason(ready: Mapping[str, Any]) -> str:
+    """The build's failure reason for a not-ready verdict (the report's
+    ``ready.reasons`` keeps them one by one)."""
+    return "not ready: " + "; ".join(ready["reasons"])
+
+
 def covered_by(request: BuildRequest, present: Iterable[TileKey]) -> TileCoverage:
     """The request's tile coverage (area and route) by the tiles ``present``."""
     return tile_coverage(

@@ -224,7 +224,6 @@ def _answered_here(
     """
     from takeoff_cache.build.front import prechecked
     from takeoff_cache.build.options import OPTION_FIELDS, build_options, for_prepare
-    from takeoff_cache.build.readiness import judge
     from takeoff_cache.build.request import FIELDS
     from takeoff_cache.errors import NotReadyError
     from takeoff_cache.prepare import job as p
@@ -243,15 +242,12 @@ def _answered_here(
         report.download = p.fetch_tiles(job.corpus, job.mission, job.source, job.options)
         area_file = p.write_area(job.work, job.flight, job.mission)
         report.area = {**job.mission.to_json(), "path": str(area_file)}
-        tiles = [(t.z, t.x, t.y) for t in pre.selection.tiles]
-        report.ready = judge(
-            pre.validated.request, tiles, gated, pre.previous.signed.get("self_test")
-        )
-        report.build = {**pre.noop_report.to_json(), "ready": report.ready}
-        if not report.ready["ok"]:
-            # As the flow ends a gated no-op that is not ready: a failed build.
-            error = NotReadyError(list(report.ready.get("reasons", [])))
-            report.build.update(outcome="failure", failure_reason=str(error))
+        # Judged again on this run's thresholds by the precheck, as the flow judges a
+        # no-op; a gated one that is not ready is a failed build, the cache kept.
+        report.ready = pre.noop_report.ready
+        report.build = pre.noop_report.to_json()
+        if pre.noop_report.outcome == "failure":
+            error = NotReadyError(list((report.ready or {}).get("reasons", [])))
             report.fail(error.exit_code, str(error))
             return report
         report.verify = {
