@@ -8,6 +8,7 @@ configured and imported here, never in the library.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -129,6 +130,23 @@ def _start(verbose: bool) -> Any:
     return start_early()
 
 
+@contextlib.contextmanager
+def _loading() -> Iterator[None]:
+    """Around importing Prefect and the flows: no garbage collection while a thousand
+    modules create their objects (a sixth of the import's time went to collections that
+    found nothing to free), then those objects set aside from later collections, since
+    they live as long as the process (``gc.freeze``)."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        gc.enable()
+
+
 def _flow_options(options: BuildOptions) -> dict[str, Any]:
     out = {f.name: getattr(options, f.name) for f in OPTION_FIELDS}
     out["work_dir"] = str(options.work_dir)
@@ -146,9 +164,10 @@ def run_build(
     ``held`` are locks this process took before (the cache's): the run adopts them.
     """
     server = _start(verbose)
-    from takeoff_cache_prefect.context import handed
-    from takeoff_cache_prefect.flows.build import build_cache
-    from takeoff_cache_prefect.flows.phases import recorded_outcomes, report_of
+    with _loading():
+        from takeoff_cache_prefect.context import handed
+        from takeoff_cache_prefect.flows.build import build_cache
+        from takeoff_cache_prefect.flows.phases import recorded_outcomes, report_of
 
     params = {k: v for k, v in raw.items() if v is not None}
     params.update(_flow_options(options))
@@ -174,8 +193,9 @@ def run_prepare(
     the run adopts: none of them can be a flow parameter.
     """
     server = _start(verbose)
-    from takeoff_cache_prefect.context import handed
-    from takeoff_cache_prefect.flows.prepare import prepare_flight, recorded_prepares
+    with _loading():
+        from takeoff_cache_prefect.context import handed
+        from takeoff_cache_prefect.flows.prepare import prepare_flight, recorded_prepares
 
     params = {**params, **_flow_options(options)}
     with (
