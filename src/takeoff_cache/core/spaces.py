@@ -8,6 +8,7 @@ its space's rows serve no build again; they go by one rule, here.
 from __future__ import annotations
 
 import math
+import sqlite3
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -34,3 +35,14 @@ def stale_spaces(
         rows, key=lambda row: row[2] if row[2] is not None else -math.inf, reverse=True
     )
     return [(i, key) for i, key, used in ordered[keep:] if now - (used or 0.0) > idle_s]
+
+
+def date_space(db: sqlite3.Connection, space: str, now: float | None = None) -> None:
+    """Date ``space`` as used ``now`` in a store's ``spaces (key, used)`` table, adding
+    it if it is new; one transaction."""
+    with db:
+        db.execute(
+            "INSERT INTO spaces (key, used) VALUES (?1, ?2)"
+            " ON CONFLICT (key) DO UPDATE SET used = ?2",
+            (space, time.time() if now is None else now),
+        )

@@ -22,7 +22,7 @@ from takeoff_cache.backbones.preprocess import PREPROCESS_ID
 from takeoff_cache.backbones.spec import InputSpec
 from takeoff_cache.core.canonical import content_key
 from takeoff_cache.core.faults import checkpoint
-from takeoff_cache.core.spaces import KEEP_SPACES, SPACE_IDLE_S, stale_spaces
+from takeoff_cache.core.spaces import KEEP_SPACES, SPACE_IDLE_S, date_space, stale_spaces
 from takeoff_cache.errors import DescriptorError
 
 # Rows per store lookup and per index chunk: bounds memory, amortizes queries.
@@ -302,12 +302,7 @@ class DescriptorStore:
 
     def mark_used(self, space: str, now: float | None = None) -> None:
         """Date ``space`` as used now, creating it if it is new."""
-        with self._db:
-            self._db.execute(
-                "INSERT INTO spaces (key, used) VALUES (?1, ?2)"
-                " ON CONFLICT (key) DO UPDATE SET used = ?2",
-                (space, time.time() if now is None else now),
-            )
+        date_space(self._db, space, now)
 
     def prune_spaces(
         self, *, keep: int = KEEP_SPACES, idle_s: float = SPACE_IDLE_S, now: float | None = None

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from takeoff_cache.core.faults import checkpoint
-from takeoff_cache.core.spaces import KEEP_SPACES, SPACE_IDLE_S, stale_spaces
+from takeoff_cache.core.spaces import KEEP_SPACES, SPACE_IDLE_S, date_space, stale_spaces
 from takeoff_cache.errors import DescriptorError
 from takeoff_cache.features.extract import Features
 
@@ -138,12 +138,7 @@ class FeatureStore:
 
     def mark_used(self, space: str, now: float | None = None) -> None:
         """Date ``space`` as used now (a build read or wrote its features)."""
-        with self._db:
-            self._db.execute(
-                "INSERT INTO spaces (key, used) VALUES (?1, ?2)"
-                " ON CONFLICT (key) DO UPDATE SET used = ?2",
-                (space, time.time() if now is None else now),
-            )
+        date_space(self._db, space, now)
 
     def prune_spaces(
         self, *, keep: int = KEEP_SPACES, idle_s: float = SPACE_IDLE_S, now: float | None = None
