@@ -421,8 +421,9 @@ BACKBONE_CHANGES: dict[str, Callable[[Backbone], list[Any]]] = {
     "output": lambda b: [o for o in (None, "descriptor", "features") if o != b.output],
 }
 # The input spec is checked field by field (INPUT_CHANGES); the ONNX path must not
-# matter (test_the_backbones_file_may_name_the_same_onnx_bytes_at_another_path).
-BACKBONE_OTHER = ("input", "onnx")
+# matter (test_the_backbones_file_may_name_the_same_onnx_bytes_at_another_path); the
+# descriptor width is read from the graph, which onnx_sha256 already covers.
+BACKBONE_OTHER = ("input", "onnx", "descriptor_width")
 
 INPUT_CHANGES: dict[str, Callable[[InputSpec], list[Any]]] = {
     "name": lambda s: [s.name + "_2"],
