@@ -14,10 +14,10 @@ import hashlib
 import json
 import mmap
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from takeoff_cache.core.fsutil import atomic_output
 from takeoff_cache.errors import DescriptorError
@@ -32,6 +32,7 @@ _LENGTH = struct.Struct("<I")
 _CHUNK = 1024
 
 TileKey = tuple[int, int, int]
+Row = TypeVar("Row")
 
 
 @dataclass(frozen=True)
@@ -58,11 +59,11 @@ def write_features(
     Every tile's features must be stored (a tile the build found bad is refused
     before this); the file is written beside ``path`` and renamed over it.
     """
-    # Two passes over the store, a chunk at a time: the sizes first (the header, which
-    # comes first, holds every span), then the rows as stored (what pack() writes),
-    # hashed as they are written; never the whole file in memory.
+    # Two passes over the store, a chunk at a time: the sizes first, each row checked to
+    # unpack (the header, which comes first, holds every span), then the rows as stored
+    # (what pack() writes), hashed as they are written; never the whole file in memory.
     spans, at, keypoints, dimension = [], 0, 0, 0
-    for chunk, stored in _chunks(tiles, store, space):
+    for chunk, stored in _chunks(tiles, store.packed, space):
         for key, sha in chunk:
             row = stored.get(sha)
             if row is None:
@@ -93,25 +94,28 @@ def write_features(
         fh.write(head)
         digest.update(head)
         size = len(head)
-        for (chunk, stored), start in zip(
-            _chunks(tiles, store, space), range(0, len(tiles), _CHUNK), strict=True
+        for (chunk, rows), start in zip(
+            _chunks(tiles, store.raw, space), range(0, len(tiles), _CHUNK), strict=True
         ):
             for i, (_, sha) in enumerate(chunk):
-                row = stored.get(sha)
-                if row is None or len(row[0]) != spans[start + i][1]:
+                data = rows.get(sha)
+                if data is None or len(data) != spans[start + i][1]:
                     raise DescriptorError("features: the feature store changed while written")
-                fh.write(row[0])
-                digest.update(row[0])
-                size += len(row[0])
+                fh.write(data)
+                digest.update(data)
+                size += len(data)
     return FeaturesFile(str(path), digest.hexdigest(), size, len(tiles), keypoints, dimension)
 
 
 def _chunks(
-    tiles: Sequence[tuple[TileKey, str]], store: FeatureStore, space: str
-) -> Iterator[tuple[Sequence[tuple[TileKey, str]], dict[str, tuple[bytes, int, int]]]]:
+    tiles: Sequence[tuple[TileKey, str]],
+    read: Callable[[str, Sequence[str]], dict[str, Row]],
+    space: str,
+) -> Iterator[tuple[Sequence[tuple[TileKey, str]], dict[str, Row]]]:
+    """``tiles`` a chunk at a time, with what ``read`` gives of their rows."""
     for start in range(0, len(tiles), _CHUNK):
         chunk = tiles[start : start + _CHUNK]
-        yield chunk, store.packed(space, [sha for _, sha in chunk])
+        yield chunk, read(space, [sha for _, sha in chunk])
 
 
 class FeatureSet:

@@ -119,11 +119,16 @@ class FeatureStore:
         """The stored rows of ``shas`` that unpack, as they are stored (:func:`pack`), with
         their keypoints and descriptor bytes; damaged rows are left out."""
         out: dict[str, tuple[bytes, int, int]] = {}
-        for tile, data in self._rows("tile, data", space, shas):
+        for sha, data in self.raw(space, shas).items():
             features = unpack(data)
             if features is not None:
-                out[tile.hex()] = (bytes(data), len(features), features.descriptors.shape[1])
+                out[sha] = (data, len(features), features.descriptors.shape[1])
         return out
+
+    def raw(self, space: str, shas: Sequence[str]) -> dict[str, bytes]:
+        """The stored rows of ``shas`` as they are stored, unchecked (:meth:`packed`
+        checks them)."""
+        return {tile.hex(): bytes(data) for tile, data in self._rows("tile, data", space, shas)}
 
     def put(self, space: str, shas: Sequence[str], features: Sequence[Features]) -> None:
         """Store ``features[i]`` as the features of ``shas[i]``, in one transaction."""
