@@ -74,6 +74,19 @@ def test_invalid_request_is_refused_with_exit_2_and_cache_kept(
     verify_cache(built.cache, load_trust_store(built.trust))
 
 
+def test_bad_fields_and_a_missing_file_are_named_in_one_try(
+    capsys: pytest.CaptureFixture[str], built: Demo, tmp_path: Path
+) -> None:
+    flags = ("--bbox", "95,0,96,1", "--zoom", "40", "--key", str(tmp_path / "none.key"))
+    result = run_cli(capsys, *built.build_args(*flags))
+    assert result.code == 2, result.err
+    assert [line.split(":")[2].strip() for line in result.err_lines] == [
+        "bbox",
+        "zoom_levels",
+        "key",
+    ]
+
+
 def test_corpus_without_tiles_in_bbox_ends_failure_with_download_hint(
     capsys: pytest.CaptureFixture[str], built: Demo
 ) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from takeoff_cache.backbones.file import Backbone, load_backbones
-from takeoff_cache.build.request import BuildRequest, parse_request
+from takeoff_cache.build.request import BuildRequest, parse_fields
 from takeoff_cache.core.fsutil import kind_problem, sha256_file
 from takeoff_cache.core.workdir import checked_backbones_dir, normalized_areas_dir
 from takeoff_cache.engines import Backend, get_backend
@@ -133,11 +133,14 @@ def validate(
     raw: dict[str, Any], backend_name: str = "auto", work_dir: Path | None = None
 ) -> ValidatedRequest:
     """The request and every file it names, checked; all problems reported at once."""
-    request = parse_request(raw, normalized_areas_dir(work_dir) if work_dir else None)
     problems = Problems()
-    checked = check_inputs(vars(request), problems, backend_name, work_dir)
+    fields = parse_fields(raw, problems, normalized_areas_dir(work_dir) if work_dir else None)
+    # The files of the fields that parsed are checked too, so that one try names a bad
+    # field and a missing key file alike (as prepare's precheck does).
+    checked = check_inputs(fields, problems, backend_name, work_dir)
     problems.raise_any()
     assert checked is not None
+    request = BuildRequest(**fields)
     (backbones, calibration_sha, backend), (signer, trusted) = checked
     return ValidatedRequest(
         request,
